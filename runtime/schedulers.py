@@ -1,0 +1,401 @@
+"""Samplers as pure functions: per-step scalars for the in-graph update of the denoise step.
+
+Every sampler here is, per step, a linear combination of a few tensors:
+
+    x_next = a*x + b*out + Σk hx_k*x_{i-k} + Σk ho_k*out_{i-k} + d*noise    (out: guided U-Net output)
+
+Each function below follows its diffusers scheduler's arithmetic line by line, but on `Lin`
+(symbolic linear combinations of the step tensors) instead of tensors; `_row` then reads the
+scalars off. So the sampler math lives here once and the graph only applies a row per step.
+Scalars are fp64; the ᾱ table is built in fp32 as diffusers builds it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from sdrt.errors import InputError
+
+HISTORY = 4  # previous steps the graph keeps (PLMS reaches 4 back at its 5th step)
+N_COEFFS = 4 + 2 * HISTORY  # [c_in, a, b, hx_1..K, ho_1..K, d]
+
+
+class Lin:
+    """A linear combination of step tensors, keyed ("x" | "out" | "noise", step index)."""
+
+    __slots__ = ("terms",)
+
+    def __init__(self, terms: Mapping[tuple[str, int], float]):
+        self.terms = dict(terms)
+
+    @staticmethod
+    def var(kind: str, step: int) -> "Lin":
+        return Lin({(kind, step): 1.0})
+
+    def __add__(self, other: "Lin") -> "Lin":
+        terms = dict(self.terms)
+        for key, c in other.terms.items():
+            terms[key] = terms.get(key, 0.0) + c
+        return Lin(terms)
+
+    def __mul__(self, s: float) -> "Lin":
+        return Lin({k: c * float(s) for k, c in self.terms.items()})
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> "Lin":
+        return self * -1.0
+
+    def __sub__(self, other: "Lin") -> "Lin":
+        return self + (-other)
+
+    def __truediv__(self, s: float) -> "Lin":
+        return self * (1.0 / float(s))
+
+
+@dataclass(frozen=True)
+class SamplerPlan:
+    """What the runtime needs to run one sampler for n steps."""
+
+    name: str
+    timesteps: np.ndarray  # (n,) f64, the U-Net's t per step
+    coeffs: np.ndarray  # (n, N_COEFFS) f64 rows [c_in, a, b, hx_1..K, ho_1..K, d]
+    init_noise_sigma: float
+
+    @property
+    def uses_noise(self) -> bool:
+        return bool(np.any(self.coeffs[:, -1] != 0))
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+
+def _row(x_next: Lin, step: int, c_in: float) -> np.ndarray:
+    row = np.zeros(N_COEFFS)
+    row[0] = c_in
+    for (kind, j), c in x_next.terms.items():
+        lag = step - j
+        if kind == "noise" and lag == 0:
+            row[-1] += c
+        elif lag == 0:
+            row[1 if kind == "x" else 2] += c
+        elif 1 <= lag <= HISTORY and kind in ("x", "out"):
+            row[(3 if kind == "x" else 3 + HISTORY) + lag - 1] += c
+        else:
+            raise AssertionError(f"sampler needs {kind} from {lag} steps back; the graph keeps {HISTORY}")
+    return row
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """The training noise schedule, from a diffusers scheduler_config.json."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"
+    prediction_type: str = "epsilon"
+    steps_offset: int = 0
+    set_alpha_to_one: bool | None = None  # None: each scheduler's own default
+    timestep_spacing: str | None = None  # None: each scheduler's own default
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "NoiseSchedule":
+        known = {f for f in cls.__dataclass_fields__}
+        kwargs = {k: v for k, v in config.items() if k in known}
+        if config.get("trained_betas") is not None:
+            raise InputError("trained_betas schedules are not supported: use a beta_schedule config")
+        schedule = cls(**kwargs)
+        if schedule.beta_schedule not in ("linear", "scaled_linear"):
+            raise InputError(f"beta_schedule {schedule.beta_schedule!r} is not supported (linear, scaled_linear)")
+        if schedule.prediction_type not in ("epsilon", "v_prediction"):
+            raise InputError(f"prediction_type {schedule.prediction_type!r} is not supported (epsilon, v_prediction)")
+        return schedule
+
+    def alphas_cumprod(self) -> np.ndarray:
+        """ᾱ_t, (T,) — computed in fp32 like diffusers, returned as f64."""
+        n = self.num_train_timesteps
+        if self.beta_schedule == "scaled_linear":
+            betas = np.linspace(self.beta_start**0.5, self.beta_end**0.5, n, dtype=np.float32) ** 2
+        else:
+            betas = np.linspace(self.beta_start, self.beta_end, n, dtype=np.float32)
+        return np.cumprod(np.float32(1.0) - betas, dtype=np.float32).astype(np.float64)
+
+    def sigmas(self) -> np.ndarray:
+        """k-diffusion σ_t = sqrt((1 - ᾱ_t) / ᾱ_t), (T,), computed in fp32 like diffusers."""
+        acp = self.alphas_cumprod().astype(np.float32)
+        return (((1 - acp) / acp) ** 0.5).astype(np.float64)
+
+    def spacing(self, default: str) -> str:
+        return self.timestep_spacing or default
+
+    def final_alpha(self, default_to_one: bool) -> float:
+        to_one = default_to_one if self.set_alpha_to_one is None else self.set_alpha_to_one
+        return 1.0 if to_one else float(self.alphas_cumprod()[0])
+
+
+# --- timestep grids (Lin et al. 2023, "Common Diffusion Noise Schedules ...", Table 2) ---------
+
+def _discrete_timesteps(schedule: NoiseSchedule, n: int, spacing: str) -> np.ndarray:
+    T = schedule.num_train_timesteps
+    if spacing == "linspace":
+        return np.linspace(0, T - 1, n).round()[::-1].astype(np.int64)
+    if spacing == "leading":
+        return (np.arange(0, n) * (T // n)).round()[::-1].astype(np.int64) + schedule.steps_offset
+    if spacing == "trailing":
+        return np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1
+    raise InputError(f"timestep_spacing {spacing!r} is not supported (linspace, leading, trailing)")
+
+
+def _sigma_to_t(sigma: float, log_sigmas: np.ndarray) -> float:
+    log_sigma = math.log(max(sigma, 1e-10))
+    dists = log_sigma - log_sigmas
+    low = int(np.clip(np.cumsum(dists >= 0).argmax(), None, len(log_sigmas) - 2))
+    w = float(np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1))
+    return (1 - w) * low + w * (low + 1)
+
+
+def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> np.ndarray:
+    """Karras et al. 2022 (EDM), eq. 5."""
+    ramp = np.linspace(0, 1, n)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
+def _vp_predict(x: Lin, out: Lin, alpha_bar: float, prediction_type: str) -> tuple[Lin, Lin]:
+    """(x0, eps) from the model output in the variance-preserving parametrization."""
+    sa, sb = math.sqrt(alpha_bar), math.sqrt(1 - alpha_bar)
+    if prediction_type == "v_prediction":  # Salimans & Ho 2022
+        return sa * x - sb * out, sa * out + sb * x
+    return (x - sb * out) / sa, out
+
+
+def _sigma_grid(schedule: NoiseSchedule, timesteps: np.ndarray) -> np.ndarray:
+    """σ at float timesteps, f32 as diffusers stores them, with a final 0."""
+    all_sigmas = schedule.sigmas()
+    sigmas = np.interp(timesteps, np.arange(len(all_sigmas)), all_sigmas)
+    return np.concatenate([sigmas, [0.0]]).astype(np.float32).astype(np.float64)
+
+
+# --- samplers -------------------------------------------------------------------------------------
+
+def ddim(schedule: NoiseSchedule, n: int) -> SamplerPlan:
+    """Song et al. 2021, η = 0 (diffusers DDIMScheduler)."""
+    ts = _discrete_timesteps(schedule, n, schedule.spacing("leading"))
+    acp = schedule.alphas_cumprod()
+    final = schedule.final_alpha(default_to_one=True)
+    rows = []
+    for i, t in enumerate(ts):
+        x, out = Lin.var("x", i), Lin.var("out", i)
+        prev_t = t - schedule.num_train_timesteps // n
+        a_prev = acp[prev_t] if prev_t >= 0 else final
+        x0, eps = _vp_predict(x, out, acp[t], schedule.prediction_type)
+        rows.append(_row(math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps, i, 1.0))
+    return SamplerPlan("ddim", ts.astype(np.float64), np.array(rows), 1.0)
+
+
+def plms(schedule: NoiseSchedule, n: int) -> SamplerPlan:
+    """Liu et al. 2022, pseudo linear multistep (diffusers PNDMScheduler, skip_prk_steps)."""
+    spacing = schedule.spacing("leading")
+    T = schedule.num_train_timesteps
+    if spacing == "leading":
+        base = (np.arange(0, n) * (T // n)).round().astype(np.int64) + schedule.steps_offset
+    elif spacing == "linspace":
+        base = np.linspace(0, T - 1, n).round().astype(np.int64)
+    else:
+        base = _discrete_timesteps(schedule, n, spacing)[::-1]
+    ts = np.concatenate([base[:-1], base[-2:-1], base[-1:]])[::-1]
+    acp = schedule.alphas_cumprod()
+    final = schedule.final_alpha(default_to_one=True)
+
+    def prev_sample(sample: Lin, t: int, prev_t: int, out: Lin) -> Lin:
+        a_t, a_p = acp[t], (acp[prev_t] if prev_t >= 0 else final)
+        if schedule.prediction_type == "v_prediction":
+            out = math.sqrt(a_t) * out + math.sqrt(1 - a_t) * sample
+        denom = a_t * math.sqrt(1 - a_p) + math.sqrt(a_t * (1 - a_t) * a_p)
+        return math.sqrt(a_p / a_t) * sample - ((a_p - a_t) / denom) * out
+
+    ets: list[Lin] = []
+    cur_sample: Lin | None = None
+    rows = []
+    for i, t in enumerate(ts):
+        x, out = Lin.var("x", i), Lin.var("out", i)
+        t = int(t)
+        prev_t = t - T // n
+        if i != 1:
+            ets = ets[-3:] + [out]
+        else:
+            prev_t, t = t, t + T // n
+        if len(ets) == 1 and i == 0:
+            model_out, cur_sample = out, x
+        elif len(ets) == 1 and i == 1:
+            model_out, x = (out + ets[-1]) / 2, cur_sample
+        elif len(ets) == 2:
+            model_out = (3 * ets[-1] - ets[-2]) / 2
+        elif len(ets) == 3:
+            model_out = (23 * ets[-1] - 16 * ets[-2] + 5 * ets[-3]) / 12
+        else:
+            model_out = (55 * ets[-1] - 59 * ets[-2] + 37 * ets[-3] - 9 * ets[-4]) / 24
+        rows.append(_row(prev_sample(x, t, prev_t, model_out), i, 1.0))
+    return SamplerPlan("plms", ts.astype(np.float64), np.array(rows), 1.0)
+
+
+def _euler_grid(schedule: NoiseSchedule, n: int, karras: bool) -> tuple[np.ndarray, np.ndarray, float]:
+    spacing = schedule.spacing("linspace")
+    T = schedule.num_train_timesteps
+    if spacing == "linspace":
+        ts = np.linspace(0, T - 1, n, dtype=np.float32)[::-1].astype(np.float64)
+    else:
+        ts = _discrete_timesteps(schedule, n, spacing).astype(np.float32).astype(np.float64)
+    sigmas = _sigma_grid(schedule, ts)
+    if karras:
+        log_sigmas = np.log(schedule.sigmas())
+        sigmas = karras_sigmas(n, sigmas[-2], sigmas[0])
+        ts = np.array([_sigma_to_t(s, log_sigmas) for s in sigmas])
+        sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32).astype(np.float64)
+    sigma_max = float(sigmas.max())
+    init = sigma_max if spacing in ("linspace", "trailing") else math.sqrt(sigma_max**2 + 1)
+    return ts.astype(np.float32).astype(np.float64), sigmas, init
+
+
+def _k_denoised(x: Lin, out: Lin, sigma: float, prediction_type: str) -> Lin:
+    """x0 in k-diffusion's σ-space, where the U-Net sees x / sqrt(σ² + 1)."""
+    if prediction_type == "v_prediction":
+        return out * (-sigma / math.sqrt(sigma**2 + 1)) + x / (sigma**2 + 1)
+    return x - sigma * out
+
+
+def euler(schedule: NoiseSchedule, n: int, karras: bool = False) -> SamplerPlan:
+    """Karras et al. 2022, Algorithm 2 without churn (diffusers EulerDiscreteScheduler)."""
+    ts, sigmas, init = _euler_grid(schedule, n, karras)
+    rows = []
+    for i in range(n):
+        x, out = Lin.var("x", i), Lin.var("out", i)
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        derivative = (x - _k_denoised(x, out, sigma, schedule.prediction_type)) / sigma
+        rows.append(_row(x + derivative * (sigma_next - sigma), i, 1 / math.sqrt(sigma**2 + 1)))
+    return SamplerPlan("euler_karras" if karras else "euler", ts, np.array(rows), init)
+
+
+def euler_ancestral(schedule: NoiseSchedule, n: int) -> SamplerPlan:
+    """Euler with ancestral noise (k-diffusion sample_euler_ancestral, η = 1)."""
+    ts, sigmas, init = _euler_grid(schedule, n, karras=False)
+    rows = []
+    for i in range(n):
+        x, out, noise = Lin.var("x", i), Lin.var("out", i), Lin.var("noise", i)
+        s_from, s_to = sigmas[i], sigmas[i + 1]
+        s_up = math.sqrt(s_to**2 * (s_from**2 - s_to**2) / s_from**2)
+        s_down = math.sqrt(s_to**2 - s_up**2)
+        derivative = (x - _k_denoised(x, out, s_from, schedule.prediction_type)) / s_from
+        rows.append(_row(x + derivative * (s_down - s_from) + s_up * noise, i, 1 / math.sqrt(s_from**2 + 1)))
+    return SamplerPlan("euler_a", ts, np.array(rows), init)
+
+
+def dpmpp_2m(schedule: NoiseSchedule, n: int, karras: bool = False) -> SamplerPlan:
+    """Lu et al. 2022, DPM-Solver++(2M), midpoint, lower order at the end
+    (diffusers DPMSolverMultistepScheduler, algorithm_type dpmsolver++, solver_order 2)."""
+    T = schedule.num_train_timesteps
+    spacing = schedule.spacing("linspace")
+    if spacing == "linspace":
+        ts = np.linspace(0, T - 1, n + 1).round()[::-1][:-1].astype(np.int64)
+    elif spacing == "leading":
+        ts = (np.arange(0, n + 1) * (T // (n + 1))).round()[::-1][:-1].astype(np.int64) + schedule.steps_offset
+    else:
+        ts = _discrete_timesteps(schedule, n, spacing)
+    if karras:
+        all_sigmas = schedule.sigmas()
+        log_sigmas = np.log(all_sigmas)
+        sigmas = karras_sigmas(n, all_sigmas[0], all_sigmas[-1])
+        ts = np.array([_sigma_to_t(s, log_sigmas) for s in sigmas]).round()
+        sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32).astype(np.float64)
+    else:
+        sigmas = _sigma_grid(schedule, ts.astype(np.float64))
+
+    def vp(sigma: float) -> tuple[float, float]:  # (α_t, σ_t) of the VP process
+        alpha = 1 / math.sqrt(sigma**2 + 1)
+        return alpha, sigma * alpha
+
+    def lam(sigma: float) -> float:  # half log-SNR λ = log α - log σ
+        alpha, s = vp(sigma)
+        return math.log(alpha) - math.log(s)
+
+    rows, x0_prev = [], None
+    for i in range(n):
+        x, out = Lin.var("x", i), Lin.var("out", i)
+        alpha_s, sigma_s = vp(sigmas[i])
+        if schedule.prediction_type == "v_prediction":
+            x0 = alpha_s * x - sigma_s * out
+        else:
+            x0 = (x - sigma_s * out) / alpha_s
+        alpha_t, sigma_t = vp(sigmas[i + 1])
+        if sigmas[i + 1] == 0:  # λ = ∞: the update lands on x0
+            x_next = x0
+        else:
+            h = lam(sigmas[i + 1]) - lam(sigmas[i])
+            phi = alpha_t * math.expm1(-h)
+            x_next = (sigma_t / sigma_s) * x - phi * x0
+            if x0_prev is not None and i != n - 1:
+                r0 = (lam(sigmas[i]) - lam(sigmas[i - 1])) / h
+                x_next = x_next - 0.5 * phi * ((x0 - x0_prev) / r0)
+        rows.append(_row(x_next, i, 1.0))
+        x0_prev = x0
+    name = "dpmpp_2m_karras" if karras else "dpmpp_2m"
+    return SamplerPlan(name, ts.astype(np.float64), np.array(rows), 1.0)
+
+
+def lcm(schedule: NoiseSchedule, n: int, original_steps: int = 50, timestep_scaling: float = 10.0) -> SamplerPlan:
+    """Luo et al. 2023, latent consistency multistep sampling (diffusers LCMScheduler)."""
+    T = schedule.num_train_timesteps
+    if not 1 <= n <= original_steps:
+        raise InputError(f"LCM takes 1 to {original_steps} steps, got {n}: lower --steps")
+    origin = (np.arange(1, original_steps + 1) * (T // original_steps) - 1)[::-1]
+    ts = origin[np.floor(np.linspace(0, len(origin), num=n, endpoint=False)).astype(np.int64)]
+    acp = schedule.alphas_cumprod()
+    final = schedule.final_alpha(default_to_one=True)
+    rows = []
+    for i, t in enumerate(ts):
+        x, out, noise = Lin.var("x", i), Lin.var("out", i), Lin.var("noise", i)
+        prev_t = ts[i + 1] if i + 1 < n else t
+        a_prev = acp[prev_t] if prev_t >= 0 else final
+        scaled = t * timestep_scaling
+        c_skip = 0.25 / (scaled**2 + 0.25)  # σ_data = 0.5
+        c_out = scaled / math.sqrt(scaled**2 + 0.25)
+        x0, _ = _vp_predict(x, out, acp[t], schedule.prediction_type)
+        denoised = c_out * x0 + c_skip * x
+        x_next = denoised if i == n - 1 else math.sqrt(a_prev) * denoised + math.sqrt(1 - a_prev) * noise
+        rows.append(_row(x_next, i, 1.0))
+    return SamplerPlan("lcm", ts.astype(np.float64), np.array(rows), 1.0)
+
+
+SAMPLERS: dict[str, Callable[[NoiseSchedule, int], SamplerPlan]] = {
+    "ddim": ddim,
+    "euler": euler,
+    "euler_a": euler_ancestral,
+    "dpmpp_2m": dpmpp_2m,
+    "dpmpp_2m_karras": lambda s, n: dpmpp_2m(s, n, karras=True),
+    "lcm": lcm,
+    "plms": plms,
+}
+
+# The names AUTOMATIC1111 and its clients use.
+A1111_NAMES: dict[str, str] = {
+    "DDIM": "ddim",
+    "Euler": "euler",
+    "Euler a": "euler_a",
+    "DPM++ 2M": "dpmpp_2m",
+    "DPM++ 2M Karras": "dpmpp_2m_karras",
+    "LCM": "lcm",
+    "PLMS": "plms",
+}
+
+
+def make_plan(name: str, schedule: NoiseSchedule, steps: int) -> SamplerPlan:
+    if name not in SAMPLERS:
+        raise InputError(f"unknown scheduler {name!r}: choose one of {', '.join(SAMPLERS)}")
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise InputError(f"steps must be an integer ≥ 1, got {steps!r}")
+    return SAMPLERS[name](schedule, int(steps))
