@@ -103,7 +103,7 @@ def build_test_model(kind: str, out_dir: Path, seed: int = 0) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         vocab_path, merges_path, vocab = write_clip_bpe(staging / "_bpe", spec.max_merges)
-        tokenizer = CLIPTokenizer.from_pretrained(staging / "_bpe")
+        tokenizer = CLIPTokenizer.from_pretrained(staging / "_bpe", model_max_length=77)
         te_config = dict(spec.text_encoder)
         te_config.setdefault("vocab_size", len(vocab))
         text_config = CLIPTextConfig(

@@ -1,0 +1,121 @@
+"""`sdrt` command line. Each subcommand imports its module only when it runs, so `generate`
+never loads torch."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+from sdrt.errors import SdrtError
+
+
+def _testmodel(args: argparse.Namespace) -> None:
+    from sdrt.export.testmodel import build_test_model
+
+    out = build_test_model(args.kind, Path(args.out_dir), seed=args.seed)
+    print(f"wrote {args.kind} test model to {out}")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from sdrt.export.exporter import ExportConfig, export
+
+    config = ExportConfig(Path(args.model_dir), Path(args.output), precision=args.precision,
+                          max_batch=args.max_batch, validate=not args.no_validate, force=args.force,
+                          min_size=args.min_size, max_size=args.max_size)
+    manifest = export(config)
+    print(f"exported {manifest.name} ({manifest.precision}) to {args.output}")
+    for name, report in manifest.validation.items():
+        print(f"  {name:13s} error vs PyTorch {report['error']:.3g} (tolerance {report['tolerance']:g})")
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from sdrt.pipeline import Pipeline
+    from sdrt.png import save_png
+
+    pipe = Pipeline.load(args.engines, backend=args.backend, low_vram=args.low_vram)
+    config = pipe.make_config(args.prompt, negative_prompt=args.negative, steps=args.steps,
+                              guidance=args.guidance, scheduler=args.scheduler, seed=args.seed,
+                              height=args.height, width=args.width, batch=args.batch)
+    with tqdm(total=None, desc="denoise", unit="step", leave=False) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+        result = pipe.generate(config, callback=progress)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = [out] if config.batch == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(config.batch)]
+    for path, image, i in zip(paths, result.pil_images(), range(config.batch)):
+        save_png(image, path, result.parameters(i))
+    print(f"backend {pipe.backend.describe()} | {config.width}x{config.height} | {config.scheduler} "
+          f"{config.steps} steps | seed {config.seed}")
+    print(result.timings.line())
+    for path in paths:
+        print(f"wrote {path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from sdrt.backends import BACKENDS
+    from sdrt.schedulers import SAMPLERS
+
+    parser = argparse.ArgumentParser(prog="sdrt", description="Stable Diffusion on exported engines")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("testmodel", help="write a random-weight SD 1.x diffusers folder (offline)")
+    p.add_argument("kind", choices=["tiny", "sd15"])
+    p.add_argument("out_dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_testmodel)
+
+    p = sub.add_parser("export", help="export a diffusers SD 1.x folder to ONNX engines")
+    p.add_argument("model_dir")
+    p.add_argument("-o", "--output", required=True, help="engine directory, e.g. engines/sd15")
+    p.add_argument("--precision", choices=["fp16", "fp32"], default="fp16")
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--min-size", type=int, default=64)
+    p.add_argument("--max-size", type=int, default=None)
+    p.add_argument("--no-validate", action="store_true", help="skip the check against PyTorch")
+    p.add_argument("--force", action="store_true", help="replace an existing engine directory")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("generate", help="generate images from an engine directory")
+    p.add_argument("engines")
+    p.add_argument("prompt")
+    p.add_argument("--negative", default="")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--scheduler", choices=list(SAMPLERS), default="dpmpp_2m_karras")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--backend", choices=list(BACKENDS), default="auto")
+    p.add_argument("--low-vram", action="store_true", help="keep one engine resident at a time")
+    p.add_argument("-o", "--output", default="out.png")
+    p.set_defaults(func=_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.simplefilter("default")
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"  # type: ignore[assignment]
+    try:
+        args.func(args)
+    except SdrtError as e:
+        print(f"sdrt: error: {e}", file=sys.stderr)
+        return 2
+    except NotImplementedError as e:
+        print(f"sdrt: not implemented: {e}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("sdrt: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""manifest.json: the contract between export (and build) and the runtime.
+
+It names every component's I/O (one vocabulary: ONNX graph I/O, engine bindings and feeds share
+names), the precision, the shape range, the source model's hash, library versions, validation
+errors against PyTorch and the sha256 of every artifact. The runtime refuses a directory whose
+manifest or checksums do not match, with a message that says how to rebuild.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sdrt.errors import EngineError
+from sdrt.paths import cache_dir
+
+FORMAT = "sdrt-engines"
+VERSION = 1
+COMPONENTS = ("text_encoder", "denoise_step", "vae_decoder")
+NUMPY_DTYPES = {"float32": "float32", "float16": "float16", "int64": "int64", "uint8": "uint8", "int32": "int32"}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy name: float32, float16, int64, uint8
+    shape: tuple[int | str, ...]  # ints are fixed, strings are symbolic (B, RB, h, w, H, W)
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    onnx: str  # file name inside the engine directory
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def input(self, name: str) -> TensorSpec:
+        return next(t for t in self.inputs if t.name == name)
+
+    def output(self, name: str) -> TensorSpec:
+        return next(t for t in self.outputs if t.name == name)
+
+
+@dataclass(frozen=True)
+class ShapeRange:
+    min_size: int
+    default_size: int
+    max_size: int
+    max_batch: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    precision: str
+    components: dict[str, ComponentSpec]
+    shapes: ShapeRange
+    model: dict[str, Any]  # latent_channels, vae_scale_factor, text_max_length, history, n_coeffs
+    scheduler_config: dict[str, Any]
+    files: dict[str, str]  # relative path -> sha256
+    source: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    validation: dict[str, Any] = field(default_factory=dict)
+    plans: dict[str, Any] = field(default_factory=dict)  # TensorRT plans, written by `sdrt build`
+
+    def to_json(self) -> str:
+        doc = {"format": FORMAT, "version": VERSION, **asdict(self)}
+        return json.dumps(doc, indent=2, sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> "Manifest":
+        def spec(t: dict[str, Any]) -> TensorSpec:
+            return TensorSpec(t["name"], t["dtype"], tuple(t["shape"]))
+
+        components = {
+            name: ComponentSpec(c["onnx"], tuple(map(spec, c["inputs"])), tuple(map(spec, c["outputs"])))
+            for name, c in doc["components"].items()
+        }
+        return cls(
+            name=doc["name"], precision=doc["precision"], components=components,
+            shapes=ShapeRange(**doc["shapes"]), model=doc["model"], scheduler_config=doc["scheduler_config"],
+            files=doc["files"], source=doc.get("source", {}), versions=doc.get("versions", {}),
+            validation=doc.get("validation", {}), plans=doc.get("plans", {}),
+        )
+
+
+def rebuild_hint(engine_dir: Path) -> str:
+    return f"re-export it: `sdrt export MODEL_DIR -o {engine_dir}` (then `sdrt build {engine_dir}` for TensorRT)"
+
+
+def read_manifest(engine_dir: Path) -> Manifest:
+    """Parses and checks the structure of engine_dir/manifest.json (not the checksums)."""
+    engine_dir = Path(engine_dir)
+    path = engine_dir / "manifest.json"
+    if not engine_dir.is_dir():
+        raise EngineError(f"{engine_dir} is not an engine directory: export one with `sdrt export MODEL_DIR -o {engine_dir}`")
+    if not path.is_file():
+        raise EngineError(f"{path} is missing: {rebuild_hint(engine_dir)}")
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise EngineError(f"{path} is not valid JSON ({e}): {rebuild_hint(engine_dir)}") from e
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise EngineError(f"{path} is not an sdrt manifest: {rebuild_hint(engine_dir)}")
+    if doc.get("version") != VERSION:
+        raise EngineError(
+            f"{path} has manifest version {doc.get('version')}, this sdrt reads {VERSION}: {rebuild_hint(engine_dir)}"
+        )
+    try:
+        manifest = Manifest.from_dict(doc)
+    except (KeyError, TypeError, ValueError, StopIteration) as e:
+        raise EngineError(f"{path} is malformed (missing {e}): {rebuild_hint(engine_dir)}") from e
+    missing = [c for c in COMPONENTS if c not in manifest.components]
+    if missing:
+        raise EngineError(f"{path} lacks components {missing}: {rebuild_hint(engine_dir)}")
+    return manifest
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _verified_stamp(path: Path) -> str:
+    st = path.stat()
+    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+
+
+def verify_files(engine_dir: Path, manifest: Manifest, names: list[str] | None = None) -> None:
+    """Checks the sha256 of the listed artifacts (all by default).
+
+    Hashing a 1.7 GB U-Net costs seconds, so a verified (path, size, mtime, inode) is remembered in
+    the cache; any change to the file re-hashes it.
+    """
+    engine_dir = Path(engine_dir)
+    stamps_path = cache_dir("verified") / "stamps.json"
+    try:
+        stamps: dict[str, str] = json.loads(stamps_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        stamps = {}
+    changed = False
+    for rel in names if names is not None else list(manifest.files):
+        expected = manifest.files.get(rel)
+        path = engine_dir / rel
+        if expected is None or not path.is_file():
+            raise EngineError(f"{path} is missing: {rebuild_hint(engine_dir)}")
+        stamp = _verified_stamp(path)
+        if stamps.get(stamp) == expected:
+            continue
+        actual = sha256_file(path)
+        if actual != expected:
+            raise EngineError(
+                f"{path} does not match its sha256 in manifest.json (corrupted or replaced): {rebuild_hint(engine_dir)}"
+            )
+        stamps[stamp] = actual
+        changed = True
+    if changed:
+        tmp = stamps_path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(stamps))
+        os.replace(tmp, stamps_path)
+
+
+def write_manifest(engine_dir: Path, manifest: Manifest) -> None:
+    """Writes manifest.json through a temporary file and an atomic rename."""
+    path = Path(engine_dir) / "manifest.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(manifest.to_json())
+    os.replace(tmp, path)

@@ -1,0 +1,39 @@
+"""PNG files carrying AUTOMATIC1111-style generation parameters (the `parameters` tEXt chunk)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from sdrt.schedulers import A1111_NAMES
+
+_SAMPLER_LABELS = {v: k for k, v in A1111_NAMES.items()}
+
+
+def a1111_parameters(config: Any, seed: int, index: int, model_name: str) -> str:
+    from sdrt import __version__
+
+    lines = [config.prompt[index]]
+    if config.negative_prompt[index]:
+        lines.append(f"Negative prompt: {config.negative_prompt[index]}")
+    lines.append(
+        f"Steps: {config.steps}, Sampler: {_SAMPLER_LABELS.get(config.scheduler, config.scheduler)}, "
+        f"CFG scale: {config.guidance:g}, Seed: {seed}, Size: {config.width}x{config.height}, "
+        f"Model: {model_name}, Version: sdrt {__version__}")
+    return "\n".join(lines)
+
+
+def save_png(image: Any, path: Path, parameters: str) -> None:
+    """Writes through a temporary file and a rename: never a half-written PNG."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", parameters)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        image.save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,47 @@
+"""Shared fixtures: the tiny random-weight model and its exported engines, built once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    os.environ["SDRT_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("diffusers")
+    from sdrt.export.testmodel import build_test_model
+
+    return build_test_model("tiny", tmp_path_factory.mktemp("models") / "tiny")
+
+
+def _export(model: Path, out: Path, precision: str) -> Path:
+    from sdrt.export.exporter import ExportConfig, export
+
+    export(ExportConfig(model, out, precision=precision), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_engines(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """fp32 ONNX engines of the tiny model."""
+    return _export(tiny_model, tmp_path_factory.mktemp("engines") / "tiny-fp32", "fp32")
+
+
+@pytest.fixture(scope="session")
+def tiny_engines_fp16(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _export(tiny_model, tmp_path_factory.mktemp("engines") / "tiny-fp16", "fp16")
+
+
+@pytest.fixture(scope="session")
+def sd15_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The exact SD 1.5 architecture with random weights (~4.3 GB on disk); slow tests only."""
+    from sdrt.export.testmodel import build_test_model
+
+    return build_test_model("sd15", tmp_path_factory.mktemp("models") / "sd15")

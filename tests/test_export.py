@@ -1,0 +1,154 @@
+"""The exporter: ONNX layout, manifest contents, validation, atomic writes and bad model folders."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+onnx = pytest.importorskip("onnx")
+
+from sdrt.errors import InputError, ModelError, ValidationError  # noqa: E402
+from sdrt.export.exporter import ExportConfig, Tolerances, export  # noqa: E402
+from sdrt.manifest import read_manifest, sha256_file  # noqa: E402
+
+
+def test_layout_and_manifest(tiny_engines, tiny_model):
+    m = read_manifest(tiny_engines)
+    assert m.precision == "fp32" and m.name == tiny_engines.name
+    for name, spec in m.components.items():
+        graph = onnx.load(str(tiny_engines / spec.onnx), load_external_data=False)
+        assert graph.opset_import[0].version >= 17
+        locations = {e.value for t in graph.graph.initializer for e in t.external_data if e.key == "location"}
+        assert locations == {spec.onnx + ".data"}, f"{name}: weights must sit in one external-data file"
+        assert [i.name for i in graph.graph.input] == [t.name for t in spec.inputs]
+        assert [o.name for o in graph.graph.output] == [t.name for t in spec.outputs]
+    step = m.components["denoise_step"]
+    assert step.input("latents").shape == ("B", 4, "h", "w")
+    assert step.input("text_embeddings").shape[0] == "RB"
+    assert m.components["vae_decoder"].output("images").dtype == "uint8"
+    for rel, digest in m.files.items():
+        assert sha256_file(tiny_engines / rel) == digest
+    assert {"denoise_step.onnx.data", "tokenizer/tokenizer.json"} <= set(m.files)
+    assert len(m.source["sha256"]) == 64 and m.versions["torch"] and m.versions["onnxruntime"]
+    for name in ("text_encoder", "denoise_step", "vae_decoder"):
+        report = m.validation[name]
+        assert 0 <= report["error"] <= report["tolerance"]
+    assert m.scheduler_config["_class_name"] == "PNDMScheduler"
+    assert not [p for p in tiny_engines.parent.iterdir() if p.name.startswith(".")], "staging left behind"
+
+
+def test_fp16_engines_are_fp16_with_fp32_latents(tiny_engines_fp16):
+    m = read_manifest(tiny_engines_fp16)
+    assert m.precision == "fp16"
+    assert m.components["text_encoder"].output("text_embeddings").dtype == "float16"
+    assert m.components["denoise_step"].input("latents").dtype == "float32"
+    graph = onnx.load(str(tiny_engines_fp16 / "denoise_step.onnx"), load_external_data=False)
+    dtypes = {t.data_type for t in graph.graph.initializer if len(t.dims) >= 2}
+    assert dtypes == {onnx.TensorProto.FLOAT16}, "weights of the fp16 U-Net must be fp16"
+
+
+def test_existing_output_needs_force(tiny_model, tiny_engines):
+    with pytest.raises(InputError, match="--force"):
+        export(ExportConfig(tiny_model, tiny_engines), progress=False)
+
+
+def test_interrupted_export_leaves_nothing(tiny_model, tmp_path, monkeypatch):
+    import sdrt.export.onnx_io as onnx_io
+
+    real = onnx_io.export_onnx
+    calls = []
+
+    def fail_on_vae(module, args, path, *rest, **kw):
+        calls.append(path.name)
+        if path.name == "vae_decoder.onnx":
+            raise KeyboardInterrupt
+        return real(module, args, path, *rest, **kw)
+
+    monkeypatch.setattr(onnx_io, "export_onnx", fail_on_vae)
+    out = tmp_path / "engines" / "broken"
+    with pytest.raises(KeyboardInterrupt):
+        export(ExportConfig(tiny_model, out, validate=False), progress=False)
+    assert calls[-1] == "vae_decoder.onnx"
+    assert not out.exists()
+    assert list((tmp_path / "engines").iterdir()) == []
+
+
+def test_replacing_with_force_is_atomic_and_valid(tiny_model, tmp_path):
+    out = tmp_path / "e"
+    export(ExportConfig(tiny_model, out, precision="fp32", validate=False), progress=False)
+    before = read_manifest(out).files
+    export(ExportConfig(tiny_model, out, precision="fp32", validate=False, force=True), progress=False)
+    assert set(read_manifest(out).files) == set(before)
+    assert [p.name for p in tmp_path.iterdir()] == ["e"]
+
+
+def test_validation_failure_is_an_error(tiny_model, tmp_path):
+    strict = Tolerances(fp32={"text_encoder": 0.0, "denoise_step": 0.0, "vae_decoder": 0.0})
+    with pytest.raises(ValidationError, match="exceeds tolerance"):
+        export(ExportConfig(tiny_model, tmp_path / "e", precision="fp32", tolerances=strict), progress=False)
+    assert not (tmp_path / "e").exists()
+
+
+def _broken_copy(tiny_model, tmp_path, mutate):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    mutate(model)
+    return model
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda m: shutil.rmtree(m / "unet"), "missing unet/config.json"),
+    (lambda m: (m / "model_index.json").unlink(), "missing model_index.json"),
+    (lambda m: (m / "vae" / "config.json").write_text("{oops"), "not valid JSON"),
+    (lambda m: [p.unlink() for p in (m / "text_encoder").glob("*.safetensors")], "no .safetensors"),
+])
+def test_bad_model_folders(tiny_model, tmp_path, mutate, match):
+    model = _broken_copy(tiny_model, tmp_path, mutate)
+    with pytest.raises(ModelError, match=match):
+        export(ExportConfig(model, tmp_path / "out"), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_not_a_directory(tmp_path):
+    with pytest.raises(ModelError, match="sdrt testmodel"):
+        export(ExportConfig(tmp_path / "nope", tmp_path / "out"), progress=False)
+
+
+def test_inpainting_unet_is_refused(tiny_model, tmp_path):
+    def nine_channels(m):
+        cfg = json.loads((m / "unet" / "config.json").read_text())
+        cfg["in_channels"] = 9
+        (m / "unet" / "config.json").write_text(json.dumps(cfg))
+
+    model = _broken_copy(tiny_model, tmp_path, nine_channels)
+    with pytest.raises(ModelError):
+        export(ExportConfig(model, tmp_path / "out"), progress=False)
+
+
+def test_unknown_precision(tiny_model, tmp_path):
+    with pytest.raises(InputError, match="precision"):
+        export(ExportConfig(tiny_model, tmp_path / "out", precision="int8"), progress=False)
+
+
+def test_testmodel_refuses_nonempty_dir_and_unknown_kind(tmp_path):
+    from sdrt.export.testmodel import build_test_model
+
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("keep me")
+    with pytest.raises(InputError, match="not empty"):
+        build_test_model("tiny", tmp_path / "full")
+    assert (tmp_path / "full" / "x").read_text() == "keep me"
+    with pytest.raises(InputError, match="unknown test model"):
+        build_test_model("sdxl", tmp_path / "y")
+
+
+@pytest.mark.slow
+def test_sd15_testmodel_has_sd15_shapes(sd15_model):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(sd15_model / "unet", torch_dtype=torch.float32)
+    n = sum(p.numel() for p in unet.parameters())
+    assert n == 859_520_964, n

@@ -1,0 +1,167 @@
+"""The lean runtime: no torch, seeds, batching, buffers, and every bad input refused clearly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from sdrt.errors import EngineError, InputError
+from sdrt.pipeline import Pipeline
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_engines):
+    return Pipeline.load(tiny_engines, backend="ort-cpu")
+
+
+def test_import_and_generate_leave_torch_out(tiny_engines, tmp_path):
+    code = textwrap.dedent(f"""
+        import sys
+        import sdrt
+        from sdrt.pipeline import Pipeline
+        images = Pipeline.load({str(tiny_engines)!r}, backend="ort-cpu")("a cat", steps=2, seed=1)
+        images[0].save({str(tmp_path / "x.png")!r})
+        heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "diffusers", "transformers"))
+        assert not heavy, heavy
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, env={"SDRT_CACHE_DIR": str(tmp_path), "PATH": ""})
+
+
+def test_same_seed_same_image_and_batch_rows_equal_single_seeds(pipe):
+    a = pipe.generate(pipe.make_config("a cat", steps=3, seed=11, scheduler="euler_a")).images
+    b = pipe.generate(pipe.make_config("a cat", steps=3, seed=11, scheduler="euler_a")).images
+    np.testing.assert_array_equal(a, b)
+    batch = pipe.generate(pipe.make_config("a cat", steps=3, seed=11, scheduler="euler_a", batch=2)).images
+    second = pipe.generate(pipe.make_config("a cat", steps=3, seed=12, scheduler="euler_a")).images
+    np.testing.assert_array_equal(batch[0], a[0])
+    np.testing.assert_array_equal(batch[1], second[0])
+    c = pipe.generate(pipe.make_config("a cat", steps=3, seed=13, scheduler="euler_a")).images
+    assert np.abs(c.astype(int) - a.astype(int)).max() > 0, "a different seed must change the image"
+
+
+def test_every_scheduler_runs_and_gives_finite_distinct_images(pipe):
+    seen = {}
+    for name in ("ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "lcm", "plms"):
+        result = pipe.generate(pipe.make_config("a cat", steps=3, seed=5, scheduler=name))
+        assert result.images.shape == (1, 64, 64, 3) and result.images.dtype == np.uint8
+        assert len(result.timings.step_engine_s) == (4 if name == "plms" else 3)  # PLMS adds one step
+        seen[name] = result.images
+    assert len({v.tobytes() for v in seen.values()}) == len(seen)
+
+
+def test_uploads_never_alias(pipe):
+    backend = pipe.backend
+    zeros = np.zeros((2, 3), np.float32)
+    a, b = backend.upload(zeros), backend.upload(zeros)
+    assert a.data_ptr() != b.data_ptr()
+
+
+def test_pil_images_carry_parameters(pipe):
+    image = pipe("a cat", negative_prompt="dog", steps=2, seed=9, scheduler="euler")[0]
+    assert image.size == (64, 64)
+    assert image.info["parameters"].startswith("a cat\nNegative prompt: dog\nSteps: 2, Sampler: Euler, ")
+    assert "Seed: 9" in image.info["parameters"]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"height": 60}, "multiple of 8"),
+    ({"width": 2048}, "multiple of 8 from 64 to"),
+    ({"height": 32}, "multiple of 8 from 64"),
+    ({"steps": 0}, "steps must be"),
+    ({"steps": 1.5}, "steps must be"),
+    ({"guidance": float("nan")}, "guidance must be finite"),
+    ({"guidance": float("inf")}, "guidance must be finite"),
+    ({"guidance": "lots"}, "guidance must be a number"),
+    ({"scheduler": "heun"}, "unknown scheduler"),
+    ({"batch": 0}, "batch must be"),
+    ({"batch": 99}, "batch must be"),
+    ({"seed": -1}, "seed must be"),
+])
+def test_bad_arguments_raise_named_errors(pipe, kwargs, match):
+    with pytest.raises(InputError, match=match):
+        pipe.make_config("a cat", **kwargs)
+
+
+def test_prompt_list_must_match_batch(pipe):
+    with pytest.raises(InputError, match="list of 2 strings"):
+        pipe.make_config(["a", "b", "c"], batch=2)
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_corrupted_artifact_is_refused_with_rebuild_hint(tiny_engines, tmp_path):
+    engines = _copy(tiny_engines, tmp_path / "e")
+    data = engines / "denoise_step.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[100] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with pytest.raises(EngineError, match="sha256.*sdrt export"):
+        Pipeline.load(engines, backend="ort-cpu")
+
+
+def test_missing_artifact_and_bad_manifest_are_refused(tiny_engines, tmp_path):
+    engines = _copy(tiny_engines, tmp_path / "e")
+    (engines / "vae_decoder.onnx").unlink()
+    with pytest.raises(EngineError, match="missing.*sdrt export"):
+        Pipeline.load(engines, backend="ort-cpu")
+    (engines / "manifest.json").write_text("{not json")
+    with pytest.raises(EngineError, match="not valid JSON"):
+        Pipeline.load(engines, backend="ort-cpu")
+    (engines / "manifest.json").write_text(json.dumps({"format": "sdrt-engines", "version": 999}))
+    with pytest.raises(EngineError, match="manifest version 999"):
+        Pipeline.load(engines, backend="ort-cpu")
+    (engines / "manifest.json").unlink()
+    with pytest.raises(EngineError, match="manifest.json is missing"):
+        Pipeline.load(engines, backend="ort-cpu")
+    with pytest.raises(EngineError, match="not an engine directory"):
+        Pipeline.load(tmp_path / "nowhere", backend="ort-cpu")
+
+
+def test_manifest_dtype_mismatch_is_refused(tiny_engines, tmp_path):
+    engines = _copy(tiny_engines, tmp_path / "e")
+    doc = json.loads((engines / "manifest.json").read_text())
+    doc["components"]["vae_decoder"]["outputs"][0]["dtype"] = "float32"
+    (engines / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(EngineError, match="images.*re-export"):
+        Pipeline.load(engines, backend="ort-cpu")
+
+
+def test_unknown_and_unavailable_backends(tiny_engines):
+    from sdrt.errors import BackendError
+
+    with pytest.raises(BackendError, match="choose one of"):
+        Pipeline.load(tiny_engines, backend="tpu")
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        with pytest.raises(BackendError, match="onnxruntime-gpu"):
+            Pipeline.load(tiny_engines, backend="ort-cuda")
+
+
+def test_low_vram_keeps_one_engine_and_matches(tiny_engines, pipe):
+    lean = Pipeline.load(tiny_engines, backend="ort-cpu", low_vram=True)
+    a = lean.generate(lean.make_config("a cat", steps=2, seed=3)).images
+    assert len(lean._engines) == 1
+    b = pipe.generate(pipe.make_config("a cat", steps=2, seed=3)).images
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.gpu
+def test_ort_cuda_matches_cpu(tiny_engines, pipe):
+    from sdrt.backends.onnxruntime import cuda_available
+
+    if not cuda_available():
+        pytest.skip("no CUDA GPU with onnxruntime-gpu")
+    gpu = Pipeline.load(tiny_engines, backend="ort-cuda")
+    a = gpu.generate(gpu.make_config("a cat", steps=4, seed=3)).images
+    b = pipe.generate(pipe.make_config("a cat", steps=4, seed=3)).images
+    assert int(np.abs(a.astype(int) - b.astype(int)).max()) <= 2
