@@ -57,6 +57,23 @@ def _generate(args: argparse.Namespace) -> None:
         print(f"wrote {path}")
 
 
+def _bench(args: argparse.Namespace) -> None:
+    import shlex
+
+    from sdrt.bench.run import BenchConfig, run_bench, write_results
+    from sdrt.bench.workers import Workload
+
+    workload = Workload(model_dir=args.model_dir, engines=args.engines, height=args.height, width=args.width,
+                        steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, seed=args.seed)
+    config = BenchConfig(workload, tuple(args.backends.split(",")), tuple(int(b) for b in args.batch.split(",")),
+                         runs=args.runs, warmup=args.warmup, output=Path(args.output),
+                         command="sdrt " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    results = run_bench(config)
+    for path in write_results(results, config.output):
+        print(f"wrote {path}")
+    print((config.output / next(p.name for p in config.output.glob("*.md"))).read_text())
+
+
 def build_parser() -> argparse.ArgumentParser:
     from sdrt.backends import BACKENDS
     from sdrt.schedulers import SAMPLERS
@@ -96,6 +113,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--low-vram", action="store_true", help="keep one engine resident at a time")
     p.add_argument("-o", "--output", default="out.png")
     p.set_defaults(func=_generate)
+
+    p = sub.add_parser("bench", help="sdrt against the diffusers baselines, side by side")
+    p.add_argument("model_dir", help="the diffusers folder the engines were exported from")
+    p.add_argument("--engines", required=True, help="engine directory exported from model_dir")
+    p.add_argument("--backends", default="torch,ort", help="comma list of torch,torch-compile,ort,trt")
+    p.add_argument("--height", type=int, default=256)
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--scheduler", choices=list(SAMPLERS), default="dpmpp_2m_karras")
+    p.add_argument("--batch", default="1", help="comma list of batch sizes, e.g. 1,2,4")
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--output", default="bench/results/local")
+    p.set_defaults(func=_bench)
     return parser
 
 

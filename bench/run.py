@@ -1,0 +1,206 @@
+"""`sdrt bench`: one workload on every available backend, side by side, in alternating order.
+
+Workers are started one at a time (their first image is the cold start and a warm-up), then each
+round asks every worker for one generation, the order reversed every round so drift on the
+machine hits all backends alike.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sdrt.bench.stats import psnr, summarize
+from sdrt.bench.workers import Workload, worker_main, workload_dict
+from sdrt.errors import InputError
+
+BENCH_BACKENDS = ("torch", "torch-compile", "ort", "trt")
+STAGES = ("text_encoder", "step", "steps", "decode", "end_to_end")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    workload: Workload
+    backends: tuple[str, ...]
+    batches: tuple[int, ...] = (1,)
+    runs: int = 5
+    warmup: int = 1
+    output: Path = Path("bench/results/local")
+    command: str = ""
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+class Worker:
+    def __init__(self, backend: str, workload: Workload):
+        ctx = mp.get_context("spawn")
+        self.backend = backend
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=worker_main, args=(child, backend, workload_dict(workload), time.time()),
+                                   daemon=True)
+        self.process.start()
+        self.info = self._recv()
+
+    def _recv(self) -> Any:
+        msg = self.conn.recv()
+        if msg[0] == "error":
+            raise RuntimeError(f"bench worker {self.backend} failed:\n{msg[1]}")
+        return msg[1] if msg[0] in ("ready",) else msg[1:]
+
+    def run(self, batch: int, latents: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
+        self.conn.send(("run", batch, latents))
+        timings, images = self._recv()
+        return timings, images
+
+    def ask_info(self, batches: tuple[int, ...]) -> dict[str, Any]:
+        self.conn.send(("info", batches))
+        return self._recv()[0]
+
+    def stop(self) -> None:
+        try:
+            self.conn.send(("stop",))
+        finally:
+            self.process.join(timeout=30)
+            if self.process.is_alive():
+                self.process.kill()
+
+
+def machine_info() -> dict[str, Any]:
+    import os
+
+    info: dict[str, Any] = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                            "cpus": os.cpu_count(), "python": sys.version.split()[0]}
+    try:
+        with open("/proc/meminfo") as f:
+            info["memory_gb"] = round(int(f.readline().split()[1]) / 2**20, 1)
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        info["cpu_model"] = names[0] if names else None
+    except OSError:
+        pass
+    return info
+
+
+def _versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    out: dict[str, str | None] = {}
+    for pkg in ("sdrt", "torch", "diffusers", "transformers", "onnxruntime", "onnxruntime-gpu", "tensorrt",
+                "tensorrt-rtx", "numpy"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    unknown = [b for b in config.backends if b not in BENCH_BACKENDS]
+    if unknown:
+        raise InputError(f"unknown bench backends {unknown}: choose from {', '.join(BENCH_BACKENDS)}")
+    if config.runs < 1 or config.warmup < 0 or not config.batches or min(config.batches) < 1:
+        raise InputError("--runs must be ≥ 1, --warmup ≥ 0 and every --batch ≥ 1")
+    if "torch" not in config.backends:
+        raise InputError("the `torch` baseline must be among --backends: every ratio is taken against it")
+
+    from sdrt.pipeline import Pipeline
+
+    probe = Pipeline.load(config.workload.engines, backend="ort-cpu", verify=False)
+    latents = {b: probe.initial_noise(probe.make_config(
+        "x", steps=config.workload.steps, scheduler=config.workload.scheduler, seed=config.workload.seed,
+        height=config.workload.height, width=config.workload.width, batch=b),
+        _plan(probe, config.workload))[0] for b in config.batches}
+    del probe
+
+    results: dict[str, Any] = {"backends": {}, "skipped": {}}
+    workers: dict[str, Worker] = {}
+    bar = tqdm(total=len(config.backends) * len(config.batches) * (config.runs + config.warmup), desc="bench",
+               unit="run", disable=not progress)
+    try:
+        for backend in config.backends:
+            bar.set_postfix_str(f"starting {backend}")
+            try:
+                worker = Worker(backend, config.workload)
+            except (RuntimeError, EOFError) as e:
+                results["skipped"][backend] = str(e).strip().splitlines()[-1]
+                bar.update(len(config.batches) * (config.runs + config.warmup))
+                continue
+            first, _ = worker.run(config.batches[0], latents[config.batches[0]])
+            workers[backend] = worker
+            results["backends"][backend] = {"name": worker.info["name"], "load_s": worker.info["load_s"],
+                                            "cold_start_s": first["cold_start"], "batches": {}}
+        images: dict[tuple[str, int], np.ndarray] = {}
+        for batch in config.batches:
+            samples: dict[str, list[dict[str, float]]] = {b: [] for b in workers}
+            for r in range(config.warmup + config.runs):
+                order = list(workers) if r % 2 == 0 else list(reversed(workers))
+                for backend in order:
+                    bar.set_postfix_str(f"{backend} batch {batch}")
+                    timings, imgs = workers[backend].run(batch, latents[batch])
+                    if r >= config.warmup:
+                        samples[backend].append(timings)
+                    images[(backend, batch)] = imgs
+                    bar.update(1)
+            for backend, runs in samples.items():
+                stages = {s: summarize([t[s] for t in runs]) for s in runs[0] if s != "cold_start"}
+                results["backends"][backend]["batches"][str(batch)] = {
+                    "latency_s": stages, "images_per_s": batch / stages["end_to_end"]["median"]}
+        bar.set_postfix_str("memory, FLOPs")
+        for backend, worker in workers.items():
+            info = worker.ask_info(config.batches if backend == "torch" else ())
+            results["backends"][backend].update(peak_rss_mb=info["peak_rss_mb"], peak_device_mb=info["peak_device_mb"])
+            if backend == "torch":
+                results["device"] = {"kind": info["device"], "baseline_dtype": info["dtype"],
+                                     "matmul_peak_tflops": info["matmul_peak"] / 1e12}
+                results["flops"] = {str(b): f for b, f in info["flops"].items()}
+    finally:
+        bar.close()
+        for worker in workers.values():
+            worker.stop()
+
+    for backend, entry in results["backends"].items():
+        for batch, per in entry["batches"].items():
+            ref = images.get(("torch", int(batch)))
+            per["psnr_vs_torch_db"] = psnr(images[(backend, int(batch))], ref) if ref is not None else None
+            e2e = per["latency_s"]["end_to_end"]["median"]
+            flops = results.get("flops", {}).get(batch)
+            if flops:
+                per["achieved_tflops"] = flops / e2e / 1e12
+                per["pct_of_matmul_peak"] = 100 * per["achieved_tflops"] / results["device"]["matmul_peak_tflops"]
+            base = results["backends"].get("torch", {}).get("batches", {}).get(batch)
+            if base:
+                per["ratio_vs_torch"] = {s: per["latency_s"][s]["median"] / base["latency_s"][s]["median"]
+                                         for s in STAGES}
+    results.update(schema=1, machine=machine_info(), versions=_versions(), command=config.command,
+                   workload=workload_dict(config.workload), runs=config.runs, warmup=config.warmup,
+                   batches=list(config.batches), notes=config.notes,
+                   date=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    return results
+
+
+def _plan(pipe: Any, w: Workload) -> Any:
+    from sdrt.schedulers import make_plan
+
+    return make_plan(w.scheduler, pipe.schedule, w.steps)
+
+
+def write_results(results: dict[str, Any], out_dir: Path) -> list[Path]:
+    from sdrt.bench.report import markdown_table, plot_latency
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = "bench-{h}x{w}-{s}steps".format(h=results["workload"]["height"], w=results["workload"]["width"],
+                                           s=results["workload"]["steps"])
+    paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md"]
+    paths[0].write_text(json.dumps(results, indent=2, default=float))
+    paths[1].write_text(markdown_table(results))
+    paths += plot_latency(results, out_dir, stem)
+    return paths

@@ -1,0 +1,242 @@
+"""Bench workers: one process per backend, driven over a pipe by bench.run.
+
+Each worker loads its backend, answers `run` requests with per-stage timings (seconds) and the
+images, and reports its own peak host RSS and, on CUDA, its own peak device memory (NVML,
+per process), so every backend is measured the same way.
+"""
+
+from __future__ import annotations
+
+import resource
+import threading
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Workload:
+    model_dir: str
+    engines: str
+    height: int
+    width: int
+    steps: int
+    guidance: float
+    scheduler: str
+    seed: int
+    prompt: str = "a photograph of an astronaut riding a horse"
+    negative_prompt: str = "blurry, low quality"
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class DeviceMemoryProbe:
+    """Samples this process's GPU memory through NVML every 5 ms; None without a GPU or pynvml."""
+
+    def __init__(self) -> None:
+        self.peak_mb: float | None = None
+        try:
+            import os
+
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml, self._handle, self._pid = pynvml, pynvml.nvmlDeviceGetHandleByIndex(0), os.getpid()
+        except Exception:  # no NVML: CPU machine
+            self._nvml = None
+            return
+        self.peak_mb = 0.0
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            for p in self._nvml.nvmlDeviceGetComputeRunningProcesses(self._handle):
+                if p.pid == self._pid and p.usedGpuMemory:
+                    self.peak_mb = max(self.peak_mb or 0.0, p.usedGpuMemory / 2**20)
+            time.sleep(0.005)
+
+
+class SdrtRunner:
+    def __init__(self, workload: Workload, backend: str):
+        from sdrt.pipeline import Pipeline
+
+        self.w = workload
+        self.pipe = Pipeline.load(workload.engines, backend=backend)
+        self.name = self.pipe.backend.name
+
+    def initial_noise(self, batch: int) -> np.ndarray:
+        from sdrt.schedulers import make_plan
+
+        config = self._config(batch)
+        return self.pipe.initial_noise(config, make_plan(config.scheduler, self.pipe.schedule, config.steps))[0]
+
+    def _config(self, batch: int) -> Any:
+        w = self.w
+        return self.pipe.make_config(w.prompt, negative_prompt=w.negative_prompt, steps=w.steps, guidance=w.guidance,
+                                     scheduler=w.scheduler, seed=w.seed, height=w.height, width=w.width, batch=batch)
+
+    def run(self, batch: int, latents: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
+        r = self.pipe.generate(self._config(batch), latents=latents)
+        t = r.timings
+        return ({"text_encoder": t.text_encoder_s, "steps": t.steps_s, "step": t.steps_s / len(t.step_engine_s),
+                 "decode": t.decode_s, "end_to_end": t.total_s,
+                 "host_overhead_per_step": t.host_overhead_per_step_s}, r.images)
+
+
+class TorchRunner:
+    """diffusers StableDiffusionPipeline: fp16 on CUDA, fp32 on CPU, SDPA attention."""
+
+    DIFFUSERS = {"ddim": ("DDIMScheduler", {}), "euler": ("EulerDiscreteScheduler", {}),
+                 "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+                 "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+                 "dpmpp_2m_karras": ("DPMSolverMultistepScheduler",
+                                     {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
+                 "lcm": ("LCMScheduler", {}), "plms": ("PNDMScheduler", {})}
+
+    def __init__(self, workload: Workload, compile: bool = False, dtype: str | None = None):
+        import diffusers
+        import torch
+
+        self.torch, self.w = torch, workload
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.dtype = getattr(torch, dtype) if dtype else (torch.float16 if self.device == "cuda" else torch.float32)
+        pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+            workload.model_dir, torch_dtype=self.dtype, safety_checker=None, requires_safety_checker=False)
+        cls_name, extra = self.DIFFUSERS[workload.scheduler]
+        pipe.scheduler = getattr(diffusers, cls_name).from_config({**pipe.scheduler.config, **extra})
+        pipe.set_progress_bar_config(disable=True)
+        self.pipe = pipe.to(self.device)
+        self.name = "torch-compile" if compile else "torch"
+        self.compile_s = 0.0
+        if compile:
+            pipe.unet.to(memory_format=torch.channels_last)
+            pipe.vae.to(memory_format=torch.channels_last)
+            mode = "max-autotune" if self.device == "cuda" else "default"
+            pipe.unet = torch.compile(pipe.unet, mode=mode, fullgraph=True)
+            pipe.vae.decode = torch.compile(pipe.vae.decode, mode=mode)
+        self._stamps: dict[str, float] = {}
+        self._wrap()
+
+    def _sync(self) -> None:
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
+
+    def _wrap(self) -> None:
+        te, dec = self.pipe.text_encoder.forward, self.pipe.vae.decode
+
+        def text_encoder(*a: Any, **k: Any) -> Any:
+            self._sync()
+            start = time.perf_counter()
+            out = te(*a, **k)
+            self._sync()
+            self._stamps["text_encoder"] = self._stamps.get("text_encoder", 0.0) + time.perf_counter() - start
+            self._stamps["text_end"] = time.perf_counter()
+            return out
+
+        def decode(*a: Any, **k: Any) -> Any:
+            self._sync()
+            self._stamps["decode_start"] = time.perf_counter()
+            out = dec(*a, **k)
+            self._sync()
+            self._stamps["decode_end"] = time.perf_counter()
+            return out
+
+        self.pipe.text_encoder.forward = text_encoder
+        self.pipe.vae.decode = decode
+
+    def run(self, batch: int, latents: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
+        torch, w = self.torch, self.w
+        self._stamps = {}
+        self._sync()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = self.pipe([w.prompt] * batch, negative_prompt=[w.negative_prompt] * batch,
+                            num_inference_steps=w.steps, guidance_scale=w.guidance, height=w.height, width=w.width,
+                            latents=torch.from_numpy(latents).to(self.device, self.dtype), output_type="np").images
+        self._sync()
+        end = time.perf_counter()
+        n = len(self.pipe.scheduler.timesteps)
+        steps = self._stamps["decode_start"] - self._stamps["text_end"]
+        images = (out * 255).round().astype(np.uint8)
+        return ({"text_encoder": self._stamps["text_encoder"], "steps": steps, "step": steps / n,
+                 "decode": self._stamps["decode_end"] - self._stamps["decode_start"], "end_to_end": end - start},
+                images)
+
+    def flops(self, batch: int) -> float:
+        """FLOPs of one generation (text encoder + steps x U-Net at 2B + VAE decode), by torch's counter."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        torch, w, pipe = self.torch, self.w, self.pipe
+        f = pipe.vae_scale_factor
+        rb = 2 * batch if w.guidance != 1.0 else batch
+        with torch.inference_mode():
+            ids = torch.zeros(rb, 77, dtype=torch.long, device=self.device)
+            with FlopCounterMode(display=False) as te:
+                emb = pipe.text_encoder(ids)[0]
+            x = torch.zeros(rb, 4, w.height // f, w.width // f, device=self.device, dtype=self.dtype)
+            with FlopCounterMode(display=False) as unet:
+                pipe.unet(x, torch.tensor(500.0, device=self.device), emb)
+            with FlopCounterMode(display=False) as vae:
+                pipe.vae.decode(x[:batch])
+        self.pipe.scheduler.set_timesteps(w.steps)
+        return float(te.get_total_flops() + len(self.pipe.scheduler.timesteps) * unet.get_total_flops()
+                     + vae.get_total_flops())
+
+    def matmul_peak(self) -> float:
+        """Measured dense matmul FLOP/s of this device in the baseline's dtype."""
+        torch = self.torch
+        n = 4096 if self.device == "cuda" else 1024
+        a = torch.randn(n, n, device=self.device, dtype=self.dtype)
+        b = torch.randn(n, n, device=self.device, dtype=self.dtype)
+        for _ in range(3):
+            a @ b
+        self._sync()
+        reps, start = 10 if self.device == "cpu" else 50, time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        self._sync()
+        return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def worker_main(conn: Any, backend: str, workload: dict[str, Any], spawned_at: float) -> None:
+    """Process entry point: load, then serve ('run', batch, latents) / ('info',) / ('stop',)."""
+    try:
+        memory = DeviceMemoryProbe()
+        w = Workload(**workload)
+        load_start = time.perf_counter()
+        if backend in ("torch", "torch-compile"):
+            runner: Any = TorchRunner(w, compile=backend == "torch-compile")
+        else:
+            runner = SdrtRunner(w, "auto" if backend == "ort" else backend)
+        load_s = time.perf_counter() - load_start
+        conn.send(("ready", {"name": runner.name, "load_s": load_s}))
+        first_image_at: float | None = None
+        while True:
+            msg = conn.recv()
+            if msg[0] == "stop":
+                break
+            if msg[0] == "run":
+                timings, images = runner.run(msg[1], msg[2])
+                if first_image_at is None:
+                    first_image_at = time.time()
+                    timings["cold_start"] = first_image_at - spawned_at
+                conn.send(("ok", timings, images))
+            elif msg[0] == "info":
+                info: dict[str, Any] = {"peak_rss_mb": _peak_rss_mb(), "peak_device_mb": memory.peak_mb}
+                if isinstance(runner, TorchRunner):
+                    info.update(flops={b: runner.flops(b) for b in msg[1]}, matmul_peak=runner.matmul_peak(),
+                                device=runner.device, dtype=str(runner.dtype).removeprefix("torch."))
+                conn.send(("ok", info))
+    except Exception:
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+def workload_dict(w: Workload) -> dict[str, Any]:
+    return asdict(w)

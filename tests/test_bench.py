@@ -1,0 +1,57 @@
+"""bench/ smoke test on the tiny model: every artifact written, numbers present and sane."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from sdrt.bench.run import BenchConfig, run_bench, write_results  # noqa: E402
+from sdrt.bench.stats import psnr, summarize  # noqa: E402
+from sdrt.bench.workers import Workload  # noqa: E402
+from sdrt.errors import InputError  # noqa: E402
+
+
+def test_summary_and_psnr():
+    import numpy as np
+
+    s = summarize([3.0, 1.0, 2.0])
+    assert (s["median"], s["min"], s["max"], s["n"]) == (2.0, 1.0, 3.0, 3)
+    a = np.zeros((2, 2, 3), np.uint8)
+    assert psnr(a, a) == math.inf
+    assert psnr(a + 1, a) == pytest.approx(20 * math.log10(255), rel=1e-9)
+
+
+def test_bench_tiny_side_by_side(tiny_model, tiny_engines, tmp_path):
+    w = Workload(str(tiny_model), str(tiny_engines), 64, 64, steps=3, guidance=7.5, scheduler="euler", seed=1)
+    config = BenchConfig(w, ("torch", "ort", "trt"), batches=(1, 2), runs=2, warmup=1, output=tmp_path,
+                         command="test")
+    results = run_bench(config, progress=False)
+    assert set(results["backends"]) == {"torch", "ort"}
+    assert "trt" in results["skipped"]
+    for name, entry in results["backends"].items():
+        assert entry["cold_start_s"] > 0 and entry["peak_rss_mb"] > 0
+        for batch in ("1", "2"):
+            per = entry["batches"][batch]
+            for stage in ("text_encoder", "step", "steps", "decode", "end_to_end"):
+                lat = per["latency_s"][stage]
+                assert 0 < lat["min"] <= lat["median"] <= lat["max"] and lat["n"] == 2
+            assert per["ratio_vs_torch"]["end_to_end"] > 0
+            assert per["psnr_vs_torch_db"] >= 40, f"{name} image diverges from torch fp32"
+            assert 0 < per["pct_of_matmul_peak"]
+    assert results["backends"]["torch"]["batches"]["1"]["ratio_vs_torch"]["end_to_end"] == 1.0
+    paths = write_results(results, tmp_path)
+    assert {p.suffix for p in paths} == {".json", ".md", ".png"}
+    assert json.loads(paths[0].read_text())["workload"]["steps"] == 3
+    assert "vs torch" in paths[1].read_text()
+
+
+def test_bench_needs_torch_baseline(tiny_model, tiny_engines, tmp_path):
+    w = Workload(str(tiny_model), str(tiny_engines), 64, 64, steps=2, guidance=7.5, scheduler="euler", seed=1)
+    with pytest.raises(InputError, match="baseline"):
+        run_bench(BenchConfig(w, ("ort",), output=tmp_path), progress=False)
+    with pytest.raises(InputError, match="unknown bench backends"):
+        run_bench(BenchConfig(w, ("torch", "jax"), output=tmp_path), progress=False)
