@@ -70,5 +70,5 @@ class VaeDecoder(nn.Module):
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         z = (latents / self.scaling_factor).to(self.dtype)
         image = self.vae.decode(z, return_dict=False)[0].float()  # (B, 3, H, W) in [-1, 1]
-        image = (image / 2 + 0.5).clamp(0, 1)
-        return (image * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+        image = ((image / 2 + 0.5).clamp(0, 1) * 255).round().permute(0, 2, 3, 1)  # (B, H, W, 3)
+        return image.to(torch.uint8)  # last op: TensorRT takes uint8 only at graph I/O
