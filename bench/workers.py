@@ -91,13 +91,6 @@ class SdrtRunner:
 class TorchRunner:
     """diffusers StableDiffusionPipeline: fp16 on CUDA, fp32 on CPU, SDPA attention."""
 
-    DIFFUSERS = {"ddim": ("DDIMScheduler", {}), "euler": ("EulerDiscreteScheduler", {}),
-                 "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-                 "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-                 "dpmpp_2m_karras": ("DPMSolverMultistepScheduler",
-                                     {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
-                 "lcm": ("LCMScheduler", {}), "plms": ("PNDMScheduler", {})}
-
     def __init__(self, workload: Workload, compile: bool = False, dtype: str | None = None):
         import diffusers
         import torch
@@ -107,8 +100,9 @@ class TorchRunner:
         self.dtype = getattr(torch, dtype) if dtype else (torch.float16 if self.device == "cuda" else torch.float32)
         pipe = diffusers.StableDiffusionPipeline.from_pretrained(
             workload.model_dir, torch_dtype=self.dtype, safety_checker=None, requires_safety_checker=False)
-        cls_name, extra = self.DIFFUSERS[workload.scheduler]
-        pipe.scheduler = getattr(diffusers, cls_name).from_config({**pipe.scheduler.config, **extra})
+        from sdrt.export.reference import diffusers_scheduler
+
+        pipe.scheduler = diffusers_scheduler(workload.scheduler, pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to(self.device)
         self.name = "torch-compile" if compile else "torch"

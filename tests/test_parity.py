@@ -9,23 +9,16 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
+from sdrt.export.reference import diffusers_scheduler  # noqa: E402
 from sdrt.pipeline import Pipeline  # noqa: E402
 
 MAX_PIXEL_ERROR = 2
-DIFFUSERS_SCHEDULERS = {
-    "euler": ("EulerDiscreteScheduler", {}),
-    "ddim": ("DDIMScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
-    "plms": ("PNDMScheduler", {}),
-}
-
+PARITY_SCHEDULERS = ("euler", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "plms")  # deterministic ones
 
 def diffusers_images(model_dir, scheduler, prompt, negative, steps, guidance, latents, height, width):
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None,
                                                              requires_safety_checker=False)
-    cls_name, extra = DIFFUSERS_SCHEDULERS[scheduler]
-    pipe.scheduler = getattr(diffusers, cls_name).from_config({**pipe.scheduler.config, **extra})
+    pipe.scheduler = diffusers_scheduler(scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     out = pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
                latents=torch.from_numpy(latents), height=height, width=width, output_type="np").images
@@ -50,7 +43,7 @@ def sdrt_and_reference(model_dir, engines, scheduler, steps=4, guidance=7.5, siz
     return ours, ref
 
 
-@pytest.mark.parametrize("scheduler", list(DIFFUSERS_SCHEDULERS))
+@pytest.mark.parametrize("scheduler", PARITY_SCHEDULERS)
 def test_tiny_fp32_matches_diffusers(tiny_model, tiny_engines, scheduler):
     ours, ref = sdrt_and_reference(tiny_model, tiny_engines, scheduler)
     assert ours.shape == ref.shape

@@ -12,23 +12,12 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
+from sdrt.export.reference import DIFFUSERS_SCHEDULERS, diffusers_scheduler  # noqa: E402
 from sdrt.export.testmodel import SD15_SCHEDULER_CONFIG  # noqa: E402
 from sdrt.schedulers import HISTORY, NoiseSchedule, make_plan  # noqa: E402
 
 REL_TOL = 1e-5
 
-DIFFUSERS = {
-    "ddim": ("DDIMScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "dpmpp_2m_karras": (
-        "DPMSolverMultistepScheduler",
-        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
-    ),
-    "lcm": ("LCMScheduler", {}),
-    "plms": ("PNDMScheduler", {}),
-}
 
 CONFIGS = {
     "sd15": SD15_SCHEDULER_CONFIG,
@@ -51,13 +40,12 @@ def rel_err(a, b):
 
 @pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("steps", [1, 4, 20])
-@pytest.mark.parametrize("name", DIFFUSERS)
+@pytest.mark.parametrize("name", DIFFUSERS_SCHEDULERS)
 def test_sampler_matches_diffusers(name, steps, config):
     cfg = CONFIGS[config]
     if name == "lcm" and cfg.get("prediction_type") == "v_prediction":
         pytest.skip("LCM is trained for epsilon only")
-    cls_name, extra = DIFFUSERS[name]
-    ref = getattr(diffusers, cls_name).from_config({**cfg, **extra})
+    ref = diffusers_scheduler(name, cfg)
     ref.set_timesteps(steps)
     plan = make_plan(name, NoiseSchedule.from_config(cfg), steps)
 
