@@ -12,15 +12,16 @@ import multiprocessing as mp
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from sdrt.bench.stats import psnr, summarize
-from sdrt.bench.workers import Workload, worker_main, workload_dict
+from sdrt.bench.workers import Workload, worker_main
 from sdrt.errors import InputError
+from sdrt.versions import package_versions
 
 BENCH_BACKENDS = ("torch", "torch-compile", "ort", "trt")
 STAGES = ("text_encoder", "step", "steps", "decode", "end_to_end")
@@ -43,25 +44,24 @@ class Worker:
         ctx = mp.get_context("spawn")
         self.backend = backend
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=worker_main, args=(child, backend, workload_dict(workload), time.time()),
+        self.process = ctx.Process(target=worker_main, args=(child, backend, asdict(workload), time.time()),
                                    daemon=True)
         self.process.start()
         self.info = self._recv()
 
     def _recv(self) -> Any:
-        msg = self.conn.recv()
-        if msg[0] == "error":
-            raise RuntimeError(f"bench worker {self.backend} failed:\n{msg[1]}")
-        return msg[1] if msg[0] in ("ready",) else msg[1:]
+        kind, payload = self.conn.recv()
+        if kind == "error":
+            raise RuntimeError(f"bench worker {self.backend} failed:\n{payload}")
+        return payload
 
     def run(self, batch: int, latents: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
         self.conn.send(("run", batch, latents))
-        timings, images = self._recv()
-        return timings, images
+        return self._recv()
 
     def ask_info(self, batches: tuple[int, ...]) -> dict[str, Any]:
         self.conn.send(("info", batches))
-        return self._recv()[0]
+        return self._recv()
 
     def stop(self) -> None:
         try:
@@ -88,17 +88,8 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def _versions() -> dict[str, str | None]:
-    from importlib import metadata
-
-    out: dict[str, str | None] = {}
-    for pkg in ("sdrt", "torch", "diffusers", "transformers", "onnxruntime", "onnxruntime-gpu", "tensorrt",
-                "tensorrt-rtx", "numpy"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
+BENCH_PACKAGES = ("sdrt", "torch", "diffusers", "transformers", "onnxruntime", "onnxruntime-gpu", "tensorrt",
+                  "tensorrt-rtx", "numpy")
 
 
 def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
@@ -112,14 +103,16 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
     if "torch" not in config.backends:
         raise InputError("the `torch` baseline must be among --backends: every ratio is taken against it")
 
+    from sdrt.backends.onnxruntime import OrtBackend
+    from sdrt.manifest import read_manifest
     from sdrt.pipeline import Pipeline
 
-    probe = Pipeline.load(config.workload.engines, backend="ort-cpu", verify=False)
-    latents = {b: probe.initial_noise(probe.make_config(
-        "x", steps=config.workload.steps, scheduler=config.workload.scheduler, seed=config.workload.seed,
-        height=config.workload.height, width=config.workload.width, batch=b),
-        _plan(probe, config.workload))[0] for b in config.batches}
-    del probe
+    w = config.workload
+    engines = Path(w.engines)
+    noise_source = Pipeline(engines, read_manifest(engines), OrtBackend("cpu"))  # loads no engine
+    latents = {b: noise_source.initial_noise(noise_source.make_config(
+        "x", steps=w.steps, scheduler=w.scheduler, seed=w.seed, height=w.height, width=w.width, batch=b))[0]
+        for b in config.batches}
 
     results: dict[str, Any] = {"backends": {}, "skipped": {}}
     workers: dict[str, Worker] = {}
@@ -151,7 +144,7 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
                     images[(backend, batch)] = imgs
                     bar.update(1)
             for backend, runs in samples.items():
-                stages = {s: summarize([t[s] for t in runs]) for s in runs[0] if s != "cold_start"}
+                stages = {s: summarize([t[s] for t in runs]) for s in runs[0]}
                 results["backends"][backend]["batches"][str(batch)] = {
                     "latency_s": stages, "images_per_s": batch / stages["end_to_end"]["median"]}
         bar.set_postfix_str("memory, FLOPs")
@@ -180,17 +173,11 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
             if base:
                 per["ratio_vs_torch"] = {s: per["latency_s"][s]["median"] / base["latency_s"][s]["median"]
                                          for s in STAGES}
-    results.update(schema=1, machine=machine_info(), versions=_versions(), command=config.command,
-                   workload=workload_dict(config.workload), runs=config.runs, warmup=config.warmup,
+    results.update(schema=1, machine=machine_info(), versions=package_versions(BENCH_PACKAGES), command=config.command,
+                   workload=asdict(config.workload), runs=config.runs, warmup=config.warmup,
                    batches=list(config.batches), notes=config.notes,
                    date=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     return results
-
-
-def _plan(pipe: Any, w: Workload) -> Any:
-    from sdrt.schedulers import make_plan
-
-    return make_plan(w.scheduler, pipe.schedule, w.steps)
 
 
 def write_results(results: dict[str, Any], out_dir: Path) -> list[Path]:

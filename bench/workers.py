@@ -11,7 +11,7 @@ import resource
 import threading
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -68,12 +68,6 @@ class SdrtRunner:
         self.w = workload
         self.pipe = Pipeline.load(workload.engines, backend=backend)
         self.name = self.pipe.backend.name
-
-    def initial_noise(self, batch: int) -> np.ndarray:
-        from sdrt.schedulers import make_plan
-
-        config = self._config(batch)
-        return self.pipe.initial_noise(config, make_plan(config.scheduler, self.pipe.schedule, config.steps))[0]
 
     def _config(self, batch: int) -> Any:
         w = self.w
@@ -198,7 +192,10 @@ class TorchRunner:
 
 
 def worker_main(conn: Any, backend: str, workload: dict[str, Any], spawned_at: float) -> None:
-    """Process entry point: load, then serve ('run', batch, latents) / ('info',) / ('stop',)."""
+    """Process entry point: load, then serve ('run', batch, latents) / ('info', batches) / ('stop',).
+
+    Every answer is (kind, payload): ('ready', info), ('ok', payload) or ('error', traceback).
+    """
     try:
         memory = DeviceMemoryProbe()
         w = Workload(**workload)
@@ -219,7 +216,7 @@ def worker_main(conn: Any, backend: str, workload: dict[str, Any], spawned_at: f
                 if first_image_at is None:
                     first_image_at = time.time()
                     timings["cold_start"] = first_image_at - spawned_at
-                conn.send(("ok", timings, images))
+                conn.send(("ok", (timings, images)))
             elif msg[0] == "info":
                 info: dict[str, Any] = {"peak_rss_mb": _peak_rss_mb(), "peak_device_mb": memory.peak_mb}
                 if isinstance(runner, TorchRunner):
@@ -231,6 +228,3 @@ def worker_main(conn: Any, backend: str, workload: dict[str, Any], spawned_at: f
     finally:
         conn.close()
 
-
-def workload_dict(w: Workload) -> dict[str, Any]:
-    return asdict(w)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sdrt.schedulers import HISTORY, N_COEFFS
+from sdrt.schedulers import HISTORY
 
 
 class TextEncoder(nn.Module):
@@ -39,7 +39,10 @@ class DenoiseStep(nn.Module):
     def __init__(self, unet: nn.Module):
         super().__init__()
         self.unet = unet
-        self.dtype = next(unet.parameters()).dtype
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
 
     def forward(self, latents, timestep, text_embeddings, guidance, step_coeffs, x_history, out_history, noise):
         b = latents.shape[0]
@@ -65,7 +68,10 @@ class VaeDecoder(nn.Module):
         super().__init__()
         self.vae = vae
         self.scaling_factor = scaling_factor
-        self.dtype = next(vae.parameters()).dtype
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         z = (latents / self.scaling_factor).to(self.dtype)

@@ -19,10 +19,13 @@ import numpy as np
 from sdrt.errors import InputError, ModelError, ValidationError
 from sdrt.manifest import ComponentSpec, Manifest, ShapeRange, TensorSpec, sha256_file, write_manifest
 from sdrt.schedulers import HISTORY, N_COEFFS
+from sdrt.versions import package_versions
 
 PRECISIONS = ("fp16", "fp32")
-REQUIRED = ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
-            "tokenizer", "scheduler/scheduler_config.json")
+JSON_FILES = ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
+              "scheduler/scheduler_config.json")
+REQUIRED = JSON_FILES + ("tokenizer",)
+RECORDED_PACKAGES = ("sdrt", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu")
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,7 @@ def check_model_dir(model_dir: Path) -> None:
         if not any((model_dir / sub).glob("*.safetensors")):
             raise ModelError(f"{model_dir / sub} has no .safetensors weights: convert the checkpoint to "
                              "safetensors (`save_pretrained(..., safe_serialization=True)`)")
-    for p in REQUIRED[:4] + (REQUIRED[5],):
+    for p in JSON_FILES:
         try:
             json.loads((model_dir / p).read_text())
         except json.JSONDecodeError as e:
@@ -83,20 +86,6 @@ def source_hash(model_dir: Path) -> str:
     for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
         h.update(f"{path.relative_to(model_dir).as_posix()}\0{sha256_file(path)}\n".encode())
     return h.hexdigest()
-
-
-def _versions() -> dict[str, str]:
-    import diffusers
-    import onnx
-    import onnxruntime
-    import torch
-    import transformers
-
-    import sdrt
-
-    return {"sdrt": sdrt.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__}
 
 
 def export(config: ExportConfig, progress: bool = True) -> Manifest:
@@ -128,7 +117,8 @@ def export(config: ExportConfig, progress: bool = True) -> Manifest:
                  for p in sorted(staging.rglob("*")) if p.is_file()}
         manifest = Manifest(
             name=out_dir.name, precision=config.precision, files=files,
-            source={"path": str(model_dir.resolve()), "sha256": src}, versions=_versions(),
+            source={"path": str(model_dir.resolve()), "sha256": src},
+            versions={k: v for k, v in package_versions(RECORDED_PACKAGES).items() if v},
             **manifest_parts,
         )
         write_manifest(staging, manifest)
@@ -210,10 +200,7 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
     for name, spec, ref_module, trace_args, check_args in jobs:
         bar.set_postfix_str(f"exporting {name}")
         module = copy.deepcopy(ref_module).to(dtype).eval() if dtype != torch.float32 else ref_module.eval()
-        if isinstance(module, (DenoiseStep, VaeDecoder)):
-            module.dtype = dtype
-        trace = tuple(a.to(dtype) if a.dtype == torch.float32 and name == "text_encoder" else a for a in trace_args)
-        export_onnx(module, trace, staging / spec.onnx, [t.name for t in spec.inputs],
+        export_onnx(module, trace_args, staging / spec.onnx, [t.name for t in spec.inputs],
                     [t.name for t in spec.outputs], dyn(spec), config.opset)
         if config.validate:
             validation[name] = _validate(name, staging / spec.onnx, spec, ref_module, check_args, tolerances[name])
@@ -240,7 +227,7 @@ def _validate(name: str, path: Path, spec: ComponentSpec, ref_module: Any, args:
     feeds = {t.name: a.numpy().astype(t.dtype) for t, a in zip(spec.inputs, args)}
     got = session.run(None, feeds)
     with torch.no_grad():
-        ref = ref_module.float()(*args)
+        ref = ref_module(*args)
     ref = ref if isinstance(ref, tuple) else (ref,)
     report: dict[str, Any] = {"tolerance": tolerance, "outputs": {}}
     worst = 0.0

@@ -126,12 +126,10 @@ def build_test_model(kind: str, out_dir: Path, seed: int = 0) -> Path:
         )
         for name in ("vocab.json", "merges.txt"):  # keep the slow-tokenizer files beside tokenizer.json
             shutil.copy(staging / "_bpe" / name, staging / "model" / "tokenizer" / name)
-        (staging / "model").rename(out_dir) if not out_dir.exists() else _replace_empty(staging / "model", out_dir)
+        if out_dir.exists():  # empty: checked above
+            out_dir.rmdir()
+        (staging / "model").rename(out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir
 
-
-def _replace_empty(src: Path, dst: Path) -> None:
-    dst.rmdir()
-    src.rename(dst)

@@ -68,10 +68,10 @@ def _bench(args: argparse.Namespace) -> None:
     config = BenchConfig(workload, tuple(args.backends.split(",")), tuple(int(b) for b in args.batch.split(",")),
                          runs=args.runs, warmup=args.warmup, output=Path(args.output),
                          command="sdrt " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
-    results = run_bench(config)
-    for path in write_results(results, config.output):
+    json_path, table_path, *plots = write_results(run_bench(config), config.output)
+    for path in (json_path, table_path, *plots):
         print(f"wrote {path}")
-    print((config.output / next(p.name for p in config.output.glob("*.md"))).read_text())
+    print(table_path.read_text())
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,6 @@
-"""sdrt's exceptions. Every message names the fix."""
+"""sdrt's exceptions (every message names the fix) and the integer check input errors use."""
+
+from numbers import Integral
 
 
 class SdrtError(Exception):
@@ -23,3 +25,8 @@ class BackendError(SdrtError):
 
 class ValidationError(SdrtError):
     """An exported component disagrees with PyTorch beyond tolerance."""
+
+
+def is_integer(value: object) -> bool:
+    """An int or numpy integer, but not a bool."""
+    return isinstance(value, Integral) and not isinstance(value, bool)

@@ -21,7 +21,6 @@ from sdrt.paths import cache_dir
 FORMAT = "sdrt-engines"
 VERSION = 1
 COMPONENTS = ("text_encoder", "denoise_step", "vae_decoder")
-NUMPY_DTYPES = {"float32": "float32", "float16": "float16", "int64": "int64", "uint8": "uint8", "int32": "int32"}
 
 
 @dataclass(frozen=True)

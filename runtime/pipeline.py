@@ -21,11 +21,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from sdrt.backends import Row, select_backend
+from sdrt.backends import select_backend
 from sdrt.backends.base import Backend, Engine
-from sdrt.errors import InputError
+from sdrt.errors import InputError, is_integer
 from sdrt.manifest import COMPONENTS, Manifest, read_manifest, verify_files
-from sdrt.schedulers import SAMPLERS, NoiseSchedule, SamplerPlan, make_plan
+from sdrt.schedulers import NoiseSchedule, SamplerPlan, check_sampler, make_plan
 from sdrt.tokenizer import ClipTokenizer
 
 SEED_MAX = 2**32 - 1
@@ -145,6 +145,12 @@ class Pipeline:
             self._buffers[full] = self.backend.empty(shape, dtype)
         return self._buffers[full]
 
+    def _write(self, key: str, array: np.ndarray) -> Any:
+        """array copied into the reused buffer `key`."""
+        buffer = self._buffer(key, array.shape, array.dtype.name)
+        self.backend.write(buffer, array)
+        return buffer
+
     # --- inputs -----------------------------------------------------------------------------
 
     def make_config(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
@@ -152,7 +158,7 @@ class Pipeline:
                     seed: int | None = None, height: int | None = None, width: int | None = None,
                     batch: int = 1) -> GenerationConfig:
         shapes = self.manifest.shapes
-        if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or not 1 <= batch <= shapes.max_batch:
+        if not is_integer(batch) or not 1 <= batch <= shapes.max_batch:
             raise InputError(f"batch must be an integer from 1 to {shapes.max_batch} (the engines' range), "
                              f"got {batch!r}")
         prompts = [prompt] * batch if isinstance(prompt, str) else list(prompt)
@@ -168,20 +174,16 @@ class Pipeline:
             raise InputError(f"guidance must be a number, got {guidance!r}") from None
         if not math.isfinite(guidance):
             raise InputError(f"guidance must be finite, got {guidance}: use e.g. 7.5 (1.0 disables CFG)")
-        if scheduler not in SAMPLERS:
-            raise InputError(f"unknown scheduler {scheduler!r}: choose one of {', '.join(SAMPLERS)}")
-        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-            raise InputError(f"steps must be an integer ≥ 1, got {steps!r}")
+        check_sampler(scheduler, steps)
         height = shapes.default_size if height is None else height
         width = shapes.default_size if width is None else width
         for label, v in (("height", height), ("width", width)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v % 8 or not (
-                    shapes.min_size <= v <= shapes.max_size):
+            if not is_integer(v) or v % 8 or not shapes.min_size <= v <= shapes.max_size:
                 raise InputError(f"{label} must be a multiple of 8 from {shapes.min_size} to {shapes.max_size} "
                                  f"(the engines' range), got {v!r}")
         if seed is None:
             seed = secrets.randbelow(SEED_MAX - batch)
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= SEED_MAX - batch:
+        if not is_integer(seed) or not 0 <= seed <= SEED_MAX - batch:
             raise InputError(f"seed must be an integer from 0 to {SEED_MAX - batch}, got {seed!r}")
         return GenerationConfig(tuple(prompts), tuple(negatives), int(steps), guidance, scheduler, int(seed),
                                 int(height), int(width))
@@ -191,8 +193,10 @@ class Pipeline:
 
     # --- generation -------------------------------------------------------------------------
 
-    def initial_noise(self, config: GenerationConfig, plan: SamplerPlan) -> tuple[np.ndarray, np.ndarray | None]:
+    def initial_noise(self, config: GenerationConfig,
+                      plan: SamplerPlan | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """(B, 4, h, w) initial noise and (steps, B, 4, h, w) step noise (None if unused)."""
+        plan = plan or make_plan(config.scheduler, self.schedule, config.steps)
         f = self.manifest.model["vae_scale_factor"]
         c = self.manifest.model["latent_channels"]
         shape = (c, config.height // f, config.width // f)
@@ -224,39 +228,42 @@ class Pipeline:
         # text encoder: [negative; positive] in one call
         t0 = time.perf_counter()
         prompts = list(config.negative_prompt + config.prompt) if config.cfg else list(config.prompt)
-        ids = self.backend.upload(self.tokenizer(prompts))
+        ids = self._write("input_ids", self.tokenizer(prompts))
         seq, hidden = self.manifest.model["text_max_length"], self.manifest.model["text_hidden_size"]
         embeddings = self._buffer("text_embeddings", (len(prompts), seq, hidden), te_dtype)
         self._engine("text_encoder").run({"input_ids": ids}, {"text_embeddings": embeddings})
         self.backend.synchronize()
         timings.text_encoder_s = time.perf_counter() - t0
 
-        # everything the loop reads, uploaded once
+        # everything the loop reads, written once into reused buffers; feeds bound per step by row
         t0 = time.perf_counter()
         n = len(plan)
-        timesteps = self.backend.upload(plan.timesteps.astype(np.float32).reshape(n, 1))
-        coeffs = self.backend.upload(plan.coeffs.astype(np.float32))
-        guidance = self.backend.upload(np.array([config.guidance], np.float32))
-        noise = self.backend.upload(step_noise if step_noise is not None else np.zeros((1,) + lat_shape, np.float32))
-        sets = []
-        for s in range(2):  # ping-pong: step i reads set i % 2 and writes set (i + 1) % 2
-            sets.append({name: self._buffer(f"{name}{s}", shape, "float32") for name, shape in (
-                ("latents", lat_shape), ("x_history", (k,) + lat_shape), ("out_history", (k,) + lat_shape))})
-        sets[0]["latents"] = self.backend.upload(init * np.float32(plan.init_noise_sigma))
-        zeros = np.zeros((k,) + lat_shape, np.float32)
-        sets[0]["x_history"] = self.backend.upload(zeros)
-        sets[0]["out_history"] = self.backend.upload(zeros)
-        step = self._engine("denoise_step")
-        loop_start = time.perf_counter()
+        timesteps = self.backend.rows(self._write("timesteps", plan.timesteps.astype(np.float32).reshape(n, 1)))
+        coeffs = self.backend.rows(self._write("step_coeffs", plan.coeffs.astype(np.float32)))
+        guidance = self._write("guidance", np.array([config.guidance], np.float32))
+        noise = self.backend.rows(self._write("noise", step_noise if step_noise is not None
+                                              else np.zeros((1,) + lat_shape, np.float32)))
+        sets = [{name: self._buffer(f"{name}{s}", shape, "float32") for name, shape in (
+            ("latents", lat_shape), ("x_history", (k,) + lat_shape), ("out_history", (k,) + lat_shape))}
+            for s in range(2)]  # ping-pong: step i reads set i % 2 and writes set (i + 1) % 2
+        self.backend.write(sets[0]["latents"], init * np.float32(plan.init_noise_sigma))
+        zeros = np.zeros((k,) + lat_shape, np.float32)  # 0 * uninitialized memory could be NaN
+        self.backend.write(sets[0]["x_history"], zeros)
+        self.backend.write(sets[0]["out_history"], zeros)
+        feeds = []
         for i in range(n):
             src, dst = sets[i % 2], sets[(i + 1) % 2]
-            step.run(
-                {"latents": src["latents"], "timestep": Row(timesteps, i), "text_embeddings": embeddings,
-                 "guidance": guidance, "step_coeffs": Row(coeffs, i), "x_history": src["x_history"],
-                 "out_history": src["out_history"], "noise": Row(noise, i if step_noise is not None else 0)},
+            feeds.append((
+                {"latents": src["latents"], "timestep": timesteps[i], "text_embeddings": embeddings,
+                 "guidance": guidance, "step_coeffs": coeffs[i], "x_history": src["x_history"],
+                 "out_history": src["out_history"], "noise": noise[i if step_noise is not None else 0]},
                 {"latents_next": dst["latents"], "x_history_next": dst["x_history"],
-                 "out_history_next": dst["out_history"]})
-            timings.step_engine_s.append(getattr(step, "last_run_s", 0.0))
+                 "out_history_next": dst["out_history"]}))
+        step = self._engine("denoise_step")
+        loop_start = time.perf_counter()
+        for i, (inputs, outputs) in enumerate(feeds):
+            step.run(inputs, outputs)
+            timings.step_engine_s.append(step.last_run_s)
             if callback is not None:
                 callback(i + 1, n)
         self.backend.synchronize()
@@ -265,12 +272,10 @@ class Pipeline:
 
         # decode to uint8 in the graph; one download
         t0 = time.perf_counter()
-        f = self.manifest.model["vae_scale_factor"]
         images = self._buffer("images", (b, config.height, config.width, 3), "uint8")
         self._engine("vae_decoder").run({"latents": sets[n % 2]["latents"]}, {"images": images})
         host_images = self.backend.download(images).copy()
         timings.decode_s = time.perf_counter() - t0
-        assert host_images.shape == (b, lat_shape[2] * f, lat_shape[3] * f, 3)
         timings.total_s = time.perf_counter() - start
         seeds = [config.seed + i for i in range(b)]
         return Result(host_images, config, seeds, timings, self.manifest.name)

@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from sdrt.errors import InputError
+from sdrt.errors import InputError, is_integer
 
 HISTORY = 4  # previous steps the graph keeps (PLMS reaches 4 back at its 5th step)
 N_COEFFS = 4 + 2 * HISTORY  # [c_in, a, b, hx_1..K, ho_1..K, d]
@@ -393,9 +393,13 @@ A1111_NAMES: dict[str, str] = {
 }
 
 
-def make_plan(name: str, schedule: NoiseSchedule, steps: int) -> SamplerPlan:
+def check_sampler(name: str, steps: int) -> None:
     if name not in SAMPLERS:
         raise InputError(f"unknown scheduler {name!r}: choose one of {', '.join(SAMPLERS)}")
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+    if not is_integer(steps) or steps < 1:
         raise InputError(f"steps must be an integer ≥ 1, got {steps!r}")
+
+
+def make_plan(name: str, schedule: NoiseSchedule, steps: int) -> SamplerPlan:
+    check_sampler(name, steps)
     return SAMPLERS[name](schedule, int(steps))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sdrt.backends.base import Backend, Engine, Row
+from sdrt.backends.base import Backend, Engine
 from sdrt.errors import BackendError
 
 BACKENDS = ("auto", "ort-cpu", "ort-cuda", "trt")
@@ -21,4 +21,4 @@ def select_backend(name: str = "auto") -> Backend:
     return OrtBackend(name.removeprefix("ort-"))
 
 
-__all__ = ["Backend", "Engine", "Row", "BACKENDS", "select_backend"]
+__all__ = ["Backend", "Engine", "BACKENDS", "select_backend"]

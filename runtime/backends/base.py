@@ -1,14 +1,14 @@
 """The engine interface every backend implements, and device buffers.
 
-A backend owns device memory: `empty`/`upload` give buffers, `download` brings one back. An engine
-runs with buffers bound by name (the manifest's vocabulary); `Row(buffer, i)` binds buffer[i]
-without a copy, so per-step scalars and noise are uploaded once before the loop.
+A backend owns device memory: `empty` allocates, `write` copies host data into a buffer (so buffers
+are allocated once and refilled), `download` brings one back. An engine runs with buffers bound by
+name (the manifest's vocabulary); `rows(buffer)` gives views of buffer[i] that bind without a copy,
+so per-step scalars and noise are written once before the loop.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -17,20 +17,13 @@ import numpy as np
 from sdrt.manifest import ComponentSpec
 
 
-@dataclass(frozen=True)
-class Row:
-    """buffer[index] along the first axis, bound in place."""
-
-    buffer: Any
-    index: int
-
-
 class Engine(ABC):
     spec: ComponentSpec
+    last_run_s: float = 0.0  # wall time of the last call into the engine itself
 
     @abstractmethod
     def run(self, inputs: Mapping[str, Any], outputs: Mapping[str, Any]) -> None:
-        """Runs once; inputs and outputs are this backend's buffers (or Rows of them)."""
+        """Runs once; inputs and outputs are this backend's buffers or rows of them."""
 
     def release(self) -> None:
         """Frees what the engine holds on the device (low-VRAM mode)."""
@@ -46,10 +39,21 @@ class Backend(ABC):
     def empty(self, shape: Sequence[int], dtype: str) -> Any: ...
 
     @abstractmethod
-    def upload(self, array: np.ndarray) -> Any: ...
+    def write(self, buffer: Any, array: np.ndarray) -> None:
+        """Copies a host array of the buffer's shape and dtype into it."""
+
+    @abstractmethod
+    def rows(self, buffer: Any) -> list[Any]:
+        """Bindable views of buffer[i] along the first axis, computed once."""
 
     @abstractmethod
     def download(self, buffer: Any) -> np.ndarray: ...
+
+    def upload(self, array: np.ndarray) -> Any:
+        """A new buffer holding a copy of array (never aliasing host memory)."""
+        buffer = self.empty(array.shape, array.dtype.name)
+        self.write(buffer, array)
+        return buffer
 
     def synchronize(self) -> None:
         """Waits for queued device work (a no-op where runs are synchronous)."""

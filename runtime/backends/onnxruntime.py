@@ -6,12 +6,13 @@ bound by name, so the CPU tests exercise the code the GPU runs.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-from sdrt.backends.base import Backend, Engine, Row
+from sdrt.backends.base import Backend, Engine
 from sdrt.errors import BackendError, EngineError
 from sdrt.manifest import ComponentSpec
 
@@ -35,30 +36,31 @@ def cuda_available() -> bool:
         return ctypes.util.find_library("cuda") is not None
 
 
+class RowView(NamedTuple):
+    """buffer[i] as IO binding takes it: a device pointer with its shape and element type."""
+
+    ptr: int
+    shape: list[int]
+    dtype: type
+
+
 class OrtEngine(Engine):
     def __init__(self, session: Any, spec: ComponentSpec, device: str):
         self.session = session
         self.spec = spec
         self.device = device
         self.binding = session.io_binding()
-        self.last_run_s = 0.0
 
     def _bind(self, name: str, value: Any, is_input: bool) -> None:
-        if isinstance(value, Row):
-            buf = value.buffer
-            shape = buf.shape()[1:]
-            dtype = _ELEMENT_TYPES[_numpy_name(buf.data_type())]
-            ptr = buf.data_ptr() + value.index * int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if isinstance(value, RowView):
             bind = self.binding.bind_input if is_input else self.binding.bind_output
-            bind(name, self.device, 0, dtype, list(shape), ptr)
+            bind(name, self.device, 0, value.dtype, value.shape, value.ptr)
         elif is_input:
             self.binding.bind_ortvalue_input(name, value)
         else:
             self.binding.bind_ortvalue_output(name, value)
 
     def run(self, inputs: Mapping[str, Any], outputs: Mapping[str, Any]) -> None:
-        import time
-
         self.binding.clear_binding_inputs()
         self.binding.clear_binding_outputs()
         for name, value in inputs.items():
@@ -122,11 +124,16 @@ class OrtBackend(Backend):
     def empty(self, shape: Sequence[int], dtype: str) -> Any:
         return self.ort.OrtValue.ortvalue_from_shape_and_type(list(shape), _ELEMENT_TYPES[dtype], self.device, 0)
 
-    def upload(self, array: np.ndarray) -> Any:
-        # On the CPU ORT wraps numpy memory without a copy; copy so that every buffer owns its memory
-        # on both devices (two uploads of one array must never alias).
-        owned = np.array(array, copy=True, order="C") if self.device == "cpu" else np.ascontiguousarray(array)
-        return self.ort.OrtValue.ortvalue_from_numpy(owned, self.device, 0)
+    def write(self, buffer: Any, array: np.ndarray) -> None:
+        # a copy into ORT-owned memory on either device (ortvalue_from_numpy would wrap host memory)
+        buffer.update_inplace(np.ascontiguousarray(array))
+
+    def rows(self, buffer: Any) -> list[RowView]:
+        shape = buffer.shape()
+        dtype = _ELEMENT_TYPES[_numpy_name(buffer.data_type())]
+        row_bytes = int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
+        base = buffer.data_ptr()
+        return [RowView(base + i * row_bytes, list(shape[1:]), dtype) for i in range(shape[0])]
 
     def download(self, buffer: Any) -> np.ndarray:
         return buffer.numpy()
