@@ -30,6 +30,19 @@ def _export(args: argparse.Namespace) -> None:
         print(f"  {name:13s} error vs PyTorch {report['error']:.3g} (tolerance {report['tolerance']:g})")
 
 
+def _build(args: argparse.Namespace) -> None:
+    from sdrt.export.build import BuildConfig, build
+
+    archs = tuple(a for a in (args.arch or "").split(",") if a)
+    manifest = build(BuildConfig(Path(args.engines), shapes=args.shapes, archs=archs, flavour=args.flavour,
+                                 optimization_level=args.optimization_level))
+    plans = manifest.plans
+    print(f"built {plans['flavour']} {plans['version']} plans for {', '.join(plans['archs'])} ({plans['shapes']}) "
+          f"in {args.engines}")
+    for name, record in plans["components"].items():
+        print(f"  {name:13s} {record['bytes'] / 2**20:8.1f} MiB  {record['build_s']:7.1f} s")
+
+
 def _generate(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
@@ -97,6 +110,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-validate", action="store_true", help="skip the check against PyTorch")
     p.add_argument("--force", action="store_true", help="replace an existing engine directory")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("build", help="build TensorRT plans from an exported engine directory")
+    p.add_argument("engines", help="engine directory made by `sdrt export`")
+    p.add_argument("--shapes", default=None,
+                   help="static:WxH,batch=N or dynamic:MIN-MAX,batch=A-B (default: static at the model's size, batch 1)")
+    p.add_argument("--arch", default=None,
+                   help="comma list, e.g. sm86,sm89 (TensorRT-RTX; default: this GPU, or every RTX arch without one)")
+    p.add_argument("--flavour", choices=["auto", "tensorrt", "tensorrt_rtx"], default="auto",
+                   help="auto prefers full TensorRT when both are installed")
+    p.add_argument("--optimization-level", type=int, choices=range(6), default=None,
+                   help="TensorRT builder optimization level (default 3; higher builds slower, may run faster)")
+    p.set_defaults(func=_build)
 
     p = sub.add_parser("generate", help="generate images from an engine directory")
     p.add_argument("engines")

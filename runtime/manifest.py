@@ -52,6 +52,32 @@ class ShapeRange:
 
 
 @dataclass(frozen=True)
+class ShapeLimits:
+    """What a set of engines accepts: (min, opt, max) of height and width in pixels and of the batch.
+
+    `static` plans accept exactly one size and batch; the ONNX and `dynamic` plans a range.
+    """
+
+    kind: str  # "onnx" | "static" | "dynamic"
+    height: tuple[int, int, int]
+    width: tuple[int, int, int]
+    batch: tuple[int, int, int]
+
+    @classmethod
+    def of_onnx(cls, shapes: ShapeRange) -> ShapeLimits:
+        size = (shapes.min_size, shapes.default_size, shapes.max_size)
+        return cls("onnx", size, size, (1, 1, shapes.max_batch))
+
+    @classmethod
+    def of_plans(cls, plans: dict[str, Any]) -> ShapeLimits:
+        lim = plans["limits"]
+        return cls(plans["kind"], tuple(lim["height"]), tuple(lim["width"]), tuple(lim["batch"]))  # type: ignore[arg-type]
+
+    def record(self) -> dict[str, list[int]]:
+        return {"height": list(self.height), "width": list(self.width), "batch": list(self.batch)}
+
+
+@dataclass(frozen=True)
 class Manifest:
     name: str
     precision: str
@@ -70,7 +96,7 @@ class Manifest:
         return json.dumps(doc, indent=2, sort_keys=False)
 
     @classmethod
-    def from_dict(cls, doc: dict[str, Any]) -> "Manifest":
+    def from_dict(cls, doc: dict[str, Any]) -> Manifest:
         def spec(t: dict[str, Any]) -> TensorSpec:
             return TensorSpec(t["name"], t["dtype"], tuple(t["shape"]))
 

@@ -24,7 +24,7 @@ import numpy as np
 from sdrt.backends import select_backend
 from sdrt.backends.base import Backend, Engine
 from sdrt.errors import InputError, is_integer
-from sdrt.manifest import COMPONENTS, Manifest, read_manifest, verify_files
+from sdrt.manifest import COMPONENTS, Manifest, read_manifest
 from sdrt.schedulers import NoiseSchedule, SamplerPlan, check_sampler, make_plan
 from sdrt.tokenizer import ClipTokenizer
 
@@ -107,6 +107,7 @@ class Pipeline:
         self.manifest = manifest
         self.backend = backend
         self.low_vram = low_vram
+        self.limits = backend.limits(manifest)
         self.schedule = NoiseSchedule.from_config(manifest.scheduler_config)
         self.tokenizer = ClipTokenizer(self.engine_dir / "tokenizer", manifest.model["text_max_length"])
         self._engines: dict[str, Engine] = {}
@@ -117,9 +118,9 @@ class Pipeline:
              low_vram: bool = False) -> "Pipeline":
         engine_dir = Path(engine_dir)
         manifest = read_manifest(engine_dir)
+        chosen = select_backend(backend, manifest) if isinstance(backend, str) else backend
         if verify:
-            verify_files(engine_dir, manifest)
-        chosen = select_backend(backend) if isinstance(backend, str) else backend
+            chosen.verify(engine_dir, manifest)
         pipe = cls(engine_dir, manifest, chosen, low_vram=low_vram)
         if not low_vram:
             for name in COMPONENTS:
@@ -134,7 +135,7 @@ class Pipeline:
                 for engine in self._engines.values():
                     engine.release()
                 self._engines.clear()
-            self._engines[name] = self.backend.load(self.engine_dir, name, self.manifest.components[name])
+            self._engines[name] = self.backend.load(self.engine_dir, self.manifest, name)
         return self._engines[name]
 
     def _buffer(self, key: str, shape: tuple[int, ...], dtype: str) -> Any:
@@ -157,10 +158,11 @@ class Pipeline:
                     steps: int = 25, guidance: float = 7.5, scheduler: str = "dpmpp_2m_karras",
                     seed: int | None = None, height: int | None = None, width: int | None = None,
                     batch: int = 1) -> GenerationConfig:
-        shapes = self.manifest.shapes
-        if not is_integer(batch) or not 1 <= batch <= shapes.max_batch:
-            raise InputError(f"batch must be an integer from 1 to {shapes.max_batch} (the engines' range), "
-                             f"got {batch!r}")
+        limits = self.limits
+        where = "the engines' range" if limits.kind == "onnx" else "the TensorRT plans' range; widen it with `sdrt build --shapes`"
+        b_lo, _, b_hi = limits.batch
+        if not is_integer(batch) or not b_lo <= batch <= b_hi:
+            raise InputError(f"batch must be an integer from {b_lo} to {b_hi} ({where}), got {batch!r}")
         prompts = [prompt] * batch if isinstance(prompt, str) else list(prompt)
         if len(prompts) != batch or not all(isinstance(p, str) for p in prompts):
             raise InputError(f"prompt must be a string or a list of {batch} strings")
@@ -175,12 +177,11 @@ class Pipeline:
         if not math.isfinite(guidance):
             raise InputError(f"guidance must be finite, got {guidance}: use e.g. 7.5 (1.0 disables CFG)")
         check_sampler(scheduler, steps)
-        height = shapes.default_size if height is None else height
-        width = shapes.default_size if width is None else width
-        for label, v in (("height", height), ("width", width)):
-            if not is_integer(v) or v % 8 or not shapes.min_size <= v <= shapes.max_size:
-                raise InputError(f"{label} must be a multiple of 8 from {shapes.min_size} to {shapes.max_size} "
-                                 f"(the engines' range), got {v!r}")
+        height = limits.height[1] if height is None else height
+        width = limits.width[1] if width is None else width
+        for label, v, (lo, _, hi) in (("height", height, limits.height), ("width", width, limits.width)):
+            if not is_integer(v) or v % 8 or not lo <= v <= hi:
+                raise InputError(f"{label} must be a multiple of 8 from {lo} to {hi} ({where}), got {v!r}")
         if seed is None:
             seed = secrets.randbelow(SEED_MAX - batch)
         if not is_integer(seed) or not 0 <= seed <= SEED_MAX - batch:

@@ -4,21 +4,35 @@ from __future__ import annotations
 
 from sdrt.backends.base import Backend, Engine
 from sdrt.errors import BackendError
+from sdrt.manifest import Manifest
 
 BACKENDS = ("auto", "ort-cpu", "ort-cuda", "trt")
 
 
-def select_backend(name: str = "auto") -> Backend:
-    """auto: TensorRT if importable with a GPU, else ONNX Runtime CUDA, else ONNX Runtime CPU."""
-    from sdrt.backends.onnxruntime import OrtBackend, cuda_available
-
+def select_backend(name: str = "auto", manifest: Manifest | None = None) -> Backend:
+    """auto: TensorRT where the engine directory has plans this machine can run, else ONNX Runtime
+    CUDA, else ONNX Runtime CPU."""
     if name not in BACKENDS:
         raise BackendError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
-    if name == "trt":
-        raise NotImplementedError("the TensorRT runtime backend is not implemented yet: use --backend ort-cuda")
+    if name == "trt" or (name == "auto" and manifest is not None and _plans_runnable(manifest)):
+        from sdrt.backends.tensorrt import TrtBackend
+
+        return TrtBackend(manifest.plans.get("flavour", "auto") if manifest is not None and manifest.plans else "auto")
+
+    from sdrt.backends.onnxruntime import OrtBackend, cuda_available
+
     if name == "auto":
         return OrtBackend("cuda" if cuda_available() else "cpu")
     return OrtBackend(name.removeprefix("ort-"))
+
+
+def _plans_runnable(manifest: Manifest) -> bool:
+    """Plans were built, their TensorRT flavour is importable and this machine has a GPU."""
+    from sdrt.cuda import gpu_arch
+    from sdrt.tensorrt_lib import available_flavours
+
+    plans = manifest.plans
+    return bool(plans) and plans.get("flavour") in available_flavours() and gpu_arch() in plans.get("archs", [])
 
 
 __all__ = ["Backend", "Engine", "BACKENDS", "select_backend"]

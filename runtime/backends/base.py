@@ -9,12 +9,12 @@ so per-step scalars and noise are written once before the loop.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
-
-from sdrt.manifest import ComponentSpec
+from sdrt.manifest import ComponentSpec, Manifest, ShapeLimits, verify_files
 
 
 class Engine(ABC):
@@ -32,8 +32,16 @@ class Engine(ABC):
 class Backend(ABC):
     name: str
 
+    def verify(self, engine_dir: Path, manifest: Manifest) -> None:
+        """Checks what this backend will load (sha256, and for plans: version and GPU) before loading it."""
+        verify_files(engine_dir, manifest, [rel for rel in manifest.files if not rel.endswith(".plan")])
+
+    def limits(self, manifest: Manifest) -> ShapeLimits:
+        """Sizes and batches the loaded engines accept."""
+        return ShapeLimits.of_onnx(manifest.shapes)
+
     @abstractmethod
-    def load(self, engine_dir: Path, component: str, spec: ComponentSpec) -> Engine: ...
+    def load(self, engine_dir: Path, manifest: Manifest, component: str) -> Engine: ...
 
     @abstractmethod
     def empty(self, shape: Sequence[int], dtype: str) -> Any: ...

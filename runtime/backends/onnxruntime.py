@@ -7,14 +7,14 @@ bound by name, so the CPU tests exercise the code the GPU runs.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
-
 from sdrt.backends.base import Backend, Engine
 from sdrt.errors import BackendError, EngineError
-from sdrt.manifest import ComponentSpec
+from sdrt.manifest import ComponentSpec, Manifest
 
 _ELEMENT_TYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "uint8": np.uint8,
                   "int32": np.int32}
@@ -98,7 +98,8 @@ class OrtBackend(Backend):
     def describe(self) -> str:
         return f"{self.name} (onnxruntime {self.ort.__version__})"
 
-    def load(self, engine_dir: Path, component: str, spec: ComponentSpec) -> Engine:
+    def load(self, engine_dir: Path, manifest: Manifest, component: str) -> Engine:
+        spec = manifest.components[component]
         options = self.ort.SessionOptions()
         options.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3

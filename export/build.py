@@ -1,0 +1,268 @@
+"""`sdrt build`: the ONNX of an engine directory -> one TensorRT plan per component.
+
+Strongly typed networks (precision comes from the ONNX), one optimization profile per component
+covering the CFG batch (2B) and the chosen sizes. Plans are written beside the ONNX through a
+temporary name and renamed once all three built; the manifest then records flavour, version,
+target architectures, profiles, I/O and sha256 (see `sdrt.manifest.Manifest.plans`).
+Needs no torch: only a TensorRT flavour (and, for full TensorRT, the GPU it builds for).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from sdrt.errors import BackendError, EngineError, InputError
+from sdrt.manifest import (
+    COMPONENTS,
+    ComponentSpec,
+    Manifest,
+    ShapeLimits,
+    read_manifest,
+    sha256_file,
+    verify_files,
+    write_manifest,
+)
+from sdrt.plans import check_io
+from sdrt.tensorrt_lib import RTX_ARCHS, TensorRT, cache_path, import_tensorrt
+
+Dims = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    engine_dir: Path
+    shapes: str | None = None  # None: static at the model's native size, batch 1
+    archs: tuple[str, ...] = ()  # empty: the GPU here, else (TensorRT-RTX only) every RTX arch
+    flavour: str = "auto"  # auto | tensorrt | tensorrt_rtx
+    optimization_level: int | None = None  # TensorRT's builder level 0-5; None: its default (3)
+
+
+SHAPES_HELP = "static:WxH,batch=N (e.g. static:512x512,batch=1) or dynamic:MIN-MAX,batch=A-B (e.g. dynamic:256-1024,batch=1-4)"
+
+
+def shapes_text(shapes: ShapeLimits) -> str:
+    """The --shapes spelling of what was built."""
+    if shapes.kind == "static":
+        return f"static:{shapes.width[0]}x{shapes.height[0]},batch={shapes.batch[0]}"
+    return f"dynamic:{shapes.height[0]}-{shapes.height[2]},batch={shapes.batch[0]}-{shapes.batch[2]}"
+
+
+def parse_shapes(text: str | None, manifest: Manifest) -> ShapeLimits:
+    """Parses --shapes against the range the ONNX was exported for."""
+    rng = manifest.shapes
+    if text is None:
+        text = f"static:{rng.default_size}x{rng.default_size},batch=1"
+    static = re.fullmatch(r"static:(\d+)(?:x(\d+))?(?:,batch=(\d+))?", text.strip())
+    dynamic = re.fullmatch(r"dynamic:(\d+)-(\d+)(?:,batch=(\d+)(?:-(\d+))?)?", text.strip())
+    if static:
+        w = int(static[1])
+        h = int(static[2] or static[1])
+        b = int(static[3] or 1)
+        shapes = ShapeLimits("static", (h, h, h), (w, w, w), (b, b, b))
+    elif dynamic:
+        lo, hi = int(dynamic[1]), int(dynamic[2])
+        b_lo = int(dynamic[3] or 1)
+        b_hi = int(dynamic[4] or dynamic[3] or 1)
+        opt = min(max(rng.default_size, lo), hi)
+        shapes = ShapeLimits("dynamic", (lo, opt, hi), (lo, opt, hi), (b_lo, b_lo, b_hi))
+    else:
+        raise InputError(f"--shapes {text!r} is not understood: use {SHAPES_HELP}")
+    for axis, (lo, _, hi) in (("height", shapes.height), ("width", shapes.width)):
+        if lo > hi or lo % 8 or hi % 8 or lo < rng.min_size or hi > rng.max_size:
+            raise InputError(f"--shapes {text!r}: {axis} must be multiples of 8 within the exported range "
+                             f"{rng.min_size}-{rng.max_size} (re-export with --min-size/--max-size for more)")
+    if not 1 <= shapes.batch[0] <= shapes.batch[2] <= rng.max_batch:
+        raise InputError(f"--shapes {text!r}: batch must be within 1-{rng.max_batch} (the exported range; "
+                         "re-export with --max-batch for more)")
+    return shapes
+
+
+def component_profiles(manifest: Manifest, shapes: ShapeLimits) -> dict[str, dict[str, tuple[Dims, Dims, Dims]]]:
+    """(min, opt, max) dims of every dynamic input of every component.
+
+    B is the image batch; RB and N (rows with CFG) run from B without CFG to 2B with it, 2B at opt.
+    h, w are latent sizes (pixels / vae_scale_factor).
+    """
+    f = manifest.model["vae_scale_factor"]
+    b_lo, b_opt, b_hi = shapes.batch
+    sym = {
+        "B": shapes.batch, "RB": (b_lo, 2 * b_opt, 2 * b_hi), "N": (b_lo, 2 * b_opt, 2 * b_hi),
+        "h": tuple(v // f for v in shapes.height), "w": tuple(v // f for v in shapes.width),
+    }
+    out: dict[str, dict[str, tuple[Dims, Dims, Dims]]] = {}
+    for name in COMPONENTS:
+        spec = manifest.components[name]
+        out[name] = {}
+        for t in spec.inputs:
+            if all(isinstance(d, int) for d in t.shape):
+                continue
+            dims = [[d, d, d] if isinstance(d, int) else list(sym[d]) for d in t.shape]
+            out[name][t.name] = tuple(tuple(d[i] for d in dims) for i in range(3))  # type: ignore[misc]
+    return out
+
+
+def resolve_archs(lib: TensorRT, requested: tuple[str, ...], gpu: str | None) -> list[str]:
+    """Target architectures: TensorRT-RTX can target any RTX arch from anywhere; full TensorRT
+    builds for the GPU it runs on."""
+    requested = tuple(a.strip().lower() for a in requested if a.strip())
+    if lib.rtx:
+        bad = [a for a in requested if a not in RTX_ARCHS]
+        if bad:
+            raise InputError(f"--arch {','.join(bad)}: TensorRT-RTX targets {', '.join(RTX_ARCHS)} only "
+                             "(for other GPUs install full TensorRT and build on that GPU)")
+        if requested:
+            return list(requested)
+        if gpu in RTX_ARCHS:
+            return [gpu]
+        return list(RTX_ARCHS)  # no (RTX) GPU here: a plan for every RTX card
+    if gpu is None:
+        raise BackendError("full TensorRT builds for the GPU it runs on and none was found: build on the target "
+                           "GPU, or use --flavour tensorrt_rtx to build for RTX cards without a GPU")
+    if requested and list(requested) != [gpu]:
+        raise InputError(f"--arch {','.join(requested)}: full TensorRT builds only for this GPU ({gpu}); use "
+                         "--flavour tensorrt_rtx to target other RTX architectures")
+    return [gpu]
+
+
+def build(config: BuildConfig, progress: bool = True) -> Manifest:
+    """Builds the three plans; returns the updated manifest."""
+    from sdrt.cuda import gpu_arch
+    from tqdm import tqdm
+
+    engine_dir = Path(config.engine_dir)
+    manifest = read_manifest(engine_dir)
+    shapes = parse_shapes(config.shapes, manifest)
+    lib = import_tensorrt(config.flavour)
+    archs = resolve_archs(lib, config.archs, gpu_arch())
+    onnx_files = [rel for rel in manifest.files if rel.endswith((".onnx", ".onnx.data"))]
+    verify_files(engine_dir, manifest, onnx_files)
+    profiles = component_profiles(manifest, shapes)
+
+    logger = lib.error_logger()
+    timing_path = cache_path(lib, "timing", archs[0]) if not lib.rtx else None
+    timing = timing_path.read_bytes() if timing_path is not None and timing_path.is_file() else b""
+    records: dict[str, Any] = {}
+    temps: list[tuple[Path, Path]] = []
+    bar = tqdm(total=len(COMPONENTS), desc=f"build {engine_dir.name}", unit="plan", disable=not progress)
+    try:
+        for name in COMPONENTS:
+            bar.set_postfix_str(name)
+            spec = manifest.components[name]
+            start = time.perf_counter()
+            plan, io, timing = _build_plan(lib, logger, engine_dir / spec.onnx, spec, profiles[name], archs,
+                                           config.optimization_level, timing, bar)
+            plan_name = f"{name}.plan"
+            tmp = engine_dir / f".{plan_name}.tmp-{os.getpid()}"
+            with open(tmp, "wb") as f:
+                f.write(plan)
+            temps.append((tmp, engine_dir / plan_name))
+            records[name] = {
+                "plan": plan_name, "bytes": len(plan), "build_s": round(time.perf_counter() - start, 2),
+                "io": io, "onnx_sha256": manifest.files[spec.onnx],
+                "profile": {k: {"min": list(v[0]), "opt": list(v[1]), "max": list(v[2])} for k, v in profiles[name].items()},
+            }
+            bar.update(1)
+        bar.close()
+        for tmp, final in temps:
+            os.replace(tmp, final)
+    finally:
+        for tmp, _ in temps:
+            tmp.unlink(missing_ok=True)
+    if timing_path is not None and timing:
+        _write_atomic(timing_path, timing)
+
+    files = {k: v for k, v in manifest.files.items() if not k.endswith(".plan")}
+    files.update({r["plan"]: sha256_file(engine_dir / r["plan"]) for r in records.values()})
+    plans = {"flavour": lib.flavour, "version": lib.version, "archs": archs, "shapes": shapes_text(shapes),
+             "kind": shapes.kind, "limits": shapes.record(), "components": records}
+    updated = replace(manifest, files=files, plans=plans)
+    write_manifest(engine_dir, updated)
+    return updated
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _progress_monitor(lib: TensorRT, bar: Any) -> Any:
+    """Shows TensorRT's innermost build phase in the bar's postfix."""
+    trt = lib.module
+    prefix = bar.postfix or ""
+
+    class Monitor(trt.IProgressMonitor):
+        def __init__(self) -> None:
+            trt.IProgressMonitor.__init__(self)
+
+        def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+            bar.set_postfix_str(f"{prefix}: {phase_name}", refresh=False)
+
+        def step_complete(self, phase_name: str, step: int) -> bool:
+            return True  # keep building
+
+        def phase_finish(self, phase_name: str) -> None:
+            pass
+
+    return Monitor()
+
+
+def _build_plan(lib: TensorRT, logger: Any, onnx_path: Path, spec: ComponentSpec,
+                profile: dict[str, tuple[Dims, Dims, Dims]], archs: list[str], level: int | None,
+                timing: bytes, bar: Any) -> tuple[bytes, list[dict[str, Any]], bytes]:
+    """One strongly typed plan; returns (plan, the network's I/O, the updated timing cache)."""
+    trt = lib.module
+    logger.errors.clear()
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise EngineError(f"TensorRT {lib.version} could not parse {onnx_path}: {errors}. Re-export it with "
+                          f"`sdrt export` (opset 17), or report the model")
+    io = network_io(lib, network)
+    check_io(io, spec, onnx_path)
+
+    cfg = builder.create_builder_config()
+    opt = builder.create_optimization_profile()
+    for name, (lo, mid, hi) in profile.items():
+        opt.set_shape(name, lo, mid, hi)
+    cfg.add_optimization_profile(opt)
+    if level is not None:
+        cfg.builder_optimization_level = level
+    if lib.rtx:
+        caps = [getattr(trt.ComputeCapability, a.upper()) for a in archs]
+        cfg.num_compute_capabilities = len(caps)
+        for i, cap in enumerate(caps):
+            cfg.set_compute_capability(cap, i)
+    else:
+        cache = cfg.create_timing_cache(timing)
+        cfg.set_timing_cache(cache, ignore_mismatch=False)
+    monitor = _progress_monitor(lib, bar)
+    cfg.progress_monitor = monitor
+    plan = builder.build_serialized_network(network, cfg)
+    if plan is None:
+        raise BackendError(f"TensorRT {lib.version} failed to build {onnx_path.name}: "
+                           f"{'; '.join(logger.errors) or 'no message'}. Try narrower --shapes or report it")
+    if not lib.rtx:
+        timing = bytes(memoryview(cfg.get_timing_cache().serialize()))
+    return bytes(memoryview(plan)), io, timing
+
+
+def network_io(lib: TensorRT, network: Any) -> list[dict[str, Any]]:
+    """Name, mode, dtype and (symbolic -1) shape of a parsed network's I/O."""
+    io = []
+    for mode, count, get in (("input", network.num_inputs, network.get_input),
+                             ("output", network.num_outputs, network.get_output)):
+        for i in range(count):
+            t = get(i)
+            io.append({"name": t.name, "mode": mode, "dtype": lib.dtype_name(t.dtype), "shape": list(t.shape)})
+    return io
+
+
+__all__ = ["BuildConfig", "build", "component_profiles", "parse_shapes", "resolve_archs"]

@@ -1,0 +1,142 @@
+"""The little of CUDA the TensorRT backend needs, through `cuda-bindings` (no torch): device and
+pinned memory, one stream, async copies and CUDA-graph capture. Every call is checked."""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from sdrt.errors import BackendError
+
+
+def _cudart() -> Any:
+    try:
+        from cuda.bindings import runtime
+    except ImportError as e:
+        raise BackendError("the TensorRT backend needs cuda-bindings: `pip install cuda-bindings` (the CUDA major "
+                           "version of your TensorRT)") from e
+    return runtime
+
+
+def check(result: Any) -> Any:
+    """Unwraps a cuda-bindings (err, value...) tuple, raising on an error."""
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise BackendError(f"CUDA call failed: {getattr(err, 'name', err)}. Is the NVIDIA driver loaded and the "
+                           "GPU free?")
+    return values[0] if len(values) == 1 else values or None
+
+
+def gpu_arch(device: int = 0) -> str | None:
+    """'sm86' for the GPU here, None without cuda-bindings, a driver or a GPU."""
+    try:
+        cudart = _cudart()
+        err, count = cudart.cudaGetDeviceCount()
+        if int(err) != 0 or count <= device:
+            return None
+        major = check(cudart.cudaDeviceGetAttribute(cudart.cudaDeviceAttr.cudaDevAttrComputeCapabilityMajor, device))
+        minor = check(cudart.cudaDeviceGetAttribute(cudart.cudaDeviceAttr.cudaDevAttrComputeCapabilityMinor, device))
+    except BackendError:
+        return None
+    return f"sm{major}{minor}"
+
+
+def mem_info() -> tuple[int, int]:
+    """(free, total) bytes of the current device."""
+    free, total = check(_cudart().cudaMemGetInfo())
+    return int(free), int(total)
+
+
+class DeviceMemory:
+    """One cudaMalloc block; freed explicitly or when collected."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes = max(int(nbytes), 1)
+        self.ptr = int(check(_cudart().cudaMalloc(self.nbytes)))
+
+    def free(self) -> None:
+        if self.ptr:
+            check(_cudart().cudaFree(self.ptr))
+            self.ptr = 0
+
+    def __del__(self) -> None:
+        try:
+            self.free()
+        except Exception:
+            pass
+
+
+class PinnedMemory:
+    """Page-locked host memory (fast, truly async copies), viewed as numpy arrays."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes = max(int(nbytes), 1)
+        self.ptr = int(check(_cudart().cudaMallocHost(self.nbytes)))
+
+    def view(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        count = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if count > self.nbytes:
+            raise BackendError(f"pinned buffer of {self.nbytes} bytes cannot hold {count}")
+        raw = (ctypes.c_char * count).from_address(self.ptr)
+        return np.frombuffer(raw, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
+
+    def free(self) -> None:
+        if self.ptr:
+            check(_cudart().cudaFreeHost(self.ptr))
+            self.ptr = 0
+
+    def __del__(self) -> None:
+        try:
+            self.free()
+        except Exception:
+            pass
+
+
+class Stream:
+    def __init__(self) -> None:
+        cudart = _cudart()
+        self._cudart = cudart
+        self.handle = check(cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking))
+        self.ptr = int(self.handle)  # what TensorRT's execute_async_v3 takes
+
+    def copy_to_device(self, dst: int, src: int, nbytes: int) -> None:
+        check(self._cudart.cudaMemcpyAsync(dst, src, nbytes, self._cudart.cudaMemcpyKind.cudaMemcpyHostToDevice,
+                                           self.handle))
+
+    def copy_to_host(self, dst: int, src: int, nbytes: int) -> None:
+        check(self._cudart.cudaMemcpyAsync(dst, src, nbytes, self._cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost,
+                                           self.handle))
+
+    def synchronize(self) -> None:
+        check(self._cudart.cudaStreamSynchronize(self.handle))
+
+    def capture(self, enqueue: Callable[[], None]) -> CudaGraph:
+        """Records what enqueue() puts on this stream into a replayable graph (nothing runs)."""
+        cudart = self._cudart
+        check(cudart.cudaStreamBeginCapture(self.handle, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal))
+        try:
+            enqueue()
+        finally:
+            graph = check(cudart.cudaStreamEndCapture(self.handle))
+        try:
+            executable = check(cudart.cudaGraphInstantiate(graph, 0))
+        finally:
+            check(cudart.cudaGraphDestroy(graph))
+        return CudaGraph(executable, self)
+
+
+class CudaGraph:
+    def __init__(self, executable: Any, stream: Stream):
+        self.executable = executable
+        self.stream = stream
+
+    def launch(self) -> None:
+        check(self.stream._cudart.cudaGraphLaunch(self.executable, self.stream.handle))
+
+    def __del__(self) -> None:
+        try:
+            self.stream._cudart.cudaGraphExecDestroy(self.executable)
+        except Exception:
+            pass

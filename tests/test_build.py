@@ -1,0 +1,277 @@
+"""`sdrt build`: TensorRT plans from the exported ONNX, built on this CPU with TensorRT-RTX.
+
+A plan cannot be deserialized without a GPU driver ("cudaError 35" on a CPU machine), so these tests
+check what the plan was built from: the parsed network's I/O, the profiles and the manifest record,
+and every load-time check the TensorRT backend runs before deserializing. GPU tests at the end run
+the backend end to end and skip cleanly without a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sdrt.errors import BackendError, EngineError, InputError
+from sdrt.manifest import read_manifest, sha256_file
+from sdrt.plans import check_plans
+from sdrt.tensorrt_lib import RTX_ARCHS, TensorRT, available_flavours, import_tensorrt
+
+pytestmark = pytest.mark.skipif(not available_flavours(), reason="no TensorRT flavour importable "
+                                "(pip install tensorrt-rtx)")
+
+
+def _build(src: Path, dst: Path, **kwargs) -> Path:
+    from sdrt.export.build import BuildConfig, build
+
+    shutil.copytree(src, dst)
+    build(BuildConfig(dst, **kwargs), progress=False)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def static_plans(tiny_engines_fp16, tmp_path_factory) -> Path:
+    return _build(tiny_engines_fp16, tmp_path_factory.mktemp("plans") / "static", shapes="static:64x64,batch=1")
+
+
+@pytest.fixture(scope="module")
+def dynamic_plans(tiny_engines_fp16, tmp_path_factory) -> Path:
+    return _build(tiny_engines_fp16, tmp_path_factory.mktemp("plans") / "dynamic",
+                  shapes="dynamic:64-128,batch=1-2", archs=("sm86", "sm89"))
+
+
+def test_static_build_records_flavour_io_profiles_and_sha256(static_plans):
+    manifest = read_manifest(static_plans)
+    plans = manifest.plans
+    lib = import_tensorrt()
+    assert (plans["flavour"], plans["version"]) == (lib.flavour, lib.version)
+    assert plans["archs"] == (list(RTX_ARCHS) if lib.rtx else plans["archs"])  # no GPU: every RTX arch
+    assert plans["kind"] == "static" and plans["limits"] == {"height": [64] * 3, "width": [64] * 3, "batch": [1] * 3}
+    for name, spec in manifest.components.items():
+        record = plans["components"][name]
+        path = static_plans / record["plan"]
+        assert path.stat().st_size == record["bytes"] > 100_000
+        assert manifest.files[record["plan"]] == sha256_file(path)
+        assert record["onnx_sha256"] == manifest.files[spec.onnx]
+        # the network TensorRT built from has the manifest's names, directions and dtypes
+        io = {(t["name"], t["mode"]): t["dtype"] for t in record["io"]}
+        assert io == {**{(t.name, "input"): t.dtype for t in spec.inputs},
+                      **{(t.name, "output"): t.dtype for t in spec.outputs}}
+    step = plans["components"]["denoise_step"]["profile"]
+    assert step["latents"] == {"min": [1, 4, 8, 8], "opt": [1, 4, 8, 8], "max": [1, 4, 8, 8]}
+    assert step["x_history"]["opt"] == [4, 1, 4, 8, 8]
+    assert step["text_embeddings"] == {"min": [1, 77, 32], "opt": [2, 77, 32], "max": [2, 77, 32]}  # CFG: 2B
+    assert "timestep" not in step  # static inputs need no profile
+    assert plans["components"]["text_encoder"]["profile"]["input_ids"]["opt"] == [2, 77]
+    assert plans["components"]["denoise_step"]["io"][0]["dtype"] == "float32"
+    assert not list(static_plans.glob(".*tmp*")), "temporary plan files left behind"
+    check_plans(static_plans, manifest, lib.flavour, lib.version, plans["archs"][0])
+
+
+def test_dynamic_build_profiles_cover_the_range(dynamic_plans):
+    plans = read_manifest(dynamic_plans).plans
+    assert plans["archs"] == ["sm86", "sm89"] and plans["shapes"] == "dynamic:64-128,batch=1-2"
+    step = plans["components"]["denoise_step"]["profile"]
+    assert step["latents"] == {"min": [1, 4, 8, 8], "opt": [1, 4, 8, 8], "max": [2, 4, 16, 16]}
+    assert step["text_embeddings"] == {"min": [1, 77, 32], "opt": [2, 77, 32], "max": [4, 77, 32]}
+    assert plans["components"]["vae_decoder"]["profile"]["latents"]["max"] == [2, 4, 16, 16]
+
+
+def _edited(src: Path, dst: Path, edit) -> Path:
+    shutil.copytree(src, dst)
+    doc = json.loads((dst / "manifest.json").read_text())
+    edit(doc)
+    (dst / "manifest.json").write_text(json.dumps(doc))
+    return dst
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda d: d["plans"].update(version="0.0.1"), "built with .* 0.0.1 .*sdrt build"),
+    (lambda d: d["plans"].update(flavour="tensorrt" if d["plans"]["flavour"] != "tensorrt" else "tensorrt_rtx"),
+     "plans were built with .*sdrt build .* --flavour"),
+    (lambda d: d["plans"].update(archs=["sm75"]), "target sm75 but this GPU is sm86.*--arch sm86"),
+    (lambda d: d["plans"]["components"]["denoise_step"].update(onnx_sha256="0" * 64), "stale.*sdrt build"),
+    (lambda d: d["plans"]["components"]["vae_decoder"]["io"][1].update(dtype="float32"), "I/O differs.*sdrt build"),
+    (lambda d: d.update(plans={}), "no TensorRT plans.*sdrt build"),
+])
+def test_stale_or_mismatched_plans_are_refused(static_plans, tmp_path, edit, match):
+    engines = _edited(static_plans, tmp_path / "e", edit)
+    lib = import_tensorrt()
+    with pytest.raises(EngineError, match=match):
+        check_plans(engines, read_manifest(engines), lib.flavour, lib.version, "sm86")
+
+
+def test_corrupted_plan_is_refused_before_deserializing(static_plans, tmp_path):
+    engines = tmp_path / "e"
+    shutil.copytree(static_plans, engines)
+    plan = engines / "denoise_step.plan"
+    raw = bytearray(plan.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    plan.write_bytes(bytes(raw))
+    lib = import_tensorrt()
+    with pytest.raises(EngineError, match="denoise_step.plan does not match its sha256"):
+        check_plans(engines, read_manifest(engines), lib.flavour, lib.version, "sm86")
+
+
+def test_interrupted_build_leaves_no_plan_and_the_manifest_unchanged(tiny_engines_fp16, tmp_path, monkeypatch):
+    import sdrt.export.build as build_module
+
+    engines = tmp_path / "e"
+    shutil.copytree(tiny_engines_fp16, engines)
+    before = (engines / "manifest.json").read_bytes()
+    real = build_module._build_plan
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(build_module, "_build_plan", failing)
+    with pytest.raises(KeyboardInterrupt):
+        build_module.build(build_module.BuildConfig(engines), progress=False)
+    assert not list(engines.glob("*.plan")) and not list(engines.glob(".*tmp*"))
+    assert (engines / "manifest.json").read_bytes() == before
+
+
+def test_build_refuses_a_corrupted_onnx(tiny_engines_fp16, tmp_path):
+    from sdrt.export.build import BuildConfig, build
+
+    engines = tmp_path / "e"
+    shutil.copytree(tiny_engines_fp16, engines)
+    (engines / "vae_decoder.onnx").write_bytes(b"garbage")
+    with pytest.raises(EngineError, match="vae_decoder.onnx does not match its sha256"):
+        build(BuildConfig(engines), progress=False)
+    assert not list(engines.glob("*.plan"))
+
+
+def test_parse_error_names_the_file(tiny_engines_fp16, tmp_path):
+    """An ONNX TensorRT cannot parse (checksum made to match) fails with the parser's message."""
+    from sdrt.export.build import BuildConfig, build
+    from sdrt.manifest import write_manifest
+
+    engines = tmp_path / "e"
+    shutil.copytree(tiny_engines_fp16, engines)
+    (engines / "text_encoder.onnx").write_bytes(b"garbage")
+    manifest = read_manifest(engines)
+    files = {**manifest.files, "text_encoder.onnx": sha256_file(engines / "text_encoder.onnx")}
+    write_manifest(engines, replace(manifest, files=files))
+    with pytest.raises(EngineError, match="could not parse .*text_encoder.onnx"):
+        build(BuildConfig(engines), progress=False)
+
+
+@pytest.mark.parametrize("text, match", [
+    ("512", "not understood"),
+    ("static:60x64", "multiples of 8"),
+    ("static:4096x4096", "exported range"),
+    ("dynamic:128-64", "multiples of 8 within"),
+    ("static:64x64,batch=99", "batch must be within"),
+])
+def test_bad_shapes_are_refused(tiny_engines_fp16, text, match):
+    from sdrt.export.build import parse_shapes
+
+    with pytest.raises(InputError, match=match):
+        parse_shapes(text, read_manifest(tiny_engines_fp16))
+
+
+def test_arch_resolution():
+    from sdrt.export.build import resolve_archs
+
+    rtx = TensorRT(module=None, flavour="tensorrt_rtx", version="1.0")  # type: ignore[arg-type]
+    full = TensorRT(module=None, flavour="tensorrt", version="10.0")  # type: ignore[arg-type]
+    assert resolve_archs(rtx, ("SM86", "sm89"), None) == ["sm86", "sm89"]
+    assert resolve_archs(rtx, (), "sm89") == ["sm89"]
+    assert resolve_archs(rtx, (), "sm90") == list(RTX_ARCHS)  # Hopper is not an RTX target
+    with pytest.raises(InputError, match="TensorRT-RTX targets"):
+        resolve_archs(rtx, ("sm90",), None)
+    assert resolve_archs(full, (), "sm90") == ["sm90"]
+    with pytest.raises(BackendError, match="--flavour tensorrt_rtx"):
+        resolve_archs(full, (), None)
+    with pytest.raises(InputError, match="only for this GPU"):
+        resolve_archs(full, ("sm86",), "sm90")
+
+
+def test_unknown_flavour_is_refused():
+    with pytest.raises(BackendError, match="unknown TensorRT flavour"):
+        import_tensorrt("tensorrt_llm")
+
+
+def test_cli_build_and_its_errors(tiny_engines_fp16, tmp_path, capsys):
+    from sdrt.cli import main
+
+    engines = tmp_path / "e"
+    shutil.copytree(tiny_engines_fp16, engines)
+    assert main(["build", str(engines), "--shapes", "static:64x64,batch=1", "--arch", "sm89"]) == 0
+    out = capsys.readouterr().out
+    assert "plans for sm89 (static:64x64,batch=1)" in out and "denoise_step" in out
+    assert main(["build", str(tmp_path / "nowhere")]) == 2
+    assert "sdrt export" in capsys.readouterr().err
+    assert main(["build", str(engines), "--shapes", "huge"]) == 2
+
+
+def test_trt_backend_without_a_gpu_is_a_clear_error(static_plans):
+    from sdrt.cuda import gpu_arch
+    from sdrt.pipeline import Pipeline
+
+    if gpu_arch() is not None:
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(BackendError, match="needs .*GPU|cuda-bindings"):
+        Pipeline.load(static_plans, backend="trt")
+    # auto never picks TensorRT without a GPU: the directory still runs on ONNX Runtime
+    assert Pipeline.load(static_plans, backend="auto").backend.name.startswith("ort")
+
+
+@pytest.mark.slow
+def test_sd15_build_time_and_plan_sizes(sd15_model, tmp_path):
+    """Real-size plans on this CPU; the figures go into the README."""
+    import time
+
+    from sdrt.export.build import BuildConfig, build
+    from sdrt.export.exporter import ExportConfig, export
+
+    engines = tmp_path / "sd15-fp16"
+    export(ExportConfig(sd15_model, engines, precision="fp16"), progress=False)
+    start = time.perf_counter()
+    manifest = build(BuildConfig(engines, shapes="static:512x512,batch=1"), progress=False)
+    wall = time.perf_counter() - start
+    sizes = {name: r["bytes"] / 2**20 for name, r in manifest.plans["components"].items()}
+    print(f"\nsd15 fp16 static 512x512 batch 1: build {wall:.0f} s, plans (MiB) {sizes}, "
+          f"per component (s) { {n: r['build_s'] for n, r in manifest.plans['components'].items()} }")
+    assert 1500 < sizes["denoise_step"] < 2500  # 860 M fp16 weights
+
+
+# --- on a GPU -----------------------------------------------------------------------------------
+
+def _gpu_or_skip():
+    from sdrt.cuda import gpu_arch
+
+    arch = gpu_arch()
+    if arch is None:
+        pytest.skip("no NVIDIA GPU")
+    return arch
+
+
+@pytest.mark.gpu
+def test_trt_matches_ort_and_graph_replay_matches_plain(tiny_engines_fp16, tmp_path):
+    from sdrt.backends.tensorrt import TrtBackend
+    from sdrt.pipeline import Pipeline
+
+    arch = _gpu_or_skip()
+    engines = _build(tiny_engines_fp16, tmp_path / "gpu", shapes="static:64x64,batch=1", archs=(arch,)
+                     if import_tensorrt().rtx and arch in RTX_ARCHS else ())
+    graphs = Pipeline.load(engines, backend=TrtBackend(cuda_graphs=True))
+    plain = Pipeline.load(engines, backend=TrtBackend(cuda_graphs=False))
+    ort = Pipeline.load(engines, backend="ort-cpu")
+    config = ort.make_config("a cat", steps=6, seed=2)
+    first, replay = (graphs.generate(config).images for _ in range(2))  # the 2nd run replays graphs
+    reference = plain.generate(config).images
+    np.testing.assert_array_equal(first, reference)
+    np.testing.assert_array_equal(replay, reference)
+    from sdrt.bench.stats import psnr
+
+    assert psnr(reference, ort.generate(config).images) >= 30.0
