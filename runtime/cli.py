@@ -87,6 +87,22 @@ def _bench(args: argparse.Namespace) -> None:
     print(table_path.read_text())
 
 
+def _serve(args: argparse.Namespace) -> None:
+    try:
+        from sdrt.serve.app import serve
+    except ImportError as e:
+        raise SdrtError(f"sdrt serve needs its extra: pip install 'sdrt[serve]' ({e})") from e
+    from sdrt.serve.config import ServeConfig
+
+    token = args.token or ServeConfig.token_from_env()
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not token:
+        warnings.warn(f"serving on {args.host} without a token: anyone who can reach it can use the GPU "
+                      "(set --token or SDRT_TOKEN)")
+    serve(ServeConfig(Path(args.engines), host=args.host, port=args.port, token=token, backend=args.backend,
+                      max_queue=args.max_queue, max_batch=args.max_batch, batch_window_s=args.batch_window_ms / 1e3,
+                      request_timeout_s=args.timeout, max_steps=args.max_steps, max_size=args.max_size))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from sdrt.backends import BACKENDS
     from sdrt.schedulers import SAMPLERS
@@ -138,6 +154,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--low-vram", action="store_true", help="keep one engine resident at a time")
     p.add_argument("-o", "--output", default="out.png")
     p.set_defaults(func=_generate)
+
+    p = sub.add_parser("serve", help="serve the A1111 and OpenAI image APIs over HTTP")
+    p.add_argument("engines")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--token", default=None, help="require 'Authorization: Bearer TOKEN' (or env SDRT_TOKEN)")
+    p.add_argument("--backend", choices=list(BACKENDS), default="auto")
+    p.add_argument("--max-queue", type=int, default=64, help="queued images before 429")
+    p.add_argument("--max-batch", type=int, default=None, help="images per engine call (1 disables batching)")
+    p.add_argument("--batch-window-ms", type=float, default=15.0, help="wait for requests to share a call")
+    p.add_argument("--timeout", type=float, default=300.0, help="per-request timeout in seconds (then 504)")
+    p.add_argument("--max-steps", type=int, default=150)
+    p.add_argument("--max-size", type=int, default=None, help="cap on width/height below the engines' limit")
+    p.set_defaults(func=_serve)
 
     p = sub.add_parser("bench", help="sdrt against the diffusers baselines, side by side")
     p.add_argument("model_dir", help="the diffusers folder the engines were exported from")

@@ -17,13 +17,13 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from sdrt.backends import select_backend
 from sdrt.backends.base import Backend, Engine
-from sdrt.errors import InputError, is_integer
+from sdrt.errors import InputError, SdrtError, is_integer
 from sdrt.manifest import COMPONENTS, Manifest, read_manifest
 from sdrt.schedulers import NoiseSchedule, SamplerPlan, check_sampler, make_plan
 from sdrt.tokenizer import ClipTokenizer
@@ -43,6 +43,11 @@ class GenerationConfig:
     seed: int = 0
     height: int = 512
     width: int = 512
+    seeds: tuple[int, ...] = ()  # one per row when rows come from different requests; else seed + i
+
+    @property
+    def row_seeds(self) -> tuple[int, ...]:
+        return self.seeds or tuple(self.seed + i for i in range(self.batch))
 
     @property
     def batch(self) -> int:
@@ -82,11 +87,13 @@ class Result:
     seeds: list[int]
     timings: Timings
     model_name: str
+    rows: list[int] = field(default_factory=list)  # config row of each image (all rows unless some were dropped)
 
     def parameters(self, index: int) -> str:
         from sdrt.png import a1111_parameters
 
-        return a1111_parameters(self.config, self.seeds[index], index, self.model_name)
+        row = self.rows[index] if self.rows else index
+        return a1111_parameters(self.config, self.seeds[index], row, self.model_name)
 
     def pil_images(self) -> list[Any]:
         from PIL import Image
@@ -157,9 +164,14 @@ class Pipeline:
     def make_config(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
                     steps: int = 25, guidance: float = 7.5, scheduler: str = "dpmpp_2m_karras",
                     seed: int | None = None, height: int | None = None, width: int | None = None,
-                    batch: int = 1) -> GenerationConfig:
+                    batch: int | None = None, seeds: Sequence[int] | None = None) -> GenerationConfig:
+        """Validates a request against the engines' limits. seeds: one per row (then `seed` is
+        ignored); by default row i uses seed + i. batch defaults to the number of prompts."""
+        if batch is None:
+            batch = 1 if isinstance(prompt, str) else len(prompt)
         limits = self.limits
-        where = "the engines' range" if limits.kind == "onnx" else "the TensorRT plans' range; widen it with `sdrt build --shapes`"
+        where = ("the engines' range" if limits.kind == "onnx"
+                 else "the TensorRT plans' range; widen it with `sdrt build --shapes`")
         b_lo, _, b_hi = limits.batch
         if not is_integer(batch) or not b_lo <= batch <= b_hi:
             raise InputError(f"batch must be an integer from {b_lo} to {b_hi} ({where}), got {batch!r}")
@@ -182,12 +194,17 @@ class Pipeline:
         for label, v, (lo, _, hi) in (("height", height, limits.height), ("width", width, limits.width)):
             if not is_integer(v) or v % 8 or not lo <= v <= hi:
                 raise InputError(f"{label} must be a multiple of 8 from {lo} to {hi} ({where}), got {v!r}")
+        if seeds is not None:
+            seeds = list(seeds)
+            if len(seeds) != batch or not all(is_integer(x) and 0 <= x <= SEED_MAX for x in seeds):
+                raise InputError(f"seeds must be {batch} integers from 0 to {SEED_MAX}, got {seeds!r}")
+            seed = seeds[0]
         if seed is None:
             seed = secrets.randbelow(SEED_MAX - batch)
         if not is_integer(seed) or not 0 <= seed <= SEED_MAX - batch:
             raise InputError(f"seed must be an integer from 0 to {SEED_MAX - batch}, got {seed!r}")
         return GenerationConfig(tuple(prompts), tuple(negatives), int(steps), guidance, scheduler, int(seed),
-                                int(height), int(width))
+                                int(height), int(width), tuple(int(x) for x in seeds) if seeds is not None else ())
 
     def __call__(self, prompt: str | list[str], **kwargs: Any) -> list[Any]:
         return self.generate(self.make_config(prompt, **kwargs)).pil_images()
@@ -202,8 +219,8 @@ class Pipeline:
         c = self.manifest.model["latent_channels"]
         shape = (c, config.height // f, config.width // f)
         init, step_noise = [], []
-        for i in range(config.batch):
-            rng = np.random.Generator(np.random.PCG64(config.seed + i))
+        for seed in config.row_seeds:
+            rng = np.random.Generator(np.random.PCG64(seed))
             init.append(rng.standard_normal(shape, dtype=np.float32))
             if plan.uses_noise:
                 step_noise.append(rng.standard_normal((len(plan),) + shape, dtype=np.float32))
@@ -211,8 +228,13 @@ class Pipeline:
         return np.stack(init), noise
 
     def generate(self, config: GenerationConfig, latents: np.ndarray | None = None,
-                 callback: Callable[[int, int], None] | None = None) -> Result:
-        """Runs one generation. latents: optional (B, 4, h, w) initial noise (before σ_max scaling)."""
+                 callback: Callable[[int, int], Sequence[int] | None] | None = None) -> Result:
+        """Runs one generation. latents: optional (B, 4, h, w) initial noise (before σ_max scaling).
+
+        callback(done, total) runs after every step; it may return the batch rows still wanted
+        (indices into config's rows): the others are dropped before the next step, and when none
+        is left the generation stops with `Cancelled`.
+        """
         start = time.perf_counter()
         timings = Timings()
         plan = make_plan(config.scheduler, self.schedule, config.steps)
@@ -221,8 +243,6 @@ class Pipeline:
             if latents.shape != init.shape:
                 raise InputError(f"latents must have shape {init.shape}, got {latents.shape}")
             init = latents.astype(np.float32)
-        b = config.batch
-        lat_shape = init.shape
         k = self.manifest.model["history"]
         te_dtype = self.manifest.components["denoise_step"].input("text_embeddings").dtype
 
@@ -239,44 +259,97 @@ class Pipeline:
         # everything the loop reads, written once into reused buffers; feeds bound per step by row
         t0 = time.perf_counter()
         n = len(plan)
-        timesteps = self.backend.rows(self._write("timesteps", plan.timesteps.astype(np.float32).reshape(n, 1)))
-        coeffs = self.backend.rows(self._write("step_coeffs", plan.coeffs.astype(np.float32)))
-        guidance = self._write("guidance", np.array([config.guidance], np.float32))
-        noise = self.backend.rows(self._write("noise", step_noise if step_noise is not None
-                                              else np.zeros((1,) + lat_shape, np.float32)))
-        sets = [{name: self._buffer(f"{name}{s}", shape, "float32") for name, shape in (
-            ("latents", lat_shape), ("x_history", (k,) + lat_shape), ("out_history", (k,) + lat_shape))}
-            for s in range(2)]  # ping-pong: step i reads set i % 2 and writes set (i + 1) % 2
-        self.backend.write(sets[0]["latents"], init * np.float32(plan.init_noise_sigma))
-        zeros = np.zeros((k,) + lat_shape, np.float32)  # 0 * uninitialized memory could be NaN
-        self.backend.write(sets[0]["x_history"], zeros)
-        self.backend.write(sets[0]["out_history"], zeros)
-        feeds = []
-        for i in range(n):
-            src, dst = sets[i % 2], sets[(i + 1) % 2]
-            feeds.append((
-                {"latents": src["latents"], "timestep": timesteps[i], "text_embeddings": embeddings,
-                 "guidance": guidance, "step_coeffs": coeffs[i], "x_history": src["x_history"],
-                 "out_history": src["out_history"], "noise": noise[i if step_noise is not None else 0]},
-                {"latents_next": dst["latents"], "x_history_next": dst["x_history"],
-                 "out_history_next": dst["out_history"]}))
+        loop = _Loop(
+            timesteps=self.backend.rows(self._write("timesteps", plan.timesteps.astype(np.float32).reshape(n, 1))),
+            coeffs=self.backend.rows(self._write("step_coeffs", plan.coeffs.astype(np.float32))),
+            guidance=self._write("guidance", np.array([config.guidance], np.float32)),
+            embeddings=embeddings, step_noise=step_noise)
+        zeros = np.zeros((k,) + init.shape, np.float32)  # 0 * uninitialized memory could be NaN
+        sets, feeds = self._bind_loop(loop, {"latents": init * np.float32(plan.init_noise_sigma),
+                                             "x_history": zeros, "out_history": zeros}, 0, n)
         step = self._engine("denoise_step")
+        in_batch = list(range(config.batch))  # config rows the buffers hold
+        alive = in_batch  # config rows still wanted
         loop_start = time.perf_counter()
-        for i, (inputs, outputs) in enumerate(feeds):
+        i = 0
+        while i < n:
+            inputs, outputs = feeds[i]
             step.run(inputs, outputs)
             timings.step_engine_s.append(step.last_run_s)
-            if callback is not None:
-                callback(i + 1, n)
+            i += 1
+            wanted = callback(i, n) if callback is not None else None
+            if wanted is not None:
+                alive = [row for row in alive if row in set(wanted)]
+                if not alive:
+                    raise Cancelled(f"generation stopped after step {i} of {n}: no row is wanted any more")
+                if len(alive) < len(in_batch) and i < n:
+                    keep = [in_batch.index(row) for row in alive]
+                    sets, feeds = self._drop_rows(loop, sets[i % 2], keep, len(in_batch), i, n)
+                    in_batch = alive
         self.backend.synchronize()
         timings.loop_s = time.perf_counter() - loop_start
         timings.steps_s = time.perf_counter() - t0
 
         # decode to uint8 in the graph; one download
         t0 = time.perf_counter()
-        images = self._buffer("images", (b, config.height, config.width, 3), "uint8")
+        images = self._buffer("images", (len(in_batch), config.height, config.width, 3), "uint8")
         self._engine("vae_decoder").run({"latents": sets[n % 2]["latents"]}, {"images": images})
         host_images = self.backend.download(images).copy()
+        if alive != in_batch:  # rows dropped after the last step
+            host_images = host_images[[in_batch.index(row) for row in alive]]
         timings.decode_s = time.perf_counter() - t0
         timings.total_s = time.perf_counter() - start
-        seeds = [config.seed + i for i in range(b)]
-        return Result(host_images, config, seeds, timings, self.manifest.name)
+        seeds = [config.row_seeds[row] for row in alive]
+        return Result(host_images, config, seeds, timings, self.manifest.name, alive)
+
+    def _bind_loop(self, loop: "_Loop", state: dict[str, np.ndarray], start: int,
+                   n: int) -> tuple[list[dict[str, Any]], list[Any]]:
+        """Writes the loop state into set start % 2 and prebuilds the feeds of steps start..n-1."""
+        lat_shape = state["latents"].shape
+        k = state["x_history"].shape[0]
+        sets = [{name: self._buffer(f"{name}{s}", shape, "float32") for name, shape in (
+            ("latents", lat_shape), ("x_history", (k,) + lat_shape), ("out_history", (k,) + lat_shape))}
+            for s in range(2)]  # ping-pong: step i reads set i % 2 and writes set (i + 1) % 2
+        for name, array in state.items():
+            self.backend.write(sets[start % 2][name], np.ascontiguousarray(array))
+        noise = self.backend.rows(self._write("noise", loop.step_noise if loop.step_noise is not None
+                                              else np.zeros((1,) + lat_shape, np.float32)))
+        feeds: list[Any] = [None] * n
+        for i in range(start, n):
+            src, dst = sets[i % 2], sets[(i + 1) % 2]
+            feeds[i] = (
+                {"latents": src["latents"], "timestep": loop.timesteps[i], "text_embeddings": loop.embeddings,
+                 "guidance": loop.guidance, "step_coeffs": loop.coeffs[i], "x_history": src["x_history"],
+                 "out_history": src["out_history"], "noise": noise[i if loop.step_noise is not None else 0]},
+                {"latents_next": dst["latents"], "x_history_next": dst["x_history"],
+                 "out_history_next": dst["out_history"]})
+        return sets, feeds
+
+    def _drop_rows(self, loop: "_Loop", current: dict[str, Any], keep: list[int], b: int, start: int,
+                   n: int) -> tuple[list[dict[str, Any]], list[Any]]:
+        """Shrinks the batch of b rows to rows `keep` before step `start`: one round trip through
+        the host, paid only when a row is dropped."""
+        state = {"latents": self.backend.download(current["latents"])[keep],
+                 "x_history": self.backend.download(current["x_history"])[:, keep],
+                 "out_history": self.backend.download(current["out_history"])[:, keep]}
+        embeddings = self.backend.download(loop.embeddings)  # (R*b, 77, C), [uncond; cond] when R = 2
+        rows = keep if embeddings.shape[0] == b else keep + [b + j for j in keep]
+        loop.embeddings = self._write("text_embeddings", np.ascontiguousarray(embeddings[rows]))
+        if loop.step_noise is not None:
+            loop.step_noise = np.ascontiguousarray(loop.step_noise[:, keep])
+        return self._bind_loop(loop, state, start, n)
+
+
+class Cancelled(SdrtError):
+    """Every row of a generation was dropped (e.g. all its clients went away)."""
+
+
+@dataclass
+class _Loop:
+    """What the denoise loop binds besides the latents: rows of per-step buffers, and the rest."""
+
+    timesteps: list[Any]
+    coeffs: list[Any]
+    guidance: Any
+    embeddings: Any
+    step_noise: np.ndarray | None  # (steps, B, 4, h, w) on the host, None for deterministic samplers

@@ -165,3 +165,39 @@ def test_ort_cuda_matches_cpu(tiny_engines, pipe):
     a = gpu.generate(gpu.make_config("a cat", steps=4, seed=3)).images
     b = pipe.generate(pipe.make_config("a cat", steps=4, seed=3)).images
     assert int(np.abs(a.astype(int) - b.astype(int)).max()) <= 2
+
+
+def test_rows_with_their_own_seeds_equal_single_images(pipe):
+    batch = pipe.generate(pipe.make_config(["a cat", "a dog"], steps=3, seeds=[7, 3], scheduler="euler_a"))
+    assert batch.seeds == [7, 3]
+    for row, (prompt, seed) in enumerate((("a cat", 7), ("a dog", 3))):
+        single = pipe.generate(pipe.make_config(prompt, steps=3, seed=seed, scheduler="euler_a")).images[0]
+        np.testing.assert_array_equal(batch.images[row], single)
+    with pytest.raises(InputError, match="seeds must be 2 integers"):
+        pipe.make_config("a cat", batch=2, seeds=[1])
+
+
+@pytest.mark.parametrize("scheduler", ["euler_a", "dpmpp_2m"])  # step noise; sampler history
+@pytest.mark.parametrize("drop_after", [2, 4])  # mid-loop (batch shrinks); after the last step
+def test_dropped_rows_leave_the_batch_and_the_rest_is_unchanged(pipe, scheduler, drop_after):
+    config = pipe.make_config(["a", "b", "c"], steps=4, seeds=[1, 2, 3], scheduler=scheduler)
+    sizes = []
+
+    def drop_middle(done, total):
+        sizes.append(pipe._buffers and max(k[1][0] for k in pipe._buffers if k[0] == "latents0"))
+        return [0, 2] if done >= drop_after else None
+
+    result = pipe.generate(config, callback=drop_middle)
+    assert result.rows == [0, 2] and result.seeds == [1, 3] and result.images.shape[0] == 2
+    if drop_after < 4:
+        assert sizes[-1] == 2, "the engine must run the remaining steps at the smaller batch"
+    full = pipe.generate(config).images
+    np.testing.assert_array_equal(result.images, full[[0, 2]])
+    assert "Seed: 3" in result.parameters(1) and result.parameters(1).startswith("c")
+
+
+def test_dropping_every_row_cancels(pipe):
+    from sdrt.pipeline import Cancelled
+
+    with pytest.raises(Cancelled, match="after step 1 of 3"):
+        pipe.generate(pipe.make_config("a cat", steps=3, seed=1), callback=lambda done, total: [])

@@ -1,0 +1,132 @@
+"""A bounded load test of `sdrt serve`: N requests, C at a time, over loopback HTTP.
+
+    python -m sdrt.bench.serve_load ENGINE_DIR [--requests 200 --concurrency 32 --steps 3 --size 64]
+
+starts the server twice in this process (request batching on, then --max-batch 1) and reports, for
+each, images/s, latency p50/p99 and how many requests got 429.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sdrt.bench.stats import summarize
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    url: str
+    requests: int = 200
+    concurrency: int = 32
+    steps: int = 3
+    size: int = 64
+    token: str | None = None
+
+
+def _valid_png(b64: str, size: int) -> bool:
+    from PIL import Image
+
+    try:
+        image = Image.open(io.BytesIO(base64.b64decode(b64)))
+        return image.size == (size, size) and "parameters" in image.info
+    except Exception:
+        return False
+
+
+async def run_load(config: LoadConfig) -> dict:
+    """Every request's outcome is counted: ok (a valid image), 429, or anything else."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {config.token}"} if config.token else {}
+    gate = asyncio.Semaphore(config.concurrency)
+    latencies: list[float] = []
+    outcome = {"ok": 0, "rejected_429": 0, "other": 0, "invalid_images": 0}
+
+    async def one(client: httpx.AsyncClient, i: int) -> None:
+        body = {"prompt": f"request {i}", "steps": config.steps, "width": config.size, "height": config.size,
+                "seed": i, "cfg_scale": 7.5}
+        async with gate:
+            start = time.perf_counter()
+            try:
+                r = await client.post(f"{config.url}/sdapi/v1/txt2img", json=body, headers=headers)
+            except httpx.HTTPError:
+                outcome["other"] += 1
+                return
+            if r.status_code == 200:
+                latencies.append(time.perf_counter() - start)
+                outcome["ok"] += 1
+                if not all(_valid_png(b, config.size) for b in r.json()["images"]):
+                    outcome["invalid_images"] += 1
+            elif r.status_code == 429:
+                outcome["rejected_429"] += 1
+            else:
+                outcome["other"] += 1
+
+    limits = httpx.Limits(max_connections=config.concurrency)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(one(client, i) for i in range(config.requests)))
+        wall = time.perf_counter() - start
+    latency = summarize(latencies) if latencies else {}
+    return {**outcome, "wall_s": wall, "images_per_s": outcome["ok"] / wall,
+            "latency_ms": {k: v * 1e3 for k, v in latency.items() if k != "n"}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import threading
+
+    import uvicorn
+
+    from sdrt.serve.app import create_app
+    from sdrt.serve.config import ServeConfig
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("engines")
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--port", type=int, default=7871)
+    ap.add_argument("-o", "--output", default=None, help="write the JSON report here too")
+    a = ap.parse_args(argv)
+    report: dict = {"command": " ".join(["python -m sdrt.bench.serve_load", *(argv or sys.argv[1:])])}
+    for label, max_batch in (("batching", None), ("no_batching", 1)):
+        config = ServeConfig(Path(a.engines), port=a.port, backend=a.backend, max_batch=max_batch,
+                             max_queue=a.requests * 16)  # measure throughput, not rejections
+        server = uvicorn.Server(uvicorn.Config(create_app(config), host="127.0.0.1", port=a.port, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        while not server.started:
+            time.sleep(0.05)
+        import httpx
+
+        while httpx.get(f"http://127.0.0.1:{a.port}/ready").status_code != 200:
+            time.sleep(0.1)
+        load = LoadConfig(f"http://127.0.0.1:{a.port}", a.requests, a.concurrency, a.steps, a.size)
+        report[label] = asyncio.run(run_load(load))
+        metrics = httpx.get(f"http://127.0.0.1:{a.port}/metrics").text
+        calls = next(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("sdrt_batch_rows_count"))
+        report[label]["engine_calls"] = calls
+        report[label]["mean_batch"] = float(np.round(report[label]["ok"] / max(calls, 1), 2))
+        server.should_exit = True
+        thread.join()
+    text = json.dumps(report, indent=2)
+    print(text)
+    if a.output:
+        Path(a.output).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

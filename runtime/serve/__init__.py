@@ -1,0 +1,1 @@
+"""`sdrt serve`: an HTTP service speaking the AUTOMATIC1111 and OpenAI image APIs (needs the `serve` extra)."""

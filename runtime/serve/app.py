@@ -1,0 +1,315 @@
+"""`sdrt serve`: the AUTOMATIC1111 and OpenAI image APIs over one engine set (FastAPI + uvicorn).
+
+Handlers validate a request against the engines' limits, queue it as a job and wait for it while
+watching the connection: a client that goes away is dropped from its batch before the next step.
+Every refusal is a 4xx (or 429/503/504) with a JSON body; OpenAI paths answer in OpenAI's error
+shape so its client raises the right exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import io
+import time
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from sdrt.errors import InputError
+from sdrt.pipeline import GenerationConfig, Pipeline
+from sdrt.schedulers import A1111_NAMES, SAMPLERS
+from sdrt.serve.apis import (ImagesRequest, Txt2ImgRequest, a1111_config, a1111_info, openai_config)
+from sdrt.serve.config import ServeConfig
+from sdrt.serve.jobs import ClientGone, Image, Job, QueueFull, RequestTimeout, Scheduler, ShuttingDown
+from sdrt.serve.metrics import Metrics
+
+OPEN_PATHS = ("/health", "/ready", "/metrics")  # probes and scrapers need no token
+_STATUS = {InputError: 400, QueueFull: 429, ShuttingDown: 503, RequestTimeout: 504, ClientGone: 499}
+_KIND = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "too_large",
+         422: "bad_request", 429: "queue_full", 499: "client_disconnected", 503: "unavailable", 504: "timeout",
+         500: "internal"}
+
+
+def png_base64(image: Image) -> str:
+    from PIL import Image as PILImage
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", image.parameters)
+    buf = io.BytesIO()
+    PILImage.fromarray(image.array, "RGB").save(buf, format="PNG", pnginfo=info)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def error_response(path: str, metrics: Metrics, status: int, message: str,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    """A JSON error in the shape of the API the path belongs to, counted by kind."""
+    kind = _KIND.get(status, "error")
+    if path.startswith("/v1/"):
+        kind_openai = "invalid_request_error" if status < 500 else "server_error"
+        body: dict[str, Any] = {"error": {"message": message, "type": kind_openai, "param": None, "code": kind}}
+    else:
+        body = {"error": kind, "detail": message}
+    metrics.errors.labels(kind).inc()
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class AuthAndAccounting:
+    """ASGI middleware: the token check and per-endpoint request metrics. (Pure ASGI rather than
+    BaseHTTPMiddleware, which hides client disconnects from the handlers.)"""
+
+    def __init__(self, app: Any, token: str | None, metrics: Metrics):
+        self.app = app
+        self.token = token
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        path = scope["path"]
+        status = {"code": 500}
+
+        async def send_counted(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if self.token and path not in OPEN_PATHS and not _authorized(headers.get("authorization", ""), self.token):
+            response = error_response(path, self.metrics, 401, "missing or wrong token: send "
+                                      "'Authorization: Bearer TOKEN'", {"WWW-Authenticate": "Bearer"})
+            await response(scope, receive, send_counted)
+        else:
+            await self.app(scope, receive, send_counted)
+        endpoint = path if path in _ENDPOINTS else "other"
+        self.metrics.requests.labels(endpoint, str(status["code"])).inc()
+        self.metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - start)
+
+
+class BodyLimit:
+    """ASGI middleware: request bodies over max_bytes get a 413 before they are read in full."""
+
+    def __init__(self, app: Any, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        too_big = declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes)
+        seen = 0
+
+        async def counted() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise _TooLarge()
+            return message
+
+        if not too_big:
+            try:
+                return await self.app(scope, counted, send)
+            except _TooLarge:
+                pass
+        response = JSONResponse({"error": "too_large", "detail": f"request bodies are limited to {self.max_bytes} "
+                                 "bytes"}, status_code=413)
+        await response(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def create_app(config: ServeConfig, pipeline: Pipeline | None = None) -> FastAPI:
+    """The ASGI app. pipeline: an already loaded one (tests); else loaded by the worker at startup."""
+
+    def load() -> Pipeline:
+        pipe = pipeline or Pipeline.load(config.engines, backend=config.backend)
+        limits = pipe.limits
+        pipe.generate(pipe.make_config("warm-up", steps=2, seed=0, height=limits.height[1], width=limits.width[1]))
+        return pipe
+
+    holder: dict[str, Scheduler] = {}
+    metrics = Metrics(queue_depth=lambda: holder["scheduler"].queued_rows if holder else 0)
+    scheduler = Scheduler(load, config.max_queue, config.max_batch, config.batch_window_s, metrics.observe)
+    holder["scheduler"] = scheduler
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
+        scheduler.start()
+        yield
+        await asyncio.to_thread(scheduler.close, config.shutdown_drain_s)  # after uvicorn's own drain
+
+    app = FastAPI(title="sdrt", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.config = config
+    app.state.scheduler = scheduler
+    app.state.metrics = metrics
+
+    # --- errors, auth, accounting --------------------------------------------------------------
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        where = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()[:5])
+        return error_response(request.url.path, metrics, 400 if request.url.path.startswith("/v1/") else 422,
+                              f"invalid request: {where}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(request.url.path, metrics, exc.status_code, str(exc.detail),
+                              getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(request.url.path, metrics, 500, f"internal error: {type(exc).__name__}: {exc}")
+
+    # --- probes ---------------------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready(request: Request) -> JSONResponse:
+        if scheduler.load_error is not None:
+            return error_response(request.url.path, metrics, 503, f"engines failed to load: {scheduler.load_error}")
+        if not scheduler.ready.is_set():
+            return error_response(request.url.path, metrics, 503, "engines are loading", {"Retry-After": "5"})
+        return JSONResponse({"status": "ready", "backend": scheduler.pipeline.backend.describe()})  # type: ignore[union-attr]
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    # --- generation -------------------------------------------------------------------------------
+
+    async def run_job(request: Request, make: Any) -> tuple[GenerationConfig, list[Image]] | JSONResponse:
+        if scheduler.load_error is not None:
+            return error_response(request.url.path, metrics, 503, f"engines failed to load: {scheduler.load_error}")
+        if not scheduler.ready.is_set():
+            return error_response(request.url.path, metrics, 503, "engines are still loading; retry shortly",
+                                  {"Retry-After": "5"})
+        try:
+            gen = make(scheduler.pipeline)
+            job = Job(gen, deadline=time.monotonic() + config.request_timeout_s)
+            future = asyncio.wrap_future(scheduler.submit(job))
+        except (InputError, QueueFull, ShuttingDown) as e:
+            return _refusal(request, e)
+        while True:
+            done, _ = await asyncio.wait({future}, timeout=0.05)
+            if done:
+                break
+            if await request.is_disconnected():
+                job.cancel()  # the worker drops its rows before the next step
+                future.cancel()  # nobody will read its outcome
+                return error_response(request.url.path, metrics, 499, "client disconnected")
+        try:
+            return gen, future.result()
+        except (RequestTimeout, ShuttingDown, ClientGone) as e:
+            return _refusal(request, e)
+
+    def _refusal(request: Request, e: Exception) -> JSONResponse:
+        status = next(code for kind, code in _STATUS.items() if isinstance(e, kind))
+        headers = {"Retry-After": "1"} if status in (429, 503) else None
+        return error_response(request.url.path, metrics, status, str(e), headers)
+
+    @app.post("/sdapi/v1/txt2img")
+    async def txt2img(request: Request, body: Txt2ImgRequest) -> Any:
+        outcome = await run_job(request, lambda pipe: a1111_config(body, pipe, config))
+        if isinstance(outcome, JSONResponse):
+            return outcome
+        gen, images = outcome
+        pngs = await asyncio.to_thread(lambda: [png_base64(im) for im in images])
+        name = scheduler.pipeline.manifest.name  # type: ignore[union-attr]
+        return {"images": pngs, "parameters": body.model_dump(),
+                "info": a1111_info(body, gen, [im.parameters for im in images], name)}
+
+    @app.post("/v1/images/generations")
+    async def images_generations(request: Request, body: ImagesRequest) -> Any:
+        outcome = await run_job(request, lambda pipe: openai_config(body, pipe, config))
+        if isinstance(outcome, JSONResponse):
+            return outcome
+        _, images = outcome
+        pngs = await asyncio.to_thread(lambda: [png_base64(im) for im in images])
+        return {"created": int(time.time()), "data": [{"b64_json": p, "revised_prompt": body.prompt} for p in pngs]}
+
+    # --- A1111 discovery ----------------------------------------------------------------------
+
+    @app.get("/sdapi/v1/samplers")
+    async def samplers() -> list[dict]:
+        return [{"name": label, "aliases": [name], "options": {}} for label, name in A1111_NAMES.items()
+                if name in SAMPLERS]
+
+    @app.get("/sdapi/v1/sd-models")
+    async def sd_models(request: Request) -> Any:
+        if not scheduler.ready.is_set():
+            return error_response(request.url.path, metrics, 503, "engines are still loading", {"Retry-After": "5"})
+        manifest = scheduler.pipeline.manifest  # type: ignore[union-attr]
+        sha = manifest.source.get("sha256", "")
+        return [{"title": f"{manifest.name} [{sha[:10]}]", "model_name": manifest.name, "hash": sha[:10],
+                 "sha256": sha, "filename": str(config.engines), "config": None}]
+
+    @app.get("/sdapi/v1/scripts")
+    async def scripts() -> dict:
+        return {"txt2img": [], "img2img": []}
+
+    @app.get("/sdapi/v1/progress")
+    async def progress() -> dict:
+        p = scheduler.progress
+        fraction = p.step / p.steps if p.running and p.steps else 0.0
+        elapsed = time.monotonic() - p.started if p.running else 0.0
+        eta = elapsed / fraction - elapsed if fraction > 0 else 0.0
+        jobs = scheduler.queued_jobs + (1 if p.running else 0)
+        return {"progress": fraction, "eta_relative": eta,
+                "state": {"skipped": False, "interrupted": False, "job": "txt2img" if p.running else "",
+                          "job_count": jobs, "job_timestamp": "", "job_no": 0,
+                          "sampling_step": p.step if p.running else 0, "sampling_steps": p.steps if p.running else 0},
+                "current_image": None, "textinfo": None}
+
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    app.add_middleware(AuthAndAccounting, token=config.token, metrics=metrics)  # outermost: runs first
+    return app
+
+
+_ENDPOINTS = ("/sdapi/v1/txt2img", "/v1/images/generations", "/sdapi/v1/progress", "/sdapi/v1/samplers",
+              "/sdapi/v1/sd-models", "/health", "/ready", "/metrics")
+
+
+def _authorized(header: str, token: str) -> bool:
+    """Bearer TOKEN, or HTTP basic auth with TOKEN as the password (A1111's --api-auth clients)."""
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer":
+        return hmac.compare_digest(value.strip().encode(), token.encode())
+    if scheme.lower() == "basic":
+        try:
+            _, _, password = base64.b64decode(value.strip(), validate=True).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+        return hmac.compare_digest(password.encode(), token.encode())
+    return False
+
+
+def serve(config: ServeConfig) -> None:
+    """Runs the server until SIGINT/SIGTERM; queued work gets shutdown_drain_s to finish."""
+    import uvicorn
+
+    app = create_app(config)
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="info",
+                                           timeout_graceful_shutdown=int(config.shutdown_drain_s) + 5))
+    original = server.handle_exit
+
+    def handle_exit(sig: int, frame: Any) -> None:  # stop taking work at once; drain what is queued
+        app.state.scheduler.begin_close(config.shutdown_drain_s)
+        original(sig, frame)
+
+    server.handle_exit = handle_exit  # type: ignore[method-assign]
+    server.run()

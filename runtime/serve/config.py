@@ -1,0 +1,32 @@
+"""The one config `sdrt serve` passes down."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    engines: Path
+    host: str = "127.0.0.1"  # loopback unless the operator opens it
+    port: int = 7860  # AUTOMATIC1111's port, so its clients need no change
+    token: str | None = None  # bearer token (or the password of HTTP basic auth); None: no auth
+    backend: str = "auto"
+    max_queue: int = 64  # queued images (rows) before 429
+    max_batch: int | None = None  # rows per engine call; None: the engines' max batch; 1 disables batching
+    batch_window_s: float = 0.015  # how long the first request waits for others to share its engine call
+    request_timeout_s: float = 300.0  # queue + generation; then 504
+    max_body_bytes: int = 64 * 1024
+    max_prompt_chars: int = 2000
+    max_steps: int = 150
+    max_images_per_request: int = 16
+    max_size: int | None = None  # caps width/height below the engines' own limit
+    default_steps: int = 20
+    default_scheduler: str = "dpmpp_2m_karras"
+    shutdown_drain_s: float = 30.0  # on SIGTERM, queued work this long; then 503 for what is left
+
+    @staticmethod
+    def token_from_env() -> str | None:
+        return os.environ.get("SDRT_TOKEN") or None

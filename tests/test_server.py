@@ -1,0 +1,316 @@
+"""`sdrt serve` on loopback with the tiny engines, through real clients: the openai package,
+webuiapi (AUTOMATIC1111's Python client) and plain HTTP; fuzzed bodies; a bounded load test."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import socket
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+import httpx  # noqa: E402
+import uvicorn  # noqa: E402
+
+from sdrt.pipeline import Pipeline  # noqa: E402
+from sdrt.serve.app import create_app  # noqa: E402
+from sdrt.serve.config import ServeConfig  # noqa: E402
+
+TOKEN = "s3cret"
+
+
+class LiveServer:
+    """create_app under uvicorn in a thread, on a free loopback port; ready when /ready says so."""
+
+    def __init__(self, config: ServeConfig):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.config = replace(config, port=port)
+        self.url = f"http://127.0.0.1:{port}"
+        self.app = create_app(self.config)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("server did not become ready")
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.config.token}"} if self.config.token else {}
+
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample of /metrics (0 when absent)."""
+        want = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else "")
+        for line in httpx.get(f"{self.url}/metrics").text.splitlines():
+            if line.startswith(want + " "):
+                return float(line.split()[-1])
+        return 0.0
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_engines):
+    live = LiveServer(ServeConfig(tiny_engines, token=TOKEN, backend="ort-cpu"))
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="module")
+def direct(tiny_engines):
+    return Pipeline.load(tiny_engines, backend="ort-cpu")
+
+
+def decode(b64: str) -> tuple[np.ndarray, dict]:
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(base64.b64decode(b64)))
+    return np.asarray(image.convert("RGB")), dict(image.info)
+
+
+# --- real clients --------------------------------------------------------------------------------
+
+def test_openai_client_images_match_the_pipeline(server, direct):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=TOKEN, max_retries=0)
+    response = client.images.generate(model="sdrt", prompt="a red cube", n=2, size="64x64",
+                                      response_format="b64_json", extra_body={"seed": 5, "steps": 3})
+    assert len(response.data) == 2 and response.created > 0
+    expected = direct.generate(direct.make_config(["a red cube"] * 2, steps=3, seeds=[5, 6], height=64, width=64,
+                                                  scheduler="dpmpp_2m_karras")).images
+    for item, want in zip(response.data, expected):
+        got, info = decode(item.b64_json)
+        np.testing.assert_array_equal(got, want)
+        assert "Seed: " in info["parameters"] and info["parameters"].startswith("a red cube")
+
+    with pytest.raises(openai.BadRequestError, match="b64_json"):
+        client.images.generate(prompt="x", size="64x64", response_format="url")
+    with pytest.raises(openai.BadRequestError, match="size"):
+        client.images.generate(prompt="x", size="large")
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).images.generate(prompt="x")
+
+
+def test_webuiapi_client_images_match_the_pipeline(server, direct):
+    import webuiapi
+
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=int(server.url.rsplit(":", 1)[1]), sampler="Euler", steps=3,
+                            username="user", password=TOKEN)  # A1111's --api-auth: the token as password
+    result = api.txt2img(prompt="a dog", negative_prompt="blurry", seed=11, cfg_scale=5, width=64, height=64,
+                         batch_size=2, n_iter=2, sampler_name="DPM++ 2M", scheduler="Karras")
+    assert result.info["all_seeds"] == [11, 12, 13, 14] and result.info["sampler_name"] == "DPM++ 2M Karras"
+    expected = direct.generate(direct.make_config(["a dog"] * 4, negative_prompt="blurry", steps=3, guidance=5,
+                                                  seeds=[11, 12, 13, 14], height=64, width=64,
+                                                  scheduler="dpmpp_2m_karras")).images
+    assert len(result.images) == 4
+    for image, want in zip(result.images, expected):
+        np.testing.assert_array_equal(np.asarray(image.convert("RGB")), want)
+    assert "Negative prompt: blurry" in result.images[2].info["parameters"]
+    assert "Seed: 13" in result.images[2].info["parameters"]
+
+
+def test_discovery_endpoints(server):
+    h = server.headers()
+    samplers = httpx.get(f"{server.url}/sdapi/v1/samplers", headers=h).json()
+    assert {"Euler a", "DPM++ 2M Karras", "DDIM"} <= {s["name"] for s in samplers}
+    models = httpx.get(f"{server.url}/sdapi/v1/sd-models", headers=h).json()
+    assert models[0]["model_name"] == "tiny-fp32" and len(models[0]["sha256"]) == 64
+    progress = httpx.get(f"{server.url}/sdapi/v1/progress", headers=h).json()
+    assert progress["state"]["job_count"] == 0 and progress["progress"] == 0.0
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{server.url}/ready").json()["status"] == "ready"
+
+
+# --- refusals ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path, body, status, match", [
+    ("/sdapi/v1/txt2img", {"prompt": "x", "width": 65, "height": 64, "steps": 2}, 400, "multiple of 8"),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "steps": 0}, 400, "steps must be"),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "steps": 10**6}, 400, "steps must be"),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "sampler_name": "Heun"}, 400, "not available"),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "enable_hr": True}, 400, "enable_hr"),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "seed": 2**40}, 400, "seed must be"),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "batch_size": 999}, 400, "1 to 16 images"),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "cfg_scale": "NaN", "steps": 2, "width": 64, "height": 64}, 400, "finite"),
+    ("/sdapi/v1/txt2img", {"prompt": "x" * 5000}, 400, "2000 characters"),
+    ("/sdapi/v1/txt2img", {"prompt": ["not", "a", "string"]}, 422, "prompt"),
+    ("/sdapi/v1/txt2img", [1, 2], 422, "invalid request"),
+    ("/v1/images/generations", {"prompt": "x", "n": 0}, 400, "1 to 16"),
+    ("/v1/images/generations", {"n": 1}, 400, "prompt"),
+    ("/v1/images/generations", {"prompt": "x", "size": "64x4096"}, 400, "height must be"),
+])
+def test_bad_requests_get_a_4xx_json_error(server, path, body, status, match):
+    response = httpx.post(server.url + path, json=body, headers=server.headers())
+    assert response.status_code == status, response.text
+    payload = response.json()
+    message = payload["error"]["message"] if path.startswith("/v1/") else payload["detail"]
+    assert match in message
+
+
+def test_auth_body_limit_and_unknown_paths(server):
+    url = f"{server.url}/sdapi/v1/txt2img"
+    assert httpx.post(url, json={"prompt": "x"}).status_code == 401
+    assert httpx.post(url, json={"prompt": "x"}, headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert httpx.get(f"{server.url}/metrics").status_code == 200  # probes and scrapers need no token
+    big = httpx.post(url, content=b"{" + b" " * 100_000 + b"}", headers={**server.headers(),
+                                                                          "Content-Type": "application/json"})
+    assert big.status_code == 413 and big.json()["error"] == "too_large"
+    garbage = httpx.post(url, content=b"\xff\xfe not json", headers={**server.headers(),
+                                                                      "Content-Type": "application/json"})
+    assert garbage.status_code in (400, 422) and "error" in garbage.json()
+    missing = httpx.get(f"{server.url}/nowhere", headers=server.headers())
+    assert missing.status_code == 404 and missing.json()["error"] == "not_found"
+
+
+def test_a_disconnected_client_is_dropped_before_its_next_step(server):
+    before_total = server.metric("sdrt_stage_seconds_count", stage="total")
+    body = {"prompt": "slow", "steps": 150, "width": 256, "height": 256, "seed": 1}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        httpx.post(f"{server.url}/sdapi/v1/txt2img", json=body, headers=server.headers(), timeout=0.8)
+    deadline = time.monotonic() + 5  # the whole generation would take ~10 s
+    while httpx.get(f"{server.url}/sdapi/v1/progress", headers=server.headers()).json()["state"]["job_count"]:
+        assert time.monotonic() < deadline, "the abandoned generation kept running"
+        time.sleep(0.05)
+    assert server.metric("sdrt_errors_total", kind="client_disconnected") >= 1
+    assert server.metric("sdrt_stage_seconds_count", stage="total") == before_total  # stopped, not finished
+
+
+def test_queue_full_gets_429_and_timeouts_504(tiny_engines):
+    live = LiveServer(ServeConfig(tiny_engines, backend="ort-cpu", max_queue=1, max_batch=1,
+                                  request_timeout_s=1.5))
+    try:
+        body = {"prompt": "x", "steps": 60, "width": 256, "height": 256}  # ~4 s each
+
+        async def burst() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=30) as client:
+                return await asyncio.gather(*(client.post(f"{live.url}/sdapi/v1/txt2img", json=body)
+                                              for _ in range(4)))
+
+        codes = sorted(r.status_code for r in asyncio.run(burst()))
+        assert 429 in codes and 504 in codes and set(codes) <= {429, 504}, codes
+        for r in asyncio.run(burst()):
+            if r.status_code == 429:
+                assert r.headers["Retry-After"] == "1" and r.json()["error"] == "queue_full"
+    finally:
+        live.stop()
+
+
+# --- fuzzing -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fuzz_server(tiny_engines):
+    live = LiveServer(ServeConfig(tiny_engines, backend="ort-cpu", max_steps=3, max_size=128))
+    yield live
+    live.stop()
+
+
+def _values():
+    from hypothesis import strategies as st
+
+    return st.one_of(st.none(), st.booleans(), st.integers(min_value=-2**70, max_value=2**70),
+                     st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=30),
+                     st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=5), st.integers(), max_size=2))
+
+
+def _field(good):
+    from hypothesis import strategies as st
+
+    return st.one_of(good, _values())
+
+
+def _a1111_bodies():
+    from hypothesis import strategies as st
+
+    return st.fixed_dictionaries({}, optional={
+        "prompt": _field(st.text(max_size=40)),
+        "negative_prompt": _field(st.text(max_size=20)),
+        "seed": _field(st.integers(-1, 2**32)),
+        "sampler_name": _field(st.sampled_from(["Euler a", "DDIM", "DPM++ 2M", "LCM", "PLMS", "x"])),
+        "scheduler": _field(st.sampled_from(["Automatic", "Karras", "Exponential"])),
+        "steps": _field(st.integers(-1, 4)),
+        "cfg_scale": _field(st.floats(-5, 20)),
+        "width": _field(st.sampled_from([0, 8, 63, 64, 72, 128, 136])),
+        "height": _field(st.sampled_from([0, 64, 65, 128, 4096])),
+        "batch_size": _field(st.integers(-1, 3)),
+        "n_iter": _field(st.integers(0, 2)),
+        "enable_hr": st.booleans(),
+    })
+
+
+def _openai_bodies():
+    from hypothesis import strategies as st
+
+    return st.fixed_dictionaries({}, optional={
+        "prompt": _field(st.text(max_size=40)),
+        "n": _field(st.integers(-1, 3)),
+        "size": _field(st.sampled_from(["64x64", "128x64", "auto", "64", "x", "64x64x64", "99999x1"])),
+        "response_format": _field(st.sampled_from(["b64_json", "url"])),
+        "seed": _field(st.integers(-2, 2**33)),
+        "steps": _field(st.integers(-1, 4)),
+        "guidance_scale": _field(st.floats()),
+        "scheduler": _field(st.sampled_from(["euler", "Euler a", "nope"])),
+    })
+
+
+@pytest.mark.parametrize("path, bodies", [("/sdapi/v1/txt2img", _a1111_bodies), ("/v1/images/generations",
+                                                                                  _openai_bodies)])
+def test_fuzzed_bodies_never_get_a_5xx(fuzz_server, path, bodies):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    client = httpx.Client(timeout=30)
+
+    @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(body=st.one_of(bodies(), _values()))
+    def check(body):
+        # NaN and Infinity go out as the literals Python's json writes (and reads) by default
+        response = client.post(fuzz_server.url + path, content=json.dumps(body).encode(),
+                               headers={"Content-Type": "application/json"})
+        assert response.status_code < 500, (body, response.status_code, response.text)
+        payload = response.json()
+        if response.status_code == 200:
+            images = payload["images"] if "images" in payload else [d["b64_json"] for d in payload["data"]]
+            assert images and all(decode(b)[0].ndim == 3 for b in images)
+        else:
+            assert "error" in payload
+
+    check()
+    client.close()
+
+
+# --- load ----------------------------------------------------------------------------------------
+
+def test_load_every_request_completes_or_gets_429_and_batching_shows(tiny_engines):
+    from sdrt.bench.serve_load import LoadConfig, run_load
+
+    live = LiveServer(ServeConfig(tiny_engines, backend="ort-cpu", max_queue=24, batch_window_s=0.02))
+    try:
+        report = asyncio.run(run_load(LoadConfig(live.url, requests=200, concurrency=32, steps=3, size=64)))
+        assert report["ok"] + report["rejected_429"] == 200, report  # none lost, no other outcome
+        assert report["ok"] >= 24 and report["invalid_images"] == 0
+        rows = live.metric("sdrt_batch_rows_sum")
+        calls = live.metric("sdrt_batch_rows_count")
+        assert rows == report["ok"] == live.metric("sdrt_images_generated_total")
+        assert calls < rows, f"no request batching observed: {calls} engine calls for {rows} images"
+        assert live.metric("sdrt_errors_total", kind="queue_full") == report["rejected_429"]
+        assert live.metric("sdrt_queue_depth") == 0
+    finally:
+        live.stop()
