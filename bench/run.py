@@ -173,6 +173,11 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
             if base:
                 per["ratio_vs_torch"] = {s: per["latency_s"][s]["median"] / base["latency_s"][s]["median"]
                                          for s in STAGES}
+    manifest = read_manifest(engines)
+    results["artifacts"] = {  # one-off costs of the engines measured (seconds, on the machine that made them)
+        "export_s": manifest.source.get("export_s"),
+        "build_s": {k: v["build_s"] for k, v in manifest.plans.get("components", {}).items()} or None,
+        "plans": manifest.plans.get("shapes"), "precision": manifest.precision}
     results.update(schema=1, machine=machine_info(), versions=package_versions(BENCH_PACKAGES), command=config.command,
                    workload=asdict(config.workload), runs=config.runs, warmup=config.warmup,
                    batches=list(config.batches), notes=config.notes,

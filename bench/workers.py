@@ -61,6 +61,13 @@ class DeviceMemoryProbe:
             time.sleep(0.005)
 
 
+def ort_backend() -> str:
+    """The bench's `ort` is ONNX Runtime on the GPU where there is one (never TensorRT, which `auto` may pick)."""
+    from sdrt.backends.onnxruntime import cuda_available
+
+    return "ort-cuda" if cuda_available() else "ort-cpu"
+
+
 class SdrtRunner:
     def __init__(self, workload: Workload, backend: str):
         from sdrt.pipeline import Pipeline
@@ -203,7 +210,7 @@ def worker_main(conn: Any, backend: str, workload: dict[str, Any], spawned_at: f
         if backend in ("torch", "torch-compile"):
             runner: Any = TorchRunner(w, compile=backend == "torch-compile")
         else:
-            runner = SdrtRunner(w, "auto" if backend == "ort" else backend)
+            runner = SdrtRunner(w, ort_backend() if backend == "ort" else backend)
         load_s = time.perf_counter() - load_start
         conn.send(("ready", {"name": runner.name, "load_s": load_s}))
         first_image_at: float | None = None

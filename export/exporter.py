@@ -99,6 +99,9 @@ def export(config: ExportConfig, progress: bool = True) -> Manifest:
 
     from tqdm import tqdm
 
+    import time
+
+    started = time.perf_counter()
     staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -117,7 +120,8 @@ def export(config: ExportConfig, progress: bool = True) -> Manifest:
                  for p in sorted(staging.rglob("*")) if p.is_file()}
         manifest = Manifest(
             name=out_dir.name, precision=config.precision, files=files,
-            source={"path": str(model_dir.resolve()), "sha256": src},
+            source={"path": str(model_dir.resolve()), "sha256": src,
+                    "export_s": round(time.perf_counter() - started, 1)},
             versions={k: v for k, v in package_versions(RECORDED_PACKAGES).items() if v},
             **manifest_parts,
         )

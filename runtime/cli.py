@@ -100,7 +100,8 @@ def _serve(args: argparse.Namespace) -> None:
                       "(set --token or SDRT_TOKEN)")
     serve(ServeConfig(Path(args.engines), host=args.host, port=args.port, token=token, backend=args.backend,
                       max_queue=args.max_queue, max_batch=args.max_batch, batch_window_s=args.batch_window_ms / 1e3,
-                      request_timeout_s=args.timeout, max_steps=args.max_steps, max_size=args.max_size))
+                      request_timeout_s=args.timeout, max_steps=args.max_steps, max_size=args.max_size,
+                      shutdown_drain_s=args.drain))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=300.0, help="per-request timeout in seconds (then 504)")
     p.add_argument("--max-steps", type=int, default=150)
     p.add_argument("--max-size", type=int, default=None, help="cap on width/height below the engines' limit")
+    p.add_argument("--drain", type=float, default=30.0,
+                   help="on SIGTERM/SIGINT, seconds queued work may still run; what is left then gets 503")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("bench", help="sdrt against the diffusers baselines, side by side")

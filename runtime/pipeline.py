@@ -26,6 +26,7 @@ from sdrt.backends.base import Backend, Engine
 from sdrt.errors import InputError, SdrtError, is_integer
 from sdrt.manifest import COMPONENTS, Manifest, read_manifest
 from sdrt.schedulers import NoiseSchedule, SamplerPlan, check_sampler, make_plan
+from sdrt.tiling import decode_tiled
 from sdrt.tokenizer import ClipTokenizer
 
 SEED_MAX = 2**32 - 1
@@ -109,11 +110,14 @@ class Result:
 class Pipeline:
     """`Pipeline.load("engines/NAME")("a prompt", steps=20)` -> list of PIL images."""
 
-    def __init__(self, engine_dir: Path, manifest: Manifest, backend: Backend, low_vram: bool = False):
+    def __init__(self, engine_dir: Path, manifest: Manifest, backend: Backend, low_vram: bool = False,
+                 vae_tile: int = 512, vae_overlap: int = 128):
         self.engine_dir = Path(engine_dir)
         self.manifest = manifest
         self.backend = backend
         self.low_vram = low_vram
+        self.vae_tile = vae_tile  # pixels; low-VRAM mode decodes larger images in tiles of this size
+        self.vae_overlap = vae_overlap
         self.limits = backend.limits(manifest)
         self.schedule = NoiseSchedule.from_config(manifest.scheduler_config)
         self.tokenizer = ClipTokenizer(self.engine_dir / "tokenizer", manifest.model["text_max_length"])
@@ -122,13 +126,14 @@ class Pipeline:
 
     @classmethod
     def load(cls, engine_dir: str | Path, backend: str | Backend = "auto", verify: bool = True,
-             low_vram: bool = False) -> "Pipeline":
+             low_vram: bool = False, vae_tile: int = 512) -> "Pipeline":
+        """low_vram: one engine resident at a time, and VAE decode in vae_tile-pixel tiles above that size."""
         engine_dir = Path(engine_dir)
         manifest = read_manifest(engine_dir)
         chosen = select_backend(backend, manifest) if isinstance(backend, str) else backend
         if verify:
             chosen.verify(engine_dir, manifest)
-        pipe = cls(engine_dir, manifest, chosen, low_vram=low_vram)
+        pipe = cls(engine_dir, manifest, chosen, low_vram=low_vram, vae_tile=vae_tile, vae_overlap=vae_tile // 4)
         if not low_vram:
             for name in COMPONENTS:
                 pipe._engine(name)
@@ -292,15 +297,37 @@ class Pipeline:
 
         # decode to uint8 in the graph; one download
         t0 = time.perf_counter()
-        images = self._buffer("images", (len(in_batch), config.height, config.width, 3), "uint8")
-        self._engine("vae_decoder").run({"latents": sets[n % 2]["latents"]}, {"images": images})
-        host_images = self.backend.download(images).copy()
+        host_images = self._decode(sets[n % 2]["latents"], len(in_batch), config.height, config.width)
         if alive != in_batch:  # rows dropped after the last step
             host_images = host_images[[in_batch.index(row) for row in alive]]
         timings.decode_s = time.perf_counter() - t0
         timings.total_s = time.perf_counter() - start
         seeds = [config.row_seeds[row] for row in alive]
         return Result(host_images, config, seeds, timings, self.manifest.name, alive)
+
+    def _decode(self, latents: Any, b: int, height: int, width: int) -> np.ndarray:
+        """(b, 4, h, w) latents on the device -> (b, H, W, 3) uint8 on the host; in low-VRAM mode,
+        images larger than a tile are decoded tile by tile (see sdrt.tiling)."""
+        f = self.manifest.model["vae_scale_factor"]
+        tile = self.vae_tile // f
+        if self._tiles_decode(height, width):
+            def decode(tile_latents: np.ndarray) -> np.ndarray:
+                th, tw = tile_latents.shape[2:]
+                images = self._buffer("tile_images", (b, th * f, tw * f, 3), "uint8")
+                self._engine("vae_decoder").run({"latents": self._write("tile_latents", tile_latents)},
+                                                {"images": images})
+                return self.backend.download(images)
+
+            return decode_tiled(self.backend.download(latents), decode, f, tile, self.vae_overlap // f)
+        images = self._buffer("images", (b, height, width, 3), "uint8")
+        self._engine("vae_decoder").run({"latents": latents}, {"images": images})
+        return self.backend.download(images).copy()
+
+    def _tiles_decode(self, height: int, width: int) -> bool:
+        """Low-VRAM mode, an image larger than a tile, and engines that accept the tile size."""
+        fits = all(lo <= min(self.vae_tile, size) <= hi
+                   for size, (lo, _, hi) in ((height, self.limits.height), (width, self.limits.width)))
+        return self.low_vram and max(height, width) > self.vae_tile and fits
 
     def _bind_loop(self, loop: "_Loop", state: dict[str, np.ndarray], start: int,
                    n: int) -> tuple[list[dict[str, Any]], list[Any]]:

@@ -32,6 +32,7 @@ def test_bench_tiny_side_by_side(tiny_model, tiny_engines, tmp_path):
     results = run_bench(config, progress=False)
     assert set(results["backends"]) == {"torch", "ort"}
     assert "trt" in results["skipped"]
+    assert results["artifacts"]["export_s"] > 0 and results["artifacts"]["build_s"] is None  # no plans built
     for name, entry in results["backends"].items():
         assert entry["cold_start_s"] > 0 and entry["peak_rss_mb"] > 0
         for batch in ("1", "2"):

@@ -314,3 +314,45 @@ def test_load_every_request_completes_or_gets_429_and_batching_shows(tiny_engine
         assert live.metric("sdrt_queue_depth") == 0
     finally:
         live.stop()
+
+
+def test_sigterm_finishes_running_work_and_rejects_the_rest_cleanly(tiny_engines):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "sdrt.cli", "serve", str(tiny_engines), "--port", str(port),
+                             "--backend", "ort-cpu", "--max-batch", "1", "--drain", "1.0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read().decode()
+            time.sleep(0.1)
+        body = {"prompt": "x", "steps": 20, "width": 256, "height": 256}  # ~1.4 s each, one at a time
+
+        async def requests_then_sigterm() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=60) as client:
+                pending = [asyncio.ensure_future(client.post(f"{url}/sdapi/v1/txt2img", json=body)) for _ in range(4)]
+                await asyncio.sleep(0.5)
+                proc.send_signal(signal.SIGTERM)
+                return await asyncio.gather(*pending)
+
+        codes = sorted(r.status_code for r in asyncio.run(requests_then_sigterm()))
+        assert codes[0] == 200 and codes[-1] == 503 and set(codes) == {200, 503}, codes  # none dropped
+        # uvicorn re-raises the signal after its graceful shutdown, so the exit is "killed by SIGTERM"
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+        assert "Application shutdown complete" in proc.stdout.read().decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
