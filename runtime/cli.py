@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build", help="build TensorRT plans from an exported engine directory")
     p.add_argument("engines", help="engine directory made by `sdrt export`")
     p.add_argument("--shapes", default=None,
-                   help="static:WxH,batch=N or dynamic:MIN-MAX,batch=A-B (default: static at the model's size, batch 1)")
+                   help="static:WxH,batch=N or dynamic:MIN-MAX,batch=A-B (default: static, model size, batch 1)")
     p.add_argument("--arch", default=None,
                    help="comma list, e.g. sm86,sm89 (TensorRT-RTX; default: this GPU, or every RTX arch without one)")
     p.add_argument("--flavour", choices=["auto", "tensorrt", "tensorrt_rtx"], default="auto",

@@ -49,16 +49,14 @@ def mem_info() -> tuple[int, int]:
     return int(free), int(total)
 
 
-class DeviceMemory:
-    """One cudaMalloc block; freed explicitly or when collected."""
+class _Allocation:
+    """Memory from one CUDA allocator call, freed explicitly or when collected."""
 
-    def __init__(self, nbytes: int):
-        self.nbytes = max(int(nbytes), 1)
-        self.ptr = int(check(_cudart().cudaMalloc(self.nbytes)))
+    _free_name = ""
 
     def free(self) -> None:
         if self.ptr:
-            check(_cudart().cudaFree(self.ptr))
+            check(getattr(_cudart(), self._free_name)(self.ptr))
             self.ptr = 0
 
     def __del__(self) -> None:
@@ -68,8 +66,20 @@ class DeviceMemory:
             pass
 
 
-class PinnedMemory:
+class DeviceMemory(_Allocation):
+    """One cudaMalloc block."""
+
+    _free_name = "cudaFree"
+
+    def __init__(self, nbytes: int):
+        self.nbytes = max(int(nbytes), 1)
+        self.ptr = int(check(_cudart().cudaMalloc(self.nbytes)))
+
+
+class PinnedMemory(_Allocation):
     """Page-locked host memory (fast, truly async copies), viewed as numpy arrays."""
+
+    _free_name = "cudaFreeHost"
 
     def __init__(self, nbytes: int):
         self.nbytes = max(int(nbytes), 1)
@@ -81,17 +91,6 @@ class PinnedMemory:
             raise BackendError(f"pinned buffer of {self.nbytes} bytes cannot hold {count}")
         raw = (ctypes.c_char * count).from_address(self.ptr)
         return np.frombuffer(raw, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
-
-    def free(self) -> None:
-        if self.ptr:
-            check(_cudart().cudaFreeHost(self.ptr))
-            self.ptr = 0
-
-    def __del__(self) -> None:
-        try:
-            self.free()
-        except Exception:
-            pass
 
 
 class Stream:

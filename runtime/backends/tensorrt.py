@@ -165,8 +165,8 @@ class TrtBackend(Backend):
                                   + build_hint(self.engine_dir, f" --arch {self.arch}"))
         engine = self.runtime.deserialize_cuda_engine(data)
         if engine is None:  # TensorRT reports through the logger and returns None, never crashes
-            raise EngineError(f"TensorRT could not deserialize {path}: {'; '.join(self.logger_errors()) or 'no message'};"
-                              f" {build_hint(self.engine_dir)}")
+            errors = "; ".join(self.logger_errors()) or "no message"
+            raise EngineError(f"TensorRT could not deserialize {path}: {errors}; {build_hint(self.engine_dir)}")
         io = []
         for i in range(engine.num_io_tensors):
             name = engine.get_tensor_name(i)

@@ -222,25 +222,26 @@ def create_app(config: ServeConfig, pipeline: Pipeline | None = None) -> FastAPI
         headers = {"Retry-After": "1"} if status in (429, 503) else None
         return error_response(request.url.path, metrics, status, str(e), headers)
 
-    @app.post("/sdapi/v1/txt2img")
-    async def txt2img(request: Request, body: Txt2ImgRequest) -> Any:
-        outcome = await run_job(request, lambda pipe: a1111_config(body, pipe, config))
+    async def generate(request: Request, make: Any, answer: Any) -> Any:
+        """Runs the job; answer(config, images, pngs) shapes the API's reply (PNGs encoded off the loop)."""
+        outcome = await run_job(request, make)
         if isinstance(outcome, JSONResponse):
             return outcome
         gen, images = outcome
         pngs = await asyncio.to_thread(lambda: [png_base64(im) for im in images])
-        name = scheduler.pipeline.manifest.name  # type: ignore[union-attr]
-        return {"images": pngs, "parameters": body.model_dump(),
-                "info": a1111_info(body, gen, [im.parameters for im in images], name)}
+        return answer(gen, images, pngs)
+
+    @app.post("/sdapi/v1/txt2img")
+    async def txt2img(request: Request, body: Txt2ImgRequest) -> Any:
+        name = scheduler.pipeline.manifest.name if scheduler.pipeline else ""
+        return await generate(request, lambda pipe: a1111_config(body, pipe, config), lambda gen, images, pngs: {
+            "images": pngs, "parameters": body.model_dump(),
+            "info": a1111_info(body, gen, [im.parameters for im in images], name)})
 
     @app.post("/v1/images/generations")
     async def images_generations(request: Request, body: ImagesRequest) -> Any:
-        outcome = await run_job(request, lambda pipe: openai_config(body, pipe, config))
-        if isinstance(outcome, JSONResponse):
-            return outcome
-        _, images = outcome
-        pngs = await asyncio.to_thread(lambda: [png_base64(im) for im in images])
-        return {"created": int(time.time()), "data": [{"b64_json": p, "revised_prompt": body.prompt} for p in pngs]}
+        return await generate(request, lambda pipe: openai_config(body, pipe, config), lambda gen, images, pngs: {
+            "created": int(time.time()), "data": [{"b64_json": p, "revised_prompt": body.prompt} for p in pngs]})
 
     # --- A1111 discovery ----------------------------------------------------------------------
 
