@@ -100,7 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=7871)
     ap.add_argument("-o", "--output", default=None, help="write the JSON report here too")
     a = ap.parse_args(argv)
-    report: dict = {"command": " ".join(["python -m sdrt.bench.serve_load", *(argv or sys.argv[1:])])}
+    from sdrt.bench.run import BENCH_PACKAGES, machine_info
+    from sdrt.versions import package_versions
+
+    report: dict = {"command": " ".join(["python -m sdrt.bench.serve_load", *(argv or sys.argv[1:])]),
+                    "machine": machine_info(), "versions": package_versions(BENCH_PACKAGES + ("fastapi", "uvicorn")),
+                    "workload": {"endpoint": "/sdapi/v1/txt2img", "requests": a.requests, "concurrency": a.concurrency,
+                                 "steps": a.steps, "size": a.size, "engines": a.engines}}
     for label, max_batch in (("batching", None), ("no_batching", 1)):
         config = ServeConfig(Path(a.engines), port=a.port, backend=a.backend, max_batch=max_batch,
                              max_queue=a.requests * 16)  # measure throughput, not rejections
