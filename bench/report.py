@@ -39,12 +39,12 @@ def markdown_table(r: dict[str, Any]) -> str:
                 f"{'%.0f' % (host * 1e6) if host is not None else '—'} | "
                 f"{'%.4f (%.0f%%)' % (tf, per['pct_of_matmul_peak']) if tf else '—'} | "
                 f"{'identical' if p == float('inf') else ('%.1f dB' % p if p is not None else '—')} |")
-    lines += ["", "| backend | load s | cold start s (new process → first image) | peak host RSS MB | peak device MB |",
-              "|---|---|---|---|---|"]
+    lines += ["", "| backend | load s | compile s | cold start s (new process → first image) | peak host RSS MB | "
+              "peak device MB |", "|---|---|---|---|---|---|"]
     for name, e in r["backends"].items():
-        dev = e.get("peak_device_mb")
-        lines.append(f"| {e['name']} | {e['load_s']:.1f} | {e['cold_start_s']:.1f} | {e['peak_rss_mb']:,.0f} | "
-                     f"{'%.0f' % dev if dev is not None else 'n/a (no GPU)'} |")
+        dev, comp = e.get("peak_device_mb"), e.get("compile_s")
+        lines.append(f"| {e['name']} | {e['load_s']:.1f} | {'%.1f' % comp if comp else '—'} | {e['cold_start_s']:.1f} | "
+                     f"{e['peak_rss_mb']:,.0f} | {'%.0f' % dev if dev is not None else 'n/a (no GPU)'} |")
     for name, why in r.get("skipped", {}).items():
         lines.append(f"\nSkipped `{name}`: {why}")
     return "\n".join(lines) + "\n"

@@ -130,6 +130,7 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
             first, _ = worker.run(config.batches[0], latents[config.batches[0]])
             workers[backend] = worker
             results["backends"][backend] = {"name": worker.info["name"], "load_s": worker.info["load_s"],
+                                            "compile_s": worker.info.get("compile_s"),
                                             "cold_start_s": first["cold_start"], "batches": {}}
         images: dict[tuple[str, int], np.ndarray] = {}
         for batch in config.batches:
