@@ -11,7 +11,8 @@ import numpy as np
 from sdrt.errors import BackendError
 
 
-def _cudart() -> Any:
+def cudart() -> Any:
+    """cuda.bindings.runtime, or a BackendError that says how to install it."""
     try:
         from cuda.bindings import runtime
     except ImportError as e:
@@ -32,12 +33,12 @@ def check(result: Any) -> Any:
 def gpu_arch(device: int = 0) -> str | None:
     """'sm86' for the GPU here, None without cuda-bindings, a driver or a GPU."""
     try:
-        cudart = _cudart()
-        err, count = cudart.cudaGetDeviceCount()
+        rt = cudart()
+        err, count = rt.cudaGetDeviceCount()
         if int(err) != 0 or count <= device:
             return None
-        major = check(cudart.cudaDeviceGetAttribute(cudart.cudaDeviceAttr.cudaDevAttrComputeCapabilityMajor, device))
-        minor = check(cudart.cudaDeviceGetAttribute(cudart.cudaDeviceAttr.cudaDevAttrComputeCapabilityMinor, device))
+        major = check(rt.cudaDeviceGetAttribute(rt.cudaDeviceAttr.cudaDevAttrComputeCapabilityMajor, device))
+        minor = check(rt.cudaDeviceGetAttribute(rt.cudaDeviceAttr.cudaDevAttrComputeCapabilityMinor, device))
     except BackendError:
         return None
     return f"sm{major}{minor}"
@@ -45,7 +46,7 @@ def gpu_arch(device: int = 0) -> str | None:
 
 def mem_info() -> tuple[int, int]:
     """(free, total) bytes of the current device."""
-    free, total = check(_cudart().cudaMemGetInfo())
+    free, total = check(cudart().cudaMemGetInfo())
     return int(free), int(total)
 
 
@@ -56,7 +57,7 @@ class _Allocation:
 
     def free(self) -> None:
         if self.ptr:
-            check(getattr(_cudart(), self._free_name)(self.ptr))
+            check(getattr(cudart(), self._free_name)(self.ptr))
             self.ptr = 0
 
     def __del__(self) -> None:
@@ -73,7 +74,7 @@ class DeviceMemory(_Allocation):
 
     def __init__(self, nbytes: int):
         self.nbytes = max(int(nbytes), 1)
-        self.ptr = int(check(_cudart().cudaMalloc(self.nbytes)))
+        self.ptr = int(check(cudart().cudaMalloc(self.nbytes)))
 
 
 class PinnedMemory(_Allocation):
@@ -83,7 +84,7 @@ class PinnedMemory(_Allocation):
 
     def __init__(self, nbytes: int):
         self.nbytes = max(int(nbytes), 1)
-        self.ptr = int(check(_cudart().cudaMallocHost(self.nbytes)))
+        self.ptr = int(check(cudart().cudaMallocHost(self.nbytes)))
 
     def view(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         count = int(np.prod(shape)) * np.dtype(dtype).itemsize
@@ -95,9 +96,9 @@ class PinnedMemory(_Allocation):
 
 class Stream:
     def __init__(self) -> None:
-        cudart = _cudart()
-        self._cudart = cudart
-        self.handle = check(cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking))
+        rt = cudart()
+        self._cudart = rt
+        self.handle = check(rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking))
         self.ptr = int(self.handle)  # what TensorRT's execute_async_v3 takes
 
     def copy_to_device(self, dst: int, src: int, nbytes: int) -> None:

@@ -287,7 +287,8 @@ class Pipeline:
                 alive = [row for row in alive if row in set(wanted)]
                 if not alive:
                     raise Cancelled(f"generation stopped after step {i} of {n}: no row is wanted any more")
-                if len(alive) < len(in_batch) and i < n:
+                # static plans take one batch size: there the dropped rows run on and are discarded
+                if len(alive) < len(in_batch) and i < n and len(alive) >= self.limits.batch[0]:
                     keep = [in_batch.index(row) for row in alive]
                     sets, feeds = self._drop_rows(loop, sets[i % 2], keep, len(in_batch), i, n)
                     in_batch = alive

@@ -226,3 +226,17 @@ def test_low_vram_tiled_decode_is_close_to_the_full_decode(tiny_engines, pipe):
     assert psnr(tiled, full) >= 25.0
     small = pipe.make_config("a cat", steps=2, seed=3, height=64, width=64)  # one tile: the full decode
     np.testing.assert_array_equal(lean.generate(small).images, pipe.generate(small).images)
+
+
+def test_rows_are_not_compacted_below_the_engines_min_batch(tiny_engines, pipe):
+    """Static TensorRT plans take one batch size: dropped rows then run on and are discarded."""
+    from dataclasses import replace as dc_replace
+
+    fixed = Pipeline.load(tiny_engines, backend="ort-cpu")
+    fixed.limits = dc_replace(fixed.limits, batch=(3, 3, 3))
+    config = fixed.make_config(["a", "b", "c"], steps=3, seeds=[1, 2, 3])
+    batches = []
+    result = fixed.generate(config, callback=lambda done, total: batches.append(
+        max(k[1][0] for k in fixed._buffers if k[0] == "latents0")) or [0, 2])
+    assert set(batches) == {3} and result.rows == [0, 2]
+    np.testing.assert_array_equal(result.images, pipe.generate(config).images[[0, 2]])

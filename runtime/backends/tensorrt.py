@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 from sdrt.backends.base import Backend, Engine
-from sdrt.cuda import CudaGraph, DeviceMemory, PinnedMemory, Stream, gpu_arch
+from sdrt.cuda import CudaGraph, DeviceMemory, PinnedMemory, Stream, cudart, gpu_arch
 from sdrt.errors import BackendError, EngineError
 from sdrt.manifest import Manifest, ShapeLimits, verify_files
 from sdrt.plans import build_hint, check_io, check_plans
@@ -115,6 +115,7 @@ class TrtEngine(Engine):
 class TrtBackend(Backend):
     def __init__(self, flavour: str = "auto", cuda_graphs: bool = True):
         self.lib: TensorRT = import_tensorrt(flavour)
+        cudart()  # a clear error when cuda-bindings is missing
         self.arch = gpu_arch()
         if self.arch is None:
             raise BackendError("--backend trt needs an NVIDIA GPU with its driver (none found): use --backend "
