@@ -92,8 +92,10 @@ def _serve(args: argparse.Namespace) -> None:
         from sdrt.serve.app import serve
     except ImportError as e:
         raise SdrtError(f"sdrt serve needs its extra: pip install 'sdrt[serve]' ({e})") from e
+    from sdrt.manifest import read_manifest
     from sdrt.serve.config import ServeConfig
 
+    read_manifest(Path(args.engines))  # a wrong path fails here, not after the server is up
     token = args.token or ServeConfig.token_from_env()
     if args.host not in ("127.0.0.1", "localhost", "::1") and not token:
         warnings.warn(f"serving on {args.host} without a token: anyone who can reach it can use the GPU "

@@ -356,3 +356,14 @@ def test_sigterm_finishes_running_work_and_rejects_the_rest_cleanly(tiny_engines
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_defaults_bind_loopback_and_the_token_comes_from_the_env(monkeypatch, tmp_path):
+    from sdrt.cli import build_parser
+
+    args = build_parser().parse_args(["serve", str(tmp_path)])
+    assert args.host == "127.0.0.1" and ServeConfig(tmp_path).host == "127.0.0.1"
+    monkeypatch.setenv("SDRT_TOKEN", "from-env")
+    assert ServeConfig.token_from_env() == "from-env"
+    monkeypatch.delenv("SDRT_TOKEN")
+    assert ServeConfig.token_from_env() is None
