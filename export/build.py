@@ -9,6 +9,7 @@ Needs no torch: only a TensorRT flavour (and, for full TensorRT, the GPU it buil
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import time
@@ -23,10 +24,10 @@ from sdrt.manifest import (
     Manifest,
     ShapeLimits,
     read_manifest,
-    sha256_file,
     verify_files,
     write_manifest,
 )
+from sdrt.paths import write_atomic
 from sdrt.plans import check_io
 from sdrt.tensorrt_lib import RTX_ARCHS, TensorRT, cache_path, import_tensorrt
 
@@ -148,6 +149,7 @@ def build(config: BuildConfig, progress: bool = True) -> Manifest:
     timing = timing_path.read_bytes() if timing_path is not None and timing_path.is_file() else b""
     records: dict[str, Any] = {}
     temps: list[tuple[Path, Path]] = []
+    digests: dict[str, str] = {}  # hashed from memory: re-reading a 1.7 GB plan would double the I/O
     bar = tqdm(total=len(COMPONENTS), desc=f"build {engine_dir.name}", unit="plan", disable=not progress)
     try:
         for name in COMPONENTS:
@@ -161,6 +163,7 @@ def build(config: BuildConfig, progress: bool = True) -> Manifest:
             with open(tmp, "wb") as f:
                 f.write(plan)
             temps.append((tmp, engine_dir / plan_name))
+            digests[plan_name] = hashlib.sha256(plan).hexdigest()
             records[name] = {
                 "plan": plan_name, "bytes": len(plan), "build_s": round(time.perf_counter() - start, 2),
                 "io": io, "onnx_sha256": manifest.files[spec.onnx],
@@ -174,21 +177,15 @@ def build(config: BuildConfig, progress: bool = True) -> Manifest:
         for tmp, _ in temps:
             tmp.unlink(missing_ok=True)
     if timing_path is not None and timing:
-        _write_atomic(timing_path, timing)
+        write_atomic(timing_path, timing)
 
     files = {k: v for k, v in manifest.files.items() if not k.endswith(".plan")}
-    files.update({r["plan"]: sha256_file(engine_dir / r["plan"]) for r in records.values()})
+    files.update(digests)
     plans = {"flavour": lib.flavour, "version": lib.version, "archs": archs, "shapes": shapes_text(shapes),
              "kind": shapes.kind, "limits": shapes.record(), "components": records}
     updated = replace(manifest, files=files, plans=plans)
     write_manifest(engine_dir, updated)
     return updated
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _progress_monitor(lib: TensorRT, bar: Any) -> Any:

@@ -10,6 +10,7 @@ import copy
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,8 +99,6 @@ def export(config: ExportConfig, progress: bool = True) -> Manifest:
         raise InputError(f"{out_dir} already exists: pass --force to replace it, or choose another -o")
 
     from tqdm import tqdm
-
-    import time
 
     started = time.perf_counter()
     staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"

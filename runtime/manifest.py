@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sdrt.errors import EngineError
-from sdrt.paths import cache_dir
+from sdrt.paths import cache_dir, write_atomic
 
 FORMAT = "sdrt-engines"
 VERSION = 1
@@ -186,14 +185,9 @@ def verify_files(engine_dir: Path, manifest: Manifest, names: list[str] | None =
         stamps[stamp] = actual
         changed = True
     if changed:
-        tmp = stamps_path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(stamps))
-        os.replace(tmp, stamps_path)
+        write_atomic(stamps_path, json.dumps(stamps))
 
 
 def write_manifest(engine_dir: Path, manifest: Manifest) -> None:
     """Writes manifest.json through a temporary file and an atomic rename."""
-    path = Path(engine_dir) / "manifest.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(manifest.to_json())
-    os.replace(tmp, path)
+    write_atomic(Path(engine_dir) / "manifest.json", manifest.to_json())

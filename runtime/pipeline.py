@@ -88,13 +88,12 @@ class Result:
     seeds: list[int]
     timings: Timings
     model_name: str
-    rows: list[int] = field(default_factory=list)  # config row of each image (all rows unless some were dropped)
+    rows: list[int]  # the config row of each image (all rows, unless some were dropped)
 
     def parameters(self, index: int) -> str:
         from sdrt.png import a1111_parameters
 
-        row = self.rows[index] if self.rows else index
-        return a1111_parameters(self.config, self.seeds[index], row, self.model_name)
+        return a1111_parameters(self.config, self.seeds[index], self.rows[index], self.model_name)
 
     def pil_images(self) -> list[Any]:
         from PIL import Image
@@ -111,13 +110,12 @@ class Pipeline:
     """`Pipeline.load("engines/NAME")("a prompt", steps=20)` -> list of PIL images."""
 
     def __init__(self, engine_dir: Path, manifest: Manifest, backend: Backend, low_vram: bool = False,
-                 vae_tile: int = 512, vae_overlap: int = 128):
+                 vae_tile: int = 512):
         self.engine_dir = Path(engine_dir)
         self.manifest = manifest
         self.backend = backend
         self.low_vram = low_vram
         self.vae_tile = vae_tile  # pixels; low-VRAM mode decodes larger images in tiles of this size
-        self.vae_overlap = vae_overlap
         self.limits = backend.limits(manifest)
         self.schedule = NoiseSchedule.from_config(manifest.scheduler_config)
         self.tokenizer = ClipTokenizer(self.engine_dir / "tokenizer", manifest.model["text_max_length"])
@@ -133,7 +131,7 @@ class Pipeline:
         chosen = select_backend(backend, manifest) if isinstance(backend, str) else backend
         if verify:
             chosen.verify(engine_dir, manifest)
-        pipe = cls(engine_dir, manifest, chosen, low_vram=low_vram, vae_tile=vae_tile, vae_overlap=vae_tile // 4)
+        pipe = cls(engine_dir, manifest, chosen, low_vram=low_vram, vae_tile=vae_tile)
         if not low_vram:
             for name in COMPONENTS:
                 pipe._engine(name)
@@ -276,21 +274,19 @@ class Pipeline:
         in_batch = list(range(config.batch))  # config rows the buffers hold
         alive = in_batch  # config rows still wanted
         loop_start = time.perf_counter()
-        i = 0
-        while i < n:
-            inputs, outputs = feeds[i]
-            step.run(inputs, outputs)
+        for i in range(n):
+            step.run(*feeds[i])  # feeds may be rebuilt below, so indexed rather than iterated
             timings.step_engine_s.append(step.last_run_s)
-            i += 1
-            wanted = callback(i, n) if callback is not None else None
+            wanted = callback(i + 1, n) if callback is not None else None
             if wanted is not None:
-                alive = [row for row in alive if row in set(wanted)]
+                wanted = set(wanted)
+                alive = [row for row in alive if row in wanted]
                 if not alive:
-                    raise Cancelled(f"generation stopped after step {i} of {n}: no row is wanted any more")
+                    raise Cancelled(f"generation stopped after step {i + 1} of {n}: no row is wanted any more")
                 # static plans take one batch size: there the dropped rows run on and are discarded
-                if len(alive) < len(in_batch) and i < n and len(alive) >= self.limits.batch[0]:
+                if len(alive) < len(in_batch) and i + 1 < n and len(alive) >= self.limits.batch[0]:
                     keep = [in_batch.index(row) for row in alive]
-                    sets, feeds = self._drop_rows(loop, sets[i % 2], keep, len(in_batch), i, n)
+                    sets, feeds = self._drop_rows(loop, sets[(i + 1) % 2], keep, len(in_batch), i + 1, n)
                     in_batch = alive
         self.backend.synchronize()
         timings.loop_s = time.perf_counter() - loop_start
@@ -319,7 +315,7 @@ class Pipeline:
                                                 {"images": images})
                 return self.backend.download(images)
 
-            return decode_tiled(self.backend.download(latents), decode, f, tile, self.vae_overlap // f)
+            return decode_tiled(self.backend.download(latents), decode, f, tile, tile // 4)  # overlap: 1/4 tile
         images = self._buffer("images", (b, height, width, 3), "uint8")
         self._engine("vae_decoder").run({"latents": latents}, {"images": images})
         return self.backend.download(images).copy()

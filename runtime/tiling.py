@@ -47,12 +47,11 @@ def decode_tiled(latents: np.ndarray, decode: Callable[[np.ndarray], np.ndarray]
     b, _, h, w = latents.shape
     out = np.zeros((b, h * scale, w * scale, 3), np.float32)
     weight = np.zeros((h * scale, w * scale, 1), np.float32)
-    ys, xs = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
     ramp = overlap * scale
     for y, x, th, tw in tiles(h, w, tile, overlap):
         image = decode(np.ascontiguousarray(latents[:, :, y : y + th, x : x + tw])).astype(np.float32)
-        wy = _ramp(th * scale, ramp, y > ys[0], y < ys[-1])
-        wx = _ramp(tw * scale, ramp, x > xs[0], x < xs[-1])
+        wy = _ramp(th * scale, ramp, y > 0, y + th < h)  # ramps only where a neighbour overlaps
+        wx = _ramp(tw * scale, ramp, x > 0, x + tw < w)
         tile_weight = (wy[:, None] * wx[None, :])[..., None]  # (TH, TW, 1)
         out[:, y * scale : (y + th) * scale, x * scale : (x + tw) * scale] += image * tile_weight
         weight[y * scale : (y + th) * scale, x * scale : (x + tw) * scale] += tile_weight

@@ -17,7 +17,8 @@ def select_backend(name: str = "auto", manifest: Manifest | None = None) -> Back
     if name == "trt" or (name == "auto" and manifest is not None and _plans_runnable(manifest)):
         from sdrt.backends.tensorrt import TrtBackend
 
-        return TrtBackend(manifest.plans.get("flavour", "auto") if manifest is not None and manifest.plans else "auto")
+        plans = manifest.plans if manifest is not None else {}
+        return TrtBackend(plans.get("flavour", "auto"))
 
     from sdrt.backends.onnxruntime import OrtBackend, cuda_available
 

@@ -26,6 +26,7 @@ from sdrt.backends.base import Backend, Engine
 from sdrt.cuda import CudaGraph, DeviceMemory, PinnedMemory, Stream, cudart, gpu_arch
 from sdrt.errors import BackendError, EngineError
 from sdrt.manifest import Manifest, ShapeLimits, verify_files
+from sdrt.paths import write_atomic
 from sdrt.plans import build_hint, check_io, check_plans
 from sdrt.tensorrt_lib import TensorRT, cache_path, import_tensorrt
 
@@ -55,10 +56,11 @@ class TrtEngine(Engine):
         self.manual_graphs = static and backend.cuda_graphs and not backend.lib.rtx
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._memory_size = 0
+        self._memory = (0, 0)  # (ptr, bytes) of the shared activation block this context is bound to
         self._graphs: OrderedDict[tuple, CudaGraph] = OrderedDict()
         self._warm: set[tuple] = set()
 
-    def _bind(self, inputs: Mapping[str, DeviceArray], outputs: Mapping[str, DeviceArray]) -> int:
+    def _bind(self, inputs: Mapping[str, DeviceArray], outputs: Mapping[str, DeviceArray]) -> None:
         changed = False
         for name, buf in inputs.items():
             if self._shapes.get(name) != buf.shape:
@@ -72,9 +74,10 @@ class TrtEngine(Engine):
             self.context.set_tensor_address(name, buf.ptr)
         if changed or not self._memory_size:
             self._memory_size = int(self.context.update_device_memory_size_for_shapes())
-        ptr = self.backend.activations(self._memory_size)
-        self.context.set_device_memory(ptr, self.backend.activation_bytes)
-        return ptr
+        block = (self.backend.activations(self._memory_size), self.backend.activation_bytes)
+        if block != self._memory:  # the shared block was (re)allocated since this context last ran
+            self.context.set_device_memory(*block)
+            self._memory = block
 
     def _enqueue(self) -> None:
         if not self.context.execute_async_v3(self.backend.stream.ptr):
@@ -205,10 +208,7 @@ class TrtBackend(Backend):
     def save_runtime_cache(self) -> None:
         if self._runtime_cache is None:
             return
-        path = cache_path(self.lib, "runtime", self.arch)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(bytes(memoryview(self._runtime_cache.serialize())))
-        tmp.replace(path)
+        write_atomic(cache_path(self.lib, "runtime", self.arch), bytes(memoryview(self._runtime_cache.serialize())))
 
     # --- memory -------------------------------------------------------------------------------
 

@@ -139,10 +139,8 @@ def create_app(config: ServeConfig, pipeline: Pipeline | None = None) -> FastAPI
         pipe.generate(pipe.make_config("warm-up", steps=2, seed=0, height=limits.height[1], width=limits.width[1]))
         return pipe
 
-    holder: dict[str, Scheduler] = {}
-    metrics = Metrics(queue_depth=lambda: holder["scheduler"].queued_rows if holder else 0)
+    metrics = Metrics(queue_depth=lambda: scheduler.queued_rows)  # read at scrape time, after the line below
     scheduler = Scheduler(load, config.max_queue, config.max_batch, config.batch_window_s, metrics.observe)
-    holder["scheduler"] = scheduler
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
@@ -178,12 +176,19 @@ def create_app(config: ServeConfig, pipeline: Pipeline | None = None) -> FastAPI
     async def health() -> dict:
         return {"status": "ok"}
 
-    @app.get("/ready")
-    async def ready(request: Request) -> JSONResponse:
+    def not_ready(request: Request) -> JSONResponse | None:
+        """A 503 while the engines load (or after they failed to), else None."""
         if scheduler.load_error is not None:
             return error_response(request.url.path, metrics, 503, f"engines failed to load: {scheduler.load_error}")
         if not scheduler.ready.is_set():
-            return error_response(request.url.path, metrics, 503, "engines are loading", {"Retry-After": "5"})
+            return error_response(request.url.path, metrics, 503, "engines are still loading; retry shortly",
+                                  {"Retry-After": "5"})
+        return None
+
+    @app.get("/ready")
+    async def ready(request: Request) -> JSONResponse:
+        if (refusal := not_ready(request)) is not None:
+            return refusal
         return JSONResponse({"status": "ready", "backend": scheduler.pipeline.backend.describe()})  # type: ignore[union-attr]
 
     @app.get("/metrics")
@@ -193,11 +198,8 @@ def create_app(config: ServeConfig, pipeline: Pipeline | None = None) -> FastAPI
     # --- generation -------------------------------------------------------------------------------
 
     async def run_job(request: Request, make: Any) -> tuple[GenerationConfig, list[Image]] | JSONResponse:
-        if scheduler.load_error is not None:
-            return error_response(request.url.path, metrics, 503, f"engines failed to load: {scheduler.load_error}")
-        if not scheduler.ready.is_set():
-            return error_response(request.url.path, metrics, 503, "engines are still loading; retry shortly",
-                                  {"Retry-After": "5"})
+        if (refusal := not_ready(request)) is not None:
+            return refusal
         try:
             gen = make(scheduler.pipeline)
             job = Job(gen, deadline=time.monotonic() + config.request_timeout_s)
@@ -252,8 +254,8 @@ def create_app(config: ServeConfig, pipeline: Pipeline | None = None) -> FastAPI
 
     @app.get("/sdapi/v1/sd-models")
     async def sd_models(request: Request) -> Any:
-        if not scheduler.ready.is_set():
-            return error_response(request.url.path, metrics, 503, "engines are still loading", {"Retry-After": "5"})
+        if (refusal := not_ready(request)) is not None:
+            return refusal
         manifest = scheduler.pipeline.manifest  # type: ignore[union-attr]
         sha = manifest.source.get("sha256", "")
         return [{"title": f"{manifest.name} [{sha[:10]}]", "model_name": manifest.name, "hash": sha[:10],

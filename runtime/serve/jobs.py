@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from sdrt.errors import SdrtError
-from sdrt.pipeline import Cancelled, GenerationConfig, Pipeline, Timings
+from sdrt.pipeline import Cancelled, GenerationConfig, Pipeline
 
 
 class QueueFull(SdrtError):
@@ -75,6 +75,15 @@ class Job:
     def rows(self) -> int:
         return self.config.batch
 
+    @property
+    def pending(self) -> int:
+        """Rows not yet handed to the worker."""
+        return self.rows - self.next_row
+
+    def wanted(self, now: float) -> bool:
+        """Still connected and within its deadline."""
+        return not self.cancelled and now <= self.deadline
+
     def cancel(self) -> None:
         self.cancelled = True
 
@@ -123,8 +132,8 @@ class Scheduler:
 
     @property
     def queued_rows(self) -> int:
-        with self._cond:
-            return sum(job.rows - job.next_row for job in self._queue)
+        with self._cond:  # re-entrant: also called with the lock held
+            return sum(job.pending for job in self._queue)
 
     @property
     def queued_jobs(self) -> int:
@@ -135,7 +144,7 @@ class Scheduler:
         with self._cond:
             if self._closed or not self.ready.is_set():
                 raise ShuttingDown("the server is shutting down" if self._closed else "engines are still loading")
-            queued = sum(j.rows - j.next_row for j in self._queue)
+            queued = self.queued_rows
             if queued + job.rows > self.max_queue:
                 raise QueueFull(f"the queue holds {queued} of {self.max_queue} images; retry shortly")
             self._queue.append(job)
@@ -194,14 +203,15 @@ class Scheduler:
                 self._cond.wait()
             head = self._queue[0]
             window_end = head.created + self.window_s
-            while time.monotonic() < window_end and self._rows_for(head.key) < self.max_batch:
+            while time.monotonic() < window_end and sum(
+                    j.pending for j in self._queue if j.key == head.key) < self.max_batch:
                 self._cond.wait(timeout=window_end - time.monotonic())
             batch: list[tuple[Job, list[int]]] = []
             room = self.max_batch
             for job in list(self._queue):
                 if job.key != head.key or room == 0:
                     continue
-                if job.cancelled or time.monotonic() > job.deadline:
+                if not job.wanted(time.monotonic()):
                     self._queue.remove(job)
                     self._finish_dropped(job)
                     continue
@@ -213,9 +223,6 @@ class Scheduler:
                     self._queue.remove(job)
             self._cond.notify_all()
             return batch
-
-    def _rows_for(self, key: BatchKey) -> int:
-        return sum(j.rows - j.next_row for j in self._queue if j.key == key)
 
     def _finish_dropped(self, job: Job) -> None:
         if job.cancelled:
@@ -231,21 +238,20 @@ class Scheduler:
         if not rows:
             return
         first = rows[0][0].config
+        seeds = tuple(job.config.row_seeds[r] for job, r in rows)
         config = GenerationConfig(
             prompt=tuple(job.config.prompt[r] for job, r in rows),
             negative_prompt=tuple(job.config.negative_prompt[r] for job, r in rows),
             steps=first.steps, guidance=first.guidance, scheduler=first.scheduler,
-            seed=job_seed(rows[0]), height=first.height, width=first.width,
-            seeds=tuple(job_seed(row) for row in rows))
+            seed=seeds[0], height=first.height, width=first.width, seeds=seeds)
         self.observe("batch", len(rows))
         self.progress = Progress(0, 0, time.monotonic(), True)
 
         def step_done(done: int, total: int) -> list[int] | None:
             self.progress.step, self.progress.steps = done, total
             now = time.monotonic()
-            if all(not job.cancelled and now <= job.deadline for job, _ in rows):
-                return None
-            return [i for i, (job, _) in enumerate(rows) if not job.cancelled and now <= job.deadline]
+            keep = [i for i, (job, _) in enumerate(rows) if job.wanted(now)]
+            return None if len(keep) == len(rows) else keep
 
         try:
             result = pipe.generate(config, callback=step_done)
@@ -254,11 +260,9 @@ class Scheduler:
         except BaseException as e:  # an engine failure fails this batch's requests, not the server
             for job, _ in batch:
                 job.fail(e)
-            self.progress.running = False
             return
         finally:
             self.progress.running = False
-        done_rows = set(result.rows) if result is not None else set()
         if result is not None:
             self.observe("timings", result.timings)
             self.observe("images", len(result.rows))
@@ -266,16 +270,11 @@ class Scheduler:
                 job, r = rows[row]
                 job.images[r] = Image(result.images[index], result.seeds[index], result.parameters(index))
         for job, taken in batch:
-            if any(rows.index((job, r)) not in done_rows for r in taken):
+            if any(r not in job.images for r in taken):  # dropped from this batch
                 self._finish_dropped(job)
             elif len(job.images) == job.rows and not job.future.done():
                 job.future.set_result([job.images[r] for r in range(job.rows)])
 
 
-def job_seed(row: tuple[Job, int]) -> int:
-    job, r = row
-    return job.config.row_seeds[r]
-
-
 __all__ = ["BatchKey", "ClientGone", "Image", "Job", "Progress", "QueueFull", "RequestTimeout", "Scheduler",
-           "ShuttingDown", "Timings"]
+           "ShuttingDown"]
