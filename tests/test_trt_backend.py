@@ -4,7 +4,13 @@ runs in the gpu-marked tests of test_build.py."""
 
 from __future__ import annotations
 
+import ast
+import inspect
+import re
+from pathlib import Path
+
 import pytest
+import sdrt
 
 from sdrt.backends.tensorrt import DeviceArray, TrtEngine
 from sdrt.errors import BackendError
@@ -145,3 +151,118 @@ def test_shape_outside_the_profile_and_failed_runs_are_errors():
     backend.context.fail = True
     with pytest.raises(BackendError, match="failed to run denoise_step: boom"):
         engine.run(*buffers(100))
+
+
+# --- the real libraries' API, as the GPU-only code calls it ------------------------------------
+# The fakes above cannot catch a misspelt TensorRT method or a CUDA call with the wrong arguments;
+# these tests read the backend's source and check every such call against the installed
+# tensorrt_rtx and cuda-bindings, which import (but cannot run) without a GPU.
+
+RUNTIME = Path(sdrt.__file__).parent
+# receiver (last name of `x.y.method(...)`) -> the TensorRT class its methods belong to
+TRT_RECEIVERS = {"context": "IExecutionContext", "engine": "ICudaEngine", "config": "IRuntimeConfig",
+                 "runtime": "Runtime", "_runtime_cache": "IRuntimeCache"}
+
+
+def _chain(node: ast.AST) -> list[str]:
+    """`a.b.c` -> ['a', 'b', 'c']; a root that is not a plain name (`f().c`) reads as '<expr>'."""
+    names = []
+    while isinstance(node, ast.Attribute):
+        names.append(node.attr)
+        node = node.value
+    return [node.id if isinstance(node, ast.Name) else "<expr>", *reversed(names)]
+
+
+def _calls_and_attributes(path: Path) -> tuple[list[tuple[list[str], ast.Call | None]], set[str]]:
+    """Every outermost attribute chain in the file (with its call, if called) and its string literals."""
+    tree = ast.parse(path.read_text())
+    inner = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+    calls = {id(node.func): node for node in ast.walk(tree) if isinstance(node, ast.Call)}
+    chains = [(_chain(node), calls.get(id(node))) for node in ast.walk(tree)
+              if isinstance(node, ast.Attribute) and id(node) not in inner]
+    strings = {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+    return chains, strings
+
+
+def _resolve(root: object, names: list[str]) -> object:
+    for name in names:
+        assert hasattr(root, name), f"{getattr(root, '__name__', root)} has no {name!r}"
+        root = getattr(root, name)
+    return root
+
+
+def _pybind_arities(function: object) -> list[tuple[int, int]]:
+    """(required, total) positional counts, self excluded, of each overload in a pybind11 docstring."""
+    arities = []
+    name = getattr(function, "__name__", "")
+    for line in (function.__doc__ or "").splitlines():
+        match = re.match(rf"(?:\d+\. )?{name}\((.*)\) ->", line.strip())
+        if not match:
+            continue
+        depth, params, current = 0, [], ""
+        for char in match.group(1):
+            depth += char in "[(" and 1 or 0
+            depth -= char in "])" and 1 or 0
+            if char == "," and depth == 0:
+                params.append(current)
+                current = ""
+            else:
+                current += char
+        params = [p.strip() for p in params + [current] if p.strip() and not p.strip().startswith("self")]
+        arities.append((sum("=" not in p for p in params), len(params)))
+    return arities
+
+
+def test_cuda_calls_exist_in_cuda_bindings_with_these_arguments():
+    runtime = pytest.importorskip("cuda.bindings.runtime")
+    checked = set()
+    for source in (RUNTIME / "cuda.py", RUNTIME / "backends" / "tensorrt.py"):
+        chains, strings = _calls_and_attributes(source)
+        for chain, call in chains:
+            start = next((i for i, name in enumerate(chain) if re.match(r"cuda[A-Z]", name)), None)
+            if start is None:
+                continue
+            target = _resolve(runtime, chain[start:])
+            checked.add(chain[start])
+            if call is not None and callable(target) and start == len(chain) - 1:
+                inspect.signature(target).bind(*call.args)  # TypeError on a wrong argument count
+        for name in strings:
+            if re.fullmatch(r"cuda[A-Z]\w+", name):  # getattr(cudart(), "cudaFree")
+                _resolve(runtime, [name])
+                checked.add(name)
+    # the calls the backend cannot work without were all seen (the scan did not silently miss them)
+    assert {"cudaMalloc", "cudaFree", "cudaMallocHost", "cudaFreeHost", "cudaMemcpyAsync", "cudaStreamBeginCapture",
+            "cudaStreamEndCapture", "cudaGraphInstantiate", "cudaGraphLaunch", "cudaDeviceGetAttribute"} <= checked
+
+
+def test_tensorrt_calls_exist_in_tensorrt_rtx_with_these_arguments():
+    trt = pytest.importorskip("tensorrt_rtx")
+    checked = set()
+    for source in (RUNTIME / "backends" / "tensorrt.py", RUNTIME / "tensorrt_lib.py"):
+        chains, _ = _calls_and_attributes(source)
+        for chain, call in chains:
+            if chain[:1] == ["trt"]:
+                _resolve(trt, chain[1:])
+                checked.add(".".join(chain[1:3]))
+                continue
+            receiver = next((TRT_RECEIVERS[name] for name in reversed(chain[:-1]) if name in TRT_RECEIVERS), None)
+            if receiver is None or len(chain) < 2 or chain[-2] not in TRT_RECEIVERS:
+                continue
+            method = _resolve(getattr(trt, receiver), [chain[-1]])
+            checked.add(f"{receiver}.{chain[-1]}")
+            if call is not None and not any(isinstance(arg, ast.Starred) for arg in call.args):
+                arities = _pybind_arities(method)
+                assert arities, f"{receiver}.{chain[-1]} has no signature to check"
+                given = len(call.args) + len(call.keywords)
+                assert any(low <= given <= high for low, high in arities), \
+                    f"{receiver}.{chain[-1]} called with {given} arguments; it takes {arities}"
+    assert {"IExecutionContext.execute_async_v3", "IExecutionContext.set_device_memory",
+            "ICudaEngine.create_execution_context", "IRuntimeConfig.set_runtime_cache",
+            "Runtime.deserialize_cuda_engine", "CudaGraphStrategy.WHOLE_GRAPH_CAPTURE"} <= checked
+
+
+def test_the_fakes_mirror_the_real_execution_context():
+    trt = pytest.importorskip("tensorrt_rtx")
+    for name in vars(FakeContext):
+        if not name.startswith("_") and callable(getattr(FakeContext, name)):
+            _resolve(trt.IExecutionContext, [name])

@@ -76,7 +76,8 @@ class TrtEngine(Engine):
             self._memory_size = int(self.context.update_device_memory_size_for_shapes())
         block = (self.backend.activations(self._memory_size), self.backend.activation_bytes)
         if block != self._memory:  # the shared block was (re)allocated since this context last ran
-            self.context.set_device_memory(*block)
+            pointer, size = block
+            self.context.set_device_memory(pointer, size)
             self._memory = block
 
     def _enqueue(self) -> None:
