@@ -23,7 +23,7 @@ from sdrt.bench.workers import Workload, worker_main
 from sdrt.errors import InputError
 from sdrt.versions import package_versions
 
-BENCH_BACKENDS = ("torch", "torch-compile", "ort", "trt")
+BENCH_BACKENDS = ("torch", "torch-compile", "ort", "trt", "ort-low-vram", "trt-low-vram")
 STAGES = ("text_encoder", "step", "steps", "decode", "end_to_end")
 
 

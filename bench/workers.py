@@ -36,7 +36,11 @@ def _peak_rss_mb() -> float:
 
 
 class DeviceMemoryProbe:
-    """Samples this process's GPU memory through NVML every 5 ms; None without a GPU or pynvml."""
+    """Samples this process's GPU memory through NVML every 5 ms (CUDA context included).
+
+    `peak` is None without a GPU or NVML, and also when NVML never lists this process (a container
+    whose PID namespace hides it): no figure rather than a zero.
+    """
 
     def __init__(self) -> None:
         self.peak_mb: float | None = None
@@ -50,7 +54,6 @@ class DeviceMemoryProbe:
         except Exception:  # no NVML: CPU machine
             self._nvml = None
             return
-        self.peak_mb = 0.0
         threading.Thread(target=self._loop, daemon=True).start()
 
     def _loop(self) -> None:
@@ -68,13 +71,19 @@ def ort_backend() -> str:
     return "ort-cuda" if cuda_available() else "ort-cpu"
 
 
+LOW_VRAM = "-low-vram"  # bench backend suffix: the same backend with Pipeline.load(low_vram=True)
+
+
 class SdrtRunner:
     def __init__(self, workload: Workload, backend: str):
         from sdrt.pipeline import Pipeline
 
         self.w = workload
-        self.pipe = Pipeline.load(workload.engines, backend=backend)
-        self.name = self.pipe.backend.name
+        low_vram = backend.endswith(LOW_VRAM)
+        backend = backend.removesuffix(LOW_VRAM)
+        self.pipe = Pipeline.load(workload.engines, backend=ort_backend() if backend == "ort" else backend,
+                                  low_vram=low_vram)
+        self.name = self.pipe.backend.name + (" low-vram" if low_vram else "")
 
     def _config(self, batch: int) -> Any:
         w = self.w
@@ -215,7 +224,7 @@ def worker_main(conn: Any, backend: str, workload: dict[str, Any], spawned_at: f
         if backend in ("torch", "torch-compile"):
             runner: Any = TorchRunner(w, compile=backend == "torch-compile")
         else:
-            runner = SdrtRunner(w, ort_backend() if backend == "ort" else backend)
+            runner = SdrtRunner(w, backend)
         load_s = time.perf_counter() - load_start
         conn.send(("ready", {"name": runner.name, "load_s": load_s, "compile_s": getattr(runner, "compile_s", None)}))
         first_image_at: float | None = None

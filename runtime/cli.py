@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="sdrt against the diffusers baselines, side by side")
     p.add_argument("model_dir", help="the diffusers folder the engines were exported from")
     p.add_argument("--engines", required=True, help="engine directory exported from model_dir")
-    p.add_argument("--backends", default="torch,ort", help="comma list of torch,torch-compile,ort,trt")
+    p.add_argument("--backends", default="torch,ort", help="comma list of torch,torch-compile,ort,trt,ort-low-vram,trt-low-vram")
     p.add_argument("--height", type=int, default=256)
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--steps", type=int, default=4)

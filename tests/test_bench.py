@@ -27,14 +27,16 @@ def test_summary_and_psnr():
 
 def test_bench_tiny_side_by_side(tiny_model, tiny_engines, tmp_path):
     w = Workload(str(tiny_model), str(tiny_engines), 64, 64, steps=3, guidance=7.5, scheduler="euler", seed=1)
-    config = BenchConfig(w, ("torch", "ort", "trt"), batches=(1, 2), runs=2, warmup=1, output=tmp_path,
-                         command="test")
+    config = BenchConfig(w, ("torch", "ort", "ort-low-vram", "trt"), batches=(1, 2), runs=2, warmup=1,
+                         output=tmp_path, command="test")
     results = run_bench(config, progress=False)
-    assert set(results["backends"]) == {"torch", "ort"}
+    assert set(results["backends"]) == {"torch", "ort", "ort-low-vram"}
+    assert results["backends"]["ort-low-vram"]["name"] == "ort-cpu low-vram"
     assert "trt" in results["skipped"]
     assert results["artifacts"]["export_s"] > 0 and results["artifacts"]["build_s"] is None  # no plans built
     for name, entry in results["backends"].items():
         assert entry["cold_start_s"] > 0 and entry["peak_rss_mb"] > 0
+        assert entry["peak_device_mb"] is None  # no GPU here: no figure, never a zero
         for batch in ("1", "2"):
             per = entry["batches"][batch]
             for stage in ("text_encoder", "step", "steps", "decode", "end_to_end"):
