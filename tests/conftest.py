@@ -8,6 +8,17 @@ from pathlib import Path
 import pytest
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """gpu-marked tests skip before any fixture is built (the sd15 model takes minutes) without a GPU."""
+    from sdrt.cuda import gpu_arch
+
+    if any("gpu" in item.keywords for item in items) and gpu_arch() is None:
+        skip = pytest.mark.skip(reason="no NVIDIA GPU (or no cuda-bindings / driver)")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["SDRT_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
