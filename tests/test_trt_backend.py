@@ -78,7 +78,7 @@ class FakeBackend:
         self.activation_bytes = 0
         self.context = FakeContext(self.log)
 
-    def create_context(self, engine, static):
+    def create_context(self, engine):
         return self.context
 
     def activations(self, nbytes):

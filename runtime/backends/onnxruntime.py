@@ -90,6 +90,10 @@ class OrtBackend(Backend):
         if device == "cuda" and not cuda_available():
             raise BackendError("ort-cuda needs onnxruntime-gpu and an NVIDIA GPU: install onnxruntime-gpu "
                                "(CUDA 12/13 build matching your driver) or use --backend ort-cpu")
+        if device == "cuda" and hasattr(ort, "preload_dlls"):
+            # the CUDA EP dlopens cudart/cuBLAS/cuDNN; without torch imported first they are found only
+            # on LD_LIBRARY_PATH, so load them from the nvidia-* pip packages where those are installed
+            ort.preload_dlls()
         self.ort = ort
         self.device = device
         self.name = f"ort-{device}"

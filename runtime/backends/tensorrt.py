@@ -4,9 +4,10 @@
 - One device-memory block holds every engine's activations (contexts are USER_MANAGED), grown to
   the largest need; engines run one at a time on one stream, so they can share it.
 - Host <-> device copies go through one pinned staging buffer.
-- Static-shape plans replay CUDA graphs: TensorRT-RTX captures them itself (WHOLE_GRAPH_CAPTURE);
-  with full TensorRT each distinct binding (addresses + shapes) is captured once, after one plain
-  run has done TensorRT's lazy setup, and replayed from then on. Dynamic plans run plainly.
+- CUDA graphs: TensorRT-RTX captures and replays them itself (WHOLE_GRAPH_CAPTURE), for dynamic
+  shapes too, once their shape-specialized kernels are compiled. With full TensorRT, static-shape
+  plans capture each distinct binding (addresses + shapes) once, after one plain run has done
+  TensorRT's lazy setup, and replay it from then on; its dynamic plans run plainly.
 - `run` waits for the stream, so `last_run_s` is the engine's own time (as on ONNX Runtime) and
   the pipeline's host-overhead figure means the same on every backend.
 """
@@ -52,7 +53,7 @@ class TrtEngine(Engine):
         self.backend = backend
         self.engine = engine
         self.spec = spec
-        self.context = backend.create_context(engine, static)
+        self.context = backend.create_context(engine)
         self.manual_graphs = static and backend.cuda_graphs and not backend.lib.rtx
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._memory_size = 0
@@ -181,13 +182,13 @@ class TrtBackend(Backend):
         check_io(io, spec, path)
         return TrtEngine(self, engine, spec, static=manifest.plans.get("kind") == "static")
 
-    def create_context(self, engine: Any, static: bool) -> Any:
+    def create_context(self, engine: Any) -> Any:
         trt = self.lib.module
         strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
         if self.lib.rtx:
             config = engine.create_runtime_config()
             config.set_execution_context_allocation_strategy(strategy)
-            if static and self.cuda_graphs:
+            if self.cuda_graphs:
                 config.cuda_graph_strategy = trt.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
             config.set_runtime_cache(self._rtx_runtime_cache(config))
             context = engine.create_execution_context(config)
