@@ -182,7 +182,7 @@ class TorchRunner:
 
         torch, w, pipe = self.torch, self.w, self.pipe
         f = pipe.vae_scale_factor
-        rb = 2 * batch if w.guidance != 1.0 else batch
+        rb = 2 * batch if w.guidance > 1.0 else batch
         with torch.inference_mode():
             ids = torch.zeros(rb, 77, dtype=torch.long, device=self.device)
             with FlopCounterMode(display=False) as te:

@@ -1,7 +1,7 @@
 """Pipeline: prompt -> images on exported engines, with no torch in the process.
 
 One text-encoder call for [negative; positive] (2B), one denoise-step call per step at 2B (B when
-guidance is 1), latents and sampler history in the backend's memory between steps (ping-pong
+guidance ≤ 1), latents and sampler history in the backend's memory between steps (ping-pong
 buffers), one VAE decode, one download of uint8 images.
 
 Noise: image i of a batch uses seed + i; its initial latents are the first draw of
@@ -56,7 +56,8 @@ class GenerationConfig:
 
     @property
     def cfg(self) -> bool:
-        return self.guidance != 1.0
+        """Classifier-free guidance only above 1, as diffusers: at or below it, the conditional half alone."""
+        return self.guidance > 1.0
 
 
 @dataclass
@@ -190,7 +191,7 @@ class Pipeline:
         except (TypeError, ValueError):
             raise InputError(f"guidance must be a number, got {guidance!r}") from None
         if not math.isfinite(guidance):
-            raise InputError(f"guidance must be finite, got {guidance}: use e.g. 7.5 (1.0 disables CFG)")
+            raise InputError(f"guidance must be finite, got {guidance}: use e.g. 7.5 (≤ 1 disables CFG)")
         check_sampler(scheduler, steps)
         height = limits.height[1] if height is None else height
         width = limits.width[1] if width is None else width
