@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -53,6 +53,12 @@ class GenerationConfig:
     @property
     def batch(self) -> int:
         return len(self.prompt)
+
+    def padded(self, extra: int) -> "GenerationConfig":
+        """This config with `extra` copies of its last row (prompt, negative prompt, seed) appended."""
+        return replace(self, prompt=self.prompt + self.prompt[-1:] * extra,
+                       negative_prompt=self.negative_prompt + self.negative_prompt[-1:] * extra,
+                       seeds=self.row_seeds + self.row_seeds[-1:] * extra)
 
     @property
     def cfg(self) -> bool:
@@ -176,9 +182,9 @@ class Pipeline:
         limits = self.limits
         where = ("the engines' range" if limits.kind == "onnx"
                  else "the TensorRT plans' range; widen it with `sdrt build --shapes`")
-        b_lo, _, b_hi = limits.batch
-        if not is_integer(batch) or not b_lo <= batch <= b_hi:
-            raise InputError(f"batch must be an integer from {b_lo} to {b_hi} ({where}), got {batch!r}")
+        b_hi = limits.batch[2]  # below the plans' minimum, generate() pads the batch
+        if not is_integer(batch) or not 1 <= batch <= b_hi:
+            raise InputError(f"batch must be an integer from 1 to {b_hi} ({where}), got {batch!r}")
         prompts = [prompt] * batch if isinstance(prompt, str) else list(prompt)
         if len(prompts) != batch or not all(isinstance(p, str) for p in prompts):
             raise InputError(f"prompt must be a string or a list of {batch} strings")
@@ -247,6 +253,13 @@ class Pipeline:
             if latents.shape != init.shape:
                 raise InputError(f"latents must have shape {init.shape}, got {latents.shape}")
             init = latents.astype(np.float32)
+        requested = config
+        pad = self.limits.batch[0] - config.batch
+        if pad > 0:  # plans of one batch size (static): copies of the last row run along, then are dropped
+            config = config.padded(pad)
+            init = np.concatenate([init, np.repeat(init[-1:], pad, axis=0)])
+            if step_noise is not None:
+                step_noise = np.concatenate([step_noise, np.repeat(step_noise[:, -1:], pad, axis=1)], axis=1)
         k = self.manifest.model["history"]
         te_dtype = self.manifest.components["denoise_step"].input("text_embeddings").dtype
 
@@ -273,7 +286,7 @@ class Pipeline:
                                              "x_history": zeros, "out_history": zeros}, 0, n)
         step = self._engine("denoise_step")
         in_batch = list(range(config.batch))  # config rows the buffers hold
-        alive = in_batch  # config rows still wanted
+        alive = list(range(requested.batch))  # config rows still wanted
         loop_start = time.perf_counter()
         for i in range(n):
             step.run(*feeds[i])  # feeds may be rebuilt below, so indexed rather than iterated
@@ -301,7 +314,7 @@ class Pipeline:
         timings.decode_s = time.perf_counter() - t0
         timings.total_s = time.perf_counter() - start
         seeds = [config.row_seeds[row] for row in alive]
-        return Result(host_images, config, seeds, timings, self.manifest.name, alive)
+        return Result(host_images, requested, seeds, timings, self.manifest.name, alive)
 
     def _decode(self, latents: Any, b: int, height: int, width: int) -> np.ndarray:
         """(b, 4, h, w) latents on the device -> (b, H, W, 3) uint8 on the host; in low-VRAM mode,

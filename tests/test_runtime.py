@@ -240,3 +240,21 @@ def test_rows_are_not_compacted_below_the_engines_min_batch(tiny_engines, pipe):
         max(k[1][0] for k in fixed._buffers if k[0] == "latents0")) or [0, 2])
     assert set(batches) == {3} and result.rows == [0, 2]
     np.testing.assert_array_equal(result.images, pipe.generate(config).images[[0, 2]])
+
+
+@pytest.mark.parametrize("scheduler", ["euler_a", "dpmpp_2m"])  # step noise; sampler history
+def test_a_batch_below_the_engines_min_batch_is_padded_and_trimmed(tiny_engines, pipe, scheduler):
+    """Static batch-3 plans still serve one or two images: copies of the last row fill the batch."""
+    from dataclasses import replace as dc_replace
+
+    fixed = Pipeline.load(tiny_engines, backend="ort-cpu")
+    fixed.limits = dc_replace(fixed.limits, batch=(3, 3, 3))
+    for prompts, seeds in ((["a cat"], [5]), (["a cat", "a dog"], [5, 9])):
+        config = fixed.make_config(prompts, steps=3, seeds=seeds, scheduler=scheduler)
+        result = fixed.generate(config)
+        assert max(k[1][0] for k in fixed._buffers if k[0] == "latents0") == 3, "the engine ran at its batch"
+        assert result.images.shape[0] == len(prompts) and result.rows == list(range(len(prompts)))
+        assert result.seeds == seeds and result.config is config
+        np.testing.assert_array_equal(result.images, pipe.generate(config).images)
+    with pytest.raises(InputError, match="batch must be an integer from 1 to 3"):
+        fixed.make_config("a cat", batch=4)
