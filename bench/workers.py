@@ -64,13 +64,6 @@ class DeviceMemoryProbe:
             time.sleep(0.005)
 
 
-def ort_backend() -> str:
-    """The bench's `ort` is ONNX Runtime on the GPU where there is one (never TensorRT, which `auto` may pick)."""
-    from sdrt.backends.onnxruntime import cuda_available
-
-    return "ort-cuda" if cuda_available() else "ort-cpu"
-
-
 LOW_VRAM = "-low-vram"  # bench backend suffix: the same backend with Pipeline.load(low_vram=True)
 
 
@@ -81,8 +74,7 @@ class SdrtRunner:
         self.w = workload
         low_vram = backend.endswith(LOW_VRAM)
         backend = backend.removesuffix(LOW_VRAM)
-        self.pipe = Pipeline.load(workload.engines, backend=ort_backend() if backend == "ort" else backend,
-                                  low_vram=low_vram)
+        self.pipe = Pipeline.load(workload.engines, backend=backend, low_vram=low_vram)
         self.name = self.pipe.backend.name + (" low-vram" if low_vram else "")
 
     def _config(self, batch: int) -> Any:

@@ -247,19 +247,17 @@ class Pipeline:
         """
         start = time.perf_counter()
         timings = Timings()
-        plan = make_plan(config.scheduler, self.schedule, config.steps)
-        init, step_noise = self.initial_noise(config, plan)
-        if latents is not None:
-            if latents.shape != init.shape:
-                raise InputError(f"latents must have shape {init.shape}, got {latents.shape}")
-            init = latents.astype(np.float32)
         requested = config
         pad = self.limits.batch[0] - config.batch
         if pad > 0:  # plans of one batch size (static): copies of the last row run along, then are dropped
             config = config.padded(pad)
-            init = np.concatenate([init, np.repeat(init[-1:], pad, axis=0)])
-            if step_noise is not None:
-                step_noise = np.concatenate([step_noise, np.repeat(step_noise[:, -1:], pad, axis=1)], axis=1)
+        plan = make_plan(config.scheduler, self.schedule, config.steps)
+        init, step_noise = self.initial_noise(config, plan)
+        if latents is not None:
+            expected = (requested.batch,) + init.shape[1:]
+            if latents.shape != expected:
+                raise InputError(f"latents must have shape {expected}, got {latents.shape}")
+            init[: requested.batch] = latents  # padding rows keep their own noise: they are discarded
         k = self.manifest.model["history"]
         te_dtype = self.manifest.components["denoise_step"].input("text_embeddings").dtype
 

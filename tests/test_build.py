@@ -276,16 +276,20 @@ def _denoise_step_runs(engines: Path, cuda_graphs: bool, runs: int) -> list[dict
     engine = backend.load(engines, manifest, "denoise_step")
     spec = manifest.components["denoise_step"]
     dims = {"B": 1, "RB": 2, "h": 8, "w": 8}  # 64x64 latents of one image, CFG doubles the embeddings
+
+    def shape_of(t) -> tuple[int, ...]:
+        return tuple(dims.get(d, d) for d in t.shape)
+
     rng = np.random.default_rng(0)
     inputs, outputs = {}, {}
     for t in spec.inputs:
-        shape = tuple(dims.get(d, d) for d in t.shape)
+        shape = shape_of(t)
         value = {"timestep": np.full(shape, 500.0), "guidance": np.full(shape, 7.5)}.get(t.name)
         array = (rng.standard_normal(shape) if value is None else value).astype(t.dtype)
         inputs[t.name] = backend.empty(shape, t.dtype)
         backend.write(inputs[t.name], array)
     for t in spec.outputs:
-        outputs[t.name] = backend.empty(tuple(dims.get(d, d) for d in t.shape), t.dtype)
+        outputs[t.name] = backend.empty(shape_of(t), t.dtype)
     results = []
     for _ in range(runs):
         engine.run(inputs, outputs)
@@ -307,12 +311,11 @@ def test_graph_replay_gives_the_plain_calls_latents(gpu_plans):
 def test_trt_images_match_ort_and_graphs_match_plain(gpu_plans):
     from sdrt.backends.tensorrt import TrtBackend
     from sdrt.bench.stats import psnr
-    from sdrt.bench.workers import ort_backend
     from sdrt.pipeline import Pipeline
 
     graphs = Pipeline.load(gpu_plans, backend=TrtBackend(cuda_graphs=True))
     plain = Pipeline.load(gpu_plans, backend=TrtBackend(cuda_graphs=False))
-    ort = Pipeline.load(gpu_plans, backend=ort_backend())
+    ort = Pipeline.load(gpu_plans, backend="ort")
     config = ort.make_config("a cat", steps=6, seed=2)
     first, replay = (graphs.generate(config).images for _ in range(2))  # the 2nd run replays graphs
     reference = plain.generate(config).images
@@ -326,16 +329,14 @@ def test_trt_images_match_ort_and_graphs_match_plain(gpu_plans):
 def test_sd15_fp16_trt_matches_ort(sd15_model, tmp_path):
     """The issue's bar: TensorRT vs ONNX Runtime on the real SD 1.5 shapes, same seed, fp16, >= 30 dB."""
     from sdrt.bench.stats import psnr
-    from sdrt.bench.workers import ort_backend
     from sdrt.export.exporter import ExportConfig, export
     from sdrt.pipeline import Pipeline
 
-    _gpu_or_skip()
     onnx = tmp_path / "sd15-fp16"
     export(ExportConfig(sd15_model, onnx, precision="fp16"), progress=False)
     engines = _plans_for_this_gpu(onnx, tmp_path / "sd15-plans", "static:512x512,batch=1")
     trt = Pipeline.load(engines, backend="trt")
-    ort = Pipeline.load(engines, backend=ort_backend())
+    ort = Pipeline.load(engines, backend="ort")
     config = ort.make_config("a photograph of an astronaut riding a horse", steps=10, seed=3)
     ours, reference = trt.generate(config), ort.generate(config)
     assert np.isfinite(ours.images).all()

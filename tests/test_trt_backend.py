@@ -201,8 +201,7 @@ def _pybind_arities(function: object) -> list[tuple[int, int]]:
             continue
         depth, params, current = 0, [], ""
         for char in match.group(1):
-            depth += char in "[(" and 1 or 0
-            depth -= char in "])" and 1 or 0
+            depth += (char in "[(") - (char in "])")
             if char == "," and depth == 0:
                 params.append(current)
                 current = ""
@@ -245,9 +244,9 @@ def test_tensorrt_calls_exist_in_tensorrt_rtx_with_these_arguments():
                 _resolve(trt, chain[1:])
                 checked.add(".".join(chain[1:3]))
                 continue
-            receiver = next((TRT_RECEIVERS[name] for name in reversed(chain[:-1]) if name in TRT_RECEIVERS), None)
-            if receiver is None or len(chain) < 2 or chain[-2] not in TRT_RECEIVERS:
+            if len(chain) < 2 or chain[-2] not in TRT_RECEIVERS:
                 continue
+            receiver = TRT_RECEIVERS[chain[-2]]
             method = _resolve(getattr(trt, receiver), [chain[-1]])
             checked.add(f"{receiver}.{chain[-1]}")
             if call is not None and not any(isinstance(arg, ast.Starred) for arg in call.args):

@@ -6,12 +6,12 @@ from sdrt.backends.base import Backend, Engine
 from sdrt.errors import BackendError
 from sdrt.manifest import Manifest
 
-BACKENDS = ("auto", "ort-cpu", "ort-cuda", "trt")
+BACKENDS = ("auto", "ort", "ort-cpu", "ort-cuda", "trt")
 
 
 def select_backend(name: str = "auto", manifest: Manifest | None = None) -> Backend:
     """auto: TensorRT where the engine directory has plans this machine can run, else ONNX Runtime
-    CUDA, else ONNX Runtime CPU."""
+    CUDA, else ONNX Runtime CPU. ort: the best ONNX Runtime (CUDA, else CPU), never TensorRT."""
     if name not in BACKENDS:
         raise BackendError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
     if name == "trt" or (name == "auto" and manifest is not None and _plans_runnable(manifest)):
@@ -22,7 +22,7 @@ def select_backend(name: str = "auto", manifest: Manifest | None = None) -> Back
 
     from sdrt.backends.onnxruntime import OrtBackend, cuda_available
 
-    if name == "auto":
+    if name in ("auto", "ort"):
         return OrtBackend("cuda" if cuda_available() else "cpu")
     return OrtBackend(name.removeprefix("ort-"))
 
