@@ -177,8 +177,8 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
     manifest = read_manifest(engines)
     results["artifacts"] = {  # one-off costs of the engines measured (seconds, on the machine that made them)
         "export_s": manifest.source.get("export_s"),
-        "build_s": {k: v["build_s"] for k, v in manifest.plans.get("components", {}).items()} or None,
-        "plans": manifest.plans.get("shapes"), "precision": manifest.precision}
+        "build_s": {k: v.build_s for k, v in manifest.plans.components.items()} if manifest.plans else None,
+        "plans": manifest.plans.shapes if manifest.plans else None, "precision": manifest.precision}
     results.update(schema=1, machine=machine_info(), versions=package_versions(BENCH_PACKAGES), command=config.command,
                    workload=asdict(config.workload), runs=config.runs, warmup=config.warmup,
                    batches=list(config.batches), notes=config.notes,

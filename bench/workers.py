@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import resource
 import threading
+from pathlib import Path
 import time
 import traceback
 from dataclasses import dataclass
@@ -98,6 +99,12 @@ class TorchRunner:
         import torch
 
         self.torch, self.w = torch, workload
+        from sdrt.export.components_io import model_index
+
+        pipeline = model_index(Path(workload.model_dir)).get("_class_name")
+        if pipeline != "StableDiffusionPipeline":  # its stage timers and FLOP count are written for SD 1.x
+            raise NotImplementedError(f"the torch baseline times StableDiffusionPipeline (sd1) only, not {pipeline}; "
+                                      "bench sdrt's own backends alone (--backends ort,trt)")
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.dtype = getattr(torch, dtype) if dtype else (torch.float16 if self.device == "cuda" else torch.float32)
         pipe = diffusers.StableDiffusionPipeline.from_pretrained(

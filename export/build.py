@@ -2,7 +2,7 @@
 
 Strongly typed networks (precision comes from the ONNX), one optimization profile per component
 covering the CFG batch (2B) and the chosen sizes. Plans are written beside the ONNX through a
-temporary name and renamed once all three built; the manifest then records flavour, version,
+temporary name and renamed once all are built; the manifest then records flavour, version,
 target architectures, profiles, I/O and sha256 (see `sdrt.manifest.Manifest.plans`).
 Needs no torch: only a TensorRT flavour (and, for full TensorRT, the GPU it builds for).
 """
@@ -19,9 +19,10 @@ from typing import Any
 
 from sdrt.errors import BackendError, EngineError, InputError
 from sdrt.manifest import (
-    COMPONENTS,
     ComponentSpec,
     Manifest,
+    PlanRecord,
+    PlanSet,
     ShapeLimits,
     read_manifest,
     verify_files,
@@ -89,14 +90,14 @@ def component_profiles(manifest: Manifest, shapes: ShapeLimits) -> dict[str, dic
     B is the image batch; RB and N (rows with CFG) run from B without CFG to 2B with it, 2B at opt.
     h, w are latent sizes (pixels / vae_scale_factor).
     """
-    f = manifest.model["vae_scale_factor"]
+    f = manifest.model.vae_scale_factor
     b_lo, b_opt, b_hi = shapes.batch
     sym = {
         "B": shapes.batch, "RB": (b_lo, 2 * b_opt, 2 * b_hi), "N": (b_lo, 2 * b_opt, 2 * b_hi),
         "h": tuple(v // f for v in shapes.height), "w": tuple(v // f for v in shapes.width),
     }
     out: dict[str, dict[str, tuple[Dims, Dims, Dims]]] = {}
-    for name in COMPONENTS:
+    for name in manifest.model.components:
         spec = manifest.components[name]
         out[name] = {}
         for t in spec.inputs:
@@ -131,7 +132,7 @@ def resolve_archs(lib: TensorRT, requested: tuple[str, ...], gpu: str | None) ->
 
 
 def build(config: BuildConfig, progress: bool = True) -> Manifest:
-    """Builds the three plans; returns the updated manifest."""
+    """Builds one plan per component; returns the updated manifest."""
     from sdrt.cuda import gpu_arch
     from tqdm import tqdm
 
@@ -147,12 +148,13 @@ def build(config: BuildConfig, progress: bool = True) -> Manifest:
     logger = lib.error_logger()
     timing_path = cache_path(lib, "timing", archs[0]) if not lib.rtx else None
     timing = timing_path.read_bytes() if timing_path is not None and timing_path.is_file() else b""
-    records: dict[str, Any] = {}
+    records: dict[str, PlanRecord] = {}
+    components = manifest.model.components
     temps: list[tuple[Path, Path]] = []
     digests: dict[str, str] = {}  # hashed from memory: re-reading a 1.7 GB plan would double the I/O
-    bar = tqdm(total=len(COMPONENTS), desc=f"build {engine_dir.name}", unit="plan", disable=not progress)
+    bar = tqdm(total=len(components), desc=f"build {engine_dir.name}", unit="plan", disable=not progress)
     try:
-        for name in COMPONENTS:
+        for name in components:
             bar.set_postfix_str(name)
             spec = manifest.components[name]
             start = time.perf_counter()
@@ -164,11 +166,10 @@ def build(config: BuildConfig, progress: bool = True) -> Manifest:
                 f.write(plan)
             temps.append((tmp, engine_dir / plan_name))
             digests[plan_name] = hashlib.sha256(plan).hexdigest()
-            records[name] = {
-                "plan": plan_name, "bytes": len(plan), "build_s": round(time.perf_counter() - start, 2),
-                "io": io, "onnx_sha256": manifest.files[spec.onnx],
-                "profile": {k: {"min": list(v[0]), "opt": list(v[1]), "max": list(v[2])} for k, v in profiles[name].items()},
-            }
+            records[name] = PlanRecord(
+                plan=plan_name, bytes=len(plan), build_s=round(time.perf_counter() - start, 2), io=tuple(io),
+                onnx_sha256=manifest.files[spec.onnx],
+                profile={k: {"min": list(v[0]), "opt": list(v[1]), "max": list(v[2])} for k, v in profiles[name].items()})
             bar.update(1)
         bar.close()
         for tmp, final in temps:
@@ -181,8 +182,7 @@ def build(config: BuildConfig, progress: bool = True) -> Manifest:
 
     files = {k: v for k, v in manifest.files.items() if not k.endswith(".plan")}
     files.update(digests)
-    plans = {"flavour": lib.flavour, "version": lib.version, "archs": archs, "shapes": shapes_text(shapes),
-             "kind": shapes.kind, "limits": shapes.record(), "components": records}
+    plans = PlanSet(lib.flavour, lib.version, tuple(archs), shapes_text(shapes), shapes, records)
     updated = replace(manifest, files=files, plans=plans)
     write_manifest(engine_dir, updated)
     return updated

@@ -1,6 +1,6 @@
 """The three graphs sdrt exports, as torch modules around the diffusers components.
 
-The denoise step folds classifier-free guidance and a generic linear sampler update into the
+The text encoders write the conditioning the family names; the denoise step folds classifier-free guidance and a generic linear sampler update into the
 U-Net graph (see DESIGN.md), so the runtime's loop is one engine call per step:
 
     out       = unet(c_in * [x; x], t, [uncond; cond])          # (2B, 4, h, w), CFG batching
@@ -17,42 +17,62 @@ from sdrt.schedulers import HISTORY
 
 
 class TextEncoder(nn.Module):
-    """input_ids (N, 77) int64 -> text_embeddings (N, 77, C)."""
+    """input_ids (N, S) int64, keep (N,) f32 -> hidden states (N, S, C)[, pooled (N, P)], rows times keep.
 
-    def __init__(self, text_encoder: nn.Module):
+    hidden_layer None: last_hidden_state (after the final layer norm, SD 1.x/2.x as diffusers);
+    -2: the penultimate layer's output (SDXL). keep = 0 zeroes a row (force_zeros_for_empty_prompt).
+    """
+
+    def __init__(self, text_encoder: nn.Module, hidden_layer: int | None, pooled: bool):
         super().__init__()
         self.text_encoder = text_encoder
+        self.hidden_layer = hidden_layer
+        self.pooled = pooled
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.text_encoder(input_ids, return_dict=False)[0]
+    def forward(self, input_ids: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.text_encoder(input_ids, output_hidden_states=self.hidden_layer is not None, return_dict=True)
+        hidden = out.last_hidden_state if self.hidden_layer is None else out.hidden_states[self.hidden_layer]
+        keep = keep.to(hidden.dtype)
+        if not self.pooled:
+            return (hidden * keep[:, None, None],)
+        return hidden * keep[:, None, None], out.text_embeds * keep[:, None]
 
 
 class DenoiseStep(nn.Module):
     """One sampler step: U-Net with CFG batching and the per-step linear update, all in-graph.
 
-    latents (B, 4, h, w) f32; timestep (1,) f32; text_embeddings (R*B, 77, C) with R = 2 for
-    CFG ([uncond; cond]) or R = 1 without; guidance (1,) f32; step_coeffs (N_COEFFS,) f32 laid
-    out as [c_in, a, b, hx_1..K, ho_1..K, d]; x_history, out_history (K, B, 4, h, w) f32,
-    newest first; noise (B, 4, h, w) f32.
+    Inputs, in order: latents (B, 4, h, w) f32; timestep (1,) f32; the family's conditioning tensors
+    (CFG layout: (R*B, ...) with R = 2 for CFG ([uncond; cond]) or R = 1 without); guidance (1,) f32;
+    step_coeffs (N_COEFFS,) f32 laid out as [c_in, a, b, hx_1..K, ho_1..K, d]; x_history,
+    out_history (K, B, 4, h, w) f32, newest first; noise (B, 4, h, w) f32.
     """
 
-    def __init__(self, unet: nn.Module):
+    def __init__(self, unet: nn.Module, conditioning: tuple[str, ...], cross_attention: tuple[str, ...],
+                 added_cond: tuple[tuple[str, str], ...]):
         super().__init__()
         self.unet = unet
+        self.conditioning = conditioning
+        self.cross_attention = cross_attention  # concatenated on channels: SDXL's [CLIP-L; bigG]
+        self.added_cond = added_cond
 
     @property
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
 
-    def forward(self, latents, timestep, text_embeddings, guidance, step_coeffs, x_history, out_history, noise):
+    def forward(self, latents, timestep, *rest):
+        n = len(self.conditioning)
+        cond = dict(zip(self.conditioning, rest[:n]))
+        guidance, step_coeffs, x_history, out_history, noise = rest[n:]
         b = latents.shape[0]
         k = HISTORY
         c_in, a, bb, d = step_coeffs[0], step_coeffs[1], step_coeffs[2], step_coeffs[3 + 2 * k]
         hx = step_coeffs[3 : 3 + k].view(k, 1, 1, 1, 1)
         ho = step_coeffs[3 + k : 3 + 2 * k].view(k, 1, 1, 1, 1)
-        rows = torch.arange(text_embeddings.shape[0], device=latents.device) % b  # (R*B,)
+        hidden = torch.cat([cond[name].to(self.dtype) for name in self.cross_attention], dim=-1)  # (R*B, S, C)
+        rows = torch.arange(hidden.shape[0], device=latents.device) % b  # (R*B,)
         x_in = (latents * c_in)[rows].to(self.dtype)  # (R*B, 4, h, w)
-        out = self.unet(x_in, timestep, text_embeddings.to(self.dtype), return_dict=False)[0].float()
+        added = {key: cond[name].to(self.dtype) for key, name in self.added_cond} or None
+        out = self.unet(x_in, timestep, hidden, added_cond_kwargs=added, return_dict=False)[0].float()
         out_u, out_c = out[:b], out[out.shape[0] - b :]  # equal when R = 1 (no CFG)
         guided = out_u + guidance * (out_c - out_u)  # (B, 4, h, w)
         latents_next = a * latents + bb * guided + (hx * x_history).sum(0) + (ho * out_history).sum(0) + d * noise

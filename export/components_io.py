@@ -1,4 +1,4 @@
-"""Loads the torch components of a diffusers SD 1.x folder for export."""
+"""Loads the torch components of a diffusers folder of a supported family for export."""
 
 from __future__ import annotations
 
@@ -8,40 +8,68 @@ from pathlib import Path
 from typing import Any
 
 from sdrt.errors import ModelError
+from sdrt.families import Family, family_for
+
+# transformers classes a text-encoder slot may hold; a pooled slot needs the projection
+TEXT_ENCODER_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
 
 
 @dataclass
 class TorchParts:
-    text_encoder: Any
+    family: Family
+    text_encoders: dict[str, Any]  # component -> transformers module
+    tokenizers: dict[str, Any]  # tokenizer subfolder -> transformers tokenizer
     unet: Any
     vae: Any
-    tokenizer: Any
     scheduler_config: dict[str, Any]
     vae_scale_factor: int
     scaling_factor: float
+    vae_needs_fp32: bool  # force_upcast where the family follows it: the VAE overflows in fp16 (SDXL's stock VAE)
+    zero_empty_negative: bool  # the pipeline's force_zeros_for_empty_prompt
+
+
+def model_index(model_dir: Path) -> dict[str, Any]:
+    return json.loads((model_dir / "model_index.json").read_text())
 
 
 def load_components(model_dir: Path) -> TorchParts:
     import torch
+    import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
+    index = model_index(model_dir)
+    family = family_for(index, str(model_dir))
+    text_encoders, tokenizers = {}, {}
     try:
+        for slot in family.text_encoders:
+            cls_name = (index.get(slot.component) or [None, None])[1]
+            wanted = TEXT_ENCODER_CLASSES[1:] if slot.pooled else TEXT_ENCODER_CLASSES
+            if cls_name not in wanted:
+                raise ModelError(f"{model_dir}: {slot.component} is {cls_name}; {family.label} needs "
+                                 f"{' or '.join(wanted)}")
+            text_encoders[slot.component] = getattr(transformers, cls_name).from_pretrained(
+                model_dir / slot.component, torch_dtype=torch.float32, attn_implementation="eager").eval()
+            tokenizers[slot.tokenizer] = CLIPTokenizer.from_pretrained(model_dir / slot.tokenizer)
         unet = UNet2DConditionModel.from_pretrained(model_dir / "unet", torch_dtype=torch.float32).eval()
         vae = AutoencoderKL.from_pretrained(model_dir / "vae", torch_dtype=torch.float32).eval()
-        text_encoder = CLIPTextModel.from_pretrained(
-            model_dir / "text_encoder", torch_dtype=torch.float32, attn_implementation="eager").eval()
-        tokenizer = CLIPTokenizer.from_pretrained(model_dir / "tokenizer")
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelError(f"could not load {model_dir}: {e}. Check that the folder is a complete diffusers "
-                         "SD 1.x pipeline with safetensors weights") from e
+                         f"{family.label} pipeline with safetensors weights") from e
     if unet.config.in_channels != 4 or unet.config.out_channels != 4:
         raise ModelError(f"{model_dir}: U-Net has {unet.config.in_channels} input channels; sdrt exports "
-                         "text-to-image SD 1.x (4 channels), not inpainting or depth models")
-    if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
-        raise ModelError(f"{model_dir}: U-Net cross-attention dim {unet.config.cross_attention_dim} != text "
-                         f"encoder width {text_encoder.config.hidden_size}: the components do not belong together")
+                         f"text-to-image {family.label} (4 channels), not inpainting or depth models")
+    by_output = {slot.hidden: text_encoders[slot.component].config.hidden_size for slot in family.text_encoders}
+    width = sum(by_output[name] for name in family.cross_attention)
+    if unet.config.cross_attention_dim != width:
+        raise ModelError(f"{model_dir}: U-Net cross-attention dim {unet.config.cross_attention_dim} != {width}, the "
+                         f"width of {' + '.join(family.cross_attention)} from the {family.label} text encoders: the "
+                         "components do not belong together")
+    if getattr(vae.config, "latents_mean", None) is not None:
+        raise ModelError(f"{model_dir}: the VAE has latents_mean/latents_std (a Playground-style VAE); sdrt "
+                         "supports VAEs normalized by scaling_factor alone")
     scheduler_config = json.loads((model_dir / "scheduler" / "scheduler_config.json").read_text())
     vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    return TorchParts(text_encoder, unet, vae, tokenizer, scheduler_config, vae_scale_factor,
-                      float(vae.config.scaling_factor))
+    return TorchParts(family, text_encoders, tokenizers, unet, vae, scheduler_config, vae_scale_factor,
+                      float(vae.config.scaling_factor), family.vae_upcast and bool(getattr(vae.config, "force_upcast", False)),
+                      bool(index.get("force_zeros_for_empty_prompt", False)))

@@ -1,4 +1,4 @@
-"""`sdrt export`: a diffusers SD 1.x folder -> engines/<name>/ (ONNX + manifest + tokenizer).
+"""`sdrt export`: a diffusers folder of a supported family -> engines/<name>/ (ONNX, manifest, tokenizers).
 
 Everything is written into a staging directory beside the target and renamed into place at the
 end, so an interrupted export never leaves a directory that loads.
@@ -18,14 +18,15 @@ from typing import Any
 import numpy as np
 
 from sdrt.errors import InputError, ModelError, ValidationError
-from sdrt.manifest import ComponentSpec, Manifest, ShapeRange, TensorSpec, sha256_file, write_manifest
-from sdrt.schedulers import HISTORY, N_COEFFS
+from sdrt.families import BATCH, CFG, HOST, Family, family_for
+from sdrt.manifest import (DECODER, STEP, ComponentSpec, Manifest, ModelInfo, ShapeRange, TensorSpec, sha256_file,
+                           write_manifest)
+from sdrt.schedulers import HISTORY, N_COEFFS, NoiseSchedule
 from sdrt.versions import package_versions
 
 PRECISIONS = ("fp16", "fp32")
-JSON_FILES = ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
-              "scheduler/scheduler_config.json")
-REQUIRED = JSON_FILES + ("tokenizer",)
+# (dtype, per-row shape) of conditioning the host computes (sdrt.pipeline.HOST_CONDITIONING)
+HOST_CONDITIONING = {"time_ids": ("float32", (6,))}
 RECORDED_PACKAGES = ("sdrt", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu")
 
 
@@ -41,8 +42,10 @@ class Tolerances:
     fp16: dict[str, float] = field(default_factory=lambda: {
         "text_encoder": 2e-2, "denoise_step": 2e-2, "vae_decoder": 8.0})
 
-    def for_precision(self, precision: str) -> dict[str, float]:
-        return self.fp16 if precision == "fp16" else self.fp32
+    def of(self, component: str, precision: str) -> float:
+        """Every text encoder (text_encoder, text_encoder_2, ...) shares the text_encoder tolerance."""
+        table = self.fp16 if precision == "fp16" else self.fp32
+        return table["text_encoder" if component.startswith("text_encoder") else component]
 
 
 @dataclass(frozen=True)
@@ -60,23 +63,38 @@ class ExportConfig:
     tolerances: Tolerances = field(default_factory=Tolerances)
 
 
-def check_model_dir(model_dir: Path) -> None:
+def check_model_dir(model_dir: Path) -> Family:
+    """The folder's family, once every file it needs is there and parses."""
     if not model_dir.is_dir():
-        raise ModelError(f"{model_dir} is not a directory: point `sdrt export` at a diffusers SD 1.x folder "
+        raise ModelError(f"{model_dir} is not a directory: point `sdrt export` at a diffusers folder "
                          f"(or make a test one with `sdrt testmodel tiny {model_dir}`)")
-    missing = [p for p in REQUIRED if not (model_dir / p).exists()]
+    index_path = model_dir / "model_index.json"
+    try:
+        family = family_for(json.loads(index_path.read_text()), str(model_dir))
+    except FileNotFoundError:
+        raise ModelError(f"{model_dir} has no model_index.json: save the full pipeline with "
+                         "`save_pretrained` (single-file checkpoints are not supported yet)") from None
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{index_path} is not valid JSON ({e}): restore it from the original model") from e
+    weights = ("unet", "vae") + tuple(t.component for t in family.text_encoders)
+    json_files = [f"{sub}/config.json" for sub in weights] + ["scheduler/scheduler_config.json"]
+    required = json_files + [t.tokenizer for t in family.text_encoders]
+    missing = [p for p in required if not (model_dir / p).exists()]
     if missing:
-        raise ModelError(f"{model_dir} is not a complete diffusers SD 1.x folder: missing {', '.join(missing)}. "
-                         "Save the full pipeline with `StableDiffusionPipeline.save_pretrained`")
-    for sub in ("unet", "vae", "text_encoder"):
+        raise ModelError(f"{model_dir} is not a complete diffusers {family.label} folder: missing "
+                         f"{', '.join(missing)}. Save the full pipeline with `save_pretrained`")
+    for sub in weights:
         if not any((model_dir / sub).glob("*.safetensors")):
             raise ModelError(f"{model_dir / sub} has no .safetensors weights: convert the checkpoint to "
                              "safetensors (`save_pretrained(..., safe_serialization=True)`)")
-    for p in JSON_FILES:
+    for p in json_files:
         try:
             json.loads((model_dir / p).read_text())
         except json.JSONDecodeError as e:
             raise ModelError(f"{model_dir / p} is not valid JSON ({e}): restore it from the original model") from e
+    # scheduler settings sdrt cannot honour are refused here, before minutes of export
+    NoiseSchedule.from_config(json.loads((model_dir / "scheduler/scheduler_config.json").read_text()))
+    return family
 
 
 def source_hash(model_dir: Path) -> str:
@@ -90,11 +108,11 @@ def source_hash(model_dir: Path) -> str:
 
 
 def export(config: ExportConfig, progress: bool = True) -> Manifest:
-    """Exports the three components; returns the manifest of the new engine directory."""
+    """Exports every component of the model's family; returns the manifest of the new engine directory."""
     model_dir, out_dir = Path(config.model_dir), Path(config.out_dir)
     if config.precision not in PRECISIONS:
         raise InputError(f"precision must be one of {PRECISIONS}, got {config.precision!r}")
-    check_model_dir(model_dir)
+    family = check_model_dir(model_dir)
     if out_dir.exists() and not config.force:
         raise InputError(f"{out_dir} already exists: pass --force to replace it, or choose another -o")
 
@@ -105,7 +123,8 @@ def export(config: ExportConfig, progress: bool = True) -> Manifest:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        bar = tqdm(total=6, desc=f"export {out_dir.name}", unit="stage", disable=not progress)
+        bar = tqdm(total=4 + len(family.text_encoders), desc=f"export {out_dir.name}", unit="stage",
+                   disable=not progress)
         bar.set_postfix_str("loading model")
         from sdrt.export.components_io import load_components
 
@@ -114,7 +133,8 @@ def export(config: ExportConfig, progress: bool = True) -> Manifest:
         src = source_hash(model_dir)
         bar.update(1)
         manifest_parts = _export_components(parts, staging, config, bar)
-        parts.tokenizer.save_pretrained(staging / "tokenizer")
+        for name, tokenizer in parts.tokenizers.items():
+            tokenizer.save_pretrained(staging / name)
         files = {p.relative_to(staging).as_posix(): sha256_file(p)
                  for p in sorted(staging.rglob("*")) if p.is_file()}
         manifest = Manifest(
@@ -149,76 +169,103 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
     from sdrt.export.components import DenoiseStep, TextEncoder, VaeDecoder
     from sdrt.export.onnx_io import export_onnx
 
-    dtype = torch.float16 if config.precision == "fp16" else torch.float32
-    f = "float16" if config.precision == "fp16" else "float32"
+    family: Family = parts.family
+    fp16 = config.precision == "fp16"
+    f = "float16" if fp16 else "float32"
     native = parts.unet.config.sample_size * parts.vae_scale_factor
     shapes = ShapeRange(min_size=config.min_size, default_size=native,
                         max_size=config.max_size or max(1024, 2 * native), max_batch=config.max_batch)
     vs = config.validation_size or min(native, 256)
     lat = vs // parts.vae_scale_factor
-    hidden = parts.text_encoder.config.hidden_size
-    seq = parts.text_encoder.config.max_position_embeddings  # 77
     lc = parts.unet.config.in_channels
+    seqs = {te.config.max_position_embeddings for te in parts.text_encoders.values()}  # 77
+    if len(seqs) != 1:
+        raise ModelError(f"{config.model_dir}: text encoders disagree on the context length ({sorted(seqs)})")
+    seq = seqs.pop()
     gen = torch.Generator().manual_seed(0)
 
-    te_specs = ComponentSpec("text_encoder.onnx", (TensorSpec("input_ids", "int64", ("N", seq)),),
-                             (TensorSpec("text_embeddings", f, ("N", seq, hidden)),))
-    step_specs = ComponentSpec(
+    # (component, spec, module, its precision)
+    jobs: list[tuple[str, ComponentSpec, Any, str]] = []
+    produced: dict[str, TensorSpec] = {}  # conditioning written by the text encoders, per text row (N, ...)
+    for slot in family.text_encoders:
+        te = parts.text_encoders[slot.component]
+        outputs = [TensorSpec(slot.hidden, f, ("N", seq, te.config.hidden_size))]
+        if slot.pooled:
+            outputs.append(TensorSpec(slot.pooled, f, ("N", te.config.projection_dim)))
+        spec = ComponentSpec(f"{slot.component}.onnx",
+                             (TensorSpec("input_ids", "int64", ("N", seq)), TensorSpec("keep", "float32", ("N",))),
+                             tuple(outputs), config.precision)
+        jobs.append((slot.component, spec, TextEncoder(te, slot.hidden_layer, slot.pooled is not None),
+                     config.precision))
+        produced.update({t.name: t for t in outputs})
+
+    lead = {CFG: "RB", BATCH: 1}
+    conditioning = []
+    for c in family.conditioning:
+        dtype, row_shape = HOST_CONDITIONING[c.name] if c.source == HOST else (f, produced[c.name].shape[1:])
+        conditioning.append(TensorSpec(c.name, dtype, (lead.get(c.layout, "B"),) + tuple(row_shape)))
+    state = ("B", lc, "h", "w")
+    step_spec = ComponentSpec(
         "denoise_step.onnx",
-        (TensorSpec("latents", "float32", ("B", lc, "h", "w")), TensorSpec("timestep", "float32", (1,)),
-         TensorSpec("text_embeddings", f, ("RB", seq, hidden)), TensorSpec("guidance", "float32", (1,)),
-         TensorSpec("step_coeffs", "float32", (N_COEFFS,)),
-         TensorSpec("x_history", "float32", (HISTORY, "B", lc, "h", "w")),
-         TensorSpec("out_history", "float32", (HISTORY, "B", lc, "h", "w")),
-         TensorSpec("noise", "float32", ("B", lc, "h", "w"))),
-        (TensorSpec("latents_next", "float32", ("B", lc, "h", "w")),
-         TensorSpec("x_history_next", "float32", (HISTORY, "B", lc, "h", "w")),
-         TensorSpec("out_history_next", "float32", (HISTORY, "B", lc, "h", "w"))),
-    )
-    vae_specs = ComponentSpec("vae_decoder.onnx", (TensorSpec("latents", "float32", ("B", lc, "h", "w")),),
-                              (TensorSpec("images", "uint8", ("B", "H", "W", 3)),))
+        (TensorSpec("latents", "float32", state), TensorSpec("timestep", "float32", (1,)), *conditioning,
+         TensorSpec("guidance", "float32", (1,)), TensorSpec("step_coeffs", "float32", (N_COEFFS,)),
+         TensorSpec("x_history", "float32", (HISTORY,) + state), TensorSpec("out_history", "float32", (HISTORY,) + state),
+         TensorSpec("noise", "float32", state)),
+        (TensorSpec("latents_next", "float32", state), TensorSpec("x_history_next", "float32", (HISTORY,) + state),
+         TensorSpec("out_history_next", "float32", (HISTORY,) + state)),
+        config.precision)
+    jobs.append((STEP, step_spec, DenoiseStep(parts.unet, tuple(c.name for c in family.conditioning),
+                                              family.cross_attention, family.added_cond), config.precision))
+    vae_precision = "fp32" if parts.vae_needs_fp32 else config.precision
+    vae_spec = ComponentSpec("vae_decoder.onnx", (TensorSpec("latents", "float32", state),),
+                             (TensorSpec("images", "uint8", ("B", "H", "W", 3)),), vae_precision)
+    jobs.append((DECODER, vae_spec, VaeDecoder(parts.vae, parts.scaling_factor), vae_precision))
 
     def dyn(spec: ComponentSpec) -> dict[str, dict[int, str]]:
         return {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)}
                 for t in spec.inputs + spec.outputs}
 
-    ids = torch.randint(0, parts.text_encoder.config.vocab_size, (2, seq), generator=gen)
-    # trace at a latent size that is not a multiple of the U-Net's down factor, so the graph keeps
-    # diffusers' explicit upsample sizes and accepts any multiple of 8 pixels
-    th, tw = lat + 1, lat + 2
-    step_args = lambda h, w, d: (  # noqa: E731
-        torch.randn(1, lc, h, w, generator=gen), torch.tensor([500.0]),
-        torch.randn(2, seq, hidden, generator=gen).to(d), torch.tensor([7.5]),
-        torch.rand(N_COEFFS, generator=gen), torch.randn(HISTORY, 1, lc, h, w, generator=gen),
-        torch.randn(HISTORY, 1, lc, h, w, generator=gen), torch.randn(1, lc, h, w, generator=gen))
+    def sample(spec: ComponentSpec, h: int, w: int, typed: bool) -> tuple[Any, ...]:
+        """Random inputs of the spec at batch 1 (CFG rows 2), latent size h x w; typed: in the spec's
+        dtypes (tracing), else float32 (the fp32 reference module)."""
+        dims = {"B": 1, "RB": 2, "N": 2, "h": h, "w": w}
+        special = {"timestep": torch.tensor([500.0]), "guidance": torch.tensor([7.5]),
+                   "step_coeffs": torch.rand(N_COEFFS, generator=gen), "keep": torch.ones(2),
+                   "time_ids": torch.tensor([[native, native, 0, 0, native, native]] * 2, dtype=torch.float32)}
+        out = []
+        for t in spec.inputs:
+            shape = t.resolve(dims)
+            if t.dtype == "int64":
+                vocab = parts.text_encoders[spec.onnx.removesuffix(".onnx")].config.vocab_size
+                out.append(torch.randint(0, vocab, shape, generator=gen))
+                continue
+            value = special.get(t.name)
+            value = torch.randn(shape, generator=gen) * (4 if spec is vae_spec else 1) if value is None else value
+            out.append(value.to(getattr(torch, t.dtype)) if typed else value.float())
+        return tuple(out)
 
-    jobs = [
-        ("text_encoder", te_specs, TextEncoder(parts.text_encoder), (ids,), (ids,)),
-        ("denoise_step", step_specs, DenoiseStep(parts.unet), step_args(th, tw, dtype), step_args(lat, lat, torch.float32)),
-        ("vae_decoder", vae_specs, VaeDecoder(parts.vae, parts.scaling_factor),
-         (torch.randn(1, lc, th, tw, generator=gen),), (torch.randn(1, lc, lat, lat, generator=gen) * 4,)),
-    ]
-    tolerances = config.tolerances.for_precision(config.precision)
     validation: dict[str, Any] = {}
-    for name, spec, ref_module, trace_args, check_args in jobs:
+    for name, spec, ref_module, precision in jobs:
         bar.set_postfix_str(f"exporting {name}")
+        dtype = torch.float16 if precision == "fp16" else torch.float32
         module = copy.deepcopy(ref_module).to(dtype).eval() if dtype != torch.float32 else ref_module.eval()
-        export_onnx(module, trace_args, staging / spec.onnx, [t.name for t in spec.inputs],
-                    [t.name for t in spec.outputs], dyn(spec), config.opset)
+        # trace at a latent size that is not a multiple of the U-Net's down factor, so the graph keeps
+        # diffusers' explicit upsample sizes and accepts any multiple of 8 pixels
+        export_onnx(module, sample(spec, lat + 1, lat + 2, typed=True), staging / spec.onnx,
+                    [t.name for t in spec.inputs], [t.name for t in spec.outputs], dyn(spec), config.opset)
         if config.validate:
-            validation[name] = _validate(name, staging / spec.onnx, spec, ref_module, check_args, tolerances[name])
+            validation[name] = _validate(name, staging / spec.onnx, spec, ref_module,
+                                         sample(spec, lat, lat, typed=False), config.tolerances.of(name, precision))
         del module
         bar.update(1)
 
-    return dict(
-        components={"text_encoder": te_specs, "denoise_step": step_specs, "vae_decoder": vae_specs},
-        shapes=shapes,
-        model={"latent_channels": lc, "vae_scale_factor": parts.vae_scale_factor, "text_max_length": seq,
-               "text_hidden_size": hidden, "history": HISTORY, "n_coeffs": N_COEFFS,
-               "scaling_factor": parts.scaling_factor, "opset": config.opset},
-        scheduler_config=parts.scheduler_config,
-        validation=validation,
-    )
+    model = ModelInfo(
+        family=family.name, text_encoders=family.text_encoders, conditioning=family.conditioning,
+        defaults=family.defaults, latent_channels=lc, vae_scale_factor=parts.vae_scale_factor,
+        scaling_factor=parts.scaling_factor, text_max_length=seq, history=HISTORY, n_coeffs=N_COEFFS,
+        opset=config.opset, zero_empty_negative=parts.zero_empty_negative)
+    return dict(components={name: spec for name, spec, _, _ in jobs}, shapes=shapes, model=model,
+                scheduler_config=parts.scheduler_config, validation=validation)
 
 
 def _validate(name: str, path: Path, spec: ComponentSpec, ref_module: Any, args: tuple, tolerance: float) -> dict:
@@ -237,9 +284,13 @@ def _validate(name: str, path: Path, spec: ComponentSpec, ref_module: Any, args:
     for t, g, r in zip(spec.outputs, got, ref):
         r = r.numpy()
         g = g.astype(np.float64)
+        if not np.all(np.isfinite(r)):
+            raise ValidationError(f"{name}: output {t.name} of the PyTorch model itself has NaN/inf on random "
+                                  "inputs: the checkpoint's weights are broken; check the source model")
         if not np.all(np.isfinite(g)):
-            raise ValidationError(f"{name}: output {t.name} has NaN/inf on ONNX Runtime: the exported graph is "
-                                  "numerically broken; try --precision fp32 and report the model")
+            raise ValidationError(f"{name}: output {t.name} has NaN/inf on ONNX Runtime ({spec.precision}): the "
+                                  "exported graph overflows or is numerically broken; try --precision fp32 "
+                                  "and report the model")
         diff = float(np.abs(g - r.astype(np.float64)).max())
         err = diff if t.dtype == "uint8" else diff / max(float(np.abs(r).max()), 1e-12)
         report["outputs"][t.name] = {"max_abs": diff, "error": err}

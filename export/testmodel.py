@@ -1,8 +1,9 @@
-"""Random-weight Stable Diffusion 1.x folders in diffusers format, built offline.
+"""Random-weight Stable Diffusion folders in diffusers format, built offline.
 
-`tiny` runs in seconds on a CPU; `sd15` has the exact SD 1.5 architecture (U-Net 859.5M
-parameters, CLIP ViT-L/14 text encoder, kl-f8 VAE) with random weights, for real-size export
-checks and honest benchmarks. Nothing is downloaded.
+`tiny` and `tiny-sdxl` run in seconds on a CPU; `sd15` has the exact SD 1.5 architecture (U-Net
+859.5M parameters, CLIP ViT-L/14 text encoder, kl-f8 VAE) and `sdxl` the exact SDXL base 1.0
+architecture (U-Net 2,567,463,684 parameters, CLIP ViT-L + OpenCLIP bigG, fp16-overflowing VAE
+config) with random weights, for real-size export checks and honest benchmarks. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -32,30 +33,58 @@ SD15_SCHEDULER_CONFIG: dict[str, Any] = {
     "trained_betas": None,
 }
 
+# SDXL base 1.0's scheduler_config.json.
+SDXL_SCHEDULER_CONFIG: dict[str, Any] = {
+    "_class_name": "EulerDiscreteScheduler",
+    "_diffusers_version": "0.19.0.dev0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+}
+
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+              max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu", vocab_size=49408)
+KL_F8 = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
+             up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4)
+TINY_VAE = dict(sample_size=64, block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=8,
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                latent_channels=4)
+
 
 @dataclass(frozen=True)
 class TestModelSpec:
+    family: str  # sdrt.families name: which pipeline and text encoders
     unet: dict[str, Any]
     vae: dict[str, Any]
     text_encoder: dict[str, Any]
     max_merges: int
     description: str
-    extra: dict[str, Any] = field(default_factory=dict)
+    text_encoder_2: dict[str, Any] | None = None  # SDXL: CLIPTextModelWithProjection
+    scheduler_config: dict[str, Any] = field(default_factory=lambda: SD15_SCHEDULER_CONFIG)
+    unet_parameters: int | None = None  # asserted for the real-size architectures
 
 
 SPECS: dict[str, TestModelSpec] = {
     "tiny": TestModelSpec(
+        family="sd1",
         unet=dict(
             sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32,
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=32, attention_head_dim=8,
         ),
-        vae=dict(
-            sample_size=64, block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=8,
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-            latent_channels=4,
-        ),
+        vae=TINY_VAE,
         text_encoder=dict(
             hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
             max_position_embeddings=77, projection_dim=32, hidden_act="quick_gelu",
@@ -64,39 +93,73 @@ SPECS: dict[str, TestModelSpec] = {
         description="tiny random SD 1.x (a few MB) for CI",
     ),
     "sd15": TestModelSpec(
+        family="sd1",
+        unet_parameters=859_520_964,
         unet=dict(
             sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
             down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
             cross_attention_dim=768, attention_head_dim=8,
         ),
-        vae=dict(
-            sample_size=512, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-            latent_channels=4,
-        ),
-        text_encoder=dict(
-            hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-            max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu",
-            vocab_size=49408,
-        ),
+        vae=dict(sample_size=512, **KL_F8),
+        text_encoder=CLIP_L,
         max_merges=2000,
         description="exact SD 1.5 architecture, random weights",
+    ),
+    # diffusers' own tiny SDXL test pipeline, smaller: two encoders, text-time embedding, force-upcast VAE
+    "tiny-sdxl": TestModelSpec(
+        family="sdxl",
+        unet=dict(
+            sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+            addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+            projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=64,
+        ),
+        vae={**TINY_VAE, "scaling_factor": 0.13025, "force_upcast": True},
+        text_encoder=dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=3,
+                          max_position_embeddings=77, projection_dim=32, hidden_act="gelu"),
+        text_encoder_2=dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=3,
+                            max_position_embeddings=77, projection_dim=32, hidden_act="gelu"),
+        max_merges=600,
+        description="tiny random SDXL (a few MB) for CI",
+        scheduler_config=SDXL_SCHEDULER_CONFIG,
+    ),
+    "sdxl": TestModelSpec(
+        family="sdxl",
+        unet_parameters=2_567_463_684,
+        unet=dict(
+            sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(5, 10, 20), cross_attention_dim=2048, transformer_layers_per_block=(1, 2, 10),
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+        ),
+        vae=dict(sample_size=1024, scaling_factor=0.13025, force_upcast=True, **KL_F8),
+        text_encoder=CLIP_L,
+        text_encoder_2=dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+                            max_position_embeddings=77, projection_dim=1280, hidden_act="gelu", vocab_size=49408),
+        max_merges=2000,
+        description="exact SDXL base 1.0 architecture, random weights",
+        scheduler_config=SDXL_SCHEDULER_CONFIG,
     ),
 }
 
 
 def build_test_model(kind: str, out_dir: Path, seed: int = 0) -> Path:
-    """Writes a diffusers folder (safetensors, tokenizer, SD 1.5 scheduler config) to out_dir."""
+    """Writes a diffusers folder (safetensors, tokenizers, the family's scheduler config) to out_dir."""
     if kind not in SPECS:
         raise InputError(f"unknown test model {kind!r}: choose one of {', '.join(SPECS)}")
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise InputError(f"{out_dir} exists and is not empty: choose a new directory or remove it")
 
+    import diffusers
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     spec = SPECS[kind]
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -104,28 +167,36 @@ def build_test_model(kind: str, out_dir: Path, seed: int = 0) -> Path:
     try:
         vocab_path, merges_path, vocab = write_clip_bpe(staging / "_bpe", spec.max_merges)
         tokenizer = CLIPTokenizer.from_pretrained(staging / "_bpe", model_max_length=77)
-        te_config = dict(spec.text_encoder)
-        te_config.setdefault("vocab_size", len(vocab))
-        text_config = CLIPTextConfig(
-            **te_config, bos_token_id=vocab[BOS], eos_token_id=vocab[EOS], pad_token_id=vocab[EOS]
-        )
+
+        def text_config(config: dict[str, Any]) -> Any:
+            return CLIPTextConfig(**{"vocab_size": len(vocab), **config}, bos_token_id=vocab[BOS],
+                                  eos_token_id=vocab[EOS], pad_token_id=vocab[EOS])
+
         torch.manual_seed(seed)
-        pipe = StableDiffusionPipeline(
-            vae=AutoencoderKL(**spec.vae),
-            text_encoder=CLIPTextModel(text_config),
-            tokenizer=tokenizer,
-            unet=UNet2DConditionModel(**spec.unet),
-            scheduler=PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        unet = UNet2DConditionModel(**spec.unet)
+        if spec.unet_parameters is not None:
+            count = sum(p.numel() for p in unet.parameters())
+            assert count == spec.unet_parameters, f"{kind} U-Net has {count} parameters, not {spec.unet_parameters}"
+        parts: dict[str, Any] = dict(vae=AutoencoderKL(**spec.vae), text_encoder=CLIPTextModel(text_config(spec.text_encoder)),
+                                     tokenizer=tokenizer, unet=unet,
+                                     scheduler=getattr(diffusers, spec.scheduler_config["_class_name"]).from_config(
+                                         spec.scheduler_config))
+        if spec.family == "sdxl":
+            # SDXL's second tokenizer pads with "!" rather than the end token
+            parts.update(text_encoder_2=CLIPTextModelWithProjection(text_config(spec.text_encoder_2 or {})),
+                         tokenizer_2=CLIPTokenizer.from_pretrained(staging / "_bpe", model_max_length=77, pad_token="!"))
+            pipe = diffusers.StableDiffusionXLPipeline(**parts, add_watermarker=False)
+        else:
+            pipe = diffusers.StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                                     requires_safety_checker=False)
         pipe.save_pretrained(staging / "model", safe_serialization=True)
         (staging / "model" / "scheduler" / "scheduler_config.json").write_text(
-            json.dumps(SD15_SCHEDULER_CONFIG, indent=2)
+            json.dumps(spec.scheduler_config, indent=2)
         )
-        for name in ("vocab.json", "merges.txt"):  # keep the slow-tokenizer files beside tokenizer.json
-            shutil.copy(staging / "_bpe" / name, staging / "model" / "tokenizer" / name)
+        for sub in ("tokenizer", "tokenizer_2"):  # keep the slow-tokenizer files beside tokenizer.json
+            if (staging / "model" / sub).is_dir():
+                for name in ("vocab.json", "merges.txt"):
+                    shutil.copy(staging / "_bpe" / name, staging / "model" / sub / name)
         if out_dir.exists():  # empty: checked above
             out_dir.rmdir()
         (staging / "model").rename(out_dir)

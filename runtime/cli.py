@@ -37,10 +37,11 @@ def _build(args: argparse.Namespace) -> None:
     manifest = build(BuildConfig(Path(args.engines), shapes=args.shapes, archs=archs, flavour=args.flavour,
                                  optimization_level=args.optimization_level))
     plans = manifest.plans
-    print(f"built {plans['flavour']} {plans['version']} plans for {', '.join(plans['archs'])} ({plans['shapes']}) "
+    assert plans is not None  # build() records them
+    print(f"built {plans.flavour} {plans.version} plans for {', '.join(plans.archs)} ({plans.shapes}) "
           f"in {args.engines}")
-    for name, record in plans["components"].items():
-        print(f"  {name:13s} {record['bytes'] / 2**20:8.1f} MiB  {record['build_s']:7.1f} s")
+    for name, record in plans.components.items():
+        print(f"  {name:15s} {record.bytes / 2**20:8.1f} MiB  {record.build_s:7.1f} s")
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -52,7 +53,9 @@ def _generate(args: argparse.Namespace) -> None:
     pipe = Pipeline.load(args.engines, backend=args.backend, low_vram=args.low_vram)
     config = pipe.make_config(args.prompt, negative_prompt=args.negative, steps=args.steps,
                               guidance=args.guidance, scheduler=args.scheduler, seed=args.seed,
-                              height=args.height, width=args.width, batch=args.batch)
+                              height=args.height, width=args.width, batch=args.batch,
+                              original_size=args.original_size, crop_top_left=args.crop_top_left,
+                              target_size=args.target_size)
     with tqdm(total=None, desc="denoise", unit="step", leave=False) as bar:
         def progress(done: int, total: int) -> None:
             bar.total = total
@@ -113,13 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdrt", description="Stable Diffusion on exported engines")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("testmodel", help="write a random-weight SD 1.x diffusers folder (offline)")
-    p.add_argument("kind", choices=["tiny", "sd15"])
+    p = sub.add_parser("testmodel", help="write a random-weight diffusers folder (offline)")
+    p.add_argument("kind", choices=["tiny", "sd15", "tiny-sdxl", "sdxl"],
+                   help="tiny*: seconds on a CPU; sd15, sdxl: the real architectures with random weights")
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_testmodel)
 
-    p = sub.add_parser("export", help="export a diffusers SD 1.x folder to ONNX engines")
+    p = sub.add_parser("export", help="export a diffusers SD 1.x / 2.x / XL folder to ONNX engines")
     p.add_argument("model_dir")
     p.add_argument("-o", "--output", required=True, help="engine directory, e.g. engines/sd15")
     p.add_argument("--precision", choices=["fp16", "fp32"], default="fp16")
@@ -146,13 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("engines")
     p.add_argument("prompt")
     p.add_argument("--negative", default="")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--scheduler", choices=list(SAMPLERS), default="dpmpp_2m_karras")
+    p.add_argument("--steps", type=int, default=None, help="default: the model family's (sd1 25, sdxl 30)")
+    p.add_argument("--guidance", type=float, default=None, help="default: the family's (sd1 7.5, sdxl 5); <= 1: no CFG")
+    p.add_argument("--scheduler", choices=list(SAMPLERS), default=None, help="default: the family's (dpmpp_2m_karras)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--original-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                   help="SDXL micro-conditioning (default: the image size)")
+    p.add_argument("--crop-top-left", type=int, nargs=2, default=(0, 0), metavar=("TOP", "LEFT"))
+    p.add_argument("--target-size", type=int, nargs=2, default=None, metavar=("H", "W"))
     p.add_argument("--backend", choices=list(BACKENDS), default="auto")
     p.add_argument("--low-vram", action="store_true", help="keep one engine resident at a time")
     p.add_argument("-o", "--output", default="out.png")

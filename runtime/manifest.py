@@ -15,18 +15,22 @@ from pathlib import Path
 from typing import Any
 
 from sdrt.errors import EngineError
+from sdrt.families import LAYOUTS, Conditioning, Defaults, TextEncoderSlot
 from sdrt.paths import cache_dir, write_atomic
 
 FORMAT = "sdrt-engines"
-VERSION = 1
-COMPONENTS = ("text_encoder", "denoise_step", "vae_decoder")
+VERSION = 2  # 2: typed model contract (families, conditioning layouts) and typed plans
+STEP, DECODER = "denoise_step", "vae_decoder"
 
 
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
     dtype: str  # numpy name: float32, float16, int64, uint8
-    shape: tuple[int | str, ...]  # ints are fixed, strings are symbolic (B, RB, h, w, H, W)
+    shape: tuple[int | str, ...]  # ints are fixed, strings are symbolic (B, RB, N, h, w, H, W)
+
+    def resolve(self, dims: dict[str, int]) -> tuple[int, ...]:
+        return tuple(d if isinstance(d, int) else dims[d] for d in self.shape)
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,7 @@ class ComponentSpec:
     onnx: str  # file name inside the engine directory
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    precision: str = ""  # of the graph's weights and math ("fp16", "fp32"); may differ from the manifest's
 
     def input(self, name: str) -> TensorSpec:
         return next(t for t in self.inputs if t.name == name)
@@ -68,12 +73,71 @@ class ShapeLimits:
         return cls("onnx", size, size, (1, 1, shapes.max_batch))
 
     @classmethod
-    def of_plans(cls, plans: dict[str, Any]) -> ShapeLimits:
-        lim = plans["limits"]
-        return cls(plans["kind"], tuple(lim["height"]), tuple(lim["width"]), tuple(lim["batch"]))  # type: ignore[arg-type]
+    def from_dict(cls, doc: dict[str, Any]) -> ShapeLimits:
+        return cls(doc["kind"], tuple(doc["height"]), tuple(doc["width"]), tuple(doc["batch"]))  # type: ignore[arg-type]
 
-    def record(self) -> dict[str, list[int]]:
-        return {"height": list(self.height), "width": list(self.width), "batch": list(self.batch)}
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The model's contract with the runtime: its family's text encoders and conditioning, latent
+    geometry, the sampler state the step graph keeps, and defaults."""
+
+    family: str
+    text_encoders: tuple[TextEncoderSlot, ...]
+    conditioning: tuple[Conditioning, ...]  # the step's inputs besides the sampler state
+    defaults: Defaults
+    latent_channels: int
+    vae_scale_factor: int
+    scaling_factor: float
+    text_max_length: int
+    history: int  # x/out steps the graph keeps
+    n_coeffs: int
+    opset: int
+    zero_empty_negative: bool = False  # force_zeros_for_empty_prompt: an empty negative prompt encodes as zeros
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        """Every component, in the order a generation runs them."""
+        return tuple(t.component for t in self.text_encoders) + (STEP, DECODER)
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> ModelInfo:
+        conditioning = tuple(Conditioning(**c) for c in doc["conditioning"])
+        bad = [c.layout for c in conditioning if c.layout not in LAYOUTS]
+        if bad:
+            raise ValueError(f"conditioning layouts {bad}")
+        return cls(**{**doc, "text_encoders": tuple(TextEncoderSlot(**t) for t in doc["text_encoders"]),
+                      "conditioning": conditioning, "defaults": Defaults(**doc["defaults"])})
+
+
+@dataclass(frozen=True)
+class PlanRecord:
+    """One TensorRT plan as `sdrt build` wrote it."""
+
+    plan: str  # file name inside the engine directory
+    bytes: int
+    build_s: float
+    io: tuple[dict[str, Any], ...]  # the parsed network's I/O: name, mode, dtype, shape
+    onnx_sha256: str  # of the ONNX it was built from
+    profile: dict[str, dict[str, list[int]]]  # input -> {"min", "opt", "max"} dims
+
+
+@dataclass(frozen=True)
+class PlanSet:
+    """The TensorRT plans of an engine directory (`sdrt build`)."""
+
+    flavour: str  # tensorrt | tensorrt_rtx
+    version: str
+    archs: tuple[str, ...]
+    shapes: str  # the --shapes spelling
+    limits: ShapeLimits
+    components: dict[str, PlanRecord]
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> PlanSet:
+        return cls(doc["flavour"], doc["version"], tuple(doc["archs"]), doc["shapes"],
+                   ShapeLimits.from_dict(doc["limits"]),
+                   {k: PlanRecord(**{**r, "io": tuple(r["io"])}) for k, r in doc["components"].items()})
 
 
 @dataclass(frozen=True)
@@ -82,13 +146,13 @@ class Manifest:
     precision: str
     components: dict[str, ComponentSpec]
     shapes: ShapeRange
-    model: dict[str, Any]  # latent_channels, vae_scale_factor, text_max_length, history, n_coeffs
+    model: ModelInfo
     scheduler_config: dict[str, Any]
     files: dict[str, str]  # relative path -> sha256
     source: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     validation: dict[str, Any] = field(default_factory=dict)
-    plans: dict[str, Any] = field(default_factory=dict)  # TensorRT plans, written by `sdrt build`
+    plans: PlanSet | None = None  # TensorRT plans, written by `sdrt build`
 
     def to_json(self) -> str:
         doc = {"format": FORMAT, "version": VERSION, **asdict(self)}
@@ -100,14 +164,17 @@ class Manifest:
             return TensorSpec(t["name"], t["dtype"], tuple(t["shape"]))
 
         components = {
-            name: ComponentSpec(c["onnx"], tuple(map(spec, c["inputs"])), tuple(map(spec, c["outputs"])))
+            name: ComponentSpec(c["onnx"], tuple(map(spec, c["inputs"])), tuple(map(spec, c["outputs"])),
+                                c.get("precision", ""))
             for name, c in doc["components"].items()
         }
+        plans = doc.get("plans")
         return cls(
             name=doc["name"], precision=doc["precision"], components=components,
-            shapes=ShapeRange(**doc["shapes"]), model=doc["model"], scheduler_config=doc["scheduler_config"],
-            files=doc["files"], source=doc.get("source", {}), versions=doc.get("versions", {}),
-            validation=doc.get("validation", {}), plans=doc.get("plans", {}),
+            shapes=ShapeRange(**doc["shapes"]), model=ModelInfo.from_dict(doc["model"]),
+            scheduler_config=doc["scheduler_config"], files=doc["files"], source=doc.get("source", {}),
+            versions=doc.get("versions", {}), validation=doc.get("validation", {}),
+            plans=PlanSet.from_dict(plans) if plans else None,
         )
 
 
@@ -137,7 +204,7 @@ def read_manifest(engine_dir: Path) -> Manifest:
         manifest = Manifest.from_dict(doc)
     except (KeyError, TypeError, ValueError, StopIteration) as e:
         raise EngineError(f"{path} is malformed (missing {e}): {rebuild_hint(engine_dir)}") from e
-    missing = [c for c in COMPONENTS if c not in manifest.components]
+    missing = [c for c in manifest.model.components if c not in manifest.components]
     if missing:
         raise EngineError(f"{path} lacks components {missing}: {rebuild_hint(engine_dir)}")
     return manifest

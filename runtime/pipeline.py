@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import secrets
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -24,12 +24,18 @@ import numpy as np
 from sdrt.backends import select_backend
 from sdrt.backends.base import Backend, Engine
 from sdrt.errors import InputError, SdrtError, is_integer
-from sdrt.manifest import COMPONENTS, Manifest, read_manifest
+from sdrt.families import HOST, layout_rows, stack_rows
+from sdrt.manifest import STEP, Manifest, read_manifest
 from sdrt.schedulers import NoiseSchedule, SamplerPlan, check_sampler, make_plan
 from sdrt.tiling import decode_tiled
 from sdrt.tokenizer import ClipTokenizer
 
 SEED_MAX = 2**32 - 1
+
+
+# The fields of a GenerationConfig that hold one entry per image. Every other field is shared by the
+# batch: padding a static batch, dropping a row and the server's batching key all derive from this.
+ROW_FIELDS = ("prompt", "negative_prompt", "seeds")
 
 
 @dataclass(frozen=True)
@@ -41,10 +47,14 @@ class GenerationConfig:
     steps: int = 25
     guidance: float = 7.5
     scheduler: str = "dpmpp_2m_karras"
-    seed: int = 0
+    seed: int = 0  # row 0's seed; row i uses seed + i unless `seeds` is set
     height: int = 512
     width: int = 512
-    seeds: tuple[int, ...] = ()  # one per row when rows come from different requests; else seed + i
+    seeds: tuple[int, ...] = ()  # one per row when rows come from different requests
+    # SDXL micro-conditioning (Podell et al. 2023, 2.2), (height, width) pixels; None: the image size
+    original_size: tuple[int, int] | None = None
+    crop_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None
 
     @property
     def row_seeds(self) -> tuple[int, ...]:
@@ -54,16 +64,46 @@ class GenerationConfig:
     def batch(self) -> int:
         return len(self.prompt)
 
+    @property
+    def batch_key(self) -> tuple[Any, ...]:
+        """What rows must share to run in one engine call: every field but the per-row ones."""
+        return tuple(getattr(self, f.name) for f in fields(self) if f.name not in ROW_FIELDS + ("seed",))
+
+    def select(self, rows: Sequence[int]) -> "GenerationConfig":
+        """This config's rows `rows` (repeats allowed), as a config of its own."""
+        return GenerationConfig.of_rows([(self, r) for r in rows])
+
+    @classmethod
+    def of_rows(cls, rows: Sequence[tuple["GenerationConfig", int]]) -> "GenerationConfig":
+        """One config of rows taken from configs that share a batch key (the server's batches)."""
+        first = rows[0][0]
+        if any(config.batch_key != first.batch_key for config, _ in rows):
+            raise ValueError("rows of configs with different batch keys cannot share an engine call")
+        seeds = tuple(config.row_seeds[r] for config, r in rows)
+        picked = {name: tuple(getattr(config, name)[r] for config, r in rows)
+                  for name in ROW_FIELDS if name != "seeds"}
+        return replace(first, **picked, seeds=seeds, seed=seeds[0])
+
     def padded(self, extra: int) -> "GenerationConfig":
-        """This config with `extra` copies of its last row (prompt, negative prompt, seed) appended."""
-        return replace(self, prompt=self.prompt + self.prompt[-1:] * extra,
-                       negative_prompt=self.negative_prompt + self.negative_prompt[-1:] * extra,
-                       seeds=self.row_seeds + self.row_seeds[-1:] * extra)
+        """This config with `extra` copies of its last row appended."""
+        return self.select(list(range(self.batch)) + [self.batch - 1] * extra)
 
     @property
     def cfg(self) -> bool:
         """Classifier-free guidance only above 1, as diffusers: at or below it, the conditional half alone."""
         return self.guidance > 1.0
+
+    def time_ids(self) -> np.ndarray:
+        """(B, 6) float32 SDXL add_time_ids: original size, crop top-left, target size."""
+        size = (self.height, self.width)
+        row = (*(self.original_size or size), *self.crop_top_left, *(self.target_size or size))
+        return np.tile(np.array(row, np.float32), (self.batch, 1))
+
+
+# Conditioning the host computes from the request, once per generation (never per step): (B, ...) rows.
+HOST_CONDITIONING: dict[str, Callable[[GenerationConfig], np.ndarray]] = {
+    "time_ids": GenerationConfig.time_ids,
+}
 
 
 @dataclass
@@ -125,7 +165,9 @@ class Pipeline:
         self.vae_tile = vae_tile  # pixels; low-VRAM mode decodes larger images in tiles of this size
         self.limits = backend.limits(manifest)
         self.schedule = NoiseSchedule.from_config(manifest.scheduler_config)
-        self.tokenizer = ClipTokenizer(self.engine_dir / "tokenizer", manifest.model["text_max_length"])
+        self.model = manifest.model
+        self.tokenizers = {t.tokenizer: ClipTokenizer(self.engine_dir / t.tokenizer, self.model.text_max_length)
+                           for t in self.model.text_encoders}
         self._engines: dict[str, Engine] = {}
         self._buffers: dict[tuple, Any] = {}
 
@@ -140,7 +182,7 @@ class Pipeline:
             chosen.verify(engine_dir, manifest)
         pipe = cls(engine_dir, manifest, chosen, low_vram=low_vram, vae_tile=vae_tile)
         if not low_vram:
-            for name in COMPONENTS:
+            for name in manifest.model.components:
                 pipe._engine(name)
         return pipe
 
@@ -172,11 +214,19 @@ class Pipeline:
     # --- inputs -----------------------------------------------------------------------------
 
     def make_config(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
-                    steps: int = 25, guidance: float = 7.5, scheduler: str = "dpmpp_2m_karras",
+                    steps: int | None = None, guidance: float | None = None, scheduler: str | None = None,
                     seed: int | None = None, height: int | None = None, width: int | None = None,
-                    batch: int | None = None, seeds: Sequence[int] | None = None) -> GenerationConfig:
-        """Validates a request against the engines' limits. seeds: one per row (then `seed` is
-        ignored); by default row i uses seed + i. batch defaults to the number of prompts."""
+                    batch: int | None = None, seeds: Sequence[int] | None = None,
+                    original_size: Sequence[int] | None = None, crop_top_left: Sequence[int] = (0, 0),
+                    target_size: Sequence[int] | None = None) -> GenerationConfig:
+        """Validates a request against the engines' limits. steps, guidance and scheduler default to the
+        model family's; seeds: one per row (then `seed` is ignored), by default row i uses seed + i;
+        batch defaults to the number of prompts. original_size, crop_top_left, target_size: SDXL's
+        micro-conditioning as (height, width) pixels (diffusers' names; sizes default to the image's)."""
+        defaults = self.model.defaults
+        steps = defaults.steps if steps is None else steps
+        guidance = defaults.guidance if guidance is None else guidance
+        scheduler = defaults.sampler if scheduler is None else scheduler
         if batch is None:
             batch = 1 if isinstance(prompt, str) else len(prompt)
         limits = self.limits
@@ -198,7 +248,7 @@ class Pipeline:
             raise InputError(f"guidance must be a number, got {guidance!r}") from None
         if not math.isfinite(guidance):
             raise InputError(f"guidance must be finite, got {guidance}: use e.g. 7.5 (≤ 1 disables CFG)")
-        check_sampler(scheduler, steps)
+        check_sampler(scheduler, steps, self.schedule)
         height = limits.height[1] if height is None else height
         width = limits.width[1] if width is None else width
         for label, v, (lo, _, hi) in (("height", height, limits.height), ("width", width, limits.width)):
@@ -213,8 +263,21 @@ class Pipeline:
             seed = secrets.randbelow(SEED_MAX - batch)
         if not is_integer(seed) or not 0 <= seed <= SEED_MAX - batch:
             raise InputError(f"seed must be an integer from 0 to {SEED_MAX - batch}, got {seed!r}")
+        micro = {"original_size": original_size, "crop_top_left": crop_top_left, "target_size": target_size}
+        for label, value in micro.items():
+            if value is None or (label == "crop_top_left" and tuple(value) == (0, 0)):
+                continue
+            if not any(c.name == "time_ids" for c in self.model.conditioning):
+                raise InputError(f"{label} is SDXL micro-conditioning; these {self.model.family} engines take none")
+            value = tuple(value) if isinstance(value, (list, tuple)) else value
+            low = 0 if label == "crop_top_left" else 1
+            if not (isinstance(value, tuple) and len(value) == 2 and all(is_integer(v) and low <= v <= 16384
+                                                                         for v in value)):
+                raise InputError(f"{label} must be (height, width): two integers from {low} to 16384, got {value!r}")
+            micro[label] = tuple(int(v) for v in value)
         return GenerationConfig(tuple(prompts), tuple(negatives), int(steps), guidance, scheduler, int(seed),
-                                int(height), int(width), tuple(int(x) for x in seeds) if seeds is not None else ())
+                                int(height), int(width), tuple(int(x) for x in seeds) if seeds is not None else (),
+                                **micro)
 
     def __call__(self, prompt: str | list[str], **kwargs: Any) -> list[Any]:
         return self.generate(self.make_config(prompt, **kwargs)).pil_images()
@@ -225,9 +288,8 @@ class Pipeline:
                       plan: SamplerPlan | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """(B, 4, h, w) initial noise and (steps, B, 4, h, w) step noise (None if unused)."""
         plan = plan or make_plan(config.scheduler, self.schedule, config.steps)
-        f = self.manifest.model["vae_scale_factor"]
-        c = self.manifest.model["latent_channels"]
-        shape = (c, config.height // f, config.width // f)
+        f = self.model.vae_scale_factor
+        shape = (self.model.latent_channels, config.height // f, config.width // f)
         init, step_noise = [], []
         for seed in config.row_seeds:
             rng = np.random.Generator(np.random.PCG64(seed))
@@ -258,16 +320,10 @@ class Pipeline:
             if latents.shape != expected:
                 raise InputError(f"latents must have shape {expected}, got {latents.shape}")
             init[: requested.batch] = latents  # padding rows keep their own noise: they are discarded
-        k = self.manifest.model["history"]
-        te_dtype = self.manifest.components["denoise_step"].input("text_embeddings").dtype
+        k = self.model.history
 
-        # text encoder: [negative; positive] in one call
         t0 = time.perf_counter()
-        prompts = list(config.negative_prompt + config.prompt) if config.cfg else list(config.prompt)
-        ids = self._write("input_ids", self.tokenizer(prompts))
-        seq, hidden = self.manifest.model["text_max_length"], self.manifest.model["text_hidden_size"]
-        embeddings = self._buffer("text_embeddings", (len(prompts), seq, hidden), te_dtype)
-        self._engine("text_encoder").run({"input_ids": ids}, {"text_embeddings": embeddings})
+        conditioning = self._condition(config)
         self.backend.synchronize()
         timings.text_encoder_s = time.perf_counter() - t0
 
@@ -278,11 +334,11 @@ class Pipeline:
             timesteps=self.backend.rows(self._write("timesteps", plan.timesteps.astype(np.float32).reshape(n, 1))),
             coeffs=self.backend.rows(self._write("step_coeffs", plan.coeffs.astype(np.float32))),
             guidance=self._write("guidance", np.array([config.guidance], np.float32)),
-            embeddings=embeddings, step_noise=step_noise)
+            conditioning=conditioning, step_noise=step_noise)
         zeros = np.zeros((k,) + init.shape, np.float32)  # 0 * uninitialized memory could be NaN
         sets, feeds = self._bind_loop(loop, {"latents": init * np.float32(plan.init_noise_sigma),
                                              "x_history": zeros, "out_history": zeros}, 0, n)
-        step = self._engine("denoise_step")
+        step = self._engine(STEP)
         in_batch = list(range(config.batch))  # config rows the buffers hold
         alive = list(range(requested.batch))  # config rows still wanted
         loop_start = time.perf_counter()
@@ -314,10 +370,32 @@ class Pipeline:
         seeds = [config.row_seeds[row] for row in alive]
         return Result(host_images, requested, seeds, timings, self.manifest.name, alive)
 
+    def _condition(self, config: GenerationConfig) -> dict[str, Any]:
+        """Every conditioning input of the step, in device buffers: the text encoders run once on
+        [negative; positive] prompts (positive alone without CFG), host conditioning is written."""
+        texts = list(config.negative_prompt + config.prompt) if config.cfg else list(config.prompt)
+        keep = np.ones(len(texts), np.float32)  # 0: the row's embeddings are zeros (force_zeros_for_empty_prompt)
+        if config.cfg and self.model.zero_empty_negative:
+            keep[: config.batch] = [float(negative != "") for negative in config.negative_prompt]
+        keep_buffer = self._write("keep", keep)
+        outputs: dict[str, Any] = {}
+        for slot in self.model.text_encoders:
+            spec = self.manifest.components[slot.component]
+            ids = self._write(f"input_ids:{slot.component}", self.tokenizers[slot.tokenizer](texts))
+            written = {t.name: self._buffer(t.name, t.resolve({"N": len(texts)}), t.dtype) for t in spec.outputs}
+            self._engine(slot.component).run({"input_ids": ids, "keep": keep_buffer}, written)
+            outputs.update(written)
+        step = self.manifest.components[STEP]
+        for c in self.model.conditioning:
+            if c.source == HOST:
+                rows = stack_rows(c.layout, HOST_CONDITIONING[c.name](config), config.cfg)
+                outputs[c.name] = self._write(c.name, rows.astype(step.input(c.name).dtype))
+        return {c.name: outputs[c.name] for c in self.model.conditioning}
+
     def _decode(self, latents: Any, b: int, height: int, width: int) -> np.ndarray:
         """(b, 4, h, w) latents on the device -> (b, H, W, 3) uint8 on the host; in low-VRAM mode,
         images larger than a tile are decoded tile by tile (see sdrt.tiling)."""
-        f = self.manifest.model["vae_scale_factor"]
+        f = self.model.vae_scale_factor
         tile = self.vae_tile // f
         if self._tiles_decode(height, width):
             def decode(tile_latents: np.ndarray) -> np.ndarray:
@@ -354,7 +432,7 @@ class Pipeline:
         for i in range(start, n):
             src, dst = sets[i % 2], sets[(i + 1) % 2]
             feeds[i] = (
-                {"latents": src["latents"], "timestep": loop.timesteps[i], "text_embeddings": loop.embeddings,
+                {"latents": src["latents"], "timestep": loop.timesteps[i], **loop.conditioning,
                  "guidance": loop.guidance, "step_coeffs": loop.coeffs[i], "x_history": src["x_history"],
                  "out_history": src["out_history"], "noise": noise[i if loop.step_noise is not None else 0]},
                 {"latents_next": dst["latents"], "x_history_next": dst["x_history"],
@@ -368,9 +446,10 @@ class Pipeline:
         state = {"latents": self.backend.download(current["latents"])[keep],
                  "x_history": self.backend.download(current["x_history"])[:, keep],
                  "out_history": self.backend.download(current["out_history"])[:, keep]}
-        embeddings = self.backend.download(loop.embeddings)  # (R*b, 77, C), [uncond; cond] when R = 2
-        rows = keep if embeddings.shape[0] == b else keep + [b + j for j in keep]
-        loop.embeddings = self._write("text_embeddings", np.ascontiguousarray(embeddings[rows]))
+        for c in self.model.conditioning:
+            host = self.backend.download(loop.conditioning[c.name])
+            rows = layout_rows(c.layout, keep, b, host.shape[0])
+            loop.conditioning[c.name] = self._write(c.name, np.ascontiguousarray(host[rows]))
         if loop.step_noise is not None:
             loop.step_noise = np.ascontiguousarray(loop.step_noise[:, keep])
         return self._bind_loop(loop, state, start, n)
@@ -387,5 +466,5 @@ class _Loop:
     timesteps: list[Any]
     coeffs: list[Any]
     guidance: Any
-    embeddings: Any
+    conditioning: dict[str, Any]  # the step's conditioning inputs by name
     step_noise: np.ndarray | None  # (steps, B, 4, h, w) on the host, None for deterministic samplers

@@ -24,12 +24,15 @@ def a1111_parameters(config: Any, seed: int, index: int, model_name: str) -> str
     return "\n".join(lines)
 
 
-def save_png(image: Any, path: Path, parameters: str) -> None:
-    """Writes through a temporary file and a rename: never a half-written PNG."""
+def save_png(image: Any, path: str | Path, parameters: str | None = None) -> None:
+    """Writes a PIL image with its A1111 `parameters` (default: the image's own, as Pipeline returns
+    them) through a temporary file and a rename: never a half-written PNG."""
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
-    info.add_text("parameters", parameters)
+    parameters = image.info.get("parameters") if parameters is None else parameters
+    if parameters is not None:
+        info.add_text("parameters", parameters)
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

@@ -90,6 +90,25 @@ def _row(x_next: Lin, step: int, c_in: float) -> np.ndarray:
     return row
 
 
+# scheduler_config.json keys that change diffusers' output for some sdrt sampler but that sdrt does not
+# implement: refused (at `sdrt export` and at load) unless at the value that is diffusers' default.
+# clip_sample / thresholding clip or rescale x0 (not a linear update); the others pick σ grids sdrt lacks.
+UNSUPPORTED_SETTINGS: dict[str, tuple[Any, ...]] = {
+    "clip_sample": (False, None),
+    "thresholding": (False, None),
+    "interpolation_type": ("linear", None),
+    "final_sigmas_type": ("zero", None),
+    "use_exponential_sigmas": (False, None),
+    "use_beta_sigmas": (False, None),
+    "use_lu_lambdas": (False, None),
+    "timestep_type": ("discrete", None),
+    "sigma_min": (None,),
+    "sigma_max": (None,),
+}
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+SPACINGS = ("linspace", "leading", "trailing")
+
+
 @dataclass(frozen=True)
 class NoiseSchedule:
     """The training noise schedule, from a diffusers scheduler_config.json."""
@@ -98,36 +117,69 @@ class NoiseSchedule:
     beta_start: float = 0.0001
     beta_end: float = 0.02
     beta_schedule: str = "linear"
+    trained_betas: tuple[float, ...] | None = None  # overrides beta_schedule
     prediction_type: str = "epsilon"
     steps_offset: int = 0
     set_alpha_to_one: bool | None = None  # None: each scheduler's own default
     timestep_spacing: str | None = None  # None: each scheduler's own default
+    rescale_betas_zero_snr: bool = False  # Lin et al. 2023, Algorithm 1
+    use_karras_sigmas: bool = False  # Euler and DPM++ 2M follow it, as diffusers' schedulers do
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "NoiseSchedule":
+        """Refuses, naming the key, every setting sdrt would otherwise silently ignore."""
+        for key, accepted in UNSUPPORTED_SETTINGS.items():
+            if key in config and config[key] not in accepted:
+                raise InputError(f"scheduler_config.json sets {key}={config[key]!r}, which sdrt does not implement "
+                                 f"(supported: {accepted[0]!r}); edit the model's scheduler config or report it")
         known = {f for f in cls.__dataclass_fields__}
         kwargs = {k: v for k, v in config.items() if k in known}
-        if config.get("trained_betas") is not None:
-            raise InputError("trained_betas schedules are not supported: use a beta_schedule config")
+        if kwargs.get("trained_betas") is not None:
+            kwargs["trained_betas"] = tuple(float(b) for b in kwargs["trained_betas"])
         schedule = cls(**kwargs)
-        if schedule.beta_schedule not in ("linear", "scaled_linear"):
-            raise InputError(f"beta_schedule {schedule.beta_schedule!r} is not supported (linear, scaled_linear)")
+        if schedule.trained_betas is None and schedule.beta_schedule not in BETA_SCHEDULES:
+            raise InputError(f"beta_schedule {schedule.beta_schedule!r} is not supported ({', '.join(BETA_SCHEDULES)})")
+        if schedule.trained_betas is not None and len(schedule.trained_betas) != schedule.num_train_timesteps:
+            raise InputError(f"trained_betas has {len(schedule.trained_betas)} values for "
+                             f"{schedule.num_train_timesteps} train timesteps")
         if schedule.prediction_type not in ("epsilon", "v_prediction"):
             raise InputError(f"prediction_type {schedule.prediction_type!r} is not supported (epsilon, v_prediction)")
+        if schedule.timestep_spacing not in SPACINGS + (None,):
+            raise InputError(f"timestep_spacing {schedule.timestep_spacing!r} is not supported ({', '.join(SPACINGS)})")
         return schedule
 
-    def alphas_cumprod(self) -> np.ndarray:
-        """ᾱ_t, (T,) — computed in fp32 like diffusers, returned as f64."""
+    def betas(self) -> np.ndarray:
+        """β_t, (T,) f32 as diffusers builds them (rescaled to zero terminal SNR if asked)."""
         n = self.num_train_timesteps
-        if self.beta_schedule == "scaled_linear":
+        if self.trained_betas is not None:
+            betas = np.array(self.trained_betas, dtype=np.float32)
+        elif self.beta_schedule == "scaled_linear":
             betas = np.linspace(self.beta_start**0.5, self.beta_end**0.5, n, dtype=np.float32) ** 2
+        elif self.beta_schedule == "squaredcos_cap_v2":  # Nichol & Dhariwal 2021, eq. 17, β capped at 0.999
+            def alpha_bar(t: float) -> float:
+                return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+            betas = np.array([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)], np.float32)
         else:
             betas = np.linspace(self.beta_start, self.beta_end, n, dtype=np.float32)
-        return np.cumprod(np.float32(1.0) - betas, dtype=np.float32).astype(np.float64)
+        if self.rescale_betas_zero_snr:  # shift √ᾱ so its last value is 0, rescale so its first is unchanged
+            sqrt_acp = np.sqrt(np.cumprod(np.float32(1.0) - betas, dtype=np.float32))
+            first, last = sqrt_acp[0].copy(), sqrt_acp[-1].copy()
+            sqrt_acp = (sqrt_acp - last) * (first / (first - last))
+            acp = sqrt_acp**2
+            betas = np.float32(1.0) - np.concatenate([acp[:1], acp[1:] / acp[:-1]])
+        return betas.astype(np.float32)
+
+    def alphas_cumprod(self) -> np.ndarray:
+        """ᾱ_t, (T,) — computed in fp32 like diffusers, returned as f64. 0 at T with zero terminal SNR."""
+        return np.cumprod(np.float32(1.0) - self.betas(), dtype=np.float32).astype(np.float64)
 
     def sigmas(self) -> np.ndarray:
-        """k-diffusion σ_t = sqrt((1 - ᾱ_t) / ᾱ_t), (T,), computed in fp32 like diffusers."""
+        """k-diffusion σ_t = sqrt((1 - ᾱ_t) / ᾱ_t), (T,), computed in fp32 like diffusers; with zero
+        terminal SNR the last ᾱ is 2^-24 (diffusers' σ schedulers), so σ_max stays finite."""
         acp = self.alphas_cumprod().astype(np.float32)
+        if self.rescale_betas_zero_snr:
+            acp[-1] = 2.0**-24
         return (((1 - acp) / acp) ** 0.5).astype(np.float64)
 
     def spacing(self, default: str) -> str:
@@ -253,7 +305,7 @@ def _euler_grid(schedule: NoiseSchedule, n: int, karras: bool) -> tuple[np.ndarr
         ts = _discrete_timesteps(schedule, n, spacing).astype(np.float32).astype(np.float64)
     sigmas = _sigma_grid(schedule, ts)
     if karras:
-        log_sigmas = np.log(schedule.sigmas())
+        log_sigmas = np.log(schedule.sigmas().astype(np.float32)).astype(np.float64)  # fp32 log, as diffusers
         sigmas = karras_sigmas(n, sigmas[-2], sigmas[0])
         ts = np.array([_sigma_to_t(s, log_sigmas) for s in sigmas])
         sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32).astype(np.float64)
@@ -308,7 +360,7 @@ def dpmpp_2m(schedule: NoiseSchedule, n: int, karras: bool = False) -> SamplerPl
         ts = _discrete_timesteps(schedule, n, spacing)
     if karras:
         all_sigmas = schedule.sigmas()
-        log_sigmas = np.log(all_sigmas)
+        log_sigmas = np.log(all_sigmas.astype(np.float32)).astype(np.float64)  # fp32 log, as diffusers
         sigmas = karras_sigmas(n, all_sigmas[0], all_sigmas[-1])
         ts = np.array([_sigma_to_t(s, log_sigmas) for s in sigmas]).round()
         sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32).astype(np.float64)
@@ -373,9 +425,9 @@ def lcm(schedule: NoiseSchedule, n: int, original_steps: int = 50, timestep_scal
 
 SAMPLERS: dict[str, Callable[[NoiseSchedule, int], SamplerPlan]] = {
     "ddim": ddim,
-    "euler": euler,
+    "euler": lambda s, n: euler(s, n, karras=s.use_karras_sigmas),
     "euler_a": euler_ancestral,
-    "dpmpp_2m": dpmpp_2m,
+    "dpmpp_2m": lambda s, n: dpmpp_2m(s, n, karras=s.use_karras_sigmas),
     "dpmpp_2m_karras": lambda s, n: dpmpp_2m(s, n, karras=True),
     "lcm": lcm,
     "plms": plms,
@@ -393,13 +445,20 @@ A1111_NAMES: dict[str, str] = {
 }
 
 
-def check_sampler(name: str, steps: int) -> None:
+# Samplers whose diffusers scheduler has no zero-terminal-SNR rescaling (PNDMScheduler ignores the key).
+WITHOUT_ZERO_SNR = ("plms",)
+
+
+def check_sampler(name: str, steps: int, schedule: NoiseSchedule | None = None) -> None:
     if name not in SAMPLERS:
         raise InputError(f"unknown scheduler {name!r}: choose one of {', '.join(SAMPLERS)}")
     if not is_integer(steps) or steps < 1:
         raise InputError(f"steps must be an integer ≥ 1, got {steps!r}")
+    if schedule is not None and schedule.rescale_betas_zero_snr and name in WITHOUT_ZERO_SNR:
+        usable = ", ".join(n for n in SAMPLERS if n not in WITHOUT_ZERO_SNR)
+        raise InputError(f"{name} cannot sample a zero-terminal-SNR model (rescale_betas_zero_snr): use {usable}")
 
 
 def make_plan(name: str, schedule: NoiseSchedule, steps: int) -> SamplerPlan:
-    check_sampler(name, steps)
+    check_sampler(name, steps, schedule)
     return SAMPLERS[name](schedule, int(steps))

@@ -51,6 +51,20 @@ def tiny_engines_fp16(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("diffusers")
+    from sdrt.export.testmodel import build_test_model
+
+    return build_test_model("tiny-sdxl", tmp_path_factory.mktemp("models") / "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_engines(tiny_sdxl_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """fp32 ONNX engines of the tiny SDXL model."""
+    return _export(tiny_sdxl_model, tmp_path_factory.mktemp("engines") / "tiny-sdxl-fp32", "fp32")
+
+
+@pytest.fixture(scope="session")
 def sd15_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The exact SD 1.5 architecture with random weights (~4.3 GB on disk); slow tests only."""
     from sdrt.export.testmodel import build_test_model

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from sdrt.errors import BackendError, EngineError, InputError
-from sdrt.manifest import read_manifest, sha256_file
+from sdrt.manifest import ShapeLimits, read_manifest, sha256_file
 from sdrt.plans import check_plans
 from sdrt.tensorrt_lib import RTX_ARCHS, TensorRT, available_flavours, import_tensorrt
 
@@ -48,37 +48,57 @@ def test_static_build_records_flavour_io_profiles_and_sha256(static_plans):
     manifest = read_manifest(static_plans)
     plans = manifest.plans
     lib = import_tensorrt()
-    assert (plans["flavour"], plans["version"]) == (lib.flavour, lib.version)
-    assert plans["archs"] == (list(RTX_ARCHS) if lib.rtx else plans["archs"])  # no GPU: every RTX arch
-    assert plans["kind"] == "static" and plans["limits"] == {"height": [64] * 3, "width": [64] * 3, "batch": [1] * 3}
+    assert (plans.flavour, plans.version) == (lib.flavour, lib.version)
+    if lib.rtx:
+        assert plans.archs == RTX_ARCHS  # no GPU here: a plan for every RTX arch
+    assert plans.limits == ShapeLimits("static", (64,) * 3, (64,) * 3, (1,) * 3)
+    assert set(plans.components) == set(manifest.model.components) == set(manifest.components)
     for name, spec in manifest.components.items():
-        record = plans["components"][name]
-        path = static_plans / record["plan"]
-        assert path.stat().st_size == record["bytes"] > 100_000
-        assert manifest.files[record["plan"]] == sha256_file(path)
-        assert record["onnx_sha256"] == manifest.files[spec.onnx]
+        record = plans.components[name]
+        path = static_plans / record.plan
+        assert path.stat().st_size == record.bytes > 100_000
+        assert manifest.files[record.plan] == sha256_file(path)
+        assert record.onnx_sha256 == manifest.files[spec.onnx]
         # the network TensorRT built from has the manifest's names, directions and dtypes
-        io = {(t["name"], t["mode"]): t["dtype"] for t in record["io"]}
+        io = {(t["name"], t["mode"]): t["dtype"] for t in record.io}
         assert io == {**{(t.name, "input"): t.dtype for t in spec.inputs},
                       **{(t.name, "output"): t.dtype for t in spec.outputs}}
-    step = plans["components"]["denoise_step"]["profile"]
+    step = plans.components["denoise_step"].profile
     assert step["latents"] == {"min": [1, 4, 8, 8], "opt": [1, 4, 8, 8], "max": [1, 4, 8, 8]}
     assert step["x_history"]["opt"] == [4, 1, 4, 8, 8]
     assert step["text_embeddings"] == {"min": [1, 77, 32], "opt": [2, 77, 32], "max": [2, 77, 32]}  # CFG: 2B
     assert "timestep" not in step  # static inputs need no profile
-    assert plans["components"]["text_encoder"]["profile"]["input_ids"]["opt"] == [2, 77]
-    assert plans["components"]["denoise_step"]["io"][0]["dtype"] == "float32"
+    assert plans.components["text_encoder"].profile["input_ids"]["opt"] == [2, 77]
+    assert plans.components["text_encoder"].profile["keep"]["opt"] == [2]
+    assert plans.components["denoise_step"].io[0]["dtype"] == "float32"
     assert not list(static_plans.glob(".*tmp*")), "temporary plan files left behind"
-    check_plans(static_plans, manifest, lib.flavour, lib.version, plans["archs"][0])
+    check_plans(static_plans, manifest, lib.flavour, lib.version, plans.archs[0])
 
 
 def test_dynamic_build_profiles_cover_the_range(dynamic_plans):
     plans = read_manifest(dynamic_plans).plans
-    assert plans["archs"] == ["sm86", "sm89"] and plans["shapes"] == "dynamic:64-128,batch=1-2"
-    step = plans["components"]["denoise_step"]["profile"]
+    assert plans.archs == ("sm86", "sm89") and plans.shapes == "dynamic:64-128,batch=1-2"
+    step = plans.components["denoise_step"].profile
     assert step["latents"] == {"min": [1, 4, 8, 8], "opt": [1, 4, 8, 8], "max": [2, 4, 16, 16]}
     assert step["text_embeddings"] == {"min": [1, 77, 32], "opt": [2, 77, 32], "max": [4, 77, 32]}
-    assert plans["components"]["vae_decoder"]["profile"]["latents"]["max"] == [2, 4, 16, 16]
+    assert plans.components["vae_decoder"].profile["latents"]["max"] == [2, 4, 16, 16]
+
+
+def test_sdxl_builds_a_plan_per_component_with_cfg_profiles_for_all_conditioning(tiny_sdxl_model, tmp_path):
+    """The contract carries through `sdrt build`: two text encoders, and every CFG-stacked
+    conditioning input of the step profiled from B to 2B."""
+    from sdrt.export.exporter import ExportConfig, export
+
+    export(ExportConfig(tiny_sdxl_model, tmp_path / "onnx", precision="fp16"), progress=False)
+    plans = _build(tmp_path / "onnx", tmp_path / "sdxl", shapes="dynamic:64-128,batch=1-2", archs=("sm89",))
+    manifest = read_manifest(plans)
+    assert list(manifest.plans.components) == ["text_encoder", "text_encoder_2", "denoise_step", "vae_decoder"]
+    step = manifest.plans.components["denoise_step"].profile
+    assert step["pooled_embeds"] == {"min": [1, 32], "opt": [2, 32], "max": [4, 32]}
+    assert step["time_ids"] == {"min": [1, 6], "opt": [2, 6], "max": [4, 6]}
+    assert step["text_embeddings_2"]["max"] == [4, 77, 32]
+    assert manifest.components["vae_decoder"].precision == "fp32"  # force_upcast: fp32 VAE in fp16 engines
+    check_plans(plans, manifest, manifest.plans.flavour, manifest.plans.version, "sm89")
 
 
 def _edited(src: Path, dst: Path, edit) -> Path:
@@ -96,7 +116,7 @@ def _edited(src: Path, dst: Path, edit) -> Path:
     (lambda d: d["plans"].update(archs=["sm75"]), "target sm75 but this GPU is sm86.*--arch sm86"),
     (lambda d: d["plans"]["components"]["denoise_step"].update(onnx_sha256="0" * 64), "stale.*sdrt build"),
     (lambda d: d["plans"]["components"]["vae_decoder"]["io"][1].update(dtype="float32"), "I/O differs.*sdrt build"),
-    (lambda d: d.update(plans={}), "no TensorRT plans.*sdrt build"),
+    (lambda d: d.update(plans=None), "no TensorRT plans.*sdrt build"),
 ])
 def test_stale_or_mismatched_plans_are_refused(static_plans, tmp_path, edit, match):
     engines = _edited(static_plans, tmp_path / "e", edit)
@@ -239,9 +259,9 @@ def test_sd15_build_time_and_plan_sizes(sd15_model, tmp_path):
     start = time.perf_counter()
     manifest = build(BuildConfig(engines, shapes="static:512x512,batch=1"), progress=False)
     wall = time.perf_counter() - start
-    sizes = {name: r["bytes"] / 2**20 for name, r in manifest.plans["components"].items()}
+    sizes = {name: r.bytes / 2**20 for name, r in manifest.plans.components.items()}
     print(f"\nsd15 fp16 static 512x512 batch 1: build {wall:.0f} s, plans (MiB) {sizes}, "
-          f"per component (s) { {n: r['build_s'] for n, r in manifest.plans['components'].items()} }")
+          f"per component (s) { {n: r.build_s for n, r in manifest.plans.components.items()} }")
     assert 1500 < sizes["denoise_step"] < 2500  # 860 M fp16 weights
 
 
@@ -278,7 +298,7 @@ def _denoise_step_runs(engines: Path, cuda_graphs: bool, runs: int) -> list[dict
     dims = {"B": 1, "RB": 2, "h": 8, "w": 8}  # 64x64 latents of one image, CFG doubles the embeddings
 
     def shape_of(t) -> tuple[int, ...]:
-        return tuple(dims.get(d, d) for d in t.shape)
+        return t.resolve(dims)
 
     rng = np.random.default_rng(0)
     inputs, outputs = {}, {}

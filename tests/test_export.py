@@ -91,6 +91,73 @@ def test_validation_failure_is_an_error(tiny_model, tmp_path):
     assert not (tmp_path / "e").exists()
 
 
+def _edit_json(path, **changes):
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+@pytest.mark.parametrize("mutate, match", [
+    # a family sdrt does not export: named, with the supported ones
+    (lambda m: _edit_json(m / "model_index.json", _class_name="StableDiffusion3Pipeline"),
+     "StableDiffusion3Pipeline folder.*Supported: Stable Diffusion 1.x / 2.x.*Stable Diffusion XL"),
+    # scheduler settings sdrt cannot honour: refused by key before any export work
+    (lambda m: _edit_json(m / "scheduler" / "scheduler_config.json", thresholding=True), "thresholding=True"),
+    (lambda m: _edit_json(m / "scheduler" / "scheduler_config.json", timestep_spacing="karras"), "timestep_spacing"),
+])
+def test_unsupported_families_and_settings_are_refused_by_name(tiny_model, tmp_path, mutate, match):
+    model = _broken_copy(tiny_model, tmp_path, mutate)
+    with pytest.raises((ModelError, InputError), match=match):
+        export(ExportConfig(model, tmp_path / "out"), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_sdxl_folder_as_sd1_components_is_refused_clearly(tiny_sdxl_model, tmp_path):
+    """An SDXL U-Net behind an SD 1.x model_index: the widths named, not a crash."""
+    model = _broken_copy(tiny_sdxl_model, tmp_path, lambda m: _edit_json(
+        m / "model_index.json", _class_name="StableDiffusionPipeline", text_encoder_2=None, tokenizer_2=None))
+    with pytest.raises(ModelError, match="cross-attention dim 64 != 32.*do not belong together"):
+        export(ExportConfig(model, tmp_path / "out"), progress=False)
+
+
+def test_sdxl_manifest_carries_the_contract(tiny_sdxl_engines):
+    m = read_manifest(tiny_sdxl_engines)
+    assert m.model.family == "sdxl" and m.model.zero_empty_negative
+    assert m.model.components == ("text_encoder", "text_encoder_2", "denoise_step", "vae_decoder")
+    assert [(c.name, c.layout, c.source) for c in m.model.conditioning] == [
+        ("text_embeddings", "cfg", "text_encoder"), ("text_embeddings_2", "cfg", "text_encoder_2"),
+        ("pooled_embeds", "cfg", "text_encoder_2"), ("time_ids", "cfg", "host")]
+    assert m.components["text_encoder_2"].output("pooled_embeds").shape == ("N", 32)
+    assert m.components["denoise_step"].input("time_ids").shape == ("RB", 6)
+    assert (m.model.defaults.steps, m.model.defaults.guidance) == (30, 5.0)
+    assert {"tokenizer/tokenizer.json", "tokenizer_2/tokenizer.json"} <= set(m.files)
+    assert json.loads((tiny_sdxl_engines / "tokenizer_2" / "tokenizer_config.json").read_text())["pad_token"] == "!"
+
+
+def test_sdxl_fp16_export_keeps_the_force_upcast_vae_in_fp32(tiny_sdxl_model, tmp_path):
+    m = export(ExportConfig(tiny_sdxl_model, tmp_path / "e", precision="fp16"), progress=False)
+    assert m.components["denoise_step"].precision == "fp16" and m.components["vae_decoder"].precision == "fp32"
+    graph = onnx.load(str(tmp_path / "e" / "vae_decoder.onnx"), load_external_data=False)
+    assert {t.data_type for t in graph.graph.initializer if len(t.dims) >= 2} == {onnx.TensorProto.FLOAT}
+    assert m.validation["vae_decoder"]["tolerance"] == Tolerances().fp32["vae_decoder"]  # judged as fp32
+
+
+def test_fp16_overflow_fails_validation(tiny_model, tmp_path):
+    """A U-Net whose output overflows fp16 (finite in fp32) must not export as fp16."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    def blow_up(m):
+        unet = UNet2DConditionModel.from_pretrained(m / "unet")
+        with torch.no_grad():
+            unet.conv_out.weight.mul_(1e9)  # beyond fp16 range (65504), finite in fp32
+        unet.save_pretrained(m / "unet", safe_serialization=True)
+
+    model = _broken_copy(tiny_model, tmp_path, blow_up)
+    with pytest.raises(ValidationError, match="denoise_step.*NaN/inf on ONNX Runtime \\(fp16\\)"):
+        export(ExportConfig(model, tmp_path / "e", precision="fp16"), progress=False)
+    assert not (tmp_path / "e").exists()
+    export(ExportConfig(model, tmp_path / "e32", precision="fp32"), progress=False)  # fine in fp32
+
+
 def _broken_copy(tiny_model, tmp_path, mutate):
     model = tmp_path / "model"
     shutil.copytree(tiny_model, model)
@@ -100,7 +167,7 @@ def _broken_copy(tiny_model, tmp_path, mutate):
 
 @pytest.mark.parametrize("mutate, match", [
     (lambda m: shutil.rmtree(m / "unet"), "missing unet/config.json"),
-    (lambda m: (m / "model_index.json").unlink(), "missing model_index.json"),
+    (lambda m: (m / "model_index.json").unlink(), "no model_index.json"),
     (lambda m: (m / "vae" / "config.json").write_text("{oops"), "not valid JSON"),
     (lambda m: [p.unlink() for p in (m / "text_encoder").glob("*.safetensors")], "no .safetensors"),
 ])
@@ -141,7 +208,7 @@ def test_testmodel_refuses_nonempty_dir_and_unknown_kind(tmp_path):
         build_test_model("tiny", tmp_path / "full")
     assert (tmp_path / "full" / "x").read_text() == "keep me"
     with pytest.raises(InputError, match="unknown test model"):
-        build_test_model("sdxl", tmp_path / "y")
+        build_test_model("sd4", tmp_path / "y")
 
 
 @pytest.mark.slow
@@ -152,3 +219,16 @@ def test_sd15_testmodel_has_sd15_shapes(sd15_model):
     unet = UNet2DConditionModel.from_pretrained(sd15_model / "unet", torch_dtype=torch.float32)
     n = sum(p.numel() for p in unet.parameters())
     assert n == 859_520_964, n
+
+
+@pytest.mark.parametrize("kind, parameters", [("sd15", 859_520_964), ("sdxl", 2_567_463_684)])
+def test_real_size_test_models_have_the_real_unet(kind, parameters):
+    """`sdrt testmodel sd15|sdxl` build these exact U-Nets (counted on the meta device: no memory)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from sdrt.export.testmodel import SPECS
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SPECS[kind].unet)
+    assert sum(p.numel() for p in unet.parameters()) == SPECS[kind].unet_parameters == parameters

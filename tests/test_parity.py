@@ -15,13 +15,20 @@ from sdrt.pipeline import Pipeline  # noqa: E402
 MAX_PIXEL_ERROR = 2
 PARITY_SCHEDULERS = ("euler", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "plms")  # deterministic ones
 
-def diffusers_images(model_dir, scheduler, prompt, negative, steps, guidance, latents, height, width):
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None,
-                                                             requires_safety_checker=False)
+
+def diffusers_images(model_dir, scheduler, prompt, negative, steps, guidance, latents, height, width,
+                     step_noise=None, monkeypatch=None, **extra):
+    """diffusers' own pipeline for the folder (StableDiffusion[XL]Pipeline) on the same latents; an
+    ancestral sampler draws `step_noise` (steps, B, 4, h, w) instead of its own."""
+    pipe = diffusers.DiffusionPipeline.from_pretrained(model_dir)
     pipe.scheduler = diffusers_scheduler(scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
+    if step_noise is not None:
+        draws = iter(torch.from_numpy(step_noise))
+        module = __import__(type(pipe.scheduler).__module__, fromlist=["randn_tensor"])
+        monkeypatch.setattr(module, "randn_tensor", lambda shape, **kw: next(draws).reshape(shape))
     out = pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
-               latents=torch.from_numpy(latents), height=height, width=width, output_type="np").images
+               latents=torch.from_numpy(latents), height=height, width=width, output_type="np", **extra).images
     return (out * 255).round().astype(np.uint8)
 
 
@@ -30,26 +37,72 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
-def sdrt_and_reference(model_dir, engines, scheduler, steps=4, guidance=7.5, size=None, batch=1):
+def sdrt_and_reference(model_dir, engines, scheduler, steps=4, guidance=7.5, size=None, batch=1,
+                       prompts=None, negative="blurry", width=None, monkeypatch=None, **extra):
+    """The same request through sdrt and diffusers. An empty negative prompt is diffusers' default
+    (None), which SDXL encodes as zeros (force_zeros_for_empty_prompt)."""
     pipe = Pipeline.load(engines, backend="ort-cpu")
-    config = pipe.make_config(["a red apple on a table"] * batch, negative_prompt="blurry", steps=steps,
-                              guidance=guidance, scheduler=scheduler, seed=42, height=size, width=size, batch=batch)
+    config = pipe.make_config(prompts or ["a red apple on a table"] * batch, negative_prompt=negative,
+                              steps=steps, guidance=guidance, scheduler=scheduler, seed=42, height=size,
+                              width=width or size, batch=batch, **extra)
     from sdrt.schedulers import make_plan
 
-    init, _ = pipe.initial_noise(config, make_plan(scheduler, pipe.schedule, steps))
+    init, step_noise = pipe.initial_noise(config, make_plan(scheduler, pipe.schedule, steps))
     ours = pipe.generate(config).images
-    ref = diffusers_images(model_dir, scheduler, list(config.prompt), list(config.negative_prompt), steps,
-                           guidance, init, config.height, config.width)
+    ref = diffusers_images(model_dir, scheduler, list(config.prompt), list(config.negative_prompt) if negative else None,
+                           steps, guidance, init, config.height, config.width, step_noise, monkeypatch,
+                           **{diffusers_name(k): v for k, v in extra.items()})
     return ours, ref
+
+
+def diffusers_name(micro: str) -> str:
+    return {"crop_top_left": "crops_coords_top_left"}.get(micro, micro)
+
+
+def assert_parity(ours, ref, label):
+    assert ours.shape == ref.shape
+    err = int(np.abs(ours.astype(int) - ref.astype(int)).max())
+    assert err <= MAX_PIXEL_ERROR, f"{label}: max pixel error {err}/255"
+    assert ref.std() > 1, "reference image is flat: the comparison would prove nothing"
 
 
 @pytest.mark.parametrize("scheduler", PARITY_SCHEDULERS)
 def test_tiny_fp32_matches_diffusers(tiny_model, tiny_engines, scheduler):
-    ours, ref = sdrt_and_reference(tiny_model, tiny_engines, scheduler)
-    assert ours.shape == ref.shape
-    err = int(np.abs(ours.astype(int) - ref.astype(int)).max())
-    assert err <= MAX_PIXEL_ERROR, f"{scheduler}: max pixel error {err}/255"
-    assert ref.std() > 1, "reference image is flat: the comparison would prove nothing"
+    assert_parity(*sdrt_and_reference(tiny_model, tiny_engines, scheduler), scheduler)
+
+
+def test_tiny_fp32_euler_a_with_the_same_noise_matches_diffusers(tiny_model, tiny_engines, monkeypatch):
+    ours, ref = sdrt_and_reference(tiny_model, tiny_engines, "euler_a", monkeypatch=monkeypatch)
+    assert_parity(ours, ref, "euler_a")
+
+
+# --- SDXL: two text encoders, pooled embeddings, micro-conditioning, force-upcast VAE ---------------
+
+@pytest.mark.parametrize("scheduler", ["euler", "euler_a", "ddim", "dpmpp_2m_karras"])
+def test_tiny_sdxl_fp32_matches_diffusers(tiny_sdxl_model, tiny_sdxl_engines, scheduler, monkeypatch):
+    ours, ref = sdrt_and_reference(tiny_sdxl_model, tiny_sdxl_engines, scheduler, monkeypatch=monkeypatch)
+    assert_parity(ours, ref, f"sdxl {scheduler}")
+
+
+@pytest.mark.parametrize("case", [
+    dict(negative=""),  # force_zeros_for_empty_prompt: zeros, not the encoded empty string
+    dict(guidance=1.0),  # no CFG half
+    dict(size=64, width=80),  # non-square
+    dict(batch=2, prompts=["a red apple on a table", "a blue car in the rain"]),
+    dict(original_size=(128, 96), crop_top_left=(8, 16), target_size=(64, 64)),  # micro-conditioning
+])
+def test_tiny_sdxl_fp32_cases_match_diffusers(tiny_sdxl_model, tiny_sdxl_engines, case):
+    ours, ref = sdrt_and_reference(tiny_sdxl_model, tiny_sdxl_engines, "euler", **case)
+    assert_parity(ours, ref, f"sdxl {case}")
+
+
+def test_sdxl_empty_negative_differs_from_encoded_empty_string(tiny_sdxl_engines):
+    """force_zeros_for_empty_prompt is honoured: the engines were told, and it changes the image."""
+    pipe = Pipeline.load(tiny_sdxl_engines, backend="ort-cpu")
+    assert pipe.manifest.model.zero_empty_negative
+    zero = pipe.generate(pipe.make_config("a red apple", negative_prompt="", steps=3, seed=1)).images
+    space = pipe.generate(pipe.make_config("a red apple", negative_prompt=" ", steps=3, seed=1)).images
+    assert np.abs(zero.astype(int) - space.astype(int)).max() > 0
 
 
 @pytest.mark.parametrize("guidance", [1.0, 0.5])

@@ -23,10 +23,11 @@ def pipe(tiny_engines):
 def test_import_and_generate_leave_torch_out(tiny_engines, tmp_path):
     code = textwrap.dedent(f"""
         import sys
-        import sdrt
-        from sdrt.pipeline import Pipeline
+        from sdrt import Pipeline, save_png
+        from PIL import Image
         images = Pipeline.load({str(tiny_engines)!r}, backend="ort-cpu")("a cat", steps=2, seed=1)
-        images[0].save({str(tmp_path / "x.png")!r})
+        save_png(images[0], {str(tmp_path / "x.png")!r})
+        assert Image.open({str(tmp_path / "x.png")!r}).info["parameters"].startswith("a cat\\nSteps: 2")
         heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "diffusers", "transformers"))
         assert not heavy, heavy
     """)

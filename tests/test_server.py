@@ -108,6 +108,36 @@ def test_openai_client_images_match_the_pipeline(server, direct):
         openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).images.generate(prompt="x")
 
 
+def test_both_apis_serve_sdxl_engines_at_their_default_size(tiny_sdxl_engines):
+    """SDXL through the same endpoints: the family's defaults, the engines' size, micro-conditioning."""
+    import openai
+
+    live = LiveServer(ServeConfig(tiny_sdxl_engines, backend="ort-cpu"))
+    try:
+        direct = Pipeline.load(tiny_sdxl_engines, backend="ort-cpu")
+        client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="none", max_retries=0)
+        micro = {"original_size": [128, 96], "crop_top_left": [8, 0]}
+        response = client.images.generate(prompt="a red cube", response_format="b64_json",
+                                          extra_body={"seed": 3, "steps": 2, **micro})
+        want = direct.generate(direct.make_config("a red cube", steps=2, seed=3, original_size=(128, 96),
+                                                  crop_top_left=(8, 0))).images[0]
+        got, _ = decode(response.data[0].b64_json)
+        assert got.shape == (64, 64, 3)  # the engines' default size (SDXL's real engines: 1024)
+        np.testing.assert_array_equal(got, want)
+        a1111 = httpx.post(f"{live.url}/sdapi/v1/txt2img", json={"prompt": "a red cube", "seed": 3, "steps": 2,
+                                                                   "cfg_scale": 5.0, **micro}, timeout=60)
+        assert a1111.status_code == 200
+        np.testing.assert_array_equal(decode(a1111.json()["images"][0])[0], want)  # 5.0: SDXL's default too
+    finally:
+        live.stop()
+
+
+def test_micro_conditioning_is_refused_by_engines_without_it(server):
+    r = httpx.post(f"{server.url}/sdapi/v1/txt2img", headers=server.headers(),
+                   json={"prompt": "x", "steps": 2, "original_size": [64, 64]})
+    assert r.status_code == 400 and "micro-conditioning" in r.json()["detail"]
+
+
 def test_webuiapi_client_images_match_the_pipeline(server, direct):
     import webuiapi
 

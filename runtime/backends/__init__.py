@@ -17,8 +17,8 @@ def select_backend(name: str = "auto", manifest: Manifest | None = None) -> Back
     if name == "trt" or (name == "auto" and manifest is not None and _plans_runnable(manifest)):
         from sdrt.backends.tensorrt import TrtBackend
 
-        plans = manifest.plans if manifest is not None else {}
-        return TrtBackend(plans.get("flavour", "auto"))
+        plans = manifest.plans if manifest is not None else None
+        return TrtBackend(plans.flavour if plans is not None else "auto")
 
     from sdrt.backends.onnxruntime import OrtBackend, cuda_available
 
@@ -33,7 +33,7 @@ def _plans_runnable(manifest: Manifest) -> bool:
     from sdrt.tensorrt_lib import available_flavours
 
     plans = manifest.plans
-    return bool(plans) and plans.get("flavour") in available_flavours() and gpu_arch() in plans.get("archs", [])
+    return plans is not None and plans.flavour in available_flavours() and gpu_arch() in plans.archs
 
 
 __all__ = ["Backend", "Engine", "BACKENDS", "select_backend"]

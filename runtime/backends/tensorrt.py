@@ -152,14 +152,15 @@ class TrtBackend(Backend):
         verify_files(engine_dir, manifest, [rel for rel in manifest.files if rel.startswith("tokenizer/")])
 
     def limits(self, manifest: Manifest) -> ShapeLimits:
-        if not manifest.plans:
+        if manifest.plans is None:
             raise EngineError(f"{manifest.name} has no TensorRT plans: build them with `sdrt build`")
-        return ShapeLimits.of_plans(manifest.plans)
+        return manifest.plans.limits
 
     def load(self, engine_dir: Path, manifest: Manifest, component: str) -> Engine:
         self.engine_dir = Path(engine_dir)
-        record = manifest.plans["components"][component]
-        path = self.engine_dir / record["plan"]
+        if manifest.plans is None:
+            raise EngineError(f"{engine_dir} has no TensorRT plans: {build_hint(self.engine_dir)}")
+        path = self.engine_dir / manifest.plans.components[component].plan
         data = path.read_bytes()
         trt = self.lib.module
         if hasattr(self.runtime, "get_engine_validity"):
@@ -180,7 +181,7 @@ class TrtBackend(Backend):
             io.append({"name": name, "mode": mode, "dtype": self.lib.dtype_name(engine.get_tensor_dtype(name))})
         spec = manifest.components[component]
         check_io(io, spec, path)
-        return TrtEngine(self, engine, spec, static=manifest.plans.get("kind") == "static")
+        return TrtEngine(self, engine, spec, static=manifest.plans.limits.kind == "static")
 
     def create_context(self, engine: Any) -> Any:
         trt = self.lib.module

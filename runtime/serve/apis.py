@@ -4,6 +4,8 @@ AUTOMATIC1111 (`/sdapi/v1/txt2img`): fields sdrt does not implement are accepted
 (clients such as webuiapi send them all) and refused with a 400 when turned on. OpenAI
 (`/v1/images/generations`): prompt, n, size, response_format=b64_json; seed, steps,
 guidance_scale, negative_prompt and scheduler are sdrt extensions (`extra_body` in the openai client).
+On both APIs, original_size, crop_top_left and target_size ([height, width] pixels) set SDXL's
+micro-conditioning (sdrt extensions; refused by engines of families without it).
 """
 
 from __future__ import annotations
@@ -22,7 +24,19 @@ from sdrt.serve.config import ServeConfig
 SAMPLER_LABELS = {v: k for k, v in A1111_NAMES.items()}
 
 
-class Txt2ImgRequest(BaseModel):
+class MicroConditioning(BaseModel):
+    """SDXL micro-conditioning, [height, width] pixels (sdrt extensions on both APIs)."""
+
+    original_size: list[int] | None = None
+    crop_top_left: list[int] | None = None
+    target_size: list[int] | None = None
+
+    def micro(self) -> dict[str, Any]:
+        return {"original_size": self.original_size, "crop_top_left": self.crop_top_left or (0, 0),
+                "target_size": self.target_size}
+
+
+class Txt2ImgRequest(MicroConditioning):
     model_config = ConfigDict(extra="ignore")
 
     prompt: str = ""
@@ -52,7 +66,7 @@ class Txt2ImgRequest(BaseModel):
         return out + (["subseed_strength"] if self.subseed_strength else [])
 
 
-class ImagesRequest(BaseModel):
+class ImagesRequest(MicroConditioning):
     model_config = ConfigDict(extra="ignore")
 
     prompt: str
@@ -111,15 +125,16 @@ def a1111_config(req: Txt2ImgRequest, pipe: Pipeline, cfg: ServeConfig) -> Gener
     bad = req.unsupported()
     if bad:
         raise InputError(f"sdrt does not implement {', '.join(bad)}: leave them unset")
-    steps = req.steps if req.steps is not None else cfg.default_steps
+    steps = _first(req.steps, cfg.default_steps, pipe.model.defaults.steps)
     images = req.batch_size * req.n_iter
     if req.batch_size < 1 or req.n_iter < 1:
         raise InputError("batch_size and n_iter must be at least 1")
     _check_common(cfg, [req.prompt, req.negative_prompt], steps, images, req.height, req.width)
-    scheduler = sampler_for(req.sampler_name or req.sampler_index, req.scheduler, cfg.default_scheduler)
+    scheduler = sampler_for(req.sampler_name or req.sampler_index, req.scheduler,
+                            _first(cfg.default_scheduler, pipe.model.defaults.sampler))
     return pipe.make_config([req.prompt] * images, negative_prompt=req.negative_prompt, steps=steps,
                             guidance=req.cfg_scale, scheduler=scheduler, height=req.height, width=req.width,
-                            seeds=_seeds(req.seed, images))
+                            seeds=_seeds(req.seed, images), **req.micro())
 
 
 def a1111_info(req: Txt2ImgRequest, config: GenerationConfig, infotexts: list[str], model: str) -> str:
@@ -149,10 +164,14 @@ def openai_config(req: ImagesRequest, pipe: Pipeline, cfg: ServeConfig) -> Gener
         raise InputError(f"response_format {req.response_format!r} is not supported: sdrt returns images inline, "
                          "use response_format='b64_json'")
     height, width = parse_size(req.size)
-    steps = req.steps if req.steps is not None else cfg.default_steps
+    steps = _first(req.steps, cfg.default_steps, pipe.model.defaults.steps)
     _check_common(cfg, [req.prompt, req.negative_prompt], steps, req.n, height, width)
-    scheduler = sampler_for(req.scheduler, None, cfg.default_scheduler)
-    guidance = 7.5 if req.guidance_scale is None else req.guidance_scale
+    scheduler = sampler_for(req.scheduler, None, _first(cfg.default_scheduler, pipe.model.defaults.sampler))
     return pipe.make_config([req.prompt] * req.n, negative_prompt=req.negative_prompt, steps=steps,
-                            guidance=guidance, scheduler=scheduler, height=height, width=width,
-                            seeds=_seeds(req.seed, req.n))
+                            guidance=req.guidance_scale, scheduler=scheduler, height=height, width=width,
+                            seeds=_seeds(req.seed, req.n), **req.micro())
+
+
+def _first(*values: Any) -> Any:
+    """The first value that is set: the request's, the server's, the engines'."""
+    return next(v for v in values if v is not None)

@@ -23,8 +23,8 @@ class ServeConfig:
     max_steps: int = 150
     max_images_per_request: int = 16
     max_size: int | None = None  # caps width/height below the engines' own limit
-    default_steps: int = 20
-    default_scheduler: str = "dpmpp_2m_karras"
+    default_steps: int | None = None  # None: the engines' model family default (sd1 25, sdxl 30)
+    default_scheduler: str | None = None  # None: the family default (dpmpp_2m_karras)
     shutdown_drain_s: float = 30.0  # on SIGTERM, queued work this long; then 503 for what is left
 
     @staticmethod

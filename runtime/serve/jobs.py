@@ -2,7 +2,7 @@
 
 A Pipeline reuses its device buffers, so exactly one thread (the worker) ever calls it. Requests
 become jobs of rows (one row = one image: prompt, negative prompt, seed). Rows of jobs that share
-an engine call (same size, steps, sampler and guidance) are batched, up to the engines' max batch,
+an engine call (the same GenerationConfig.batch_key: size, steps, sampler, guidance, ...) are batched, up to the engines' max batch,
 within a short window after the first arrives. Each step, rows whose client went away or whose
 deadline passed are dropped from the batch (Pipeline.generate's callback).
 """
@@ -38,17 +38,6 @@ class ClientGone(SdrtError):
     """The client disconnected; nobody reads this."""
 
 
-@dataclass(frozen=True)
-class BatchKey:
-    """What rows must share to run in one engine call."""
-
-    height: int
-    width: int
-    steps: int
-    scheduler: str
-    guidance: float
-
-
 @dataclass
 class Image:
     array: np.ndarray  # (H, W, 3) uint8
@@ -67,9 +56,9 @@ class Job:
     images: dict[int, Image] = field(default_factory=dict)
 
     @property
-    def key(self) -> BatchKey:
-        c = self.config
-        return BatchKey(c.height, c.width, c.steps, c.scheduler, c.guidance)
+    def key(self) -> tuple[Any, ...]:
+        """What rows must share to run in one engine call (GenerationConfig.batch_key)."""
+        return self.config.batch_key
 
     @property
     def rows(self) -> int:
@@ -237,13 +226,7 @@ class Scheduler:
         rows = [(job, r) for job, taken in batch for r in taken]
         if not rows:
             return
-        first = rows[0][0].config
-        seeds = tuple(job.config.row_seeds[r] for job, r in rows)
-        config = GenerationConfig(
-            prompt=tuple(job.config.prompt[r] for job, r in rows),
-            negative_prompt=tuple(job.config.negative_prompt[r] for job, r in rows),
-            steps=first.steps, guidance=first.guidance, scheduler=first.scheduler,
-            seed=seeds[0], height=first.height, width=first.width, seeds=seeds)
+        config = GenerationConfig.of_rows([(job.config, r) for job, r in rows])
         self.observe("batch", len(rows))
         self.progress = Progress(0, 0, time.monotonic(), True)
 
@@ -276,5 +259,5 @@ class Scheduler:
                 job.future.set_result([job.images[r] for r in range(job.rows)])
 
 
-__all__ = ["BatchKey", "ClientGone", "Image", "Job", "Progress", "QueueFull", "RequestTimeout", "Scheduler",
+__all__ = ["ClientGone", "Image", "Job", "Progress", "QueueFull", "RequestTimeout", "Scheduler",
            "ShuttingDown"]

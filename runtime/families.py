@@ -1,0 +1,129 @@
+"""Model families as data: the text encoders a family has, what its denoise step is conditioned on
+and how those tensors are laid out in rows, and its defaults.
+
+The exporter picks a family from a folder's model_index.json and writes the family's contract
+into manifest.json (`sdrt.manifest.ModelInfo`); the runtime reads only the manifest. A new family
+is a new entry here (and, if it needs one, a new conditioning input), not a branch in the loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Mapping
+
+if TYPE_CHECKING:
+    import numpy as np
+
+from sdrt.errors import ModelError
+
+# Row layouts of a conditioning tensor (B images in the batch):
+CFG = "cfg"  # (R*B, ...): [uncond rows; cond rows] with R = 2 when CFG runs, the cond rows alone otherwise
+ROW = "row"  # (B, ...): one row per image
+BATCH = "batch"  # shared by the whole batch
+LAYOUTS = (CFG, ROW, BATCH)
+
+HOST = "host"  # conditioning computed from the request on the host (once per generation, never per step)
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """A named input of the denoise step besides the sampler state."""
+
+    name: str
+    layout: str  # one of LAYOUTS
+    source: str  # the text-encoder component that writes it, or HOST
+
+
+@dataclass(frozen=True)
+class TextEncoderSlot:
+    """One text encoder: its component (also its subfolder), tokenizer and what it writes."""
+
+    component: str  # "text_encoder", "text_encoder_2"
+    tokenizer: str  # tokenizer subfolder
+    hidden_layer: int | None  # None: last_hidden_state (after the final layer norm); -2: penultimate layer
+    hidden: str  # conditioning name of its (N, S, C) hidden states
+    pooled: str | None = None  # conditioning name of its (N, P) pooled, projected output, if used
+
+
+@dataclass(frozen=True)
+class Defaults:
+    sampler: str
+    steps: int
+    guidance: float
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    label: str
+    pipelines: tuple[str, ...]  # model_index.json `_class_name`s of this family
+    text_encoders: tuple[TextEncoderSlot, ...]
+    conditioning: tuple[Conditioning, ...]  # the step's inputs besides the sampler state, in graph order
+    cross_attention: tuple[str, ...]  # concatenated on the channel axis into the U-Net's encoder_hidden_states
+    added_cond: tuple[tuple[str, str], ...] = ()  # U-Net added_cond_kwargs key <- conditioning name
+    defaults: Defaults = Defaults("dpmpp_2m_karras", 25, 7.5)
+    vae_upcast: bool = False  # follow the VAE's force_upcast (an fp32 VAE in fp16 engines), as diffusers does
+
+
+SD1 = Family(
+    name="sd1",
+    label="Stable Diffusion 1.x / 2.x",
+    pipelines=("StableDiffusionPipeline",),
+    text_encoders=(TextEncoderSlot("text_encoder", "tokenizer", None, "text_embeddings"),),
+    conditioning=(Conditioning("text_embeddings", CFG, "text_encoder"),),
+    cross_attention=("text_embeddings",),
+)
+
+# Podell et al. 2023: two text encoders (CLIP ViT-L and OpenCLIP bigG, penultimate layers concatenated),
+# bigG's pooled projection and the size/crop micro-conditioning added to the time embedding.
+SDXL = Family(
+    name="sdxl",
+    label="Stable Diffusion XL",
+    pipelines=("StableDiffusionXLPipeline",),
+    text_encoders=(
+        TextEncoderSlot("text_encoder", "tokenizer", -2, "text_embeddings"),
+        TextEncoderSlot("text_encoder_2", "tokenizer_2", -2, "text_embeddings_2", pooled="pooled_embeds"),
+    ),
+    conditioning=(
+        Conditioning("text_embeddings", CFG, "text_encoder"),
+        Conditioning("text_embeddings_2", CFG, "text_encoder_2"),
+        Conditioning("pooled_embeds", CFG, "text_encoder_2"),
+        Conditioning("time_ids", CFG, HOST),
+    ),
+    cross_attention=("text_embeddings", "text_embeddings_2"),
+    added_cond=(("text_embeds", "pooled_embeds"), ("time_ids", "time_ids")),
+    defaults=Defaults("dpmpp_2m_karras", 30, 5.0),
+    vae_upcast=True,
+)
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SDXL)}
+
+
+def layout_rows(layout: str, keep: list[int], batch: int, total: int) -> list[int]:
+    """The rows of a tensor with `total` rows in `layout` that belong to images `keep` of `batch`."""
+    if layout == BATCH:
+        return list(range(total))
+    if layout == ROW:
+        return list(keep)
+    return [half * batch + j for half in range(total // batch) for j in keep]  # CFG: each half alike
+
+
+def stack_rows(layout: str, per_image: "np.ndarray", cfg: bool) -> "np.ndarray":
+    """(B, ...) per-image values -> the tensor of `layout`; the uncond half repeats the cond one."""
+    import numpy as np
+
+    if layout == CFG and cfg:
+        return np.concatenate([per_image, per_image])
+    if layout == BATCH:
+        return per_image[:1]
+    return per_image
+
+
+def family_for(model_index: Mapping[str, object], where: str) -> Family:
+    """The family of a diffusers folder, from its model_index.json; refuses the others by name."""
+    pipeline = str(model_index.get("_class_name", "?"))
+    for family in FAMILIES.values():
+        if pipeline in family.pipelines:
+            return family
+    supported = "; ".join(f"{f.label} ({', '.join(f.pipelines)})" for f in FAMILIES.values())
+    raise ModelError(f"{where} is a {pipeline} folder, which sdrt does not export. Supported: {supported}")
