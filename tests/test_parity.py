@@ -129,3 +129,27 @@ def test_sd15_fp32_256_matches_diffusers(sd15_model, tmp_path):
     ours, ref = sdrt_and_reference(sd15_model, engines, "dpmpp_2m_karras", steps=4, size=256)
     err = int(np.abs(ours.astype(int) - ref.astype(int)).max())
     assert err <= MAX_PIXEL_ERROR, f"sd15 fp32: max pixel error {err}/255"
+
+
+@pytest.fixture(scope="module")
+def zero_snr_model_and_engines(tiny_model, tmp_path_factory):
+    """The tiny model as a v-prediction, zero-terminal-SNR, trailing-spacing fine-tune (Lin et al. 2023)."""
+    import json
+    import shutil
+
+    from sdrt.export.exporter import ExportConfig, export
+
+    root = tmp_path_factory.mktemp("zero-snr")
+    model = root / "model"
+    shutil.copytree(tiny_model, model)
+    path = model / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "prediction_type": "v_prediction",
+                                "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}))
+    export(ExportConfig(model, root / "engines", precision="fp32"), progress=False)
+    return model, root / "engines"
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "ddim", "dpmpp_2m_karras"])
+def test_tiny_zero_snr_v_prediction_matches_diffusers(zero_snr_model_and_engines, scheduler):
+    model, engines = zero_snr_model_and_engines
+    assert_parity(*sdrt_and_reference(model, engines, scheduler), f"zero-SNR v {scheduler}")
