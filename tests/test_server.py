@@ -185,6 +185,11 @@ def test_discovery_endpoints(server):
     ("/v1/images/generations", {"prompt": "x", "n": 0}, 400, "1 to 16"),
     ("/v1/images/generations", {"n": 1}, 400, "prompt"),
     ("/v1/images/generations", {"prompt": "x", "size": "64x4096"}, 400, "height must be"),
+    # booleans and fractions are not integers (`true` used to run 1 step)
+    ("/sdapi/v1/txt2img", {"prompt": "x", "steps": True}, 422, "steps"),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "batch_size": 1.5}, 422, "batch_size"),
+    ("/v1/images/generations", {"prompt": "x", "n": True}, 400, "n: Input should be a valid integer"),
+    ("/v1/images/generations", {"prompt": "x", "seed": False}, 400, "seed"),
 ])
 def test_bad_requests_get_a_4xx_json_error(server, path, body, status, match):
     response = httpx.post(server.url + path, json=body, headers=server.headers())

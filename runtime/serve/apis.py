@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import json
 import secrets
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Strict
 
 from sdrt.errors import InputError
 from sdrt.pipeline import SEED_MAX, GenerationConfig, Pipeline
@@ -22,14 +22,15 @@ from sdrt.schedulers import A1111_NAMES, SAMPLERS
 from sdrt.serve.config import ServeConfig
 
 SAMPLER_LABELS = {v: k for k, v in A1111_NAMES.items()}
+Int = Annotated[int, Strict()]  # JSON integers only: `true` is not 1 step, 20.5 is not 20
 
 
 class MicroConditioning(BaseModel):
     """SDXL micro-conditioning, [height, width] pixels (sdrt extensions on both APIs)."""
 
-    original_size: list[int] | None = None
-    crop_top_left: list[int] | None = None
-    target_size: list[int] | None = None
+    original_size: list[Int] | None = None
+    crop_top_left: list[Int] | None = None
+    target_size: list[Int] | None = None
 
     def micro(self) -> dict[str, Any]:
         return {"original_size": self.original_size, "crop_top_left": self.crop_top_left or (0, 0),
@@ -41,16 +42,16 @@ class Txt2ImgRequest(MicroConditioning):
 
     prompt: str = ""
     negative_prompt: str = ""
-    seed: int = -1
+    seed: Int = -1
     sampler_name: str | None = None
     sampler_index: str | None = None  # deprecated in A1111; used when sampler_name is absent
     scheduler: str | None = None  # A1111 >= 1.9: "Automatic", "Karras", ...
-    steps: int | None = None
+    steps: Int | None = None
     cfg_scale: float = 7.0
-    width: int | None = None
-    height: int | None = None
-    batch_size: int = 1
-    n_iter: int = 1
+    width: Int | None = None
+    height: Int | None = None
+    batch_size: Int = 1
+    n_iter: Int = 1
     # accepted at their defaults, refused when turned on
     enable_hr: bool = False
     restore_faces: bool | None = False
@@ -70,13 +71,13 @@ class ImagesRequest(MicroConditioning):
     model_config = ConfigDict(extra="ignore")
 
     prompt: str
-    n: int = 1
+    n: Int = 1
     size: str | None = None  # "WxH"; None or "auto": the engines' default size
     response_format: str | None = None  # b64_json (url is refused: sdrt stores nothing)
     model: str | None = None
     # sdrt extensions
-    seed: int | None = None
-    steps: int | None = None
+    seed: Int | None = None
+    steps: Int | None = None
     guidance_scale: float | None = None
     negative_prompt: str = ""
     scheduler: str | None = None
