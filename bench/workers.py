@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import resource
 import threading
-from pathlib import Path
 import time
 import traceback
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from sdrt.errors import ModelError
-from sdrt.families import Family, family_for
+from sdrt.families import Family
 
 # transformers classes a text-encoder slot may hold; a pooled slot needs the projection
 TEXT_ENCODER_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
@@ -32,14 +32,14 @@ def model_index(model_dir: Path) -> dict[str, Any]:
     return json.loads((model_dir / "model_index.json").read_text())
 
 
-def load_components(model_dir: Path) -> TorchParts:
+def load_components(model_dir: Path, family: Family) -> TorchParts:
+    """family: the folder's, as `check_model_dir` found it."""
     import torch
     import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTokenizer
 
     index = model_index(model_dir)
-    family = family_for(index, str(model_dir))
     text_encoders, tokenizers = {}, {}
     try:
         for slot in family.text_encoders:

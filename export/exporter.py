@@ -18,15 +18,13 @@ from typing import Any
 import numpy as np
 
 from sdrt.errors import InputError, ModelError, ValidationError
-from sdrt.families import BATCH, CFG, HOST, Family, family_for
+from sdrt.families import HOST, LEADING_DIM, Family, family_for
 from sdrt.manifest import (DECODER, STEP, ComponentSpec, Manifest, ModelInfo, ShapeRange, TensorSpec, sha256_file,
                            write_manifest)
 from sdrt.schedulers import HISTORY, N_COEFFS, NoiseSchedule
 from sdrt.versions import package_versions
 
 PRECISIONS = ("fp16", "fp32")
-# (dtype, per-row shape) of conditioning the host computes (sdrt.pipeline.HOST_CONDITIONING)
-HOST_CONDITIONING = {"time_ids": ("float32", (6,))}
 RECORDED_PACKAGES = ("sdrt", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu")
 
 
@@ -128,7 +126,7 @@ def export(config: ExportConfig, progress: bool = True) -> Manifest:
         bar.set_postfix_str("loading model")
         from sdrt.export.components_io import load_components
 
-        parts = load_components(model_dir)
+        parts = load_components(model_dir, family)
         bar.update(1)
         src = source_hash(model_dir)
         bar.update(1)
@@ -170,8 +168,7 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
     from sdrt.export.onnx_io import export_onnx
 
     family: Family = parts.family
-    fp16 = config.precision == "fp16"
-    f = "float16" if fp16 else "float32"
+    f = "float16" if config.precision == "fp16" else "float32"
     native = parts.unet.config.sample_size * parts.vae_scale_factor
     shapes = ShapeRange(min_size=config.min_size, default_size=native,
                         max_size=config.max_size or max(1024, 2 * native), max_batch=config.max_batch)
@@ -199,11 +196,10 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
                      config.precision))
         produced.update({t.name: t for t in outputs})
 
-    lead = {CFG: "RB", BATCH: 1}
     conditioning = []
     for c in family.conditioning:
-        dtype, row_shape = HOST_CONDITIONING[c.name] if c.source == HOST else (f, produced[c.name].shape[1:])
-        conditioning.append(TensorSpec(c.name, dtype, (lead.get(c.layout, "B"),) + tuple(row_shape)))
+        dtype, row_shape = ("float32", c.row_shape) if c.source == HOST else (f, produced[c.name].shape[1:])
+        conditioning.append(TensorSpec(c.name, dtype, (LEADING_DIM[c.layout],) + tuple(row_shape)))
     state = ("B", lc, "h", "w")
     step_spec = ComponentSpec(
         "denoise_step.onnx",
@@ -225,7 +221,7 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
         return {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)}
                 for t in spec.inputs + spec.outputs}
 
-    def sample(spec: ComponentSpec, h: int, w: int, typed: bool) -> tuple[Any, ...]:
+    def sample(name: str, spec: ComponentSpec, h: int, w: int, typed: bool) -> tuple[Any, ...]:
         """Random inputs of the spec at batch 1 (CFG rows 2), latent size h x w; typed: in the spec's
         dtypes (tracing), else float32 (the fp32 reference module)."""
         dims = {"B": 1, "RB": 2, "N": 2, "h": h, "w": w}
@@ -236,11 +232,11 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
         for t in spec.inputs:
             shape = t.resolve(dims)
             if t.dtype == "int64":
-                vocab = parts.text_encoders[spec.onnx.removesuffix(".onnx")].config.vocab_size
+                vocab = parts.text_encoders[name].config.vocab_size
                 out.append(torch.randint(0, vocab, shape, generator=gen))
                 continue
             value = special.get(t.name)
-            value = torch.randn(shape, generator=gen) * (4 if spec is vae_spec else 1) if value is None else value
+            value = torch.randn(shape, generator=gen) * (4 if name == DECODER else 1) if value is None else value
             out.append(value.to(getattr(torch, t.dtype)) if typed else value.float())
         return tuple(out)
 
@@ -251,19 +247,18 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
         module = copy.deepcopy(ref_module).to(dtype).eval() if dtype != torch.float32 else ref_module.eval()
         # trace at a latent size that is not a multiple of the U-Net's down factor, so the graph keeps
         # diffusers' explicit upsample sizes and accepts any multiple of 8 pixels
-        export_onnx(module, sample(spec, lat + 1, lat + 2, typed=True), staging / spec.onnx,
+        export_onnx(module, sample(name, spec, lat + 1, lat + 2, typed=True), staging / spec.onnx,
                     [t.name for t in spec.inputs], [t.name for t in spec.outputs], dyn(spec), config.opset)
         if config.validate:
             validation[name] = _validate(name, staging / spec.onnx, spec, ref_module,
-                                         sample(spec, lat, lat, typed=False), config.tolerances.of(name, precision))
+                                         sample(name, spec, lat, lat, typed=False), config.tolerances.of(name, precision))
         del module
         bar.update(1)
 
     model = ModelInfo(
         family=family.name, text_encoders=family.text_encoders, conditioning=family.conditioning,
         defaults=family.defaults, latent_channels=lc, vae_scale_factor=parts.vae_scale_factor,
-        scaling_factor=parts.scaling_factor, text_max_length=seq, history=HISTORY, n_coeffs=N_COEFFS,
-        opset=config.opset, zero_empty_negative=parts.zero_empty_negative)
+        scaling_factor=parts.scaling_factor, text_max_length=seq, history=HISTORY, opset=config.opset, zero_empty_negative=parts.zero_empty_negative)
     return dict(components={name: spec for name, spec, _, _ in jobs}, shapes=shapes, model=model,
                 scheduler_config=parts.scheduler_config, validation=validation)
 

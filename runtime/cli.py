@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--original-size", type=int, nargs=2, default=None, metavar=("H", "W"),
                    help="SDXL micro-conditioning (default: the image size)")
-    p.add_argument("--crop-top-left", type=int, nargs=2, default=(0, 0), metavar=("TOP", "LEFT"))
+    p.add_argument("--crop-top-left", type=int, nargs=2, default=None, metavar=("TOP", "LEFT"))
     p.add_argument("--target-size", type=int, nargs=2, default=None, metavar=("H", "W"))
     p.add_argument("--backend", choices=list(BACKENDS), default="auto")
     p.add_argument("--low-vram", action="store_true", help="keep one engine resident at a time")

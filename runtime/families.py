@@ -21,6 +21,7 @@ CFG = "cfg"  # (R*B, ...): [uncond rows; cond rows] with R = 2 when CFG runs, th
 ROW = "row"  # (B, ...): one row per image
 BATCH = "batch"  # shared by the whole batch
 LAYOUTS = (CFG, ROW, BATCH)
+LEADING_DIM: dict[str, int | str] = {CFG: "RB", ROW: "B", BATCH: 1}  # the symbolic first dim of each layout
 
 HOST = "host"  # conditioning computed from the request on the host (once per generation, never per step)
 
@@ -32,6 +33,7 @@ class Conditioning:
     name: str
     layout: str  # one of LAYOUTS
     source: str  # the text-encoder component that writes it, or HOST
+    row_shape: tuple[int, ...] = ()  # per row, for HOST conditioning (float32); text encoders' come from their graphs
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,7 @@ SDXL = Family(
         Conditioning("text_embeddings", CFG, "text_encoder"),
         Conditioning("text_embeddings_2", CFG, "text_encoder_2"),
         Conditioning("pooled_embeds", CFG, "text_encoder_2"),
-        Conditioning("time_ids", CFG, HOST),
+        Conditioning("time_ids", CFG, HOST, (6,)),  # (original H, W, crop top, left, target H, W)
     ),
     cross_attention=("text_embeddings", "text_embeddings_2"),
     added_cond=(("text_embeds", "pooled_embeds"), ("time_ids", "time_ids")),

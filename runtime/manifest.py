@@ -91,7 +91,6 @@ class ModelInfo:
     scaling_factor: float
     text_max_length: int
     history: int  # x/out steps the graph keeps
-    n_coeffs: int
     opset: int
     zero_empty_negative: bool = False  # force_zeros_for_empty_prompt: an empty negative prompt encodes as zeros
 
@@ -102,7 +101,7 @@ class ModelInfo:
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> ModelInfo:
-        conditioning = tuple(Conditioning(**c) for c in doc["conditioning"])
+        conditioning = tuple(Conditioning(**{**c, "row_shape": tuple(c["row_shape"])}) for c in doc["conditioning"])
         bad = [c.layout for c in conditioning if c.layout not in LAYOUTS]
         if bad:
             raise ValueError(f"conditioning layouts {bad}")

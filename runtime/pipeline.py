@@ -16,6 +16,7 @@ import math
 import secrets
 import time
 from dataclasses import dataclass, field, fields, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -64,7 +65,7 @@ class GenerationConfig:
     def batch(self) -> int:
         return len(self.prompt)
 
-    @property
+    @cached_property  # compared over and over while the server's queue waits for a batch
     def batch_key(self) -> tuple[Any, ...]:
         """What rows must share to run in one engine call: every field but the per-row ones."""
         return tuple(getattr(self, f.name) for f in fields(self) if f.name not in ROW_FIELDS + ("seed",))
@@ -217,12 +218,13 @@ class Pipeline:
                     steps: int | None = None, guidance: float | None = None, scheduler: str | None = None,
                     seed: int | None = None, height: int | None = None, width: int | None = None,
                     batch: int | None = None, seeds: Sequence[int] | None = None,
-                    original_size: Sequence[int] | None = None, crop_top_left: Sequence[int] = (0, 0),
+                    original_size: Sequence[int] | None = None, crop_top_left: Sequence[int] | None = None,
                     target_size: Sequence[int] | None = None) -> GenerationConfig:
         """Validates a request against the engines' limits. steps, guidance and scheduler default to the
         model family's; seeds: one per row (then `seed` is ignored), by default row i uses seed + i;
         batch defaults to the number of prompts. original_size, crop_top_left, target_size: SDXL's
-        micro-conditioning as (height, width) pixels (diffusers' names; sizes default to the image's)."""
+        micro-conditioning as (height, width) pixels (diffusers' names; sizes default to the image's,
+        the crop to (0, 0))."""
         defaults = self.model.defaults
         steps = defaults.steps if steps is None else steps
         guidance = defaults.guidance if guidance is None else guidance
@@ -265,16 +267,16 @@ class Pipeline:
             raise InputError(f"seed must be an integer from 0 to {SEED_MAX - batch}, got {seed!r}")
         micro = {"original_size": original_size, "crop_top_left": crop_top_left, "target_size": target_size}
         for label, value in micro.items():
-            if value is None or (label == "crop_top_left" and tuple(value) == (0, 0)):
+            if value is None:
                 continue
             if not any(c.name == "time_ids" for c in self.model.conditioning):
                 raise InputError(f"{label} is SDXL micro-conditioning; these {self.model.family} engines take none")
-            value = tuple(value) if isinstance(value, (list, tuple)) else value
             low = 0 if label == "crop_top_left" else 1
-            if not (isinstance(value, tuple) and len(value) == 2 and all(is_integer(v) and low <= v <= 16384
-                                                                         for v in value)):
+            if not (isinstance(value, (list, tuple)) and len(value) == 2
+                    and all(is_integer(v) and low <= v <= 16384 for v in value)):
                 raise InputError(f"{label} must be (height, width): two integers from {low} to 16384, got {value!r}")
             micro[label] = tuple(int(v) for v in value)
+        micro["crop_top_left"] = micro["crop_top_left"] or (0, 0)
         return GenerationConfig(tuple(prompts), tuple(negatives), int(steps), guidance, scheduler, int(seed),
                                 int(height), int(width), tuple(int(x) for x in seeds) if seeds is not None else (),
                                 **micro)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -171,8 +172,15 @@ class NoiseSchedule:
         return betas.astype(np.float32)
 
     def alphas_cumprod(self) -> np.ndarray:
-        """ᾱ_t, (T,) — computed in fp32 like diffusers, returned as f64. 0 at T with zero terminal SNR."""
-        return np.cumprod(np.float32(1.0) - self.betas(), dtype=np.float32).astype(np.float64)
+        """ᾱ_t, (T,) — computed in fp32 like diffusers, returned as f64 (read-only). 0 at T with zero
+        terminal SNR."""
+        return self._alphas_cumprod
+
+    @cached_property  # samplers and σ read it several times per plan; a cosine schedule costs 1,000 cos()
+    def _alphas_cumprod(self) -> np.ndarray:
+        acp = np.cumprod(np.float32(1.0) - self.betas(), dtype=np.float32).astype(np.float64)
+        acp.flags.writeable = False
+        return acp
 
     def sigmas(self) -> np.ndarray:
         """k-diffusion σ_t = sqrt((1 - ᾱ_t) / ᾱ_t), (T,), computed in fp32 like diffusers; with zero

@@ -33,7 +33,7 @@ class MicroConditioning(BaseModel):
     target_size: list[Int] | None = None
 
     def micro(self) -> dict[str, Any]:
-        return {"original_size": self.original_size, "crop_top_left": self.crop_top_left or (0, 0),
+        return {"original_size": self.original_size, "crop_top_left": self.crop_top_left,
                 "target_size": self.target_size}
 
 
