@@ -22,7 +22,11 @@ import numpy as np
 from sdrt.errors import InputError, is_integer
 
 HISTORY = 4  # previous steps the graph keeps (PLMS reaches 4 back at its 5th step)
-N_COEFFS = 4 + 2 * HISTORY  # [c_in, a, b, hx_1..K, ho_1..K, d]
+# A row of step coefficients: [c_in, a, b, hx_1..K, ho_1..K, d, ka, kn]. ka, kn re-noise the known
+# region of an inpainting mask to the next step's level: known = ka * image_latents + kn * image_noise.
+C_IN, A, B, HX, HO = 0, 1, 2, 3, 3 + HISTORY
+D, KA, KN = 3 + 2 * HISTORY, 4 + 2 * HISTORY, 5 + 2 * HISTORY
+N_COEFFS = 6 + 2 * HISTORY
 
 
 class Lin:
@@ -64,12 +68,14 @@ class SamplerPlan:
 
     name: str
     timesteps: np.ndarray  # (n,) f64, the U-Net's t per step
-    coeffs: np.ndarray  # (n, N_COEFFS) f64 rows [c_in, a, b, hx_1..K, ho_1..K, d]
-    init_noise_sigma: float
+    coeffs: np.ndarray  # (n, N_COEFFS) f64 rows [c_in, a, b, hx_1..K, ho_1..K, d, ka, kn]
+    init_noise_sigma: float  # text-to-image start: latents = init_noise_sigma * noise
+    # image-to-image start, the scheduler's add_noise at the first step: latents = α * image + σ * noise
+    start_level: tuple[float, float] = (0.0, 1.0)
 
     @property
     def uses_noise(self) -> bool:
-        return bool(np.any(self.coeffs[:, -1] != 0))
+        return bool(np.any(self.coeffs[:, D] != 0))
 
     def __len__(self) -> int:
         return len(self.timesteps)
@@ -77,18 +83,55 @@ class SamplerPlan:
 
 def _row(x_next: Lin, step: int, c_in: float) -> np.ndarray:
     row = np.zeros(N_COEFFS)
-    row[0] = c_in
+    row[C_IN] = c_in
     for (kind, j), c in x_next.terms.items():
         lag = step - j
         if kind == "noise" and lag == 0:
-            row[-1] += c
+            row[D] += c
         elif lag == 0:
-            row[1 if kind == "x" else 2] += c
+            row[A if kind == "x" else B] += c
         elif 1 <= lag <= HISTORY and kind in ("x", "out"):
-            row[(3 if kind == "x" else 3 + HISTORY) + lag - 1] += c
+            row[(HX if kind == "x" else HO) + lag - 1] += c
         else:
             raise AssertionError(f"sampler needs {kind} from {lag} steps back; the graph keeps {HISTORY}")
     return row
+
+
+def _plan(name: str, timesteps: np.ndarray, rows: list[np.ndarray], init_noise_sigma: float,
+          levels: list[tuple[float, float]], start: int) -> SamplerPlan:
+    """The plan of steps start..n-1 of an n-step grid. rows: their coefficients; levels[j]: the (α, σ)
+    of the scheduler's add_noise at grid step j (the noised image there is α * image + σ * noise)."""
+    n = len(timesteps)
+    coeffs = np.array(rows, dtype=np.float64).reshape(n - start, N_COEFFS)
+    coeffs[:, [KA, KN]] = [levels[j + 1] if j + 1 < n else (1.0, 0.0) for j in range(start, n)]  # clean at the end
+    return SamplerPlan(name, np.asarray(timesteps, np.float64)[start:], coeffs, init_noise_sigma, tuple(levels[start]))
+
+
+def _vp_level(alpha_bar: float) -> tuple[float, float]:
+    """DDPM's add_noise: sqrt(ᾱ) x0 + sqrt(1 - ᾱ) ε."""
+    return math.sqrt(alpha_bar), math.sqrt(1 - alpha_bar)
+
+
+def _sigma_level(sigma: float) -> tuple[float, float]:
+    """k-diffusion's add_noise (Euler): x0 + σ ε."""
+    return 1.0, float(sigma)
+
+
+def _dpm_level(sigma: float) -> tuple[float, float]:
+    """DPM-Solver's add_noise: the VP (α_t, σ_t) of a k-diffusion σ."""
+    alpha = 1 / math.sqrt(sigma**2 + 1)
+    return alpha, sigma * alpha
+
+
+def strength_start(steps: int, strength: float) -> int:
+    """The first step image-to-image runs, as diffusers' get_timesteps: the last ⌊steps × strength⌋ run."""
+    if not (isinstance(strength, (int, float)) and not isinstance(strength, bool) and 0 < strength <= 1):
+        raise InputError(f"strength must be a number in (0, 1], got {strength!r}")
+    run = min(int(steps * strength), steps)
+    if run < 1:
+        raise InputError(f"strength {strength} of {steps} steps runs no step (⌊steps × strength⌋ = 0): "
+                         "raise strength or steps")
+    return steps - run
 
 
 # scheduler_config.json keys that change diffusers' output for some sdrt sampler but that sdrt does not
@@ -243,23 +286,25 @@ def _sigma_grid(schedule: NoiseSchedule, timesteps: np.ndarray) -> np.ndarray:
 
 # --- samplers -------------------------------------------------------------------------------------
 
-def ddim(schedule: NoiseSchedule, n: int) -> SamplerPlan:
+def ddim(schedule: NoiseSchedule, n: int, start: int = 0) -> SamplerPlan:
     """Song et al. 2021, η = 0 (diffusers DDIMScheduler)."""
     ts = _discrete_timesteps(schedule, n, schedule.spacing("leading"))
     acp = schedule.alphas_cumprod()
     final = schedule.final_alpha(default_to_one=True)
     rows = []
-    for i, t in enumerate(ts):
+    for i in range(start, n):
+        t = ts[i]
         x, out = Lin.var("x", i), Lin.var("out", i)
         prev_t = t - schedule.num_train_timesteps // n
         a_prev = acp[prev_t] if prev_t >= 0 else final
         x0, eps = _vp_predict(x, out, acp[t], schedule.prediction_type)
         rows.append(_row(math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps, i, 1.0))
-    return SamplerPlan("ddim", ts.astype(np.float64), np.array(rows), 1.0)
+    return _plan("ddim", ts, rows, 1.0, [_vp_level(acp[t]) for t in ts], start)
 
 
-def plms(schedule: NoiseSchedule, n: int) -> SamplerPlan:
-    """Liu et al. 2022, pseudo linear multistep (diffusers PNDMScheduler, skip_prk_steps)."""
+def plms(schedule: NoiseSchedule, n: int, start: int = 0) -> SamplerPlan:
+    """Liu et al. 2022, pseudo linear multistep (diffusers PNDMScheduler, skip_prk_steps). Its grid has
+    n + 1 steps (the second repeats the first's timestep); image-to-image starts on it fresh, as diffusers."""
     spacing = schedule.spacing("leading")
     T = schedule.num_train_timesteps
     if spacing == "leading":
@@ -282,17 +327,18 @@ def plms(schedule: NoiseSchedule, n: int) -> SamplerPlan:
     ets: list[Lin] = []
     cur_sample: Lin | None = None
     rows = []
-    for i, t in enumerate(ts):
+    for i in range(start, len(ts)):
+        counter = i - start  # PNDMScheduler.counter
         x, out = Lin.var("x", i), Lin.var("out", i)
-        t = int(t)
+        t = int(ts[i])
         prev_t = t - T // n
-        if i != 1:
+        if counter != 1:
             ets = ets[-3:] + [out]
         else:
             prev_t, t = t, t + T // n
-        if len(ets) == 1 and i == 0:
+        if len(ets) == 1 and counter == 0:
             model_out, cur_sample = out, x
-        elif len(ets) == 1 and i == 1:
+        elif len(ets) == 1 and counter == 1:
             model_out, x = (out + ets[-1]) / 2, cur_sample
         elif len(ets) == 2:
             model_out = (3 * ets[-1] - ets[-2]) / 2
@@ -301,7 +347,7 @@ def plms(schedule: NoiseSchedule, n: int) -> SamplerPlan:
         else:
             model_out = (55 * ets[-1] - 59 * ets[-2] + 37 * ets[-3] - 9 * ets[-4]) / 24
         rows.append(_row(prev_sample(x, t, prev_t, model_out), i, 1.0))
-    return SamplerPlan("plms", ts.astype(np.float64), np.array(rows), 1.0)
+    return _plan("plms", ts, rows, 1.0, [_vp_level(acp[t]) for t in ts], start)
 
 
 def _euler_grid(schedule: NoiseSchedule, n: int, karras: bool) -> tuple[np.ndarray, np.ndarray, float]:
@@ -329,33 +375,33 @@ def _k_denoised(x: Lin, out: Lin, sigma: float, prediction_type: str) -> Lin:
     return x - sigma * out
 
 
-def euler(schedule: NoiseSchedule, n: int, karras: bool = False) -> SamplerPlan:
+def euler(schedule: NoiseSchedule, n: int, start: int = 0, karras: bool = False) -> SamplerPlan:
     """Karras et al. 2022, Algorithm 2 without churn (diffusers EulerDiscreteScheduler)."""
     ts, sigmas, init = _euler_grid(schedule, n, karras)
     rows = []
-    for i in range(n):
+    for i in range(start, n):
         x, out = Lin.var("x", i), Lin.var("out", i)
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         derivative = (x - _k_denoised(x, out, sigma, schedule.prediction_type)) / sigma
         rows.append(_row(x + derivative * (sigma_next - sigma), i, 1 / math.sqrt(sigma**2 + 1)))
-    return SamplerPlan("euler_karras" if karras else "euler", ts, np.array(rows), init)
+    return _plan("euler_karras" if karras else "euler", ts, rows, init, [_sigma_level(s) for s in sigmas], start)
 
 
-def euler_ancestral(schedule: NoiseSchedule, n: int) -> SamplerPlan:
+def euler_ancestral(schedule: NoiseSchedule, n: int, start: int = 0) -> SamplerPlan:
     """Euler with ancestral noise (k-diffusion sample_euler_ancestral, η = 1)."""
     ts, sigmas, init = _euler_grid(schedule, n, karras=False)
     rows = []
-    for i in range(n):
+    for i in range(start, n):
         x, out, noise = Lin.var("x", i), Lin.var("out", i), Lin.var("noise", i)
         s_from, s_to = sigmas[i], sigmas[i + 1]
         s_up = math.sqrt(s_to**2 * (s_from**2 - s_to**2) / s_from**2)
         s_down = math.sqrt(s_to**2 - s_up**2)
         derivative = (x - _k_denoised(x, out, s_from, schedule.prediction_type)) / s_from
         rows.append(_row(x + derivative * (s_down - s_from) + s_up * noise, i, 1 / math.sqrt(s_from**2 + 1)))
-    return SamplerPlan("euler_a", ts, np.array(rows), init)
+    return _plan("euler_a", ts, rows, init, [_sigma_level(s) for s in sigmas], start)
 
 
-def dpmpp_2m(schedule: NoiseSchedule, n: int, karras: bool = False) -> SamplerPlan:
+def dpmpp_2m(schedule: NoiseSchedule, n: int, start: int = 0, karras: bool = False) -> SamplerPlan:
     """Lu et al. 2022, DPM-Solver++(2M), midpoint, lower order at the end
     (diffusers DPMSolverMultistepScheduler, algorithm_type dpmsolver++, solver_order 2)."""
     T = schedule.num_train_timesteps
@@ -375,16 +421,14 @@ def dpmpp_2m(schedule: NoiseSchedule, n: int, karras: bool = False) -> SamplerPl
     else:
         sigmas = _sigma_grid(schedule, ts.astype(np.float64))
 
-    def vp(sigma: float) -> tuple[float, float]:  # (α_t, σ_t) of the VP process
-        alpha = 1 / math.sqrt(sigma**2 + 1)
-        return alpha, sigma * alpha
+    vp = _dpm_level  # (α_t, σ_t) of the VP process
 
     def lam(sigma: float) -> float:  # half log-SNR λ = log α - log σ
         alpha, s = vp(sigma)
         return math.log(alpha) - math.log(s)
 
     rows, x0_prev = [], None
-    for i in range(n):
+    for i in range(start, n):
         x, out = Lin.var("x", i), Lin.var("out", i)
         alpha_s, sigma_s = vp(sigmas[i])
         if schedule.prediction_type == "v_prediction":
@@ -404,10 +448,11 @@ def dpmpp_2m(schedule: NoiseSchedule, n: int, karras: bool = False) -> SamplerPl
         rows.append(_row(x_next, i, 1.0))
         x0_prev = x0
     name = "dpmpp_2m_karras" if karras else "dpmpp_2m"
-    return SamplerPlan(name, ts.astype(np.float64), np.array(rows), 1.0)
+    return _plan(name, ts, rows, 1.0, [vp(s) for s in sigmas], start)
 
 
-def lcm(schedule: NoiseSchedule, n: int, original_steps: int = 50, timestep_scaling: float = 10.0) -> SamplerPlan:
+def lcm(schedule: NoiseSchedule, n: int, start: int = 0, original_steps: int = 50,
+        timestep_scaling: float = 10.0) -> SamplerPlan:
     """Luo et al. 2023, latent consistency multistep sampling (diffusers LCMScheduler)."""
     T = schedule.num_train_timesteps
     if not 1 <= n <= original_steps:
@@ -417,7 +462,8 @@ def lcm(schedule: NoiseSchedule, n: int, original_steps: int = 50, timestep_scal
     acp = schedule.alphas_cumprod()
     final = schedule.final_alpha(default_to_one=True)
     rows = []
-    for i, t in enumerate(ts):
+    for i in range(start, n):
+        t = ts[i]
         x, out, noise = Lin.var("x", i), Lin.var("out", i), Lin.var("noise", i)
         prev_t = ts[i + 1] if i + 1 < n else t
         a_prev = acp[prev_t] if prev_t >= 0 else final
@@ -428,15 +474,16 @@ def lcm(schedule: NoiseSchedule, n: int, original_steps: int = 50, timestep_scal
         denoised = c_out * x0 + c_skip * x
         x_next = denoised if i == n - 1 else math.sqrt(a_prev) * denoised + math.sqrt(1 - a_prev) * noise
         rows.append(_row(x_next, i, 1.0))
-    return SamplerPlan("lcm", ts.astype(np.float64), np.array(rows), 1.0)
+    return _plan("lcm", ts, rows, 1.0, [_vp_level(acp[t]) for t in ts], start)
 
 
-SAMPLERS: dict[str, Callable[[NoiseSchedule, int], SamplerPlan]] = {
+# name -> (schedule, steps, first step) -> plan
+SAMPLERS: dict[str, Callable[[NoiseSchedule, int, int], SamplerPlan]] = {
     "ddim": ddim,
-    "euler": lambda s, n: euler(s, n, karras=s.use_karras_sigmas),
+    "euler": lambda s, n, start: euler(s, n, start, karras=s.use_karras_sigmas),
     "euler_a": euler_ancestral,
-    "dpmpp_2m": lambda s, n: dpmpp_2m(s, n, karras=s.use_karras_sigmas),
-    "dpmpp_2m_karras": lambda s, n: dpmpp_2m(s, n, karras=True),
+    "dpmpp_2m": lambda s, n, start: dpmpp_2m(s, n, start, karras=s.use_karras_sigmas),
+    "dpmpp_2m_karras": lambda s, n, start: dpmpp_2m(s, n, start, karras=True),
     "lcm": lcm,
     "plms": plms,
 }
@@ -467,6 +514,8 @@ def check_sampler(name: str, steps: int, schedule: NoiseSchedule | None = None) 
         raise InputError(f"{name} cannot sample a zero-terminal-SNR model (rescale_betas_zero_snr): use {usable}")
 
 
-def make_plan(name: str, schedule: NoiseSchedule, steps: int) -> SamplerPlan:
+def make_plan(name: str, schedule: NoiseSchedule, steps: int, strength: float = 1.0) -> SamplerPlan:
+    """The plan of `steps` steps; strength < 1 (image-to-image) runs its last ⌊steps × strength⌋."""
     check_sampler(name, steps, schedule)
-    return SAMPLERS[name](schedule, int(steps))
+    start = strength_start(int(steps), strength)
+    return SAMPLERS[name](schedule, int(steps), start)

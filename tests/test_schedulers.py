@@ -17,11 +17,14 @@ from sdrt.export.reference import DIFFUSERS_SCHEDULERS, diffusers_scheduler  # n
 from sdrt.export.testmodel import SD15_SCHEDULER_CONFIG  # noqa: E402
 from sdrt.errors import InputError  # noqa: E402
 from sdrt.export.testmodel import SDXL_SCHEDULER_CONFIG  # noqa: E402
-from sdrt.schedulers import HISTORY, UNSUPPORTED_SETTINGS, WITHOUT_ZERO_SNR, NoiseSchedule, make_plan  # noqa: E402
+from sdrt.schedulers import (A, B, C_IN, D, HISTORY, HO, HX, KA, KN, UNSUPPORTED_SETTINGS, WITHOUT_ZERO_SNR,  # noqa: E402
+                             NoiseSchedule, make_plan)
 
 REL_TOL = 1e-5
-# Zero terminal SNR starts at σ = 4096 (ᾱ = 2^-24): diffusers' own fp32 arithmetic there cancels to ~1e-4.
+# Zero terminal SNR starts at σ = 4096 (ᾱ = 2^-24): diffusers' own fp32 arithmetic there cancels to ~1e-4
+# (its add_noise, the known region, to ~3e-4).
 REL_TOL_OF = {"v_zero_snr": 2e-4}
+KNOWN_TOL_OF = {"v_zero_snr": 5e-4}
 # diffusers' results that are not a reference: its fp32 σ -> t rounds the capped cosine end to 998, not 999,
 # and its Euler a overflows to NaN on it (ours stays finite)
 NOT_A_REFERENCE = {("dpmpp_2m_karras", "cosine"), ("euler_a", "cosine")}
@@ -40,9 +43,9 @@ CONFIGS = {
 
 def apply_row(row, x, out, x_hist, out_hist, noise):
     k = HISTORY
-    nxt = row[1] * x + row[2] * out + row[-1] * noise
+    nxt = row[A] * x + row[B] * out + row[D] * noise
     for j in range(k):
-        nxt = nxt + row[3 + j] * x_hist[j] + row[3 + k + j] * out_hist[j]
+        nxt = nxt + row[HX + j] * x_hist[j] + row[HO + j] * out_hist[j]
     return nxt.astype(np.float32)
 
 
@@ -55,6 +58,19 @@ def rel_err(a, b):
 @pytest.mark.parametrize("steps", [1, 4, 20])
 @pytest.mark.parametrize("name", DIFFUSERS_SCHEDULERS)
 def test_sampler_matches_diffusers(name, steps, config):
+    check_against_diffusers(name, config, steps, strength=1.0)
+
+
+@pytest.mark.parametrize("config", ["sd15", "v_trailing", "sdxl", "karras_in_config"])
+@pytest.mark.parametrize("steps,strength", [(4, 0.5), (20, 0.3), (20, 0.8), (7, 0.99)])
+@pytest.mark.parametrize("name", DIFFUSERS_SCHEDULERS)
+def test_img2img_start_and_known_levels_match_diffusers(name, steps, strength, config):
+    """get_timesteps' first step, add_noise there (the start) and at every next step (the inpainting
+    mask's known region), and the steps from there on with the scheduler's state fresh."""
+    check_against_diffusers(name, config, steps, strength)
+
+
+def check_against_diffusers(name, config, steps, strength):
     cfg = CONFIGS[config]
     if name == "lcm" and cfg.get("prediction_type") == "v_prediction":
         pytest.skip("LCM is trained for epsilon only")
@@ -66,22 +82,37 @@ def test_sampler_matches_diffusers(name, steps, config):
         return
     ref = diffusers_scheduler(name, cfg)
     ref.set_timesteps(steps)
-    plan = make_plan(name, NoiseSchedule.from_config(cfg), steps)
+    plan = make_plan(name, NoiseSchedule.from_config(cfg), steps, strength)
+    timesteps = ref.timesteps
+    if strength < 1:  # the img2img pipelines' get_timesteps
+        t_start = max(steps - min(int(steps * strength), steps), 0) * ref.order
+        timesteps = ref.timesteps[t_start:]
+        if hasattr(ref, "set_begin_index"):
+            ref.set_begin_index(t_start)
 
-    assert len(plan) == len(ref.timesteps)
-    np.testing.assert_allclose(plan.timesteps, ref.timesteps.double().numpy(), rtol=1e-5, atol=1e-4)
+    assert len(plan) == len(timesteps)
+    np.testing.assert_allclose(plan.timesteps, timesteps.double().numpy(), rtol=1e-5, atol=1e-4)
     assert plan.init_noise_sigma == pytest.approx(float(ref.init_noise_sigma), rel=1e-6)
 
     rng = np.random.default_rng(0)
     shape = (1, 4, 8, 8)
-    x = (rng.standard_normal(shape) * plan.init_noise_sigma).astype(np.float32)
+    image, image_noise = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
+
+    def noised(level):
+        return (level[0] * image + level[1] * image_noise).astype(np.float32)
+
+    if strength < 1:
+        x = ref.add_noise(torch.from_numpy(image), torch.from_numpy(image_noise), timesteps[:1]).numpy()
+        assert rel_err(noised(plan.start_level), x) <= REL_TOL, "img2img start latents"
+    else:
+        x = (rng.standard_normal(shape) * plan.init_noise_sigma).astype(np.float32)
     ref_x = torch.from_numpy(x.copy())
     x_hist = [np.zeros(shape, np.float32)] * HISTORY
     out_hist = [np.zeros(shape, np.float32)] * HISTORY
     takes_generator = "generator" in inspect.signature(ref.step).parameters
-    for i, t in enumerate(ref.timesteps):
+    for i, t in enumerate(timesteps):
         c_in_ref = float((ref.scale_model_input(ref_x, t) / ref_x).flatten()[0])
-        assert plan.coeffs[i, 0] == pytest.approx(c_in_ref, rel=1e-6)
+        assert plan.coeffs[i, C_IN] == pytest.approx(c_in_ref, rel=1e-6)
         out = rng.standard_normal(shape).astype(np.float32)
         seed = 1000 + i
         noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).numpy()
@@ -90,9 +121,29 @@ def test_sampler_matches_diffusers(name, steps, config):
         ours = apply_row(plan.coeffs[i], x, out, x_hist, out_hist, noise)
         err = rel_err(ours, ref_x.numpy())
         assert err <= REL_TOL_OF.get(config, REL_TOL), f"{name} step {i}: rel err {err:.2e}"
+        # legacy inpainting re-noises the known region to the next step's level (diffusers' add_noise)
+        known = plan.coeffs[i, [KA, KN]]
+        if i + 1 < len(timesteps):
+            ref_known = ref.add_noise(torch.from_numpy(image), torch.from_numpy(image_noise), timesteps[i + 1 : i + 2])
+            err = rel_err(noised(known), ref_known.numpy())
+            assert err <= KNOWN_TOL_OF.get(config, REL_TOL), f"{name} known region after step {i}: rel err {err:.2e}"
+        else:
+            assert tuple(known) == (1.0, 0.0), "the known region is the clean image after the last step"
         x_hist = [x] + x_hist[:-1]
         out_hist = [out] + out_hist[:-1]
         x = ref_x.numpy().astype(np.float32)  # follow the reference trajectory
+
+
+@pytest.mark.parametrize("strength", [0, -0.1, 1.01, float("nan"), "0.5", True])
+def test_bad_strength_is_refused(strength):
+    with pytest.raises(InputError, match="strength must be a number in"):
+        make_plan("euler", NoiseSchedule(), 10, strength)
+
+
+def test_strength_that_runs_no_step_is_refused():
+    with pytest.raises(InputError, match="runs no step"):
+        make_plan("euler", NoiseSchedule(), 4, 0.2)
+    assert len(make_plan("euler", NoiseSchedule(), 4, 0.25)) == 1
 
 
 def test_unknown_scheduler_and_bad_steps():
