@@ -88,13 +88,14 @@ def component_profiles(manifest: Manifest, shapes: ShapeLimits) -> dict[str, dic
     """(min, opt, max) dims of every dynamic input of every component.
 
     B is the image batch; RB and N (rows with CFG) run from B without CFG to 2B with it, 2B at opt.
-    h, w are latent sizes (pixels / vae_scale_factor).
+    h, w are latent sizes (pixels / vae_scale_factor), H, W pixel sizes.
     """
     f = manifest.model.vae_scale_factor
     b_lo, b_opt, b_hi = shapes.batch
     sym = {
         "B": shapes.batch, "RB": (b_lo, 2 * b_opt, 2 * b_hi), "N": (b_lo, 2 * b_opt, 2 * b_hi),
         "h": tuple(v // f for v in shapes.height), "w": tuple(v // f for v in shapes.width),
+        "H": shapes.height, "W": shapes.width,
     }
     out: dict[str, dict[str, tuple[Dims, Dims, Dims]]] = {}
     for name in manifest.model.components:

@@ -1,11 +1,13 @@
-"""The three graphs sdrt exports, as torch modules around the diffusers components.
+"""The graphs sdrt exports, as torch modules around the diffusers components.
 
-The text encoders write the conditioning the family names; the denoise step folds classifier-free guidance and a generic linear sampler update into the
-U-Net graph (see DESIGN.md), so the runtime's loop is one engine call per step:
+The text encoders write the conditioning the family names; the VAE encoder turns input images into
+latents; the denoise step folds classifier-free guidance, a generic linear sampler update and the
+inpainting blend into the U-Net graph (see DESIGN.md), so the runtime's loop is one engine call per step:
 
     out       = unet(c_in * [x; x], t, [uncond; cond])          # (2B, 4, h, w), CFG batching
     guided    = out_u + g * (out_c - out_u)                      # Ho & Salimans 2022
     x_next    = a*x + b*guided + Σk hx_k*x_{i-k} + Σk ho_k*guided_{i-k} + d*noise
+    x_next    = m * x_next + (1 - m) * (ka*image + kn*image_noise)   # 4-channel inpainting; m = 1: no-op
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sdrt.schedulers import HISTORY
+from sdrt.families import BLEND, CONCAT
+from sdrt.schedulers import A, B, C_IN, D, HISTORY, HO, HX, KA, KN
 
 
 class TextEncoder(nn.Module):
@@ -39,46 +42,81 @@ class TextEncoder(nn.Module):
 
 
 class DenoiseStep(nn.Module):
-    """One sampler step: U-Net with CFG batching and the per-step linear update, all in-graph.
+    """One sampler step: U-Net with CFG batching, the per-step linear update and the inpainting blend,
+    all in-graph.
 
     Inputs, in order: latents (B, 4, h, w) f32; timestep (1,) f32; the family's conditioning tensors
-    (CFG layout: (R*B, ...) with R = 2 for CFG ([uncond; cond]) or R = 1 without); guidance (1,) f32;
-    step_coeffs (N_COEFFS,) f32 laid out as [c_in, a, b, hx_1..K, ho_1..K, d]; x_history,
-    out_history (K, B, 4, h, w) f32, newest first; noise (B, 4, h, w) f32.
+    (CFG layout: (R*B, ...) with R = 2 for CFG ([uncond; cond]) or R = 1 without); the image inputs of
+    `image_input` (families.IMAGE_INPUTS: (B, 4, h, w) latents, (B, 1, h, w) mask with 1 = repaint);
+    guidance (1,) f32; step_coeffs (N_COEFFS,) f32 laid out as [c_in, a, b, hx_1..K, ho_1..K, d, ka, kn];
+    x_history, out_history (K, B, 4, h, w) f32, newest first; noise (B, 4, h, w) f32.
     """
 
     def __init__(self, unet: nn.Module, conditioning: tuple[str, ...], cross_attention: tuple[str, ...],
-                 added_cond: tuple[tuple[str, str], ...]):
+                 added_cond: tuple[tuple[str, str], ...], image_input: str, image_inputs: tuple[str, ...]):
         super().__init__()
         self.unet = unet
         self.conditioning = conditioning
         self.cross_attention = cross_attention  # concatenated on channels: SDXL's [CLIP-L; bigG]
         self.added_cond = added_cond
+        self.image_input = image_input
+        self.image_inputs = image_inputs
 
     @property
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
 
     def forward(self, latents, timestep, *rest):
-        n = len(self.conditioning)
+        n, m = len(self.conditioning), len(self.image_inputs)
         cond = dict(zip(self.conditioning, rest[:n]))
-        guidance, step_coeffs, x_history, out_history, noise = rest[n:]
+        image = dict(zip(self.image_inputs, rest[n : n + m]))
+        guidance, step_coeffs, x_history, out_history, noise = rest[n + m :]
         b = latents.shape[0]
         k = HISTORY
-        c_in, a, bb, d = step_coeffs[0], step_coeffs[1], step_coeffs[2], step_coeffs[3 + 2 * k]
-        hx = step_coeffs[3 : 3 + k].view(k, 1, 1, 1, 1)
-        ho = step_coeffs[3 + k : 3 + 2 * k].view(k, 1, 1, 1, 1)
+        hx = step_coeffs[HX : HX + k].view(k, 1, 1, 1, 1)
+        ho = step_coeffs[HO : HO + k].view(k, 1, 1, 1, 1)
         hidden = torch.cat([cond[name].to(self.dtype) for name in self.cross_attention], dim=-1)  # (R*B, S, C)
         rows = torch.arange(hidden.shape[0], device=latents.device) % b  # (R*B,)
-        x_in = (latents * c_in)[rows].to(self.dtype)  # (R*B, 4, h, w)
+        x_in = latents * step_coeffs[C_IN]
+        if self.image_input == CONCAT:  # (B, 4 + 1 + 4, h, w), diffusers' StableDiffusionInpaintPipeline
+            x_in = torch.cat([x_in, image["mask"], image["masked_image_latents"]], dim=1)
+        x_in = x_in[rows].to(self.dtype)  # (R*B, C, h, w)
         added = {key: cond[name].to(self.dtype) for key, name in self.added_cond} or None
         out = self.unet(x_in, timestep, hidden, added_cond_kwargs=added, return_dict=False)[0].float()
         out_u, out_c = out[:b], out[out.shape[0] - b :]  # equal when R = 1 (no CFG)
         guided = out_u + guidance * (out_c - out_u)  # (B, 4, h, w)
-        latents_next = a * latents + bb * guided + (hx * x_history).sum(0) + (ho * out_history).sum(0) + d * noise
+        latents_next = (step_coeffs[A] * latents + step_coeffs[B] * guided + (hx * x_history).sum(0)
+                        + (ho * out_history).sum(0) + step_coeffs[D] * noise)
+        if self.image_input == BLEND:  # exact no-op where mask = 1 (text-to-image, img2img)
+            known = step_coeffs[KA] * image["image_latents"] + step_coeffs[KN] * image["image_noise"]
+            latents_next = image["mask"] * latents_next + (1 - image["mask"]) * known
         x_history_next = torch.cat([latents[None], x_history[:-1]])
         out_history_next = torch.cat([guided[None], out_history[:-1]])
         return latents_next, x_history_next, out_history_next
+
+
+class VaeEncoder(nn.Module):
+    """images (B, H, W, 3) uint8 RGB, pixel_mask (B, H, W, 1) f32 -> image_latents (B, 4, H/8, W/8) f32.
+
+    diffusers' VaeImageProcessor normalization to [-1, 1]; pixels where pixel_mask is 1 become 0 (the
+    masked image of inpainting U-Nets); the latent is the distribution's mean times the scaling factor
+    (deterministic, where diffusers samples it by default).
+    """
+
+    def __init__(self, vae: nn.Module, scaling_factor: float):
+        super().__init__()
+        self.vae = vae
+        self.scaling_factor = scaling_factor
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    def forward(self, images: torch.Tensor, pixel_mask: torch.Tensor) -> torch.Tensor:
+        x = (images.float() / 255 * 2 - 1) * (1 - pixel_mask)  # (B, H, W, 3)
+        x = x.permute(0, 3, 1, 2).to(self.dtype)
+        mean = self.vae.encode(x, return_dict=False)[0].mean
+        return mean.float() * self.scaling_factor
 
 
 class VaeDecoder(nn.Module):

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from sdrt.errors import ModelError
-from sdrt.families import Family
+from sdrt.families import BLEND, CONCAT, Family
 
 # transformers classes a text-encoder slot may hold; a pooled slot needs the projection
 TEXT_ENCODER_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
@@ -26,6 +26,7 @@ class TorchParts:
     scaling_factor: float
     vae_needs_fp32: bool  # force_upcast where the family follows it: the VAE overflows in fp16 (SDXL's stock VAE)
     zero_empty_negative: bool  # the pipeline's force_zeros_for_empty_prompt
+    image_input: str  # families.BLEND (4-channel U-Net) or CONCAT (inpainting U-Net)
 
 
 def model_index(model_dir: Path) -> dict[str, Any]:
@@ -56,9 +57,12 @@ def load_components(model_dir: Path, family: Family) -> TorchParts:
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelError(f"could not load {model_dir}: {e}. Check that the folder is a complete diffusers "
                          f"{family.label} pipeline with safetensors weights") from e
-    if unet.config.in_channels != 4 or unet.config.out_channels != 4:
-        raise ModelError(f"{model_dir}: U-Net has {unet.config.in_channels} input channels; sdrt exports "
-                         f"text-to-image {family.label} (4 channels), not inpainting or depth models")
+    latent = vae.config.latent_channels
+    image_input = {latent: BLEND, 2 * latent + 1: CONCAT}.get(unet.config.in_channels)
+    if unet.config.out_channels != latent or image_input is None:
+        raise ModelError(f"{model_dir}: U-Net has {unet.config.in_channels} input and {unet.config.out_channels} output "
+                         f"channels for a {latent}-channel VAE; sdrt exports {family.label} models with {latent} "
+                         f"(ordinary) or {2 * latent + 1} (inpainting) inputs, not depth or other conditioned U-Nets")
     by_output = {slot.hidden: text_encoders[slot.component].config.hidden_size for slot in family.text_encoders}
     width = sum(by_output[name] for name in family.cross_attention)
     if unet.config.cross_attention_dim != width:
@@ -72,4 +76,4 @@ def load_components(model_dir: Path, family: Family) -> TorchParts:
     vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
     return TorchParts(family, text_encoders, tokenizers, unet, vae, scheduler_config, vae_scale_factor,
                       float(vae.config.scaling_factor), family.vae_upcast and bool(getattr(vae.config, "force_upcast", False)),
-                      bool(index.get("force_zeros_for_empty_prompt", False)))
+                      bool(index.get("force_zeros_for_empty_prompt", False)), image_input)

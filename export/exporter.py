@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 
 from sdrt.errors import InputError, ModelError, ValidationError
-from sdrt.families import HOST, LEADING_DIM, Family, family_for
-from sdrt.manifest import (DECODER, STEP, ComponentSpec, Manifest, ModelInfo, ShapeRange, TensorSpec, sha256_file,
+from sdrt.families import HOST, IMAGE_INPUTS, LEADING_DIM, Family, family_for
+from sdrt.manifest import (DECODER, ENCODER, STEP, ComponentSpec, Manifest, ModelInfo, ShapeRange, TensorSpec, sha256_file,
                            write_manifest)
 from sdrt.schedulers import HISTORY, N_COEFFS, NoiseSchedule
 from sdrt.versions import package_versions
@@ -36,9 +36,9 @@ class Tolerances:
     """
 
     fp32: dict[str, float] = field(default_factory=lambda: {
-        "text_encoder": 1e-4, "denoise_step": 1e-4, "vae_decoder": 1.0})
+        "text_encoder": 1e-4, "vae_encoder": 1e-4, "denoise_step": 1e-4, "vae_decoder": 1.0})
     fp16: dict[str, float] = field(default_factory=lambda: {
-        "text_encoder": 2e-2, "denoise_step": 2e-2, "vae_decoder": 8.0})
+        "text_encoder": 2e-2, "vae_encoder": 2e-2, "denoise_step": 2e-2, "vae_decoder": 8.0})
 
     def of(self, component: str, precision: str) -> float:
         """Every text encoder (text_encoder, text_encoder_2, ...) shares the text_encoder tolerance."""
@@ -121,7 +121,7 @@ def export(config: ExportConfig, progress: bool = True) -> Manifest:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        bar = tqdm(total=4 + len(family.text_encoders), desc=f"export {out_dir.name}", unit="stage",
+        bar = tqdm(total=5 + len(family.text_encoders), desc=f"export {out_dir.name}", unit="stage",
                    disable=not progress)
         bar.set_postfix_str("loading model")
         from sdrt.export.components_io import load_components
@@ -164,7 +164,7 @@ def _swap_into_place(staging: Path, out_dir: Path) -> None:
 def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any) -> dict[str, Any]:
     import torch
 
-    from sdrt.export.components import DenoiseStep, TextEncoder, VaeDecoder
+    from sdrt.export.components import DenoiseStep, TextEncoder, VaeDecoder, VaeEncoder
     from sdrt.export.onnx_io import export_onnx
 
     family: Family = parts.family
@@ -174,7 +174,7 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
                         max_size=config.max_size or max(1024, 2 * native), max_batch=config.max_batch)
     vs = config.validation_size or min(native, 256)
     lat = vs // parts.vae_scale_factor
-    lc = parts.unet.config.in_channels
+    lc = parts.unet.config.out_channels
     seqs = {te.config.max_position_embeddings for te in parts.text_encoders.values()}  # 77
     if len(seqs) != 1:
         raise ModelError(f"{config.model_dir}: text encoders disagree on the context length ({sorted(seqs)})")
@@ -201,9 +201,18 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
         dtype, row_shape = ("float32", c.row_shape) if c.source == HOST else (f, produced[c.name].shape[1:])
         conditioning.append(TensorSpec(c.name, dtype, (LEADING_DIM[c.layout],) + tuple(row_shape)))
     state = ("B", lc, "h", "w")
+    image_inputs = tuple(TensorSpec(name, "float32", ("B", 1, "h", "w") if name == "mask" else state)
+                         for name in IMAGE_INPUTS[parts.image_input])
+    vae_precision = "fp32" if parts.vae_needs_fp32 else config.precision
+    encoder_spec = ComponentSpec(
+        "vae_encoder.onnx", (TensorSpec("images", "uint8", ("B", "H", "W", 3)),
+                             TensorSpec("pixel_mask", "float32", ("B", "H", "W", 1))),
+        (TensorSpec("image_latents", "float32", state),), vae_precision)
+    jobs.append((ENCODER, encoder_spec, VaeEncoder(parts.vae, parts.scaling_factor), vae_precision))
     step_spec = ComponentSpec(
         "denoise_step.onnx",
         (TensorSpec("latents", "float32", state), TensorSpec("timestep", "float32", (1,)), *conditioning,
+         *image_inputs,
          TensorSpec("guidance", "float32", (1,)), TensorSpec("step_coeffs", "float32", (N_COEFFS,)),
          TensorSpec("x_history", "float32", (HISTORY,) + state), TensorSpec("out_history", "float32", (HISTORY,) + state),
          TensorSpec("noise", "float32", state)),
@@ -211,8 +220,8 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
          TensorSpec("out_history_next", "float32", (HISTORY,) + state)),
         config.precision)
     jobs.append((STEP, step_spec, DenoiseStep(parts.unet, tuple(c.name for c in family.conditioning),
-                                              family.cross_attention, family.added_cond), config.precision))
-    vae_precision = "fp32" if parts.vae_needs_fp32 else config.precision
+                                              family.cross_attention, family.added_cond, parts.image_input,
+                                              IMAGE_INPUTS[parts.image_input]), config.precision))
     vae_spec = ComponentSpec("vae_decoder.onnx", (TensorSpec("latents", "float32", state),),
                              (TensorSpec("images", "uint8", ("B", "H", "W", 3)),), vae_precision)
     jobs.append((DECODER, vae_spec, VaeDecoder(parts.vae, parts.scaling_factor), vae_precision))
@@ -224,7 +233,8 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
     def sample(name: str, spec: ComponentSpec, h: int, w: int, typed: bool) -> tuple[Any, ...]:
         """Random inputs of the spec at batch 1 (CFG rows 2), latent size h x w; typed: in the spec's
         dtypes (tracing), else float32 (the fp32 reference module)."""
-        dims = {"B": 1, "RB": 2, "N": 2, "h": h, "w": w}
+        f = parts.vae_scale_factor
+        dims = {"B": 1, "RB": 2, "N": 2, "h": h, "w": w, "H": h * f, "W": w * f}
         special = {"timestep": torch.tensor([500.0]), "guidance": torch.tensor([7.5]),
                    "step_coeffs": torch.rand(N_COEFFS, generator=gen), "keep": torch.ones(2),
                    "time_ids": torch.tensor([[native, native, 0, 0, native, native]] * 2, dtype=torch.float32)}
@@ -234,6 +244,12 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
             if t.dtype == "int64":
                 vocab = parts.text_encoders[name].config.vocab_size
                 out.append(torch.randint(0, vocab, shape, generator=gen))
+                continue
+            if t.dtype == "uint8":
+                out.append(torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8))
+                continue
+            if t.name in ("mask", "pixel_mask"):  # binary, 1 = repaint
+                out.append((torch.rand(shape, generator=gen) > 0.5).float())
                 continue
             value = special.get(t.name)
             value = torch.randn(shape, generator=gen) * (4 if name == DECODER else 1) if value is None else value
@@ -258,7 +274,8 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
     model = ModelInfo(
         family=family.name, text_encoders=family.text_encoders, conditioning=family.conditioning,
         defaults=family.defaults, latent_channels=lc, vae_scale_factor=parts.vae_scale_factor,
-        scaling_factor=parts.scaling_factor, text_max_length=seq, history=HISTORY, opset=config.opset, zero_empty_negative=parts.zero_empty_negative)
+        scaling_factor=parts.scaling_factor, text_max_length=seq, history=HISTORY, opset=config.opset,
+        zero_empty_negative=parts.zero_empty_negative, image_input=parts.image_input)
     return dict(components={name: spec for name, spec, _, _ in jobs}, shapes=shapes, model=model,
                 scheduler_config=parts.scheduler_config, validation=validation)
 

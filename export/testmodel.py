@@ -73,6 +73,7 @@ class TestModelSpec:
     text_encoder_2: dict[str, Any] | None = None  # SDXL: CLIPTextModelWithProjection
     scheduler_config: dict[str, Any] = field(default_factory=lambda: SD15_SCHEDULER_CONFIG)
     unet_parameters: int | None = None  # asserted for the real-size architectures
+    inpainting: bool = False  # a 9-channel U-Net in a StableDiffusion[XL]InpaintPipeline folder
 
 
 SPECS: dict[str, TestModelSpec] = {
@@ -92,6 +93,11 @@ SPECS: dict[str, TestModelSpec] = {
         max_merges=600,
         description="tiny random SD 1.x (a few MB) for CI",
     ),
+}
+# the tiny model as a dedicated inpainting model: U-Net input [latents, mask, masked image latents]
+SPECS["tiny-inpaint"] = TestModelSpec(**{**SPECS["tiny"].__dict__, "unet": {**SPECS["tiny"].unet, "in_channels": 9},
+                                        "inpainting": True, "description": "tiny random SD 1.x inpainting model for CI"})
+SPECS |= {
     "sd15": TestModelSpec(
         family="sd1",
         unet_parameters=859_520_964,
@@ -185,10 +191,11 @@ def build_test_model(kind: str, out_dir: Path, seed: int = 0) -> Path:
             # SDXL's second tokenizer pads with "!" rather than the end token
             parts.update(text_encoder_2=CLIPTextModelWithProjection(text_config(spec.text_encoder_2 or {})),
                          tokenizer_2=CLIPTokenizer.from_pretrained(staging / "_bpe", model_max_length=77, pad_token="!"))
-            pipe = diffusers.StableDiffusionXLPipeline(**parts, add_watermarker=False)
+            cls = diffusers.StableDiffusionXLInpaintPipeline if spec.inpainting else diffusers.StableDiffusionXLPipeline
+            pipe = cls(**parts, add_watermarker=False)
         else:
-            pipe = diffusers.StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
-                                                     requires_safety_checker=False)
+            cls = diffusers.StableDiffusionInpaintPipeline if spec.inpainting else diffusers.StableDiffusionPipeline
+            pipe = cls(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         pipe.save_pretrained(staging / "model", safe_serialization=True)
         (staging / "model" / "scheduler" / "scheduler_config.json").write_text(
             json.dumps(spec.scheduler_config, indent=2)

@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("testmodel", help="write a random-weight diffusers folder (offline)")
-    p.add_argument("kind", choices=["tiny", "sd15", "tiny-sdxl", "sdxl"],
+    p.add_argument("kind", choices=["tiny", "tiny-inpaint", "sd15", "tiny-sdxl", "sdxl"],
                    help="tiny*: seconds on a CPU; sd15, sdxl: the real architectures with random weights")
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=0)

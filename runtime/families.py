@@ -25,6 +25,16 @@ LEADING_DIM: dict[str, int | str] = {CFG: "RB", ROW: "B", BATCH: 1}  # the symbo
 
 HOST = "host"  # conditioning computed from the request on the host (once per generation, never per step)
 
+# How the denoise step takes an input image (img2img, inpainting); its inputs for it are ROW-layout,
+# (B, C, h, w) latents or (B, 1, h, w) masks, 1 = repaint (diffusers' and A1111's white):
+BLEND = "blend"  # a 4-channel U-Net: after every step the mask's known region is set to the image latents
+#                  re-noised to the next step's level (diffusers' and A1111's inpainting with ordinary models)
+CONCAT = "concat"  # an inpainting U-Net (9 = 4 + 1 + 4 input channels): [latents, mask, masked image latents]
+IMAGE_INPUTS: dict[str, tuple[str, ...]] = {
+    BLEND: ("image_latents", "image_noise", "mask"),
+    CONCAT: ("mask", "masked_image_latents"),
+}
+
 
 @dataclass(frozen=True)
 class Conditioning:
@@ -70,7 +80,7 @@ class Family:
 SD1 = Family(
     name="sd1",
     label="Stable Diffusion 1.x / 2.x",
-    pipelines=("StableDiffusionPipeline",),
+    pipelines=("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"),
     text_encoders=(TextEncoderSlot("text_encoder", "tokenizer", None, "text_embeddings"),),
     conditioning=(Conditioning("text_embeddings", CFG, "text_encoder"),),
     cross_attention=("text_embeddings",),
@@ -81,7 +91,7 @@ SD1 = Family(
 SDXL = Family(
     name="sdxl",
     label="Stable Diffusion XL",
-    pipelines=("StableDiffusionXLPipeline",),
+    pipelines=("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline"),
     text_encoders=(
         TextEncoderSlot("text_encoder", "tokenizer", -2, "text_embeddings"),
         TextEncoderSlot("text_encoder_2", "tokenizer_2", -2, "text_embeddings_2", pooled="pooled_embeds"),

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from sdrt.errors import EngineError
-from sdrt.families import LAYOUTS, Conditioning, Defaults, TextEncoderSlot
+from sdrt.families import BLEND, IMAGE_INPUTS, LAYOUTS, Conditioning, Defaults, TextEncoderSlot
 from sdrt.paths import cache_dir, write_atomic
 
 FORMAT = "sdrt-engines"
-VERSION = 2  # 2: typed model contract (families, conditioning layouts) and typed plans
-STEP, DECODER = "denoise_step", "vae_decoder"
+VERSION = 3  # 2: typed model contract (families, conditioning layouts) and typed plans; 3: images in
+ENCODER, STEP, DECODER = "vae_encoder", "denoise_step", "vae_decoder"
 
 
 @dataclass(frozen=True)
@@ -93,11 +93,22 @@ class ModelInfo:
     history: int  # x/out steps the graph keeps
     opset: int
     zero_empty_negative: bool = False  # force_zeros_for_empty_prompt: an empty negative prompt encodes as zeros
+    image_input: str = BLEND  # how the step takes an input image: families.BLEND or CONCAT (inpainting U-Net)
 
     @property
     def components(self) -> tuple[str, ...]:
         """Every component, in the order a generation runs them."""
-        return tuple(t.component for t in self.text_encoders) + (STEP, DECODER)
+        return tuple(t.component for t in self.text_encoders) + (ENCODER, STEP, DECODER)
+
+    @property
+    def image_inputs(self) -> tuple[str, ...]:
+        """The step's ROW-layout inputs that carry the input image and mask."""
+        return IMAGE_INPUTS[self.image_input]
+
+    @property
+    def needs_image(self) -> bool:
+        """An inpainting U-Net: every generation needs an image and a mask."""
+        return self.image_input != BLEND
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> ModelInfo:
@@ -105,6 +116,8 @@ class ModelInfo:
         bad = [c.layout for c in conditioning if c.layout not in LAYOUTS]
         if bad:
             raise ValueError(f"conditioning layouts {bad}")
+        if doc.get("image_input", BLEND) not in IMAGE_INPUTS:
+            raise ValueError(f"image_input {doc['image_input']!r}")
         return cls(**{**doc, "text_encoders": tuple(TextEncoderSlot(**t) for t in doc["text_encoders"]),
                       "conditioning": conditioning, "defaults": Defaults(**doc["defaults"])})
 

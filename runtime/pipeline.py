@@ -25,9 +25,11 @@ import numpy as np
 from sdrt.backends import select_backend
 from sdrt.backends.base import Backend, Engine
 from sdrt.errors import InputError, SdrtError, is_integer
-from sdrt.families import HOST, layout_rows, stack_rows
-from sdrt.manifest import STEP, Manifest, read_manifest
-from sdrt.schedulers import NoiseSchedule, SamplerPlan, check_sampler, make_plan
+from sdrt.families import CONCAT, HOST, ROW, layout_rows, stack_rows
+from sdrt.images import (Picture, latent_mask, mask_picture, overlay, picture, pixel_mask, read_image, read_mask,
+                         resized)
+from sdrt.manifest import ENCODER, STEP, Manifest, read_manifest
+from sdrt.schedulers import NoiseSchedule, SamplerPlan, check_sampler, make_plan, strength_start
 from sdrt.tiling import decode_tiled
 from sdrt.tokenizer import ClipTokenizer
 
@@ -36,7 +38,10 @@ SEED_MAX = 2**32 - 1
 
 # The fields of a GenerationConfig that hold one entry per image. Every other field is shared by the
 # batch: padding a static batch, dropping a row and the server's batching key all derive from this.
-ROW_FIELDS = ("prompt", "negative_prompt", "seeds")
+ROW_FIELDS = ("prompt", "negative_prompt", "seeds", "images", "masks")
+# A1111's inpainting_fill values sdrt implements (0, "fill", paints the masked area from its surroundings)
+INPAINTING_FILLS = {1: "original", 2: "latent noise", 3: "latent nothing"}
+MAX_MASK_BLUR = 64
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,12 @@ class GenerationConfig:
     original_size: tuple[int, int] | None = None
     crop_top_left: tuple[int, int] = (0, 0)
     target_size: tuple[int, int] | None = None
+    # image-to-image and inpainting; both empty: text-to-image
+    images: tuple[Picture, ...] = ()  # one per row, already resized to width x height
+    masks: tuple[Picture, ...] = ()  # one per row (inpainting), 255 = repaint, 0 = keep; empty: img2img
+    strength: float = 1.0  # diffusers' strength, A1111's denoising strength: the last ⌊steps × strength⌋ run
+    mask_blur: int = 4  # pixels of Gaussian blur where the original is composited back (A1111's mask_blur)
+    inpainting_fill: str = "original"  # the masked area's start: a value of INPAINTING_FILLS
 
     @property
     def row_seeds(self) -> tuple[int, ...]:
@@ -65,10 +76,15 @@ class GenerationConfig:
     def batch(self) -> int:
         return len(self.prompt)
 
+    @property
+    def mode(self) -> str:
+        return "inpaint" if self.masks else "img2img" if self.images else "txt2img"
+
     @cached_property  # compared over and over while the server's queue waits for a batch
     def batch_key(self) -> tuple[Any, ...]:
-        """What rows must share to run in one engine call: every field but the per-row ones."""
-        return tuple(getattr(self, f.name) for f in fields(self) if f.name not in ROW_FIELDS + ("seed",))
+        """What rows must share to run in one engine call: every field but the per-row ones, and the mode."""
+        shared = tuple(getattr(self, f.name) for f in fields(self) if f.name not in ROW_FIELDS + ("seed",))
+        return shared + (self.mode,)
 
     def select(self, rows: Sequence[int]) -> "GenerationConfig":
         """This config's rows `rows` (repeats allowed), as a config of its own."""
@@ -81,8 +97,8 @@ class GenerationConfig:
         if any(config.batch_key != first.batch_key for config, _ in rows):
             raise ValueError("rows of configs with different batch keys cannot share an engine call")
         seeds = tuple(config.row_seeds[r] for config, r in rows)
-        picked = {name: tuple(getattr(config, name)[r] for config, r in rows)
-                  for name in ROW_FIELDS if name != "seeds"}
+        picked = {name: tuple(getattr(config, name)[r] for config, r in rows) if getattr(first, name) else ()
+                  for name in ROW_FIELDS if name != "seeds"}  # images, masks: empty for the whole batch or none
         return replace(first, **picked, seeds=seeds, seed=seeds[0])
 
     def padded(self, extra: int) -> "GenerationConfig":
@@ -110,6 +126,7 @@ HOST_CONDITIONING: dict[str, Callable[[GenerationConfig], np.ndarray]] = {
 @dataclass
 class Timings:
     text_encoder_s: float = 0.0
+    image_encoder_s: float = 0.0  # the VAE encoder, image-to-image and inpainting
     steps_s: float = 0.0  # uploads of the plan and noise + the loop
     loop_s: float = 0.0  # the loop alone
     step_engine_s: list[float] = field(default_factory=list)
@@ -124,7 +141,8 @@ class Timings:
 
     def line(self) -> str:
         n = max(len(self.step_engine_s), 1)
-        return (f"text encoder {self.text_encoder_s * 1e3:.1f} ms | steps {self.steps_s * 1e3:.1f} ms "
+        encoder = f"image encoder {self.image_encoder_s * 1e3:.1f} ms | " if self.image_encoder_s else ""
+        return (f"text encoder {self.text_encoder_s * 1e3:.1f} ms | {encoder}steps {self.steps_s * 1e3:.1f} ms "
                 f"({self.steps_s / n * 1e3:.2f} ms/step, host {self.host_overhead_per_step_s * 1e6:.0f} µs/step) | "
                 f"decode {self.decode_s * 1e3:.1f} ms | total {self.total_s * 1e3:.1f} ms")
 
@@ -182,9 +200,10 @@ class Pipeline:
         if verify:
             chosen.verify(engine_dir, manifest)
         pipe = cls(engine_dir, manifest, chosen, low_vram=low_vram, vae_tile=vae_tile)
-        if not low_vram:
+        if not low_vram:  # the VAE encoder loads with the first image in: text-to-image never pays its memory
             for name in manifest.model.components:
-                pipe._engine(name)
+                if name != ENCODER:
+                    pipe._engine(name)
         return pipe
 
     # --- engines and buffers ----------------------------------------------------------------
@@ -219,12 +238,21 @@ class Pipeline:
                     seed: int | None = None, height: int | None = None, width: int | None = None,
                     batch: int | None = None, seeds: Sequence[int] | None = None,
                     original_size: Sequence[int] | None = None, crop_top_left: Sequence[int] | None = None,
-                    target_size: Sequence[int] | None = None) -> GenerationConfig:
+                    target_size: Sequence[int] | None = None, image: Any = None, mask_image: Any = None,
+                    strength: float | None = None, mask_blur: int = 4, inpainting_fill: str = "original",
+                    inpainting_mask_invert: bool = False) -> GenerationConfig:
         """Validates a request against the engines' limits. steps, guidance and scheduler default to the
         model family's; seeds: one per row (then `seed` is ignored), by default row i uses seed + i;
         batch defaults to the number of prompts. original_size, crop_top_left, target_size: SDXL's
         micro-conditioning as (height, width) pixels (diffusers' names; sizes default to the image's,
-        the crop to (0, 0))."""
+        the crop to (0, 0)).
+
+        image (img2img) and mask_image (inpainting; white = repaint): a PIL image, a uint8 array or
+        encoded bytes, or a list of one per row; the size defaults to the image's, rounded down to a
+        multiple of 8, and the image and mask are resized to it. strength (0, 1]: the share of the steps
+        that run (default 0.75; 1.0 for inpainting U-Nets). mask_blur: pixels of blur where the original
+        is composited back; inpainting_fill: the masked area's start ("original", "latent noise",
+        "latent nothing"); inpainting_mask_invert: black = repaint instead."""
         defaults = self.model.defaults
         steps = defaults.steps if steps is None else steps
         guidance = defaults.guidance if guidance is None else guidance
@@ -251,6 +279,16 @@ class Pipeline:
         if not math.isfinite(guidance):
             raise InputError(f"guidance must be finite, got {guidance}: use e.g. 7.5 (≤ 1 disables CFG)")
         check_sampler(scheduler, steps, self.schedule)
+        sources = self._input_images(image, mask_image, batch)
+        if sources and (height is None or width is None):  # the image's size, rounded down to the latent grid
+            f = self.model.vae_scale_factor
+            first = sources[0][0]
+            for label, v, (lo, _, hi) in (("height", first.height, limits.height), ("width", first.width, limits.width)):
+                if not lo <= v // f * f <= hi:
+                    raise InputError(f"the image is {first.width}x{first.height} pixels; {where} is {lo} to {hi} a "
+                                     f"side: pass width and height (the image is resized to them)")
+            height = first.height // f * f if height is None else height
+            width = first.width // f * f if width is None else width
         height = limits.height[1] if height is None else height
         width = limits.width[1] if width is None else width
         for label, v, (lo, _, hi) in (("height", height, limits.height), ("width", width, limits.width)):
@@ -277,9 +315,51 @@ class Pipeline:
                 raise InputError(f"{label} must be (height, width): two integers from {low} to 16384, got {value!r}")
             micro[label] = tuple(int(v) for v in value)
         micro["crop_top_left"] = micro["crop_top_left"] or (0, 0)
+        images = tuple(picture(resized(im, int(width), int(height))) for im, _ in sources)
+        masks = tuple(mask_picture(resized(m, int(width), int(height)), bool(inpainting_mask_invert))
+                      for _, m in sources if m is not None)
+        if strength is None:
+            strength = 1.0 if self.model.needs_image or not images else 0.75
+        if not images and strength != 1.0:
+            raise InputError("strength applies to img2img and inpainting: pass an image, or leave strength out")
+        strength_start(int(steps), strength)  # refuses a strength outside (0, 1] or one that runs no step
+        if not is_integer(mask_blur) or not 0 <= mask_blur <= MAX_MASK_BLUR:
+            raise InputError(f"mask_blur must be an integer from 0 to {MAX_MASK_BLUR} pixels, got {mask_blur!r}")
+        if inpainting_fill not in INPAINTING_FILLS.values():
+            raise InputError(f"inpainting_fill must be one of {', '.join(INPAINTING_FILLS.values())}, "
+                             f"got {inpainting_fill!r}")
         return GenerationConfig(tuple(prompts), tuple(negatives), int(steps), guidance, scheduler, int(seed),
                                 int(height), int(width), tuple(int(x) for x in seeds) if seeds is not None else (),
-                                **micro)
+                                **micro, images=images, masks=masks, strength=float(strength),
+                                mask_blur=int(mask_blur), inpainting_fill=inpainting_fill)
+
+    def _input_images(self, image: Any, mask_image: Any, batch: int) -> list[tuple[Any, Any]]:
+        """(image, mask or None) per row as PIL images, each mask the size of its image; [] without."""
+        if image is None:
+            if mask_image is not None:
+                raise InputError("mask_image needs the image it masks: pass image as well")
+            if self.model.needs_image:
+                raise InputError(f"these {self.model.family} engines are an inpainting model (a 9-channel U-Net): "
+                                 "pass an image and a mask_image")
+            return []
+        if mask_image is None and self.model.needs_image:
+            raise InputError("these engines are an inpainting model (a 9-channel U-Net): pass a mask_image as well")
+
+        def per_row(value: Any, what: str) -> list[Any]:
+            values = list(value) if isinstance(value, (list, tuple)) else [value] * batch
+            if len(values) != batch:
+                raise InputError(f"{what} must be one image or a list of {batch} (one per row), got {len(values)}")
+            return values
+
+        images = [read_image(v, "image") for v in per_row(image, "image")]
+        if mask_image is None:
+            return [(im, None) for im in images]
+        masks = [read_mask(v, "mask_image") for v in per_row(mask_image, "mask_image")]
+        for im, m in zip(images, masks):
+            if im.size != m.size:
+                raise InputError(f"the mask is {m.width}x{m.height} pixels but the image is {im.width}x{im.height}: "
+                                 "the mask must cover the image pixel for pixel")
+        return list(zip(images, masks))
 
     def __call__(self, prompt: str | list[str], **kwargs: Any) -> list[Any]:
         return self.generate(self.make_config(prompt, **kwargs)).pil_images()
@@ -288,8 +368,8 @@ class Pipeline:
 
     def initial_noise(self, config: GenerationConfig,
                       plan: SamplerPlan | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-        """(B, 4, h, w) initial noise and (steps, B, 4, h, w) step noise (None if unused)."""
-        plan = plan or make_plan(config.scheduler, self.schedule, config.steps)
+        """(B, 4, h, w) initial noise and (steps run, B, 4, h, w) step noise (None if unused)."""
+        plan = plan or make_plan(config.scheduler, self.schedule, config.steps, config.strength)
         f = self.model.vae_scale_factor
         shape = (self.model.latent_channels, config.height // f, config.width // f)
         init, step_noise = [], []
@@ -315,7 +395,7 @@ class Pipeline:
         pad = self.limits.batch[0] - config.batch
         if pad > 0:  # plans of one batch size (static): copies of the last row run along, then are dropped
             config = config.padded(pad)
-        plan = make_plan(config.scheduler, self.schedule, config.steps)
+        plan = make_plan(config.scheduler, self.schedule, config.steps, config.strength)
         init, step_noise = self.initial_noise(config, plan)
         if latents is not None:
             expected = (requested.batch,) + init.shape[1:]
@@ -325,9 +405,13 @@ class Pipeline:
         k = self.model.history
 
         t0 = time.perf_counter()
-        conditioning = self._condition(config)
+        inputs = self._condition(config)
         self.backend.synchronize()
         timings.text_encoder_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        start_latents, image_inputs = self._image_inputs(config, plan, init)
+        inputs.update(image_inputs)
+        timings.image_encoder_s = time.perf_counter() - t0 if config.images else 0.0
 
         # everything the loop reads, written once into reused buffers; feeds bound per step by row
         t0 = time.perf_counter()
@@ -336,10 +420,9 @@ class Pipeline:
             timesteps=self.backend.rows(self._write("timesteps", plan.timesteps.astype(np.float32).reshape(n, 1))),
             coeffs=self.backend.rows(self._write("step_coeffs", plan.coeffs.astype(np.float32))),
             guidance=self._write("guidance", np.array([config.guidance], np.float32)),
-            conditioning=conditioning, step_noise=step_noise)
+            inputs=inputs, step_noise=step_noise)
         zeros = np.zeros((k,) + init.shape, np.float32)  # 0 * uninitialized memory could be NaN
-        sets, feeds = self._bind_loop(loop, {"latents": init * np.float32(plan.init_noise_sigma),
-                                             "x_history": zeros, "out_history": zeros}, 0, n)
+        sets, feeds = self._bind_loop(loop, {"latents": start_latents, "x_history": zeros, "out_history": zeros}, 0, n)
         step = self._engine(STEP)
         in_batch = list(range(config.batch))  # config rows the buffers hold
         alive = list(range(requested.batch))  # config rows still wanted
@@ -367,6 +450,9 @@ class Pipeline:
         host_images = self._decode(sets[n % 2]["latents"], len(in_batch), config.height, config.width)
         if alive != in_batch:  # rows dropped after the last step
             host_images = host_images[[in_batch.index(row) for row in alive]]
+        if config.masks:  # the kept pixels are the original's, not their VAE round trip
+            host_images = np.stack([overlay(im, config.images[row], config.masks[row], config.mask_blur)
+                                    for im, row in zip(host_images, alive)])
         timings.decode_s = time.perf_counter() - t0
         timings.total_s = time.perf_counter() - start
         seeds = [config.row_seeds[row] for row in alive]
@@ -393,6 +479,52 @@ class Pipeline:
                 rows = stack_rows(c.layout, HOST_CONDITIONING[c.name](config), config.cfg)
                 outputs[c.name] = self._write(c.name, rows.astype(step.input(c.name).dtype))
         return {c.name: outputs[c.name] for c in self.model.conditioning}
+
+    def _image_inputs(self, config: GenerationConfig, plan: SamplerPlan,
+                      noise: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+        """The start latents (B, 4, h, w) on the host and the step's image inputs on the device.
+
+        noise is the initial draw: text-to-image starts from it times the sampler's σ_max; img2img from
+        the scheduler's add_noise(image latents, noise, first step); inpainting at strength 1 from noise
+        alone, as diffusers' inpainting pipelines. For a 4-channel U-Net the mask's known region is the
+        image latents re-noised with the same noise after every step (in the graph)."""
+        f32 = np.float32
+        ones = np.ones((noise.shape[0], 1) + noise.shape[2:], f32)
+        if not config.images:  # a mask of ones: the blend is an exact no-op
+            zeros = np.zeros_like(noise)
+            return noise * f32(plan.init_noise_sigma), {name: self._write(name, ones if name == "mask" else zeros)
+                                                         for name in self.model.image_inputs}
+        pixels = np.stack([p.pixels for p in config.images])
+        no_mask = np.zeros(pixels.shape[:3] + (1,), f32)
+        latents_buffer = self._encode("image_latents", pixels, no_mask)
+        image = self.backend.download(latents_buffer).astype(f32)
+        mask = latent_mask(list(config.masks), self.model.vae_scale_factor) if config.masks else ones
+        start_image = image
+        if config.inpainting_fill == "latent noise":  # A1111: the masked area starts from the seed's noise
+            start_image = image * (1 - mask) + noise * mask
+        elif config.inpainting_fill == "latent nothing":
+            start_image = image * (1 - mask)
+        if config.masks and config.strength == 1.0:
+            start = noise * f32(plan.init_noise_sigma)
+        else:
+            alpha, sigma = plan.start_level
+            start = f32(alpha) * start_image + f32(sigma) * noise
+        inputs = {"mask": self._write("mask", mask)}
+        if self.model.image_input == CONCAT:
+            inputs["masked_image_latents"] = self._encode("masked_image_latents", pixels, pixel_mask(list(config.masks)))
+        else:
+            inputs.update(image_latents=latents_buffer, image_noise=self._write("image_noise", noise))
+        return start.astype(f32), inputs
+
+    def _encode(self, key: str, pixels: np.ndarray, repaint: np.ndarray) -> Any:
+        """(B, H, W, 3) uint8 images -> (B, 4, h, w) latents in the device buffer `key`; pixels where
+        repaint is 1 are encoded gray (the masked image of inpainting U-Nets)."""
+        f = self.model.vae_scale_factor
+        b, height, width = pixels.shape[:3]
+        out = self._buffer(key, (b, self.model.latent_channels, height // f, width // f), "float32")
+        self._engine(ENCODER).run({"images": self._write("encoder_images", pixels),
+                                   "pixel_mask": self._write("encoder_pixel_mask", repaint)}, {"image_latents": out})
+        return out
 
     def _decode(self, latents: Any, b: int, height: int, width: int) -> np.ndarray:
         """(b, 4, h, w) latents on the device -> (b, H, W, 3) uint8 on the host; in low-VRAM mode,
@@ -434,7 +566,7 @@ class Pipeline:
         for i in range(start, n):
             src, dst = sets[i % 2], sets[(i + 1) % 2]
             feeds[i] = (
-                {"latents": src["latents"], "timestep": loop.timesteps[i], **loop.conditioning,
+                {"latents": src["latents"], "timestep": loop.timesteps[i], **loop.inputs,
                  "guidance": loop.guidance, "step_coeffs": loop.coeffs[i], "x_history": src["x_history"],
                  "out_history": src["out_history"], "noise": noise[i if loop.step_noise is not None else 0]},
                 {"latents_next": dst["latents"], "x_history_next": dst["x_history"],
@@ -448,10 +580,11 @@ class Pipeline:
         state = {"latents": self.backend.download(current["latents"])[keep],
                  "x_history": self.backend.download(current["x_history"])[:, keep],
                  "out_history": self.backend.download(current["out_history"])[:, keep]}
-        for c in self.model.conditioning:
-            host = self.backend.download(loop.conditioning[c.name])
-            rows = layout_rows(c.layout, keep, b, host.shape[0])
-            loop.conditioning[c.name] = self._write(c.name, np.ascontiguousarray(host[rows]))
+        layouts = {c.name: c.layout for c in self.model.conditioning} | dict.fromkeys(self.model.image_inputs, ROW)
+        for name, layout in layouts.items():
+            host = self.backend.download(loop.inputs[name])
+            rows = layout_rows(layout, keep, b, host.shape[0])
+            loop.inputs[name] = self._write(name, np.ascontiguousarray(host[rows]))
         if loop.step_noise is not None:
             loop.step_noise = np.ascontiguousarray(loop.step_noise[:, keep])
         return self._bind_loop(loop, state, start, n)
@@ -468,5 +601,5 @@ class _Loop:
     timesteps: list[Any]
     coeffs: list[Any]
     guidance: Any
-    conditioning: dict[str, Any]  # the step's conditioning inputs by name
+    inputs: dict[str, Any]  # the step's inputs besides the sampler state (conditioning, image inputs) by name
     step_noise: np.ndarray | None  # (steps, B, 4, h, w) on the host, None for deterministic samplers

@@ -51,6 +51,20 @@ def tiny_engines_fp16(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
 
 
 @pytest.fixture(scope="session")
+def tiny_inpaint_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with a 9-channel (inpainting) U-Net, as a StableDiffusionInpaintPipeline folder."""
+    pytest.importorskip("diffusers")
+    from sdrt.export.testmodel import build_test_model
+
+    return build_test_model("tiny-inpaint", tmp_path_factory.mktemp("models") / "tiny-inpaint")
+
+
+@pytest.fixture(scope="session")
+def tiny_inpaint_engines(tiny_inpaint_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _export(tiny_inpaint_model, tmp_path_factory.mktemp("engines") / "tiny-inpaint-fp32", "fp32")
+
+
+@pytest.fixture(scope="session")
 def tiny_sdxl_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("diffusers")
     from sdrt.export.testmodel import build_test_model

@@ -92,12 +92,17 @@ def test_sdxl_builds_a_plan_per_component_with_cfg_profiles_for_all_conditioning
     export(ExportConfig(tiny_sdxl_model, tmp_path / "onnx", precision="fp16"), progress=False)
     plans = _build(tmp_path / "onnx", tmp_path / "sdxl", shapes="dynamic:64-128,batch=1-2", archs=("sm89",))
     manifest = read_manifest(plans)
-    assert list(manifest.plans.components) == ["text_encoder", "text_encoder_2", "denoise_step", "vae_decoder"]
     step = manifest.plans.components["denoise_step"].profile
+    assert list(manifest.plans.components) == ["text_encoder", "text_encoder_2", "vae_encoder", "denoise_step",
+                                               "vae_decoder"]
+    encoder = manifest.plans.components["vae_encoder"].profile  # pixels in, B x H x W
+    assert encoder["images"] == {"min": [1, 64, 64, 3], "opt": [1, 64, 64, 3], "max": [2, 128, 128, 3]}
+    assert step["mask"]["max"] == [2, 1, 16, 16] and step["image_latents"]["max"] == [2, 4, 16, 16]
     assert step["pooled_embeds"] == {"min": [1, 32], "opt": [2, 32], "max": [4, 32]}
     assert step["time_ids"] == {"min": [1, 6], "opt": [2, 6], "max": [4, 6]}
     assert step["text_embeddings_2"]["max"] == [4, 77, 32]
-    assert manifest.components["vae_decoder"].precision == "fp32"  # force_upcast: fp32 VAE in fp16 engines
+    for vae in ("vae_encoder", "vae_decoder"):  # force_upcast: an fp32 VAE in fp16 engines
+        assert manifest.components[vae].precision == "fp32"
     check_plans(plans, manifest, manifest.plans.flavour, manifest.plans.version, "sm89")
 
 

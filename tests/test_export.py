@@ -28,11 +28,14 @@ def test_layout_and_manifest(tiny_engines, tiny_model):
     assert step.input("latents").shape == ("B", 4, "h", "w")
     assert step.input("text_embeddings").shape[0] == "RB"
     assert m.components["vae_decoder"].output("images").dtype == "uint8"
+    assert [t.name for t in step.inputs if t.name in ("image_latents", "image_noise", "mask")] == [
+        "image_latents", "image_noise", "mask"]  # an ordinary model blends an inpainting mask in the step
+    assert m.components["vae_encoder"].input("images").shape == ("B", "H", "W", 3)
     for rel, digest in m.files.items():
         assert sha256_file(tiny_engines / rel) == digest
     assert {"denoise_step.onnx.data", "tokenizer/tokenizer.json"} <= set(m.files)
     assert len(m.source["sha256"]) == 64 and m.versions["torch"] and m.versions["onnxruntime"]
-    for name in ("text_encoder", "denoise_step", "vae_decoder"):
+    for name in ("text_encoder", "vae_encoder", "denoise_step", "vae_decoder"):
         report = m.validation[name]
         assert 0 <= report["error"] <= report["tolerance"]
     assert m.scheduler_config["_class_name"] == "PNDMScheduler"
@@ -121,7 +124,7 @@ def test_sdxl_folder_as_sd1_components_is_refused_clearly(tiny_sdxl_model, tmp_p
 def test_sdxl_manifest_carries_the_contract(tiny_sdxl_engines):
     m = read_manifest(tiny_sdxl_engines)
     assert m.model.family == "sdxl" and m.model.zero_empty_negative
-    assert m.model.components == ("text_encoder", "text_encoder_2", "denoise_step", "vae_decoder")
+    assert m.model.components == ("text_encoder", "text_encoder_2", "vae_encoder", "denoise_step", "vae_decoder")
     assert [(c.name, c.layout, c.source) for c in m.model.conditioning] == [
         ("text_embeddings", "cfg", "text_encoder"), ("text_embeddings_2", "cfg", "text_encoder_2"),
         ("pooled_embeds", "cfg", "text_encoder_2"), ("time_ids", "cfg", "host")]
@@ -183,15 +186,25 @@ def test_not_a_directory(tmp_path):
         export(ExportConfig(tmp_path / "nope", tmp_path / "out"), progress=False)
 
 
-def test_inpainting_unet_is_refused(tiny_model, tmp_path):
-    def nine_channels(m):
+def test_a_depth_like_unet_is_refused(tiny_model, tmp_path):
+    def five_channels(m):
         cfg = json.loads((m / "unet" / "config.json").read_text())
-        cfg["in_channels"] = 9
+        cfg["in_channels"] = 5
         (m / "unet" / "config.json").write_text(json.dumps(cfg))
 
-    model = _broken_copy(tiny_model, tmp_path, nine_channels)
+    model = _broken_copy(tiny_model, tmp_path, five_channels)
     with pytest.raises(ModelError):
         export(ExportConfig(model, tmp_path / "out"), progress=False)
+
+
+def test_inpainting_unet_exports_with_mask_and_masked_image_inputs(tiny_inpaint_engines):
+    m = read_manifest(tiny_inpaint_engines)
+    assert m.model.image_input == "concat" and m.model.needs_image
+    step = m.components["denoise_step"]
+    assert step.input("latents").shape == ("B", 4, "h", "w")  # the sampler state: 4 channels of the 9
+    assert step.input("mask").shape == ("B", 1, "h", "w")
+    assert step.input("masked_image_latents").shape == ("B", 4, "h", "w")
+    assert "image_latents" not in [t.name for t in step.inputs]  # no blend: the U-Net sees the mask
 
 
 def test_unknown_precision(tiny_model, tmp_path):
