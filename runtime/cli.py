@@ -8,7 +8,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from sdrt.errors import SdrtError
+from sdrt.errors import InputError, SdrtError
 
 
 def _testmodel(args: argparse.Namespace) -> None:
@@ -50,12 +50,15 @@ def _generate(args: argparse.Namespace) -> None:
     from sdrt.pipeline import Pipeline
     from sdrt.png import save_png
 
+    image, mask = (_read_file(path, flag) for path, flag in ((args.image, "--image"), (args.mask, "--mask")))
     pipe = Pipeline.load(args.engines, backend=args.backend, low_vram=args.low_vram)
     config = pipe.make_config(args.prompt, negative_prompt=args.negative, steps=args.steps,
                               guidance=args.guidance, scheduler=args.scheduler, seed=args.seed,
                               height=args.height, width=args.width, batch=args.batch,
                               original_size=args.original_size, crop_top_left=args.crop_top_left,
-                              target_size=args.target_size)
+                              target_size=args.target_size, image=image, mask_image=mask, strength=args.strength,
+                              mask_blur=args.mask_blur, inpainting_fill=args.inpainting_fill,
+                              inpainting_mask_invert=args.invert_mask)
     with tqdm(total=None, desc="denoise", unit="step", leave=False) as bar:
         def progress(done: int, total: int) -> None:
             bar.total = total
@@ -66,11 +69,21 @@ def _generate(args: argparse.Namespace) -> None:
     paths = [out] if config.batch == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(config.batch)]
     for path, image, i in zip(paths, result.pil_images(), range(config.batch)):
         save_png(image, path, result.parameters(i))
-    print(f"backend {pipe.backend.describe()} | {config.width}x{config.height} | {config.scheduler} "
-          f"{config.steps} steps | seed {config.seed}")
+    strength = f" (strength {config.strength:g})" if config.images else ""
+    print(f"backend {pipe.backend.describe()} | {config.mode}{strength} | {config.width}x{config.height} | "
+          f"{config.scheduler} {config.steps} steps | seed {config.seed}")
     print(result.timings.line())
     for path in paths:
         print(f"wrote {path}")
+
+
+def _read_file(path: str | None, flag: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise InputError(f"{flag} {path}: {e.strerror or e}") from None
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -161,6 +174,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SDXL micro-conditioning (default: the image size)")
     p.add_argument("--crop-top-left", type=int, nargs=2, default=None, metavar=("TOP", "LEFT"))
     p.add_argument("--target-size", type=int, nargs=2, default=None, metavar=("H", "W"))
+    p.add_argument("--image", default=None, help="img2img: start from this image (the size defaults to its own, "
+                   "rounded down to a multiple of 8)")
+    p.add_argument("--mask", default=None, help="inpainting: white repaints, black keeps (needs --image)")
+    p.add_argument("--strength", type=float, default=None,
+                   help="share of the steps that run from the image, (0, 1] (default 0.75; 1 for inpainting models)")
+    p.add_argument("--mask-blur", type=int, default=4, help="pixels of blur where the original is put back")
+    p.add_argument("--inpainting-fill", choices=["original", "latent noise", "latent nothing"], default="original",
+                   help="what the masked area starts from")
+    p.add_argument("--invert-mask", action="store_true", help="black repaints, white keeps")
     p.add_argument("--backend", choices=list(BACKENDS), default="auto")
     p.add_argument("--low-vram", action="store_true", help="keep one engine resident at a time")
     p.add_argument("-o", "--output", default="out.png")

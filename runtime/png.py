@@ -17,10 +17,15 @@ def a1111_parameters(config: Any, seed: int, index: int, model_name: str) -> str
     lines = [config.prompt[index]]
     if config.negative_prompt[index]:
         lines.append(f"Negative prompt: {config.negative_prompt[index]}")
+    images_in = ""
+    if config.images:  # A1111's img2img fields
+        images_in = f"Denoising strength: {config.strength:g}, "
+        if config.masks:
+            images_in += f"Mask blur: {config.mask_blur}, "
     lines.append(
         f"Steps: {config.steps}, Sampler: {_SAMPLER_LABELS.get(config.scheduler, config.scheduler)}, "
         f"CFG scale: {config.guidance:g}, Seed: {seed}, Size: {config.width}x{config.height}, "
-        f"Model: {model_name}, Version: sdrt {__version__}")
+        f"Model: {model_name}, {images_in}Version: sdrt {__version__}")
     return "\n".join(lines)
 
 

@@ -39,6 +39,41 @@ def test_bad_input_exits_nonzero_with_message(tiny_engines, tmp_path, args, mess
     assert not (tmp_path / "x.png").exists()
 
 
+def test_img2img_and_inpainting_from_files(tiny_engines, tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((70, 83, 3)) * 255).astype(np.uint8)).save(tmp_path / "in.png")
+    mask = np.zeros((70, 83), np.uint8)
+    mask[20:50, 20:60] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    r = sdrt("generate", str(tiny_engines), "a cat", "--image", str(tmp_path / "in.png"), "--strength", "0.6",
+             "--steps", "5", "-o", str(tmp_path / "img2img.png"))
+    assert r.returncode == 0, r.stderr
+    assert "img2img (strength 0.6) | 80x64" in r.stdout and "image encoder" in r.stdout
+    out = Image.open(tmp_path / "img2img.png")
+    assert out.size == (80, 64) and "Denoising strength: 0.6" in out.info["parameters"]
+    r = sdrt("generate", str(tiny_engines), "a cat", "--image", str(tmp_path / "in.png"), "--mask",
+             str(tmp_path / "mask.png"), "--steps", "4", "--width", "64", "--height", "64", "-o", str(tmp_path / "i.png"))
+    assert r.returncode == 0, r.stderr
+    assert "inpaint" in r.stdout and "Mask blur: 4" in Image.open(tmp_path / "i.png").info["parameters"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--image", "missing.png"], "--image missing.png: No such file"),
+    (["--mask", "mask.png"], "mask_image needs the image"),
+    (["--image", "in.png", "--strength", "2"], "strength must be a number in (0, 1]"),
+    (["--image", "notes.txt"], "not a readable image"),
+])
+def test_bad_image_arguments_exit_nonzero_with_message(tiny_engines, tmp_path, args, message):
+    Image.new("RGB", (64, 64)).save(tmp_path / "in.png")
+    Image.new("L", (64, 64)).save(tmp_path / "mask.png")
+    (tmp_path / "notes.txt").write_text("hello")
+    r = sdrt("generate", str(tiny_engines), "a cat", *args, "-o", str(tmp_path / "x.png"), cwd=tmp_path)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_unknown_scheduler_is_an_argparse_error(tiny_engines):
     r = sdrt("generate", str(tiny_engines), "a cat", "--scheduler", "heun")
     assert r.returncode == 2 and "invalid choice" in r.stderr
