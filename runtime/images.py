@@ -30,7 +30,7 @@ class Picture:
         return self.pixels.shape[1], self.pixels.shape[0]
 
 
-def _pil(value: Any, what: str) -> Any:
+def open_image(value: Any, what: str) -> Any:
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(value, Image.Image):
@@ -64,12 +64,12 @@ def _pil(value: Any, what: str) -> Any:
 
 def read_image(value: Any, what: str = "image") -> Any:
     """A PIL RGB image from a PIL image, a uint8 array or encoded bytes; transparent pixels as stored."""
-    return _pil(value, what).convert("RGB")
+    return open_image(value, what).convert("RGB")
 
 
 def read_mask(value: Any, what: str = "mask") -> Any:
     """A PIL grayscale ("L") mask (PIL's luma of a colour mask)."""
-    return _pil(value, what).convert("L")
+    return open_image(value, what).convert("L")
 
 
 def resized(image: Any, width: int, height: int) -> Any:

@@ -289,6 +289,27 @@ def _a1111_bodies():
     })
 
 
+def _img2img_bodies():
+    from hypothesis import strategies as st
+
+    from tests.test_server_images import b64, box_mask, picture
+
+    images = [b64(picture(64, 64)), b64(picture(72, 64, seed=1)), "not base64!", "aGVsbG8=", b64(box_mask())]
+    return st.fixed_dictionaries({"init_images": _field(st.lists(st.sampled_from(images), max_size=3))}, optional={
+        "prompt": _field(st.text(max_size=20)),
+        "steps": _field(st.integers(-1, 3)),
+        "mask": _field(st.sampled_from(images)),
+        "denoising_strength": _field(st.floats(-1, 2)),
+        "mask_blur": _field(st.integers(-2, 100)),
+        "inpainting_fill": _field(st.integers(-1, 4)),
+        "inpaint_full_res": st.booleans(),
+        "inpainting_mask_invert": _field(st.integers(0, 2)),
+        "resize_mode": _field(st.integers(0, 3)),
+        "width": _field(st.sampled_from([64, 72, 4096])),
+        "batch_size": _field(st.integers(0, 2)),
+    })
+
+
 def _openai_bodies():
     from hypothesis import strategies as st
 
@@ -304,8 +325,8 @@ def _openai_bodies():
     })
 
 
-@pytest.mark.parametrize("path, bodies", [("/sdapi/v1/txt2img", _a1111_bodies), ("/v1/images/generations",
-                                                                                  _openai_bodies)])
+@pytest.mark.parametrize("path, bodies", [("/sdapi/v1/txt2img", _a1111_bodies), ("/sdapi/v1/img2img", _img2img_bodies),
+                                          ("/v1/images/generations", _openai_bodies)])
 def test_fuzzed_bodies_never_get_a_5xx(fuzz_server, path, bodies):
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st

@@ -1,15 +1,18 @@
 """Request bodies of the two APIs sdrt speaks, and their translation to a GenerationConfig.
 
-AUTOMATIC1111 (`/sdapi/v1/txt2img`): fields sdrt does not implement are accepted at their defaults
-(clients such as webuiapi send them all) and refused with a 400 when turned on. OpenAI
-(`/v1/images/generations`): prompt, n, size, response_format=b64_json; seed, steps,
-guidance_scale, negative_prompt and scheduler are sdrt extensions (`extra_body` in the openai client).
+AUTOMATIC1111 (`/sdapi/v1/txt2img`, `/sdapi/v1/img2img`): fields sdrt does not implement are accepted
+at their defaults (clients such as webuiapi send them all) and refused with a 400 when turned on.
+OpenAI (`/v1/images/generations`, multipart `/v1/images/edits`): prompt, n, size,
+response_format=b64_json; seed, steps, guidance_scale, negative_prompt, scheduler (and strength for
+edits) are sdrt extensions (`extra_body` in the openai client).
 On both APIs, original_size, crop_top_left and target_size ([height, width] pixels) set SDXL's
 micro-conditioning (sdrt extensions; refused by engines of families without it).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import secrets
 from typing import Annotated, Any
@@ -17,7 +20,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Strict
 
 from sdrt.errors import InputError
-from sdrt.pipeline import SEED_MAX, GenerationConfig, Pipeline
+from sdrt.pipeline import INPAINTING_FILLS, SEED_MAX, GenerationConfig, Pipeline
 from sdrt.schedulers import A1111_NAMES, SAMPLERS
 from sdrt.serve.config import ServeConfig
 
@@ -65,6 +68,43 @@ class Txt2ImgRequest(MicroConditioning):
         out = [name for name in ("enable_hr", "restore_faces", "tiling", "styles", "script_name", "alwayson_scripts")
                if getattr(self, name)]
         return out + (["subseed_strength"] if self.subseed_strength else [])
+
+
+class Img2ImgRequest(Txt2ImgRequest):
+    """A1111's img2img: txt2img's fields plus the images. resize_mode 0 (just resize) only; inpainting
+    of the whole picture (inpaint_full_res false); inpainting_fill 1 original, 2 latent noise, 3 latent
+    nothing (0, fill, and A1111's defaults of 0 and "only masked" are refused with a mask)."""
+
+    init_images: list[str]
+    mask: str | None = None
+    resize_mode: Int = 0
+    denoising_strength: float = 0.75
+    mask_blur: Int = 4
+    mask_blur_x: Int | None = None
+    mask_blur_y: Int | None = None
+    inpainting_fill: Int = 1
+    inpaint_full_res: bool = False
+    inpaint_full_res_padding: Int = 0
+    inpainting_mask_invert: Int = 0
+    initial_noise_multiplier: float | None = None
+    include_init_images: bool = False
+    image_cfg_scale: float | None = None  # InstructPix2Pix only; ignored as A1111 does for other models
+
+    def unsupported(self) -> list[str]:
+        out = super().unsupported()
+        if self.resize_mode != 0:
+            out.append("resize_mode other than 0 (just resize)")
+        if self.initial_noise_multiplier not in (None, 1.0):
+            out.append("initial_noise_multiplier")
+        if self.include_init_images:
+            out.append("include_init_images")
+        if any(b not in (None, self.mask_blur) for b in (self.mask_blur_x, self.mask_blur_y)):
+            out.append("mask_blur_x/mask_blur_y other than mask_blur")
+        if self.mask is not None and self.inpaint_full_res:
+            out.append("inpaint_full_res ('only masked'; set it false to inpaint the whole picture)")
+        if self.mask is not None and self.inpainting_fill not in INPAINTING_FILLS:
+            out.append(f"inpainting_fill {self.inpainting_fill} (use 1 original, 2 latent noise or 3 latent nothing)")
+        return out
 
 
 class ImagesRequest(MicroConditioning):
@@ -133,9 +173,29 @@ def a1111_config(req: Txt2ImgRequest, pipe: Pipeline, cfg: ServeConfig) -> Gener
     _check_common(cfg, [req.prompt, req.negative_prompt], steps, images, req.height, req.width)
     scheduler = sampler_for(req.sampler_name or req.sampler_index, req.scheduler,
                             _first(cfg.default_scheduler, pipe.model.defaults.sampler))
+    extra: dict[str, Any] = {}
+    if isinstance(req, Img2ImgRequest):
+        inits = [decode_base64(x, f"init_images[{i}]") for i, x in enumerate(req.init_images)]
+        if len(inits) not in (1, req.batch_size):
+            raise InputError(f"init_images must hold 1 image or batch_size ({req.batch_size}), got {len(inits)}")
+        extra = dict(image=inits[0] if len(inits) == 1 else inits * req.n_iter, strength=req.denoising_strength)
+        if req.mask is not None:
+            extra.update(mask_image=decode_base64(req.mask, "mask"), mask_blur=req.mask_blur,
+                         inpainting_fill=INPAINTING_FILLS[req.inpainting_fill],
+                         inpainting_mask_invert=bool(req.inpainting_mask_invert))
     return pipe.make_config([req.prompt] * images, negative_prompt=req.negative_prompt, steps=steps,
                             guidance=req.cfg_scale, scheduler=scheduler, height=req.height, width=req.width,
-                            seeds=_seeds(req.seed, images), **req.micro())
+                            seeds=_seeds(req.seed, images), **req.micro(), **extra)
+
+
+def decode_base64(value: str, what: str) -> bytes:
+    """An image sent as base64 text, with or without a data: URL prefix (A1111's clients send both)."""
+    if value.startswith("data:"):
+        value = value.partition(",")[2]
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise InputError(f"{what} is not base64 image data: send the file's bytes base64-encoded") from None
 
 
 def a1111_info(req: Txt2ImgRequest, config: GenerationConfig, infotexts: list[str], model: str) -> str:
@@ -148,6 +208,7 @@ def a1111_info(req: Txt2ImgRequest, config: GenerationConfig, infotexts: list[st
         "sampler_name": SAMPLER_LABELS.get(config.scheduler, config.scheduler), "cfg_scale": config.guidance,
         "steps": config.steps, "batch_size": req.batch_size, "n_iter": req.n_iter, "sd_model_name": model,
         "infotexts": infotexts, "index_of_first_image": 0, "restore_faces": False,
+        **({"denoising_strength": config.strength} if config.images else {}),
     })
 
 
@@ -160,7 +221,7 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
     return int(parts[1]), int(parts[0])
 
 
-def openai_config(req: ImagesRequest, pipe: Pipeline, cfg: ServeConfig) -> GenerationConfig:
+def openai_config(req: ImagesRequest, pipe: Pipeline, cfg: ServeConfig, **images: Any) -> GenerationConfig:
     if req.response_format not in (None, "b64_json"):
         raise InputError(f"response_format {req.response_format!r} is not supported: sdrt returns images inline, "
                          "use response_format='b64_json'")
@@ -170,7 +231,57 @@ def openai_config(req: ImagesRequest, pipe: Pipeline, cfg: ServeConfig) -> Gener
     scheduler = sampler_for(req.scheduler, None, _first(cfg.default_scheduler, pipe.model.defaults.sampler))
     return pipe.make_config([req.prompt] * req.n, negative_prompt=req.negative_prompt, steps=steps,
                             guidance=req.guidance_scale, scheduler=scheduler, height=height, width=width,
-                            seeds=_seeds(req.seed, req.n), **req.micro())
+                            seeds=_seeds(req.seed, req.n), **req.micro(), **images)
+
+
+def openai_edit_config(form: dict[str, Any], pipe: Pipeline, cfg: ServeConfig) -> GenerationConfig:
+    """/v1/images/edits from its multipart fields: `image` (file; `image[]` too), optional `mask` (a PNG
+    whose transparent pixels are edited, OpenAI's rule; without alpha, white = edit), prompt, n, size;
+    sdrt extensions as in generations plus strength (default 1 with a mask, else 0.75). Without a mask,
+    the image's own transparent pixels are the mask when it has any; with none, it is img2img."""
+    image = form.get("image", form.get("image[]"))
+    if not isinstance(image, bytes):
+        raise InputError("the edit needs an `image` file (multipart/form-data)")
+    fields = {k: v for k, v in form.items() if isinstance(v, str)}
+    numbers: dict[str, Any] = {}
+    for name in ("n", "seed", "steps"):
+        if name in fields:
+            if not fields[name].isdigit() or len(fields[name]) > 10:
+                raise InputError(f"{name} must be a non-negative integer, got {fields[name]!r}")
+            numbers[name] = int(fields[name])
+    for name in ("guidance_scale", "strength"):
+        if name in fields:
+            try:
+                numbers[name] = float(fields[name])
+            except ValueError:
+                raise InputError(f"{name} must be a number, got {fields[name]!r}") from None
+    strength = numbers.pop("strength", None)
+    try:
+        req = ImagesRequest(**{k: v for k, v in fields.items() if k in ImagesRequest.model_fields and k not in numbers},
+                            **numbers)
+    except ValueError as e:
+        raise InputError(f"invalid edit request: {e}") from None
+    mask = form.get("mask")
+    mask_image = openai_mask(mask if isinstance(mask, bytes) else image, required=isinstance(mask, bytes))
+    config = openai_config(req, pipe, cfg, image=image, mask_image=mask_image,
+                           strength=strength if strength is not None else (1.0 if mask_image is not None else None))
+    return config
+
+
+def openai_mask(data: bytes, required: bool) -> Any:
+    """A white = repaint mask from OpenAI's: the transparent pixels of a PNG with alpha. A mask file
+    without alpha is read as sdrt's own (white = repaint); an image without transparency gives None."""
+    import numpy as np
+
+    from sdrt.images import open_image, read_mask
+
+    source = open_image(data, "mask" if required else "image")
+    if "A" in source.getbands() or source.mode == "P" and "transparency" in source.info:
+        alpha = np.asarray(source.convert("RGBA"))[..., 3]
+        if not required and alpha.min() >= 128:
+            return None  # an opaque image: no edit area of its own
+        return (alpha < 128).astype(np.uint8) * 255
+    return read_mask(source, "mask") if required else None
 
 
 def _first(*values: Any) -> Any:

@@ -25,12 +25,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from sdrt.errors import InputError
 from sdrt.pipeline import GenerationConfig, Pipeline
 from sdrt.schedulers import A1111_NAMES, SAMPLERS
-from sdrt.serve.apis import (ImagesRequest, Txt2ImgRequest, a1111_config, a1111_info, openai_config)
+from sdrt.serve.apis import (ImagesRequest, Img2ImgRequest, Txt2ImgRequest, a1111_config, a1111_info, openai_config,
+                             openai_edit_config)
 from sdrt.serve.config import ServeConfig
 from sdrt.serve.jobs import ClientGone, Image, Job, QueueFull, RequestTimeout, Scheduler, ShuttingDown
 from sdrt.serve.metrics import Metrics
 
 OPEN_PATHS = ("/health", "/ready", "/metrics")  # probes and scrapers need no token
+IMAGE_PATHS = ("/sdapi/v1/img2img", "/v1/images/edits")  # bodies with images get the larger limit
 _STATUS = {InputError: 400, QueueFull: 429, ShuttingDown: 503, RequestTimeout: 504, ClientGone: 499}
 _KIND = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "too_large",
          422: "bad_request", 429: "queue_full", 499: "client_disconnected", 503: "unavailable", 504: "timeout",
@@ -95,24 +97,28 @@ class AuthAndAccounting:
 
 
 class BodyLimit:
-    """ASGI middleware: request bodies over max_bytes get a 413 before they are read in full."""
+    """ASGI middleware: request bodies over the limit get a 413 before they are read in full;
+    max_bytes for JSON, image_max_bytes on IMAGE_PATHS."""
 
-    def __init__(self, app: Any, max_bytes: int):
+    def __init__(self, app: Any, max_bytes: int, image_max_bytes: int, metrics: Metrics):
         self.app = app
         self.max_bytes = max_bytes
+        self.image_max_bytes = image_max_bytes
+        self.metrics = metrics
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit = self.image_max_bytes if scope["path"] in IMAGE_PATHS else self.max_bytes
         declared = dict(scope.get("headers", [])).get(b"content-length")
-        too_big = declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes)
+        too_big = declared is not None and (not declared.isdigit() or int(declared) > limit)
         seen = 0
 
         async def counted() -> dict:
             nonlocal seen
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
+            if seen > limit:
                 raise _TooLarge()
             return message
 
@@ -121,8 +127,7 @@ class BodyLimit:
                 return await self.app(scope, counted, send)
             except _TooLarge:
                 pass
-        response = JSONResponse({"error": "too_large", "detail": f"request bodies are limited to {self.max_bytes} "
-                                 "bytes"}, status_code=413)
+        response = error_response(scope["path"], self.metrics, 413, f"request bodies here are limited to {limit} bytes")
         await response(scope, receive, send)
 
 
@@ -201,7 +206,7 @@ def create_app(config: ServeConfig, pipeline: Pipeline | None = None) -> FastAPI
         if (refusal := not_ready(request)) is not None:
             return refusal
         try:
-            gen = make(scheduler.pipeline)
+            gen = await asyncio.to_thread(make, scheduler.pipeline)  # decoding images takes a while: off the loop
             job = Job(gen, deadline=time.monotonic() + config.request_timeout_s)
             future = asyncio.wrap_future(scheduler.submit(job))
         except (InputError, QueueFull, ShuttingDown) as e:
@@ -239,6 +244,25 @@ def create_app(config: ServeConfig, pipeline: Pipeline | None = None) -> FastAPI
         return await generate(request, lambda pipe: a1111_config(body, pipe, config), lambda gen, images, pngs: {
             "images": pngs, "parameters": body.model_dump(),
             "info": a1111_info(body, gen, [im.parameters for im in images], name)})
+
+    @app.post("/sdapi/v1/img2img")
+    async def img2img(request: Request, body: Img2ImgRequest) -> Any:
+        name = scheduler.pipeline.manifest.name if scheduler.pipeline else ""
+        echoed = body.model_dump() | {"init_images": None, "mask": None}  # as A1111 without include_init_images
+        return await generate(request, lambda pipe: a1111_config(body, pipe, config), lambda gen, images, pngs: {
+            "images": pngs, "parameters": echoed,
+            "info": a1111_info(body, gen, [im.parameters for im in images], name)})
+
+    @app.post("/v1/images/edits")
+    async def images_edits(request: Request) -> Any:
+        try:
+            form = await request.form(max_files=4, max_fields=64)
+            fields = {k: (await v.read() if hasattr(v, "read") else v) for k, v in form.items()}
+        except (AssertionError, ValueError, KeyError) as e:  # not multipart, or malformed
+            return error_response(request.url.path, metrics, 400, f"send multipart/form-data with an `image` file "
+                                  f"and a `prompt` ({type(e).__name__}: {e})")
+        return await generate(request, lambda pipe: openai_edit_config(fields, pipe, config), lambda gen, images, pngs: {
+            "created": int(time.time()), "data": [{"b64_json": p, "revised_prompt": fields.get("prompt")} for p in pngs]})
 
     @app.post("/v1/images/generations")
     async def images_generations(request: Request, body: ImagesRequest) -> Any:
@@ -278,12 +302,13 @@ def create_app(config: ServeConfig, pipeline: Pipeline | None = None) -> FastAPI
                           "sampling_step": p.step if p.running else 0, "sampling_steps": p.steps if p.running else 0},
                 "current_image": None, "textinfo": None}
 
-    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes, image_max_bytes=config.max_image_body_bytes,
+                       metrics=metrics)
     app.add_middleware(AuthAndAccounting, token=config.token, metrics=metrics)  # outermost: runs first
     return app
 
 
-_ENDPOINTS = ("/sdapi/v1/txt2img", "/v1/images/generations", "/sdapi/v1/progress", "/sdapi/v1/samplers",
+_ENDPOINTS = ("/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/v1/images/generations", "/v1/images/edits", "/sdapi/v1/progress", "/sdapi/v1/samplers",
               "/sdapi/v1/sd-models", "/health", "/ready", "/metrics")
 
 

@@ -18,7 +18,8 @@ class ServeConfig:
     max_batch: int | None = None  # rows per engine call; None: the engines' max batch; 1 disables batching
     batch_window_s: float = 0.015  # how long the first request waits for others to share its engine call
     request_timeout_s: float = 300.0  # queue + generation; then 504
-    max_body_bytes: int = 64 * 1024
+    max_body_bytes: int = 64 * 1024  # JSON without images
+    max_image_body_bytes: int = 20 * 1024 * 1024  # img2img and edits: base64 or multipart images
     max_prompt_chars: int = 2000
     max_steps: int = 150
     max_images_per_request: int = 16
