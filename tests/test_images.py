@@ -234,3 +234,11 @@ def test_inpainting_model_needs_an_image_and_a_mask(tiny_inpaint_engines):
         pipe.make_config("x")
     with pytest.raises(InputError, match="mask_image as well"):
         pipe.make_config("x", image=picture_of())
+
+
+def test_sdxl_blend_inpainting_matches_diffusers(tiny_sdxl_model, tiny_sdxl_engines, monkeypatch):
+    image, mask = picture_of(), box_mask()
+    ours, noise, _ = sdrt_run(tiny_sdxl_engines, "euler", 8, image=image, mask_image=mask, strength=0.8, mask_blur=0)
+    ref = diffusers_run("StableDiffusionXLInpaintPipeline", tiny_sdxl_model, "euler", noise, monkeypatch,
+                        image=image, mask_image=mask, strength=0.8, num_inference_steps=8)
+    assert_parity(ours, np.stack([diffusers_overlay(r, image, mask) for r in ref]), "sdxl blend inpaint")
