@@ -95,13 +95,8 @@ class DenoiseStep(nn.Module):
         return latents_next, x_history_next, out_history_next
 
 
-class VaeEncoder(nn.Module):
-    """images (B, H, W, 3) uint8 RGB, pixel_mask (B, H, W, 1) f32 -> image_latents (B, 4, H/8, W/8) f32.
-
-    diffusers' VaeImageProcessor normalization to [-1, 1]; pixels where pixel_mask is 1 become 0 (the
-    masked image of inpainting U-Nets); the latent is the distribution's mean times the scaling factor
-    (deterministic, where diffusers samples it by default).
-    """
+class _Vae(nn.Module):
+    """A diffusers AutoencoderKL and its latent scaling factor."""
 
     def __init__(self, vae: nn.Module, scaling_factor: float):
         super().__init__()
@@ -111,6 +106,15 @@ class VaeEncoder(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return next(self.vae.parameters()).dtype
+
+
+class VaeEncoder(_Vae):
+    """images (B, H, W, 3) uint8 RGB, pixel_mask (B, H, W, 1) f32 -> image_latents (B, 4, H/8, W/8) f32.
+
+    diffusers' VaeImageProcessor normalization to [-1, 1]; pixels where pixel_mask is 1 become 0 (the
+    masked image of inpainting U-Nets); the latent is the distribution's mean times the scaling factor
+    (deterministic, where diffusers samples it by default).
+    """
 
     def forward(self, images: torch.Tensor, pixel_mask: torch.Tensor) -> torch.Tensor:
         x = (images.float() / 255 * 2 - 1) * (1 - pixel_mask)  # (B, H, W, 3)
@@ -119,17 +123,8 @@ class VaeEncoder(nn.Module):
         return mean.float() * self.scaling_factor
 
 
-class VaeDecoder(nn.Module):
+class VaeDecoder(_Vae):
     """latents (B, 4, h, w) f32 -> images (B, 8h, 8w, 3) uint8 RGB, diffusers' post-processing."""
-
-    def __init__(self, vae: nn.Module, scaling_factor: float):
-        super().__init__()
-        self.vae = vae
-        self.scaling_factor = scaling_factor
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.vae.parameters()).dtype
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         z = (latents / self.scaling_factor).to(self.dtype)

@@ -283,7 +283,7 @@ class Pipeline:
         if sources and (height is None or width is None):  # the image's size, rounded down to the latent grid
             f = self.model.vae_scale_factor
             first = sources[0][0]
-            for label, v, (lo, _, hi) in (("height", first.height, limits.height), ("width", first.width, limits.width)):
+            for v, (lo, _, hi) in ((first.height, limits.height), (first.width, limits.width)):
                 if not lo <= v // f * f <= hi:
                     raise InputError(f"the image is {first.width}x{first.height} pixels; {where} is {lo} to {hi} a "
                                      f"side: pass width and height (the image is resized to them)")

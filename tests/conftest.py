@@ -24,12 +24,16 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["SDRT_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _model(kind: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("diffusers")
     from sdrt.export.testmodel import build_test_model
 
-    return build_test_model("tiny", tmp_path_factory.mktemp("models") / "tiny")
+    return build_test_model(kind, tmp_path_factory.mktemp("models") / kind)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _model("tiny", tmp_path_factory)
 
 
 def _export(model: Path, out: Path, precision: str) -> Path:
@@ -53,10 +57,7 @@ def tiny_engines_fp16(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
 @pytest.fixture(scope="session")
 def tiny_inpaint_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model with a 9-channel (inpainting) U-Net, as a StableDiffusionInpaintPipeline folder."""
-    pytest.importorskip("diffusers")
-    from sdrt.export.testmodel import build_test_model
-
-    return build_test_model("tiny-inpaint", tmp_path_factory.mktemp("models") / "tiny-inpaint")
+    return _model("tiny-inpaint", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
@@ -66,10 +67,7 @@ def tiny_inpaint_engines(tiny_inpaint_model: Path, tmp_path_factory: pytest.Temp
 
 @pytest.fixture(scope="session")
 def tiny_sdxl_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("diffusers")
-    from sdrt.export.testmodel import build_test_model
-
-    return build_test_model("tiny-sdxl", tmp_path_factory.mktemp("models") / "tiny-sdxl")
+    return _model("tiny-sdxl", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
@@ -81,6 +79,4 @@ def tiny_sdxl_engines(tiny_sdxl_model: Path, tmp_path_factory: pytest.TempPathFa
 @pytest.fixture(scope="session")
 def sd15_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The exact SD 1.5 architecture with random weights (~4.3 GB on disk); slow tests only."""
-    from sdrt.export.testmodel import build_test_model
-
-    return build_test_model("sd15", tmp_path_factory.mktemp("models") / "sd15")
+    return _model("sd15", tmp_path_factory)

@@ -59,10 +59,9 @@ def sdrt_run(engines, scheduler, steps, **kwargs):
     return pipe.generate(config).images, pipe.initial_noise(config)[0], config
 
 
-def assert_parity(ours, ref, label, where=None):
+def assert_parity(ours, ref, label):
     assert ours.shape == ref.shape
-    diff = np.abs(ours.astype(int) - ref.astype(int))
-    err = int(diff.max())
+    err = int(np.abs(ours.astype(int) - ref.astype(int)).max())
     assert err <= MAX_PIXEL_ERROR, f"{label}: max pixel error {err}/255"
     assert ref.std() > 1, "reference image is flat: the comparison would prove nothing"
 

@@ -15,7 +15,7 @@ from PIL import Image  # noqa: E402
 
 from sdrt.pipeline import Pipeline  # noqa: E402
 from sdrt.serve.config import ServeConfig  # noqa: E402
-from tests.test_server import TOKEN, LiveServer, decode  # noqa: E402
+from tests.test_server import TOKEN, LiveServer, decode, direct, server  # noqa: E402,F401 (fixtures)
 
 
 def picture(width=64, height=64, seed=0) -> Image.Image:
@@ -37,18 +37,6 @@ def png(image: Image.Image) -> bytes:
 
 def b64(image: Image.Image) -> str:
     return base64.b64encode(png(image)).decode()
-
-
-@pytest.fixture(scope="module")
-def server(tiny_engines):
-    live = LiveServer(ServeConfig(tiny_engines, token=TOKEN, backend="ort-cpu"))
-    yield live
-    live.stop()
-
-
-@pytest.fixture(scope="module")
-def direct(tiny_engines):
-    return Pipeline.load(tiny_engines, backend="ort-cpu")
 
 
 def test_webuiapi_img2img_and_inpainting_match_the_pipeline(server, direct):
