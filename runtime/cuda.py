@@ -44,12 +44,6 @@ def gpu_arch(device: int = 0) -> str | None:
     return f"sm{major}{minor}"
 
 
-def mem_info() -> tuple[int, int]:
-    """(free, total) bytes of the current device."""
-    free, total = check(cudart().cudaMemGetInfo())
-    return int(free), int(total)
-
-
 class _Allocation:
     """Memory from one CUDA allocator call, freed explicitly or when collected."""
 

@@ -6,9 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from sdrt.schedulers import A1111_NAMES
-
-_SAMPLER_LABELS = {v: k for k, v in A1111_NAMES.items()}
+from sdrt.schedulers import A1111_LABELS
 
 
 def a1111_parameters(config: Any, seed: int, index: int, model_name: str) -> str:
@@ -23,7 +21,7 @@ def a1111_parameters(config: Any, seed: int, index: int, model_name: str) -> str
         if config.masks:
             images_in += f"Mask blur: {config.mask_blur}, "
     lines.append(
-        f"Steps: {config.steps}, Sampler: {_SAMPLER_LABELS.get(config.scheduler, config.scheduler)}, "
+        f"Steps: {config.steps}, Sampler: {A1111_LABELS.get(config.scheduler, config.scheduler)}, "
         f"CFG scale: {config.guidance:g}, Seed: {seed}, Size: {config.width}x{config.height}, "
         f"Model: {model_name}, {images_in}Version: sdrt {__version__}")
     return "\n".join(lines)

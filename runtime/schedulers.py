@@ -498,6 +498,7 @@ A1111_NAMES: dict[str, str] = {
     "LCM": "lcm",
     "PLMS": "plms",
 }
+A1111_LABELS: dict[str, str] = {v: k for k, v in A1111_NAMES.items()}  # sdrt name -> A1111's label
 
 
 # Samplers whose diffusers scheduler has no zero-terminal-SNR rescaling (PNDMScheduler ignores the key).

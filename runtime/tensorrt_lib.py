@@ -85,11 +85,6 @@ def available_flavours() -> list[str]:
     return [name for name in FLAVOURS if _try_import(name) is not None]
 
 
-def arch_name(major: int, minor: int) -> str:
-    """Compute capability (8, 6) -> 'sm86'."""
-    return f"sm{major}{minor}"
-
-
 def cache_path(lib: TensorRT, kind: str, arch: str | None = None) -> Path:
     """The one place TensorRT caches live: `timing` (builder) or `runtime` (TensorRT-RTX JIT kernels).
 

@@ -191,7 +191,7 @@ def test_overlay_matches_diffusers_apply_overlay(blur):
 
 
 def test_fp16_img2img_and_inpainting_close_to_fp32(tiny_engines, tiny_engines_fp16):
-    from tests.test_parity import psnr
+    from sdrt.bench.stats import psnr
 
     for kwargs in (dict(image=picture_of(), strength=0.6), dict(image=picture_of(), mask_image=box_mask())):
         images = [sdrt_run(engines, "euler", 6, **kwargs)[0] for engines in (tiny_engines, tiny_engines_fp16)]

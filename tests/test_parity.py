@@ -9,6 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
+from sdrt.bench.stats import psnr  # noqa: E402
 from sdrt.export.reference import diffusers_scheduler  # noqa: E402
 from sdrt.pipeline import Pipeline  # noqa: E402
 
@@ -30,11 +31,6 @@ def diffusers_images(model_dir, scheduler, prompt, negative, steps, guidance, la
     out = pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
                latents=torch.from_numpy(latents), height=height, width=width, output_type="np", **extra).images
     return (out * 255).round().astype(np.uint8)
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 def sdrt_and_reference(model_dir, engines, scheduler, steps=4, guidance=7.5, size=None, batch=1,

@@ -57,12 +57,6 @@ class Backend(ABC):
     @abstractmethod
     def download(self, buffer: Any) -> np.ndarray: ...
 
-    def upload(self, array: np.ndarray) -> Any:
-        """A new buffer holding a copy of array (never aliasing host memory)."""
-        buffer = self.empty(array.shape, array.dtype.name)
-        self.write(buffer, array)
-        return buffer
-
     def synchronize(self) -> None:
         """Waits for queued device work (a no-op where runs are synchronous)."""
 

@@ -21,10 +21,9 @@ from pydantic import BaseModel, ConfigDict, Strict
 
 from sdrt.errors import InputError
 from sdrt.pipeline import INPAINTING_FILLS, SEED_MAX, GenerationConfig, Pipeline
-from sdrt.schedulers import A1111_NAMES, SAMPLERS
+from sdrt.schedulers import A1111_LABELS, A1111_NAMES, SAMPLERS
 from sdrt.serve.config import ServeConfig
 
-SAMPLER_LABELS = {v: k for k, v in A1111_NAMES.items()}
 Int = Annotated[int, Strict()]  # JSON integers only: `true` is not 1 step, 20.5 is not 20
 
 
@@ -205,7 +204,7 @@ def a1111_info(req: Txt2ImgRequest, config: GenerationConfig, infotexts: list[st
         "all_negative_prompts": list(config.negative_prompt), "seed": config.row_seeds[0],
         "all_seeds": list(config.row_seeds), "subseed": -1, "all_subseeds": [-1] * config.batch,
         "subseed_strength": 0, "width": config.width, "height": config.height,
-        "sampler_name": SAMPLER_LABELS.get(config.scheduler, config.scheduler), "cfg_scale": config.guidance,
+        "sampler_name": A1111_LABELS.get(config.scheduler, config.scheduler), "cfg_scale": config.guidance,
         "steps": config.steps, "batch_size": req.batch_size, "n_iter": req.n_iter, "sd_model_name": model,
         "infotexts": infotexts, "index_of_first_image": 0, "restore_faces": False,
         **({"denoising_strength": config.strength} if config.images else {}),
