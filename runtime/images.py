@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -89,13 +89,13 @@ def mask_picture(mask: Any, invert: bool) -> Picture:
     return Picture(np.where(binary != invert, 255, 0).astype(np.uint8))
 
 
-def latent_mask(masks: list[Picture], factor: int) -> np.ndarray:
+def latent_mask(masks: Sequence[Picture], factor: int) -> np.ndarray:
     """(B, 1, H/f, W/f) float32, 1 = repaint: nearest-neighbour downsampling (torch's interpolate,
     the pixel at the top-left of each f x f block), as diffusers' inpainting pipelines."""
     return np.stack([(m.pixels[::factor, ::factor] > 0).astype(np.float32)[None] for m in masks])
 
 
-def pixel_mask(masks: list[Picture]) -> np.ndarray:
+def pixel_mask(masks: Sequence[Picture]) -> np.ndarray:
     """(B, H, W, 1) float32, 1 = repaint: the pixels an inpainting U-Net's masked image leaves gray."""
     return np.stack([(m.pixels > 0).astype(np.float32)[..., None] for m in masks])
 

@@ -66,7 +66,7 @@ class GenerationConfig:
     masks: tuple[Picture, ...] = ()  # one per row (inpainting), 255 = repaint, 0 = keep; empty: img2img
     strength: float = 1.0  # diffusers' strength, A1111's denoising strength: the last ⌊steps × strength⌋ run
     mask_blur: int = 4  # pixels of Gaussian blur where the original is composited back (A1111's mask_blur)
-    inpainting_fill: str = "original"  # the masked area's start: a value of INPAINTING_FILLS
+    inpainting_fill: str = "original"  # the masked area's start (inpainting only): a value of INPAINTING_FILLS
 
     @property
     def row_seeds(self) -> tuple[int, ...]:
@@ -231,6 +231,13 @@ class Pipeline:
         self.backend.write(buffer, array)
         return buffer
 
+    def _constant(self, key: str, shape: tuple[int, ...], value: float) -> Any:
+        """A float32 device buffer of `value`, written when first allocated for this shape, then reused
+        as is (read-only inputs: text-to-image's no-op blend, img2img's empty pixel mask)."""
+        if (key, shape, "float32") not in self._buffers:
+            return self._write(key, np.full(shape, value, np.float32))
+        return self._buffers[(key, shape, "float32")]
+
     # --- inputs -----------------------------------------------------------------------------
 
     def make_config(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
@@ -335,15 +342,13 @@ class Pipeline:
 
     def _input_images(self, image: Any, mask_image: Any, batch: int) -> list[tuple[Any, Any]]:
         """(image, mask or None) per row as PIL images, each mask the size of its image; [] without."""
+        if self.model.needs_image and (image is None or mask_image is None):
+            raise InputError(f"these {self.model.family} engines are an inpainting model (a 9-channel U-Net): "
+                             "pass an image and a mask_image as well")
         if image is None:
             if mask_image is not None:
                 raise InputError("mask_image needs the image it masks: pass image as well")
-            if self.model.needs_image:
-                raise InputError(f"these {self.model.family} engines are an inpainting model (a 9-channel U-Net): "
-                                 "pass an image and a mask_image")
             return []
-        if mask_image is None and self.model.needs_image:
-            raise InputError("these engines are an inpainting model (a 9-channel U-Net): pass a mask_image as well")
 
         def per_row(value: Any, what: str) -> list[Any]:
             values = list(value) if isinstance(value, (list, tuple)) else [value] * batch
@@ -489,41 +494,45 @@ class Pipeline:
         alone, as diffusers' inpainting pipelines. For a 4-channel U-Net the mask's known region is the
         image latents re-noised with the same noise after every step (in the graph)."""
         f32 = np.float32
-        ones = np.ones((noise.shape[0], 1) + noise.shape[2:], f32)
-        if not config.images:  # a mask of ones: the blend is an exact no-op
-            zeros = np.zeros_like(noise)
-            return noise * f32(plan.init_noise_sigma), {name: self._write(name, ones if name == "mask" else zeros)
-                                                         for name in self.model.image_inputs}
+        mask_shape = (noise.shape[0], 1) + noise.shape[2:]
+        if not config.images:  # a mask of ones (and zero image latents and noise): the blend is an exact no-op
+            return noise * f32(plan.init_noise_sigma), {
+                name: self._constant("repaint_all", mask_shape, 1.0) if name == "mask"
+                else self._constant("zero_latents", noise.shape, 0.0) for name in self.model.image_inputs}
         pixels = np.stack([p.pixels for p in config.images])
-        no_mask = np.zeros(pixels.shape[:3] + (1,), f32)
-        latents_buffer = self._encode("image_latents", pixels, no_mask)
+        latents_buffer = self._encode("image_latents", pixels,
+                                      self._constant("zero_pixel_mask", pixels.shape[:3] + (1,), 0.0))
         image = self.backend.download(latents_buffer).astype(f32)
-        mask = latent_mask(list(config.masks), self.model.vae_scale_factor) if config.masks else ones
         start_image = image
-        if config.inpainting_fill == "latent noise":  # A1111: the masked area starts from the seed's noise
-            start_image = image * (1 - mask) + noise * mask
-        elif config.inpainting_fill == "latent nothing":
-            start_image = image * (1 - mask)
+        if config.masks:
+            mask = latent_mask(config.masks, self.model.vae_scale_factor)
+            if config.inpainting_fill == "latent noise":  # A1111: the masked area starts from the seed's noise
+                start_image = image * (1 - mask) + noise * mask
+            elif config.inpainting_fill == "latent nothing":
+                start_image = image * (1 - mask)
+            inputs = {"mask": self._write("mask", mask)}
+        else:  # img2img: the whole image is repainted
+            inputs = {"mask": self._constant("repaint_all", mask_shape, 1.0)}
         if config.masks and config.strength == 1.0:
             start = noise * f32(plan.init_noise_sigma)
         else:
             alpha, sigma = plan.start_level
             start = f32(alpha) * start_image + f32(sigma) * noise
-        inputs = {"mask": self._write("mask", mask)}
         if self.model.image_input == CONCAT:
-            inputs["masked_image_latents"] = self._encode("masked_image_latents", pixels, pixel_mask(list(config.masks)))
+            inputs["masked_image_latents"] = self._encode("masked_image_latents", pixels,
+                                                          self._write("encoder_pixel_mask", pixel_mask(config.masks)))
         else:
             inputs.update(image_latents=latents_buffer, image_noise=self._write("image_noise", noise))
         return start.astype(f32), inputs
 
-    def _encode(self, key: str, pixels: np.ndarray, repaint: np.ndarray) -> Any:
+    def _encode(self, key: str, pixels: np.ndarray, repaint: Any) -> Any:
         """(B, H, W, 3) uint8 images -> (B, 4, h, w) latents in the device buffer `key`; pixels where
-        repaint is 1 are encoded gray (the masked image of inpainting U-Nets)."""
+        the (B, H, W, 1) device buffer repaint is 1 are encoded gray (the masked image of inpainting U-Nets)."""
         f = self.model.vae_scale_factor
         b, height, width = pixels.shape[:3]
         out = self._buffer(key, (b, self.model.latent_channels, height // f, width // f), "float32")
-        self._engine(ENCODER).run({"images": self._write("encoder_images", pixels),
-                                   "pixel_mask": self._write("encoder_pixel_mask", repaint)}, {"image_latents": out})
+        self._engine(ENCODER).run({"images": self._write("encoder_images", pixels), "pixel_mask": repaint},
+                                  {"image_latents": out})
         return out
 
     def _decode(self, latents: Any, b: int, height: int, width: int) -> np.ndarray:

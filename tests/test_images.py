@@ -4,7 +4,6 @@ against diffusers' own pipelines on the same weights, the same initial noise and
 
 from __future__ import annotations
 
-import io
 import sys
 
 import numpy as np
@@ -18,25 +17,11 @@ from sdrt.errors import InputError  # noqa: E402
 from sdrt.export.reference import diffusers_scheduler  # noqa: E402
 from sdrt.images import Picture, overlay  # noqa: E402
 from sdrt.pipeline import Pipeline  # noqa: E402
+from tests.pictures import box_mask, png_bytes  # noqa: E402
+from tests.pictures import smooth_picture as picture_of  # noqa: E402
+from tests.test_parity import MAX_PIXEL_ERROR, assert_parity  # noqa: E402
 
-MAX_PIXEL_ERROR = 2
 PROMPT, NEGATIVE = "a red apple on a table", "blurry"
-
-
-def picture_of(width=64, height=64, seed=0) -> Image.Image:
-    """A smooth picture with an edge: gradients plus a disc (random pixels would make the VAE's job moot)."""
-    y, x = np.mgrid[0:height, 0:width] / max(width, height)
-    rgb = np.stack([x, y, 1 - x * y], -1)
-    rgb[(x - 0.5) ** 2 + (y - 0.45) ** 2 < 0.06] = (0.9, 0.2, 0.1)
-    rgb += np.random.default_rng(seed).normal(0, 0.02, rgb.shape)
-    return Image.fromarray((np.clip(rgb, 0, 1) * 255).astype(np.uint8))
-
-
-def box_mask(width=64, height=64, box=(16, 12, 48, 44)) -> Image.Image:
-    mask = np.zeros((height, width), np.uint8)
-    left, top, right, bottom = box
-    mask[top:bottom, left:right] = 255
-    return Image.fromarray(mask, "L")
 
 
 def diffusers_run(cls_name, model_dir, scheduler, init_noise, monkeypatch, **kwargs):
@@ -57,13 +42,6 @@ def sdrt_run(engines, scheduler, steps, **kwargs):
     config = pipe.make_config(PROMPT, negative_prompt=NEGATIVE, steps=steps, scheduler=scheduler, seed=42,
                               guidance=7.5, **kwargs)
     return pipe.generate(config).images, pipe.initial_noise(config)[0], config
-
-
-def assert_parity(ours, ref, label):
-    assert ours.shape == ref.shape
-    err = int(np.abs(ours.astype(int) - ref.astype(int)).max())
-    assert err <= MAX_PIXEL_ERROR, f"{label}: max pixel error {err}/255"
-    assert ref.std() > 1, "reference image is flat: the comparison would prove nothing"
 
 
 # --- img2img ----------------------------------------------------------------------------------------
@@ -199,12 +177,6 @@ def test_fp16_img2img_and_inpainting_close_to_fp32(tiny_engines, tiny_engines_fp
 
 
 # --- bad input ----------------------------------------------------------------------------------------
-
-def png_bytes(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(image=b"not an image"), "not a readable image"),

@@ -292,7 +292,8 @@ def _a1111_bodies():
 def _img2img_bodies():
     from hypothesis import strategies as st
 
-    from tests.test_server_images import b64, box_mask, picture
+    from tests.pictures import b64, box_mask
+    from tests.pictures import noise_picture as picture
 
     images = [b64(picture(64, 64)), b64(picture(72, 64, seed=1)), "not base64!", "aGVsbG8=", b64(box_mask())]
     return st.fixed_dictionaries({"init_images": _field(st.lists(st.sampled_from(images), max_size=3))}, optional={

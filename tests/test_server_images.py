@@ -4,7 +4,6 @@ the openai client, batching of image requests, and every bad image input answere
 from __future__ import annotations
 
 import base64
-import io
 
 import numpy as np
 import pytest
@@ -15,28 +14,9 @@ from PIL import Image  # noqa: E402
 
 from sdrt.pipeline import Pipeline  # noqa: E402
 from sdrt.serve.config import ServeConfig  # noqa: E402
+from tests.pictures import b64, box_mask, png_bytes  # noqa: E402
+from tests.pictures import noise_picture as picture  # noqa: E402
 from tests.test_server import TOKEN, LiveServer, decode, direct, server  # noqa: E402,F401 (fixtures)
-
-
-def picture(width=64, height=64, seed=0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray((rng.random((height, width, 3)) * 255).astype(np.uint8))
-
-
-def box_mask(width=64, height=64) -> Image.Image:
-    mask = np.zeros((height, width), np.uint8)
-    mask[16:48, 16:48] = 255
-    return Image.fromarray(mask)
-
-
-def png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def b64(image: Image.Image) -> str:
-    return base64.b64encode(png(image)).decode()
 
 
 def test_webuiapi_img2img_and_inpainting_match_the_pipeline(server, direct):
@@ -72,7 +52,7 @@ def test_openai_client_edits_match_the_pipeline(server, direct):
     # OpenAI's mask: the transparent pixels are the ones to edit
     alpha = 255 - np.asarray(box_mask())
     mask = Image.fromarray(np.dstack([np.zeros((64, 64, 3), np.uint8), alpha]), "RGBA")
-    response = client.images.edit(image=("in.png", png(image), "image/png"), mask=("m.png", png(mask), "image/png"),
+    response = client.images.edit(image=("in.png", png_bytes(image), "image/png"), mask=("m.png", png_bytes(mask), "image/png"),
                                   prompt="a red cube", n=2, size="64x64", response_format="b64_json",
                                   extra_body={"seed": 5, "steps": 3})
     want = direct.generate(direct.make_config(["a red cube"] * 2, image=image, mask_image=box_mask(), strength=1.0,
@@ -81,13 +61,13 @@ def test_openai_client_edits_match_the_pipeline(server, direct):
     for item, expected in zip(response.data, want):
         np.testing.assert_array_equal(decode(item.b64_json)[0], expected)
     # no mask and an opaque image: img2img at the strength asked
-    response = client.images.edit(image=("in.png", png(image), "image/png"), prompt="a red cube",
+    response = client.images.edit(image=("in.png", png_bytes(image), "image/png"), prompt="a red cube",
                                   response_format="b64_json", extra_body={"seed": 5, "steps": 4, "strength": "0.5"})
     want = direct.generate(direct.make_config("a red cube", image=image, strength=0.5, steps=4, seed=5,
                                               scheduler="dpmpp_2m_karras")).images[0]
     np.testing.assert_array_equal(decode(response.data[0].b64_json)[0], want)
     with pytest.raises(openai.BadRequestError, match="mask is 32x32 pixels but the image is 64x64"):
-        client.images.edit(image=("in.png", png(image), "image/png"), mask=("m.png", png(box_mask(32, 32)), "image/png"),
+        client.images.edit(image=("in.png", png_bytes(image), "image/png"), mask=("m.png", png_bytes(box_mask(32, 32)), "image/png"),
                            prompt="x", extra_body={"steps": 2})
 
 
@@ -113,7 +93,7 @@ def test_image_requests_batch_together_when_their_settings_match(tiny_engines):
         live.stop()
 
 
-TRUNCATED = base64.b64encode(png(picture())[:300]).decode()
+TRUNCATED = base64.b64encode(png_bytes(picture())[:300]).decode()
 
 
 @pytest.mark.parametrize("body,match", [
@@ -142,7 +122,7 @@ def test_image_bodies_get_the_larger_limit_and_a_413_above_it(tiny_engines):
         assert len(b64(picture(256, 256))) > 200_000
         r = httpx.post(f"{live.url}/sdapi/v1/img2img", json=big, timeout=60)
         assert r.status_code == 413 and r.json()["error"] == "too_large"
-        r = httpx.post(f"{live.url}/v1/images/edits", files={"image": ("a.png", png(picture(256, 256)) * 2)},
+        r = httpx.post(f"{live.url}/v1/images/edits", files={"image": ("a.png", png_bytes(picture(256, 256)) * 2)},
                        data={"prompt": "x"}, timeout=60)
         assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"  # OpenAI's error shape
         small = {"prompt": "x", "steps": 2, "width": 64, "height": 64, "init_images": [b64(picture(150, 150))]}

@@ -68,6 +68,14 @@ class Txt2ImgRequest(MicroConditioning):
                if getattr(self, name)]
         return out + (["subseed_strength"] if self.subseed_strength else [])
 
+    def images_in(self) -> dict[str, Any]:
+        """make_config's image arguments: none for txt2img."""
+        return {}
+
+    def echoed(self) -> dict[str, Any]:
+        """The `parameters` A1111 answers with: the request."""
+        return self.model_dump()
+
 
 class Img2ImgRequest(Txt2ImgRequest):
     """A1111's img2img: txt2img's fields plus the images. resize_mode 0 (just resize) only; inpainting
@@ -104,6 +112,20 @@ class Img2ImgRequest(Txt2ImgRequest):
         if self.mask is not None and self.inpainting_fill not in INPAINTING_FILLS:
             out.append(f"inpainting_fill {self.inpainting_fill} (use 1 original, 2 latent noise or 3 latent nothing)")
         return out
+
+    def images_in(self) -> dict[str, Any]:
+        inits = [decode_base64(x, f"init_images[{i}]") for i, x in enumerate(self.init_images)]
+        if len(inits) not in (1, self.batch_size):
+            raise InputError(f"init_images must hold 1 image or batch_size ({self.batch_size}), got {len(inits)}")
+        images = dict(image=inits[0] if len(inits) == 1 else inits * self.n_iter, strength=self.denoising_strength)
+        if self.mask is not None:
+            images.update(mask_image=decode_base64(self.mask, "mask"), mask_blur=self.mask_blur,
+                          inpainting_fill=INPAINTING_FILLS[self.inpainting_fill],
+                          inpainting_mask_invert=bool(self.inpainting_mask_invert))
+        return images
+
+    def echoed(self) -> dict[str, Any]:
+        return self.model_dump() | {"init_images": None, "mask": None}  # as A1111 without include_init_images
 
 
 class ImagesRequest(MicroConditioning):
@@ -172,19 +194,9 @@ def a1111_config(req: Txt2ImgRequest, pipe: Pipeline, cfg: ServeConfig) -> Gener
     _check_common(cfg, [req.prompt, req.negative_prompt], steps, images, req.height, req.width)
     scheduler = sampler_for(req.sampler_name or req.sampler_index, req.scheduler,
                             _first(cfg.default_scheduler, pipe.model.defaults.sampler))
-    extra: dict[str, Any] = {}
-    if isinstance(req, Img2ImgRequest):
-        inits = [decode_base64(x, f"init_images[{i}]") for i, x in enumerate(req.init_images)]
-        if len(inits) not in (1, req.batch_size):
-            raise InputError(f"init_images must hold 1 image or batch_size ({req.batch_size}), got {len(inits)}")
-        extra = dict(image=inits[0] if len(inits) == 1 else inits * req.n_iter, strength=req.denoising_strength)
-        if req.mask is not None:
-            extra.update(mask_image=decode_base64(req.mask, "mask"), mask_blur=req.mask_blur,
-                         inpainting_fill=INPAINTING_FILLS[req.inpainting_fill],
-                         inpainting_mask_invert=bool(req.inpainting_mask_invert))
     return pipe.make_config([req.prompt] * images, negative_prompt=req.negative_prompt, steps=steps,
                             guidance=req.cfg_scale, scheduler=scheduler, height=req.height, width=req.width,
-                            seeds=_seeds(req.seed, images), **req.micro(), **extra)
+                            seeds=_seeds(req.seed, images), **req.micro(), **req.images_in())
 
 
 def decode_base64(value: str, what: str) -> bytes:
@@ -262,9 +274,8 @@ def openai_edit_config(form: dict[str, Any], pipe: Pipeline, cfg: ServeConfig) -
         raise InputError(f"invalid edit request: {e}") from None
     mask = form.get("mask")
     mask_image = openai_mask(mask if isinstance(mask, bytes) else image, required=isinstance(mask, bytes))
-    config = openai_config(req, pipe, cfg, image=image, mask_image=mask_image,
-                           strength=strength if strength is not None else (1.0 if mask_image is not None else None))
-    return config
+    return openai_config(req, pipe, cfg, image=image, mask_image=mask_image,
+                         strength=strength if strength is not None else (1.0 if mask_image is not None else None))
 
 
 def openai_mask(data: bytes, required: bool) -> Any:

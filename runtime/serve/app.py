@@ -238,20 +238,23 @@ def create_app(config: ServeConfig, pipeline: Pipeline | None = None) -> FastAPI
         pngs = await asyncio.to_thread(lambda: [png_base64(im) for im in images])
         return answer(gen, images, pngs)
 
-    @app.post("/sdapi/v1/txt2img")
-    async def txt2img(request: Request, body: Txt2ImgRequest) -> Any:
+    async def a1111(request: Request, body: Txt2ImgRequest) -> Any:
         name = scheduler.pipeline.manifest.name if scheduler.pipeline else ""
         return await generate(request, lambda pipe: a1111_config(body, pipe, config), lambda gen, images, pngs: {
-            "images": pngs, "parameters": body.model_dump(),
+            "images": pngs, "parameters": body.echoed(),
             "info": a1111_info(body, gen, [im.parameters for im in images], name)})
+
+    def openai_answer(prompt: Any) -> Any:
+        return lambda gen, images, pngs: {"created": int(time.time()),
+                                          "data": [{"b64_json": p, "revised_prompt": prompt} for p in pngs]}
+
+    @app.post("/sdapi/v1/txt2img")
+    async def txt2img(request: Request, body: Txt2ImgRequest) -> Any:
+        return await a1111(request, body)
 
     @app.post("/sdapi/v1/img2img")
     async def img2img(request: Request, body: Img2ImgRequest) -> Any:
-        name = scheduler.pipeline.manifest.name if scheduler.pipeline else ""
-        echoed = body.model_dump() | {"init_images": None, "mask": None}  # as A1111 without include_init_images
-        return await generate(request, lambda pipe: a1111_config(body, pipe, config), lambda gen, images, pngs: {
-            "images": pngs, "parameters": echoed,
-            "info": a1111_info(body, gen, [im.parameters for im in images], name)})
+        return await a1111(request, body)
 
     @app.post("/v1/images/edits")
     async def images_edits(request: Request) -> Any:
@@ -261,13 +264,12 @@ def create_app(config: ServeConfig, pipeline: Pipeline | None = None) -> FastAPI
         except (AssertionError, ValueError, KeyError) as e:  # not multipart, or malformed
             return error_response(request.url.path, metrics, 400, f"send multipart/form-data with an `image` file "
                                   f"and a `prompt` ({type(e).__name__}: {e})")
-        return await generate(request, lambda pipe: openai_edit_config(fields, pipe, config), lambda gen, images, pngs: {
-            "created": int(time.time()), "data": [{"b64_json": p, "revised_prompt": fields.get("prompt")} for p in pngs]})
+        return await generate(request, lambda pipe: openai_edit_config(fields, pipe, config),
+                              openai_answer(fields.get("prompt")))
 
     @app.post("/v1/images/generations")
     async def images_generations(request: Request, body: ImagesRequest) -> Any:
-        return await generate(request, lambda pipe: openai_config(body, pipe, config), lambda gen, images, pngs: {
-            "created": int(time.time()), "data": [{"b64_json": p, "revised_prompt": body.prompt} for p in pngs]})
+        return await generate(request, lambda pipe: openai_config(body, pipe, config), openai_answer(body.prompt))
 
     # --- A1111 discovery ----------------------------------------------------------------------
 
