@@ -30,6 +30,7 @@ from sdrt.manifest import (
 )
 from sdrt.paths import write_atomic
 from sdrt.plans import check_io
+from sdrt.prompts import CHUNK_LENGTH
 from sdrt.tensorrt_lib import RTX_ARCHS, TensorRT, cache_path, import_tensorrt
 
 Dims = tuple[int, ...]
@@ -65,13 +66,13 @@ def parse_shapes(text: str | None, manifest: Manifest) -> ShapeLimits:
         w = int(static[1])
         h = int(static[2] or static[1])
         b = int(static[3] or 1)
-        shapes = ShapeLimits("static", (h, h, h), (w, w, w), (b, b, b))
+        shapes = ShapeLimits("static", (h, h, h), (w, w, w), (b, b, b), rng.max_chunks)
     elif dynamic:
         lo, hi = int(dynamic[1]), int(dynamic[2])
         b_lo = int(dynamic[3] or 1)
         b_hi = int(dynamic[4] or dynamic[3] or 1)
         opt = min(max(rng.default_size, lo), hi)
-        shapes = ShapeLimits("dynamic", (lo, opt, hi), (lo, opt, hi), (b_lo, b_lo, b_hi))
+        shapes = ShapeLimits("dynamic", (lo, opt, hi), (lo, opt, hi), (b_lo, b_lo, b_hi), rng.max_chunks)
     else:
         raise InputError(f"--shapes {text!r} is not understood: use {SHAPES_HELP}")
     for axis, (lo, _, hi) in (("height", shapes.height), ("width", shapes.width)):
@@ -88,14 +89,15 @@ def component_profiles(manifest: Manifest, shapes: ShapeLimits) -> dict[str, dic
     """(min, opt, max) dims of every dynamic input of every component.
 
     B is the image batch; RB and N (rows with CFG) run from B without CFG to 2B with it, 2B at opt.
-    h, w are latent sizes (pixels / vae_scale_factor), H, W pixel sizes.
+    h, w are latent sizes (pixels / vae_scale_factor), H, W pixel sizes; S the prompt's tokens,
+    77 per chunk, one chunk at opt.
     """
     f = manifest.model.vae_scale_factor
     b_lo, b_opt, b_hi = shapes.batch
     sym = {
         "B": shapes.batch, "RB": (b_lo, 2 * b_opt, 2 * b_hi), "N": (b_lo, 2 * b_opt, 2 * b_hi),
         "h": tuple(v // f for v in shapes.height), "w": tuple(v // f for v in shapes.width),
-        "H": shapes.height, "W": shapes.width,
+        "H": shapes.height, "W": shapes.width, "S": (CHUNK_LENGTH, CHUNK_LENGTH, CHUNK_LENGTH * shapes.max_chunks),
     }
     out: dict[str, dict[str, tuple[Dims, Dims, Dims]]] = {}
     for name in manifest.model.components:

@@ -15,30 +15,50 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sdrt.families import BLEND, CONCAT
+from sdrt.families import BLEND, CONCAT, TextEncoderSlot
+from sdrt.prompts import CHUNK_LENGTH
 from sdrt.schedulers import A, B, C_IN, D, HISTORY, HO, HX, KA, KN
 
 
 class TextEncoder(nn.Module):
-    """input_ids (N, S) int64, keep (N,) f32 -> hidden states (N, S, C)[, pooled (N, P)], rows times keep.
+    """Chunked, weighted prompts -> the family's text conditioning (A1111's prompt encoding):
 
-    hidden_layer None: last_hidden_state (after the final layer norm, SD 1.x/2.x as diffusers);
-    -2: the penultimate layer's output (SDXL). keep = 0 zeroes a row (force_zeros_for_empty_prompt).
+    input_ids (N, S) int64 and token_weights (N, S) f32, S = 77·K: K chunks of 77 per row, each encoded
+    on its own; keep (N,) f32 (0 zeroes a row: force_zeros_for_empty_prompt); clip_skip (1,) int64 where
+    the slot takes one (1 = the last layer) -> hidden states (N, S, C)[, pooled (N, P) of chunk 0].
+
+    Emphasis (A1111's "Original"): each chunk's hidden states times its token weights, rescaled to
+    the chunk's unweighted mean. Weights of 1 leave the states bit for bit as they were.
     """
 
-    def __init__(self, text_encoder: nn.Module, hidden_layer: int | None, pooled: bool):
+    def __init__(self, text_encoder: nn.Module, slot: TextEncoderSlot):
         super().__init__()
         self.text_encoder = text_encoder
-        self.hidden_layer = hidden_layer
-        self.pooled = pooled
+        self.slot = slot
+        self.final_norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm  # WithProjection wraps one
+        self.layers = text_encoder.config.num_hidden_layers
 
-    def forward(self, input_ids: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = self.text_encoder(input_ids, output_hidden_states=self.hidden_layer is not None, return_dict=True)
-        hidden = out.last_hidden_state if self.hidden_layer is None else out.hidden_states[self.hidden_layer]
+    def forward(self, input_ids: torch.Tensor, token_weights: torch.Tensor, keep: torch.Tensor,
+                *clip_skip: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        n, s = input_ids.shape
+        out = self.text_encoder(input_ids.reshape(-1, CHUNK_LENGTH), output_hidden_states=True, return_dict=True)
+        if self.slot.clip_skip:  # hidden_states[-clip_skip]: a gather over the stacked layer outputs
+            layers = torch.stack(out.hidden_states[1:])  # (L, N·K, 77, C)
+            hidden = layers.index_select(0, self.layers - clip_skip[0]).squeeze(0)
+        else:
+            hidden = out.hidden_states[-self.slot.layer]
+        if self.slot.final_norm:
+            hidden = self.final_norm(hidden)
+        z = hidden.float()  # (N·K, 77, C); the means in fp32
+        weighted = z * token_weights.reshape(-1, CHUNK_LENGTH, 1)
+        mean, weighted_mean = z.mean((1, 2), keepdim=True), weighted.mean((1, 2), keepdim=True)
+        scale = torch.where(weighted_mean == 0, torch.ones_like(mean), mean / weighted_mean)
         keep = keep.to(hidden.dtype)
-        if not self.pooled:
-            return (hidden * keep[:, None, None],)
-        return hidden * keep[:, None, None], out.text_embeds * keep[:, None]
+        hidden = (weighted * scale).to(hidden.dtype).reshape(n, s, -1) * keep[:, None, None]
+        if self.slot.pooled is None:
+            return (hidden,)
+        pooled = out.text_embeds.reshape(n, -1, out.text_embeds.shape[-1])[:, 0]  # A1111: the first chunk's
+        return hidden, pooled * keep[:, None]
 
 
 class DenoiseStep(nn.Module):

@@ -21,10 +21,12 @@ from sdrt.errors import InputError, ModelError, ValidationError
 from sdrt.families import HOST, IMAGE_INPUTS, LEADING_DIM, Family, family_for
 from sdrt.manifest import (DECODER, ENCODER, STEP, ComponentSpec, Manifest, ModelInfo, ShapeRange, TensorSpec, sha256_file,
                            write_manifest)
+from sdrt.prompts import CHUNK_LENGTH
 from sdrt.schedulers import HISTORY, N_COEFFS, NoiseSchedule
 from sdrt.versions import package_versions
 
 PRECISIONS = ("fp16", "fp32")
+MAX_CHUNKS = 16  # 1200 prompt tokens; TensorRT sizes the step's cross-attention for the most
 RECORDED_PACKAGES = ("sdrt", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu")
 
 
@@ -55,6 +57,7 @@ class ExportConfig:
     min_size: int = 64
     max_size: int | None = None  # None: max(1024, 2 x the model's native size)
     max_batch: int = 8
+    max_chunks: int = 4  # prompt chunks of 75 tokens the step takes: prompts up to 300 tokens
     validate: bool = True
     validation_size: int | None = None  # None: min(native size, 256)
     force: bool = False
@@ -110,6 +113,8 @@ def export(config: ExportConfig, progress: bool = True) -> Manifest:
     model_dir, out_dir = Path(config.model_dir), Path(config.out_dir)
     if config.precision not in PRECISIONS:
         raise InputError(f"precision must be one of {PRECISIONS}, got {config.precision!r}")
+    if not 1 <= config.max_chunks <= MAX_CHUNKS:
+        raise InputError(f"max_chunks must be from 1 to {MAX_CHUNKS} (chunks of 75 prompt tokens), got {config.max_chunks}")
     family = check_model_dir(model_dir)
     if out_dir.exists() and not config.force:
         raise InputError(f"{out_dir} already exists: pass --force to replace it, or choose another -o")
@@ -171,14 +176,16 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
     f = "float16" if config.precision == "fp16" else "float32"
     native = parts.unet.config.sample_size * parts.vae_scale_factor
     shapes = ShapeRange(min_size=config.min_size, default_size=native,
-                        max_size=config.max_size or max(1024, 2 * native), max_batch=config.max_batch)
+                        max_size=config.max_size or max(1024, 2 * native), max_batch=config.max_batch,
+                        max_chunks=config.max_chunks)
     vs = config.validation_size or min(native, 256)
     lat = vs // parts.vae_scale_factor
     lc = parts.unet.config.out_channels
-    seqs = {te.config.max_position_embeddings for te in parts.text_encoders.values()}  # 77
-    if len(seqs) != 1:
-        raise ModelError(f"{config.model_dir}: text encoders disagree on the context length ({sorted(seqs)})")
-    seq = seqs.pop()
+    contexts = {te.config.max_position_embeddings for te in parts.text_encoders.values()}
+    if contexts != {CHUNK_LENGTH}:
+        raise ModelError(f"{config.model_dir}: text encoders with a context of {sorted(contexts)} tokens; sdrt "
+                         f"reads prompts in chunks of CLIP's {CHUNK_LENGTH}")
+    clip_skip_max = 1
     gen = torch.Generator().manual_seed(0)
 
     # (component, spec, module, its precision)
@@ -186,14 +193,16 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
     produced: dict[str, TensorSpec] = {}  # conditioning written by the text encoders, per text row (N, ...)
     for slot in family.text_encoders:
         te = parts.text_encoders[slot.component]
-        outputs = [TensorSpec(slot.hidden, f, ("N", seq, te.config.hidden_size))]
+        outputs = [TensorSpec(slot.hidden, f, ("N", "S", te.config.hidden_size))]
         if slot.pooled:
             outputs.append(TensorSpec(slot.pooled, f, ("N", te.config.projection_dim)))
-        spec = ComponentSpec(f"{slot.component}.onnx",
-                             (TensorSpec("input_ids", "int64", ("N", seq)), TensorSpec("keep", "float32", ("N",))),
-                             tuple(outputs), config.precision)
-        jobs.append((slot.component, spec, TextEncoder(te, slot.hidden_layer, slot.pooled is not None),
-                     config.precision))
+        inputs = [TensorSpec("input_ids", "int64", ("N", "S")), TensorSpec("token_weights", "float32", ("N", "S")),
+                  TensorSpec("keep", "float32", ("N",))]
+        if slot.clip_skip:
+            inputs.append(TensorSpec("clip_skip", "int64", (1,)))
+            clip_skip_max = te.config.num_hidden_layers
+        spec = ComponentSpec(f"{slot.component}.onnx", tuple(inputs), tuple(outputs), config.precision)
+        jobs.append((slot.component, spec, TextEncoder(te, slot), config.precision))
         produced.update({t.name: t for t in outputs})
 
     conditioning = []
@@ -234,13 +243,18 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
         """Random inputs of the spec at batch 1 (CFG rows 2), latent size h x w; typed: in the spec's
         dtypes (tracing), else float32 (the fp32 reference module)."""
         f = parts.vae_scale_factor
-        dims = {"B": 1, "RB": 2, "N": 2, "h": h, "w": w, "H": h * f, "W": w * f}
+        dims = {"B": 1, "RB": 2, "N": 2, "S": 2 * CHUNK_LENGTH, "h": h, "w": w, "H": h * f, "W": w * f}
         special = {"timestep": torch.tensor([500.0]), "guidance": torch.tensor([7.5]),
                    "step_coeffs": torch.rand(N_COEFFS, generator=gen), "keep": torch.ones(2),
-                   "time_ids": torch.tensor([[native, native, 0, 0, native, native]] * 2, dtype=torch.float32)}
+                   "time_ids": torch.tensor([[native, native, 0, 0, native, native]] * 2, dtype=torch.float32),
+                   "clip_skip": torch.tensor([2 if clip_skip_max > 1 else 1]),
+                   "token_weights": 0.5 + torch.rand(2, 2 * CHUNK_LENGTH, generator=gen)}
         out = []
         for t in spec.inputs:
             shape = t.resolve(dims)
+            if t.name in ("clip_skip", "token_weights"):
+                out.append(special[t.name])
+                continue
             if t.dtype == "int64":
                 vocab = parts.text_encoders[name].config.vocab_size
                 out.append(torch.randint(0, vocab, shape, generator=gen))
@@ -274,7 +288,7 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
     model = ModelInfo(
         family=family.name, text_encoders=family.text_encoders, conditioning=family.conditioning,
         defaults=family.defaults, latent_channels=lc, vae_scale_factor=parts.vae_scale_factor,
-        scaling_factor=parts.scaling_factor, text_max_length=seq, history=HISTORY, opset=config.opset,
+        scaling_factor=parts.scaling_factor, clip_skip_max=clip_skip_max, history=HISTORY, opset=config.opset,
         zero_empty_negative=parts.zero_empty_negative, image_input=parts.image_input)
     return dict(components={name: spec for name, spec, _, _ in jobs}, shapes=shapes, model=model,
                 scheduler_config=parts.scheduler_config, validation=validation)

@@ -154,6 +154,24 @@ SPECS |= {
 }
 
 
+def _offset_states(text_encoder: Any) -> Any:
+    """Gives a random CLIP hidden states of non-zero mean, as trained ones have.
+
+    At initialization every LayerNorm has weight 1 and bias 0, so the final layer's states average
+    exactly 0 and the residual stream nearly so; A1111's emphasis rescales to that mean and would
+    divide noise by noise. Offsets the token embeddings and the norms' biases (drawn from the global
+    generator, seeded by the caller)."""
+    import torch
+
+    with torch.no_grad():
+        for module in text_encoder.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.add_(0.2 * torch.randn_like(module.weight))
+                module.bias.add_(0.5 + 0.2 * torch.randn_like(module.bias))
+        text_encoder.get_input_embeddings().weight.add_(0.5)
+    return text_encoder
+
+
 def build_test_model(kind: str, out_dir: Path, seed: int = 0) -> Path:
     """Writes a diffusers folder (safetensors, tokenizers, the family's scheduler config) to out_dir."""
     if kind not in SPECS:
@@ -183,13 +201,13 @@ def build_test_model(kind: str, out_dir: Path, seed: int = 0) -> Path:
         if spec.unet_parameters is not None:
             count = sum(p.numel() for p in unet.parameters())
             assert count == spec.unet_parameters, f"{kind} U-Net has {count} parameters, not {spec.unet_parameters}"
-        parts: dict[str, Any] = dict(vae=AutoencoderKL(**spec.vae), text_encoder=CLIPTextModel(text_config(spec.text_encoder)),
+        parts: dict[str, Any] = dict(vae=AutoencoderKL(**spec.vae), text_encoder=_offset_states(CLIPTextModel(text_config(spec.text_encoder))),
                                      tokenizer=tokenizer, unet=unet,
                                      scheduler=getattr(diffusers, spec.scheduler_config["_class_name"]).from_config(
                                          spec.scheduler_config))
         if spec.family == "sdxl":
             # SDXL's second tokenizer pads with "!" rather than the end token
-            parts.update(text_encoder_2=CLIPTextModelWithProjection(text_config(spec.text_encoder_2 or {})),
+            parts.update(text_encoder_2=_offset_states(CLIPTextModelWithProjection(text_config(spec.text_encoder_2 or {}))),
                          tokenizer_2=CLIPTokenizer.from_pretrained(staging / "_bpe", model_max_length=77, pad_token="!"))
             cls = diffusers.StableDiffusionXLInpaintPipeline if spec.inpainting else diffusers.StableDiffusionXLPipeline
             pipe = cls(**parts, add_watermarker=False)

@@ -23,7 +23,7 @@ def _export(args: argparse.Namespace) -> None:
 
     config = ExportConfig(Path(args.model_dir), Path(args.output), precision=args.precision,
                           max_batch=args.max_batch, validate=not args.no_validate, force=args.force,
-                          min_size=args.min_size, max_size=args.max_size)
+                          min_size=args.min_size, max_size=args.max_size, max_chunks=args.max_chunks)
     manifest = export(config)
     print(f"exported {manifest.name} ({manifest.precision}) to {args.output}")
     for name, report in manifest.validation.items():
@@ -58,7 +58,7 @@ def _generate(args: argparse.Namespace) -> None:
                               original_size=args.original_size, crop_top_left=args.crop_top_left,
                               target_size=args.target_size, image=image, mask_image=mask, strength=args.strength,
                               mask_blur=args.mask_blur, inpainting_fill=args.inpainting_fill,
-                              inpainting_mask_invert=args.invert_mask)
+                              inpainting_mask_invert=args.invert_mask, clip_skip=args.clip_skip)
     with tqdm(total=None, desc="denoise", unit="step", leave=False) as bar:
         def progress(done: int, total: int) -> None:
             bar.total = total
@@ -143,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--min-size", type=int, default=64)
     p.add_argument("--max-size", type=int, default=None)
+    p.add_argument("--max-chunks", type=int, default=4,
+                   help="longest prompt, in chunks of 75 tokens (default 4: 300 tokens)")
     p.add_argument("--no-validate", action="store_true", help="skip the check against PyTorch")
     p.add_argument("--force", action="store_true", help="replace an existing engine directory")
     p.set_defaults(func=_export)
@@ -183,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inpainting-fill", choices=["original", "latent noise", "latent nothing"], default="original",
                    help="what the masked area starts from")
     p.add_argument("--invert-mask", action="store_true", help="black repaints, white keeps")
+    p.add_argument("--clip-skip", type=int, default=None,
+                   help="A1111's clip skip: 2 conditions on CLIP's penultimate layer (SD 1.x/2.x; default 1)")
     p.add_argument("--backend", choices=list(BACKENDS), default="auto")
     p.add_argument("--low-vram", action="store_true", help="keep one engine resident at a time")
     p.add_argument("-o", "--output", default="out.png")

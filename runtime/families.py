@@ -52,9 +52,11 @@ class TextEncoderSlot:
 
     component: str  # "text_encoder", "text_encoder_2"
     tokenizer: str  # tokenizer subfolder
-    hidden_layer: int | None  # None: last_hidden_state (after the final layer norm); -2: penultimate layer
+    layer: int  # the hidden layer it writes, counted from the output: 1 the last, 2 the penultimate
+    final_norm: bool  # the final layer norm applies to that layer (diffusers' last_hidden_state is layer 1 + norm)
     hidden: str  # conditioning name of its (N, S, C) hidden states
     pooled: str | None = None  # conditioning name of its (N, P) pooled, projected output, if used
+    clip_skip: bool = False  # the layer is chosen per generation (A1111's clip skip, `layer` by default)
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,7 @@ SD1 = Family(
     name="sd1",
     label="Stable Diffusion 1.x / 2.x",
     pipelines=("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"),
-    text_encoders=(TextEncoderSlot("text_encoder", "tokenizer", None, "text_embeddings"),),
+    text_encoders=(TextEncoderSlot("text_encoder", "tokenizer", 1, True, "text_embeddings", clip_skip=True),),
     conditioning=(Conditioning("text_embeddings", CFG, "text_encoder"),),
     cross_attention=("text_embeddings",),
 )
@@ -93,8 +95,8 @@ SDXL = Family(
     label="Stable Diffusion XL",
     pipelines=("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline"),
     text_encoders=(
-        TextEncoderSlot("text_encoder", "tokenizer", -2, "text_embeddings"),
-        TextEncoderSlot("text_encoder_2", "tokenizer_2", -2, "text_embeddings_2", pooled="pooled_embeds"),
+        TextEncoderSlot("text_encoder", "tokenizer", 2, False, "text_embeddings"),
+        TextEncoderSlot("text_encoder_2", "tokenizer_2", 2, False, "text_embeddings_2", pooled="pooled_embeds"),
     ),
     conditioning=(
         Conditioning("text_embeddings", CFG, "text_encoder"),

@@ -19,7 +19,8 @@ from sdrt.families import BLEND, IMAGE_INPUTS, LAYOUTS, Conditioning, Defaults, 
 from sdrt.paths import cache_dir, write_atomic
 
 FORMAT = "sdrt-engines"
-VERSION = 3  # 2: typed model contract (families, conditioning layouts) and typed plans; 3: images in
+VERSION = 4  # 2: typed model contract (families, conditioning layouts) and typed plans; 3: images in;
+#             4: prompts in 77-token chunks with token weights and clip skip
 ENCODER, STEP, DECODER = "vae_encoder", "denoise_step", "vae_decoder"
 
 
@@ -27,7 +28,7 @@ ENCODER, STEP, DECODER = "vae_encoder", "denoise_step", "vae_decoder"
 class TensorSpec:
     name: str
     dtype: str  # numpy name: float32, float16, int64, uint8
-    shape: tuple[int | str, ...]  # ints are fixed, strings are symbolic (B, RB, N, h, w, H, W)
+    shape: tuple[int | str, ...]  # ints are fixed, strings are symbolic (B, RB, N, S, h, w, H, W)
 
     def resolve(self, dims: dict[str, int]) -> tuple[int, ...]:
         return tuple(d if isinstance(d, int) else dims[d] for d in self.shape)
@@ -53,11 +54,13 @@ class ShapeRange:
     default_size: int
     max_size: int
     max_batch: int
+    max_chunks: int = 4  # prompt chunks of 75 tokens the step takes (S = 77 x chunks)
 
 
 @dataclass(frozen=True)
 class ShapeLimits:
-    """What a set of engines accepts: (min, opt, max) of height and width in pixels and of the batch.
+    """What a set of engines accepts: (min, opt, max) of height and width in pixels and of the batch,
+    and the most prompt chunks (75 tokens each).
 
     `static` plans accept exactly one size and batch; the ONNX and `dynamic` plans a range.
     """
@@ -66,15 +69,17 @@ class ShapeLimits:
     height: tuple[int, int, int]
     width: tuple[int, int, int]
     batch: tuple[int, int, int]
+    max_chunks: int
 
     @classmethod
     def of_onnx(cls, shapes: ShapeRange) -> ShapeLimits:
         size = (shapes.min_size, shapes.default_size, shapes.max_size)
-        return cls("onnx", size, size, (1, 1, shapes.max_batch))
+        return cls("onnx", size, size, (1, 1, shapes.max_batch), shapes.max_chunks)
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> ShapeLimits:
-        return cls(doc["kind"], tuple(doc["height"]), tuple(doc["width"]), tuple(doc["batch"]))  # type: ignore[arg-type]
+        return cls(doc["kind"], tuple(doc["height"]), tuple(doc["width"]), tuple(doc["batch"]),  # type: ignore[arg-type]
+                   doc["max_chunks"])
 
 
 @dataclass(frozen=True)
@@ -89,11 +94,11 @@ class ModelInfo:
     latent_channels: int
     vae_scale_factor: int
     scaling_factor: float
-    text_max_length: int
     history: int  # x/out steps the graph keeps
     opset: int
     zero_empty_negative: bool = False  # force_zeros_for_empty_prompt: an empty negative prompt encodes as zeros
     image_input: str = BLEND  # how the step takes an input image: families.BLEND or CONCAT (inpainting U-Net)
+    clip_skip_max: int = 1  # the text encoder's layers where the family takes a clip skip, else 1
 
     @property
     def components(self) -> tuple[str, ...]:

@@ -67,6 +67,8 @@ class GenerationConfig:
     strength: float = 1.0  # diffusers' strength, A1111's denoising strength: the last ⌊steps × strength⌋ run
     mask_blur: int = 4  # pixels of Gaussian blur where the original is composited back (A1111's mask_blur)
     inpainting_fill: str = "original"  # the masked area's start (inpainting only): a value of INPAINTING_FILLS
+    clip_skip: int = 1  # A1111's: condition on CLIP's layer `clip_skip` from the output (1 = the last)
+    chunks: int = 1  # 75-token prompt chunks every text row is encoded in (the longest prompt's)
 
     @property
     def row_seeds(self) -> tuple[int, ...]:
@@ -185,8 +187,7 @@ class Pipeline:
         self.limits = backend.limits(manifest)
         self.schedule = NoiseSchedule.from_config(manifest.scheduler_config)
         self.model = manifest.model
-        self.tokenizers = {t.tokenizer: ClipTokenizer(self.engine_dir / t.tokenizer, self.model.text_max_length)
-                           for t in self.model.text_encoders}
+        self.tokenizers = {t.tokenizer: ClipTokenizer(self.engine_dir / t.tokenizer) for t in self.model.text_encoders}
         self._engines: dict[str, Engine] = {}
         self._buffers: dict[tuple, Any] = {}
 
@@ -247,7 +248,7 @@ class Pipeline:
                     original_size: Sequence[int] | None = None, crop_top_left: Sequence[int] | None = None,
                     target_size: Sequence[int] | None = None, image: Any = None, mask_image: Any = None,
                     strength: float | None = None, mask_blur: int = 4, inpainting_fill: str = "original",
-                    inpainting_mask_invert: bool = False) -> GenerationConfig:
+                    inpainting_mask_invert: bool = False, clip_skip: int | None = None) -> GenerationConfig:
         """Validates a request against the engines' limits. steps, guidance and scheduler default to the
         model family's; seeds: one per row (then `seed` is ignored), by default row i uses seed + i;
         batch defaults to the number of prompts. original_size, crop_top_left, target_size: SDXL's
@@ -259,7 +260,11 @@ class Pipeline:
         multiple of 8, and the image and mask are resized to it. strength (0, 1]: the share of the steps
         that run (default 0.75; 1.0 for inpainting U-Nets). mask_blur: pixels of blur where the original
         is composited back; inpainting_fill: the masked area's start ("original", "latent noise",
-        "latent nothing"); inpainting_mask_invert: black = repaint instead."""
+        "latent nothing"); inpainting_mask_invert: black = repaint instead.
+
+        Prompts are read as A1111 does (sdrt.prompts): `(emphasis:1.2)`, `[less]`, `BREAK`, and past
+        75 tokens in chunks of 75, up to the engines' limit. clip_skip: condition on CLIP's layer
+        `clip_skip` from the output, A1111's numbering (default 1, the last; diffusers' clip_skip + 1)."""
         defaults = self.model.defaults
         steps = defaults.steps if steps is None else steps
         guidance = defaults.guidance if guidance is None else guidance
@@ -286,6 +291,8 @@ class Pipeline:
         if not math.isfinite(guidance):
             raise InputError(f"guidance must be finite, got {guidance}: use e.g. 7.5 (≤ 1 disables CFG)")
         check_sampler(scheduler, steps, self.schedule)
+        chunks = self._chunks(prompts, negatives if guidance > 1.0 else [])
+        clip_skip = self._clip_skip(clip_skip)
         sources = self._input_images(image, mask_image, batch)
         if sources and (height is None or width is None):  # the image's size, rounded down to the latent grid
             f = self.model.vae_scale_factor
@@ -338,7 +345,35 @@ class Pipeline:
         return GenerationConfig(tuple(prompts), tuple(negatives), int(steps), guidance, scheduler, int(seed),
                                 int(height), int(width), tuple(int(x) for x in seeds) if seeds is not None else (),
                                 **micro, images=images, masks=masks, strength=float(strength),
-                                mask_blur=int(mask_blur), inpainting_fill=inpainting_fill)
+                                mask_blur=int(mask_blur), inpainting_fill=inpainting_fill, clip_skip=clip_skip,
+                                chunks=chunks)
+
+    def _chunks(self, prompts: list[str], negatives: list[str]) -> int:
+        """The most 75-token chunks any encoded prompt takes; over the engines' limit is an error."""
+        limit = self.limits.max_chunks
+        most = 1
+        for label, texts in (("prompt", prompts), ("negative_prompt", negatives)):
+            for text in dict.fromkeys(texts):
+                for tokenizer in self.tokenizers.values():
+                    chunks = len(tokenizer.chunks(text))
+                    if chunks > limit:
+                        raise InputError(
+                            f"{label} is {tokenizer.tokens(text)} tokens ({chunks} chunks of 75); these engines take at "
+                            f"most {limit * 75}: shorten it, or re-export with `sdrt export --max-chunks {chunks}`")
+                    most = max(most, chunks)
+        return most
+
+    def _clip_skip(self, clip_skip: Any) -> int:
+        """1 when None; refused above the text encoder's layers, or where the family has no clip skip."""
+        top = self.model.clip_skip_max
+        if clip_skip is None:
+            return 1
+        if not is_integer(clip_skip) or not 1 <= clip_skip <= max(top, 1):
+            if top == 1:
+                raise InputError(f"clip_skip applies to SD 1.x/2.x; these {self.model.family} engines use their "
+                                 f"text encoders' fixed layers: leave it out (or 1), got {clip_skip!r}")
+            raise InputError(f"clip_skip must be an integer from 1 (the last layer) to {top}, got {clip_skip!r}")
+        return int(clip_skip)
 
     def _input_images(self, image: Any, mask_image: Any, batch: int) -> list[tuple[Any, Any]]:
         """(image, mask or None) per row as PIL images, each mask the size of its image; [] without."""
@@ -463,6 +498,11 @@ class Pipeline:
         seeds = [config.row_seeds[row] for row in alive]
         return Result(host_images, requested, seeds, timings, self.manifest.name, alive)
 
+    def encode_prompt(self, config: GenerationConfig) -> dict[str, np.ndarray]:
+        """The step's conditioning for config, on the host: (R·B, 77·chunks, C) text embeddings,
+        [negative; positive] rows with CFG, and the family's other conditioning (diffusers' encode_prompt)."""
+        return {name: self.backend.download(buffer).copy() for name, buffer in self._condition(config).items()}
+
     def _condition(self, config: GenerationConfig) -> dict[str, Any]:
         """Every conditioning input of the step, in device buffers: the text encoders run once on
         [negative; positive] prompts (positive alone without CFG), host conditioning is written."""
@@ -474,9 +514,14 @@ class Pipeline:
         outputs: dict[str, Any] = {}
         for slot in self.model.text_encoders:
             spec = self.manifest.components[slot.component]
-            ids = self._write(f"input_ids:{slot.component}", self.tokenizers[slot.tokenizer](texts))
-            written = {t.name: self._buffer(t.name, t.resolve({"N": len(texts)}), t.dtype) for t in spec.outputs}
-            self._engine(slot.component).run({"input_ids": ids, "keep": keep_buffer}, written)
+            ids, weights = self.tokenizers[slot.tokenizer](texts, config.chunks)
+            feeds = {"input_ids": self._write(f"input_ids:{slot.component}", ids),
+                     "token_weights": self._write(f"token_weights:{slot.component}", weights), "keep": keep_buffer}
+            if slot.clip_skip:
+                feeds["clip_skip"] = self._write("clip_skip", np.array([config.clip_skip], np.int64))
+            dims = {"N": len(texts), "S": ids.shape[1]}
+            written = {t.name: self._buffer(t.name, t.resolve(dims), t.dtype) for t in spec.outputs}
+            self._engine(slot.component).run(feeds, written)
             outputs.update(written)
         step = self.manifest.components[STEP]
         for c in self.model.conditioning:

@@ -15,15 +15,17 @@ def a1111_parameters(config: Any, seed: int, index: int, model_name: str) -> str
     lines = [config.prompt[index]]
     if config.negative_prompt[index]:
         lines.append(f"Negative prompt: {config.negative_prompt[index]}")
-    images_in = ""
+    extra = ""
     if config.images:  # A1111's img2img fields
-        images_in = f"Denoising strength: {config.strength:g}, "
+        extra = f"Denoising strength: {config.strength:g}, "
         if config.masks:
-            images_in += f"Mask blur: {config.mask_blur}, "
+            extra += f"Mask blur: {config.mask_blur}, "
+    if config.clip_skip > 1:
+        extra += f"Clip skip: {config.clip_skip}, "
     lines.append(
         f"Steps: {config.steps}, Sampler: {A1111_LABELS.get(config.scheduler, config.scheduler)}, "
         f"CFG scale: {config.guidance:g}, Seed: {seed}, Size: {config.width}x{config.height}, "
-        f"Model: {model_name}, {images_in}Version: sdrt {__version__}")
+        f"Model: {model_name}, {extra}Version: sdrt {__version__}")
     return "\n".join(lines)
 
 

@@ -51,7 +51,7 @@ def test_static_build_records_flavour_io_profiles_and_sha256(static_plans):
     assert (plans.flavour, plans.version) == (lib.flavour, lib.version)
     if lib.rtx:
         assert plans.archs == RTX_ARCHS  # no GPU here: a plan for every RTX arch
-    assert plans.limits == ShapeLimits("static", (64,) * 3, (64,) * 3, (1,) * 3)
+    assert plans.limits == ShapeLimits("static", (64,) * 3, (64,) * 3, (1,) * 3, 4)
     assert set(plans.components) == set(manifest.model.components) == set(manifest.components)
     for name, spec in manifest.components.items():
         record = plans.components[name]
@@ -66,9 +66,11 @@ def test_static_build_records_flavour_io_profiles_and_sha256(static_plans):
     step = plans.components["denoise_step"].profile
     assert step["latents"] == {"min": [1, 4, 8, 8], "opt": [1, 4, 8, 8], "max": [1, 4, 8, 8]}
     assert step["x_history"]["opt"] == [4, 1, 4, 8, 8]
-    assert step["text_embeddings"] == {"min": [1, 77, 32], "opt": [2, 77, 32], "max": [2, 77, 32]}  # CFG: 2B
+    # CFG: 2B rows; the prompt's tokens from one chunk to the exported 4 (77 at opt)
+    assert step["text_embeddings"] == {"min": [1, 77, 32], "opt": [2, 77, 32], "max": [2, 308, 32]}
     assert "timestep" not in step  # static inputs need no profile
-    assert plans.components["text_encoder"].profile["input_ids"]["opt"] == [2, 77]
+    assert plans.components["text_encoder"].profile["input_ids"] == {"min": [1, 77], "opt": [2, 77], "max": [2, 308]}
+    assert plans.components["text_encoder"].profile["token_weights"] == plans.components["text_encoder"].profile["input_ids"]
     assert plans.components["text_encoder"].profile["keep"]["opt"] == [2]
     assert plans.components["denoise_step"].io[0]["dtype"] == "float32"
     assert not list(static_plans.glob(".*tmp*")), "temporary plan files left behind"
@@ -80,7 +82,7 @@ def test_dynamic_build_profiles_cover_the_range(dynamic_plans):
     assert plans.archs == ("sm86", "sm89") and plans.shapes == "dynamic:64-128,batch=1-2"
     step = plans.components["denoise_step"].profile
     assert step["latents"] == {"min": [1, 4, 8, 8], "opt": [1, 4, 8, 8], "max": [2, 4, 16, 16]}
-    assert step["text_embeddings"] == {"min": [1, 77, 32], "opt": [2, 77, 32], "max": [4, 77, 32]}
+    assert step["text_embeddings"] == {"min": [1, 77, 32], "opt": [2, 77, 32], "max": [4, 308, 32]}
     assert plans.components["vae_decoder"].profile["latents"]["max"] == [2, 4, 16, 16]
 
 
@@ -100,7 +102,7 @@ def test_sdxl_builds_a_plan_per_component_with_cfg_profiles_for_all_conditioning
     assert step["mask"]["max"] == [2, 1, 16, 16] and step["image_latents"]["max"] == [2, 4, 16, 16]
     assert step["pooled_embeds"] == {"min": [1, 32], "opt": [2, 32], "max": [4, 32]}
     assert step["time_ids"] == {"min": [1, 6], "opt": [2, 6], "max": [4, 6]}
-    assert step["text_embeddings_2"]["max"] == [4, 77, 32]
+    assert step["text_embeddings_2"]["max"] == [4, 308, 32]
     for vae in ("vae_encoder", "vae_decoder"):  # force_upcast: an fp32 VAE in fp16 engines
         assert manifest.components[vae].precision == "fp32"
     check_plans(plans, manifest, manifest.plans.flavour, manifest.plans.version, "sm89")

@@ -24,6 +24,8 @@ def diffusers_images(model_dir, scheduler, prompt, negative, steps, guidance, la
     pipe = diffusers.DiffusionPipeline.from_pretrained(model_dir)
     pipe.scheduler = diffusers_scheduler(scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
+    if not hasattr(pipe.text_encoder, "text_model"):  # diffusers' clip_skip reads text_model.final_layer_norm,
+        object.__setattr__(pipe.text_encoder, "text_model", pipe.text_encoder)  # which transformers 5 flattened
     if step_noise is not None:
         draws = iter(torch.from_numpy(step_noise))
         module = __import__(type(pipe.scheduler).__module__, fromlist=["randn_tensor"])
@@ -47,12 +49,14 @@ def sdrt_and_reference(model_dir, engines, scheduler, steps=4, guidance=7.5, siz
     ours = pipe.generate(config).images
     ref = diffusers_images(model_dir, scheduler, list(config.prompt), list(config.negative_prompt) if negative else None,
                            steps, guidance, init, config.height, config.width, step_noise, monkeypatch,
-                           **{diffusers_name(k): v for k, v in extra.items()})
+                           **diffusers_kwargs(extra))
     return ours, ref
 
 
-def diffusers_name(micro: str) -> str:
-    return {"crop_top_left": "crops_coords_top_left"}.get(micro, micro)
+def diffusers_kwargs(extra: dict) -> dict:
+    """sdrt's make_config arguments as diffusers names them (A1111's clip skip N is diffusers' N - 1)."""
+    names = {"crop_top_left": "crops_coords_top_left"}
+    return {names.get(k, k): v - 1 if k == "clip_skip" else v for k, v in extra.items()}
 
 
 def assert_parity(ours, ref, label):
@@ -70,6 +74,44 @@ def test_tiny_fp32_matches_diffusers(tiny_model, tiny_engines, scheduler):
 def test_tiny_fp32_euler_a_with_the_same_noise_matches_diffusers(tiny_model, tiny_engines, monkeypatch):
     ours, ref = sdrt_and_reference(tiny_model, tiny_engines, "euler_a", monkeypatch=monkeypatch)
     assert_parity(ours, ref, "euler_a")
+
+
+# --- prompts: clip skip, and long weighted prompts on embeddings from a transformers reference -------
+
+def test_tiny_fp32_clip_skip_matches_diffusers(tiny_model, tiny_engines):
+    # without CFG: diffusers applies clip_skip to the prompt only, A1111 (and sdrt) to the negative too
+    ours, ref = sdrt_and_reference(tiny_model, tiny_engines, "euler", guidance=1.0, clip_skip=2)
+    assert_parity(ours, ref, "clip skip 2")
+    plain, _ = sdrt_and_reference(tiny_model, tiny_engines, "euler", guidance=1.0)
+    assert np.abs(plain.astype(int) - ours.astype(int)).max() > 2 * MAX_PIXEL_ERROR  # it changes the image
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_long_weighted_prompt_matches_diffusers_on_reference_embeddings(request, family):
+    """sdrt reads a 3-chunk weighted prompt itself; diffusers gets the reference's embeddings of it
+    (tests/prompt_reference.py), padded alike for the negative prompt."""
+    from prompt_reference import reference_embeddings
+
+    model_dir = request.getfixturevalue("tiny_model" if family == "sd1" else "tiny_sdxl_model")
+    engines = request.getfixturevalue("tiny_engines" if family == "sd1" else "tiny_sdxl_engines")
+    long = "a red apple on a wooden table in the morning light " * 6
+    prompt, pieces = long + "(bright blue sky:1.3) " + long, [(long, 1.0), ("bright blue sky", 1.3), (" " + long, 1.0)]
+    pipe = Pipeline.load(engines, backend="ort-cpu")
+    config = pipe.make_config(prompt, negative_prompt="blurry", steps=4, guidance=7.5, scheduler="euler", seed=42,
+                              height=64, width=64)
+    assert config.chunks == 3
+    init, _ = pipe.initial_noise(config)
+    ours = pipe.generate(config).images
+    slots = pipe.model.text_encoders
+    embeds = {}
+    for key, text in (("prompt_embeds", pieces), ("negative_prompt_embeds", [("blurry", 1.0)])):
+        refs = [reference_embeddings(model_dir, s.component, s.tokenizer, s.layer, s.final_norm, text, config.chunks)
+                for s in slots]
+        embeds[key] = torch.from_numpy(np.concatenate([hidden for hidden, _ in refs], axis=-1))[None]
+        if family == "sdxl":
+            embeds[key.replace("prompt_embeds", "pooled_prompt_embeds")] = torch.from_numpy(refs[-1][1])[None]
+    ref = diffusers_images(model_dir, "euler", None, None, 4, 7.5, init, 64, 64, **embeds)
+    assert_parity(ours, ref, f"{family} long weighted prompt")
 
 
 # --- SDXL: two text encoders, pooled embeddings, micro-conditioning, force-upcast VAE ---------------

@@ -20,6 +20,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Strict
 
 from sdrt.errors import InputError
+from sdrt.manifest import ModelInfo
 from sdrt.pipeline import INPAINTING_FILLS, SEED_MAX, GenerationConfig, Pipeline
 from sdrt.schedulers import A1111_LABELS, A1111_NAMES, SAMPLERS
 from sdrt.serve.config import ServeConfig
@@ -62,6 +63,14 @@ class Txt2ImgRequest(MicroConditioning):
     styles: list[str] | None = None
     script_name: str | None = None
     alwayson_scripts: dict[str, Any] | None = None
+    # A1111 applies any option here for the request; sdrt reads CLIP_stop_at_last_layers (clip skip)
+    override_settings: dict[str, Any] | None = None
+
+    def clip_skip(self, model: ModelInfo) -> dict[str, Any]:
+        """make_config's clip_skip: CLIP_stop_at_last_layers where the model takes one (A1111 ignores
+        it for SDXL, and so does sdrt)."""
+        value = (self.override_settings or {}).get("CLIP_stop_at_last_layers")
+        return {"clip_skip": value} if value is not None and model.clip_skip_max > 1 else {}
 
     def unsupported(self) -> list[str]:
         out = [name for name in ("enable_hr", "restore_faces", "tiling", "styles", "script_name", "alwayson_scripts")
@@ -164,7 +173,7 @@ def sampler_for(name: str | None, scheduler: str | None, default: str) -> str:
 def _check_common(cfg: ServeConfig, prompts: list[str], steps: int, images: int, height: int | None,
                   width: int | None) -> None:
     if any(len(p) > cfg.max_prompt_chars for p in prompts):
-        raise InputError(f"prompts are limited to {cfg.max_prompt_chars} characters (CLIP reads 77 tokens)")
+        raise InputError(f"prompts are limited to {cfg.max_prompt_chars} characters on this server")
     if not 1 <= steps <= cfg.max_steps:
         raise InputError(f"steps must be from 1 to {cfg.max_steps}, got {steps}")
     if not 1 <= images <= cfg.max_images_per_request:
@@ -196,7 +205,8 @@ def a1111_config(req: Txt2ImgRequest, pipe: Pipeline, cfg: ServeConfig) -> Gener
                             _first(cfg.default_scheduler, pipe.model.defaults.sampler))
     return pipe.make_config([req.prompt] * images, negative_prompt=req.negative_prompt, steps=steps,
                             guidance=req.cfg_scale, scheduler=scheduler, height=req.height, width=req.width,
-                            seeds=_seeds(req.seed, images), **req.micro(), **req.images_in())
+                            seeds=_seeds(req.seed, images), **req.micro(), **req.images_in(),
+                            **req.clip_skip(pipe.model))
 
 
 def decode_base64(value: str, what: str) -> bytes:
@@ -219,7 +229,7 @@ def a1111_info(req: Txt2ImgRequest, config: GenerationConfig, infotexts: list[st
         "sampler_name": A1111_LABELS.get(config.scheduler, config.scheduler), "cfg_scale": config.guidance,
         "steps": config.steps, "batch_size": req.batch_size, "n_iter": req.n_iter, "sd_model_name": model,
         "infotexts": infotexts, "index_of_first_image": 0, "restore_faces": False,
-        **({"denoising_strength": config.strength} if config.images else {}),
+        "clip_skip": config.clip_skip, **({"denoising_strength": config.strength} if config.images else {}),
     })
 
 
