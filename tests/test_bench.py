@@ -58,3 +58,20 @@ def test_bench_needs_torch_baseline(tiny_model, tiny_engines, tmp_path):
         run_bench(BenchConfig(w, ("ort",), output=tmp_path), progress=False)
     with pytest.raises(InputError, match="unknown bench backends"):
         run_bench(BenchConfig(w, ("torch", "jax"), output=tmp_path), progress=False)
+
+
+def test_prompt_cost_times_each_length_in_one_run(tiny_engines, tmp_path):
+    from sdrt.bench.prompt_cost import PromptCostConfig, main, markdown, run_prompt_cost
+
+    config = PromptCostConfig(str(tiny_engines), chunks=(1, 3), size=64, steps=2, runs=2, warmup=0, backend="ort-cpu")
+    results = run_prompt_cost(config)
+    assert list(results["results"]) == ["77", "231"]
+    for row in results["results"].values():
+        assert row["text_encoder"]["n"] == 2 and row["step"]["n"] == 4  # runs, runs x steps
+        assert all(math.isfinite(v) and v > 0 for stage in row.values() for k, v in stage.items() if k != "n")
+    table = markdown(results)
+    assert "| 231 |" in table and "ort-cpu" in table
+    assert main([str(tiny_engines), "--chunks", "2", "--size", "64", "--steps", "1", "--runs", "1", "--backend",
+                 "ort-cpu", "-o", str(tmp_path)]) == 0
+    written = json.loads((tmp_path / "prompt-cost-tiny-fp32-64x64.json").read_text())
+    assert list(written["results"]) == ["154"] and written["command"].startswith("python -m sdrt.bench.prompt_cost")

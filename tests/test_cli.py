@@ -27,11 +27,21 @@ def test_generate_writes_pngs_with_parameters_and_timings(tiny_engines, tmp_path
         assert f"Seed: {4 + i}" in image.info["parameters"] and "Sampler: Euler a" in image.info["parameters"]
 
 
+def test_clip_skip_and_a_long_prompt(tiny_engines, tmp_path):
+    out = tmp_path / "long.png"
+    prompt = "a (red:1.2) cat on a table, " * 20
+    r = sdrt("generate", str(tiny_engines), prompt, "--clip-skip", "2", "--steps", "2", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "Clip skip: 2" in Image.open(out).info["parameters"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--height", "65"], "multiple of 8"),
     (["--steps", "0"], "steps must be"),
     (["--guidance", "nan"], "guidance must be finite"),
     (["--batch", "0"], "batch must be"),
+    (["--clip-skip", "5"], "clip_skip must be an integer from 1 (the last layer) to 2"),
+    (["--negative", "cat " * 400], "negative_prompt is 400 tokens"),
 ])
 def test_bad_input_exits_nonzero_with_message(tiny_engines, tmp_path, args, message):
     r = sdrt("generate", str(tiny_engines), "a cat", *args, "-o", str(tmp_path / "x.png"))

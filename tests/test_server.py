@@ -128,6 +128,10 @@ def test_both_apis_serve_sdxl_engines_at_their_default_size(tiny_sdxl_engines):
                                                                    "cfg_scale": 5.0, **micro}, timeout=60)
         assert a1111.status_code == 200
         np.testing.assert_array_equal(decode(a1111.json()["images"][0])[0], want)  # 5.0: SDXL's default too
+        ignored = httpx.post(f"{live.url}/sdapi/v1/txt2img", timeout=60, json={
+            "prompt": "a red cube", "seed": 3, "steps": 2, "cfg_scale": 5.0, **micro,
+            "override_settings": {"CLIP_stop_at_last_layers": 2}})  # A1111 ignores clip skip for SDXL
+        np.testing.assert_array_equal(decode(ignored.json()["images"][0])[0], want)
     finally:
         live.stop()
 
@@ -156,6 +160,20 @@ def test_webuiapi_client_images_match_the_pipeline(server, direct):
     assert "Seed: 13" in result.images[2].info["parameters"]
 
 
+def test_a1111_long_weighted_prompt_and_clip_skip_from_override_settings(server, direct):
+    prompt = "a (red:1.3) cube on a [wooden] table in the morning light, " * 10 + "BREAK blue sky"
+    body = {"prompt": prompt, "negative_prompt": "blurry", "seed": 4, "steps": 2, "width": 64, "height": 64,
+            "override_settings": {"CLIP_stop_at_last_layers": 2}, "override_settings_restore_afterwards": True}
+    r = httpx.post(f"{server.url}/sdapi/v1/txt2img", json=body, headers=server.headers(), timeout=60)
+    assert r.status_code == 200, r.text
+    config = direct.make_config(prompt, negative_prompt="blurry", seed=4, steps=2, guidance=7.0, height=64, width=64,
+                                scheduler="dpmpp_2m_karras", clip_skip=2)
+    assert config.chunks > 1
+    got, info = decode(r.json()["images"][0])
+    np.testing.assert_array_equal(got, direct.generate(config).images[0])
+    assert "Clip skip: 2" in info["parameters"] and json.loads(r.json()["info"])["clip_skip"] == 2
+
+
 def test_discovery_endpoints(server):
     h = server.headers()
     samplers = httpx.get(f"{server.url}/sdapi/v1/samplers", headers=h).json()
@@ -180,6 +198,12 @@ def test_discovery_endpoints(server):
     ("/sdapi/v1/txt2img", {"prompt": "x", "batch_size": 999}, 400, "1 to 16 images"),
     ("/sdapi/v1/txt2img", {"prompt": "x", "cfg_scale": "NaN", "steps": 2, "width": 64, "height": 64}, 400, "finite"),
     ("/sdapi/v1/txt2img", {"prompt": "x" * 5000}, 400, "2000 characters"),
+    ("/sdapi/v1/txt2img", {"prompt": "cat " * 400}, 400, "at most 300"),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "negative_prompt": "cat " * 400}, 400, "negative_prompt is"),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "override_settings": {"CLIP_stop_at_last_layers": 9}}, 400,
+     "clip_skip must be an integer from 1"),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "override_settings": {"CLIP_stop_at_last_layers": "2"}}, 400, "clip_skip"),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "override_settings": [2]}, 422, "override_settings"),
     ("/sdapi/v1/txt2img", {"prompt": ["not", "a", "string"]}, 422, "prompt"),
     ("/sdapi/v1/txt2img", [1, 2], 422, "invalid request"),
     ("/v1/images/generations", {"prompt": "x", "n": 0}, 400, "1 to 16"),
