@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import stat
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -37,5 +39,8 @@ def export_onnx(
             model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
             location=path.name + ".data", size_threshold=0,
         )
+        # onnx writes the weights through a private temporary file (mode 0600): give them the graph's
+        # mode, so a service user who can read the engines can read their weights
+        os.chmod(path.parent / (path.name + ".data"), stat.S_IMODE(path.stat().st_mode))
     finally:
         shutil.rmtree(raw_dir, ignore_errors=True)

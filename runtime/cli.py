@@ -112,10 +112,7 @@ def _serve(args: argparse.Namespace) -> None:
     from sdrt.serve.config import ServeConfig
 
     read_manifest(Path(args.engines))  # a wrong path fails here, not after the server is up
-    token = args.token or ServeConfig.token_from_env()
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not token:
-        warnings.warn(f"serving on {args.host} without a token: anyone who can reach it can use the GPU "
-                      "(set --token or SDRT_TOKEN)")
+    token = ServeConfig.resolve_token(args.token, args.no_auth, args.host)
     serve(ServeConfig(Path(args.engines), host=args.host, port=args.port, token=token, backend=args.backend,
                       max_queue=args.max_queue, max_batch=args.max_batch, batch_window_s=args.batch_window_ms / 1e3,
                       request_timeout_s=args.timeout, max_steps=args.max_steps, max_size=args.max_size,
@@ -197,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--token", default=None, help="require 'Authorization: Bearer TOKEN' (or env SDRT_TOKEN)")
+    p.add_argument("--no-auth", action="store_true", help="serve without a token beyond loopback (never implied)")
     p.add_argument("--backend", choices=list(BACKENDS), default="auto")
     p.add_argument("--max-queue", type=int, default=64, help="queued images before 429")
     p.add_argument("--max-batch", type=int, default=None, help="images per engine call (1 disables batching)")

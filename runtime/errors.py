@@ -1,4 +1,4 @@
-"""sdrt's exceptions (every message names the fix) and the integer check input errors use."""
+"""sdrt's exceptions (every message names the fix) and the checks input errors use."""
 
 from numbers import Integral
 
@@ -30,3 +30,18 @@ class ValidationError(SdrtError):
 def is_integer(value: object) -> bool:
     """An int or numpy integer, but not a bool."""
     return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def is_digits(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also takes "²" and "٣", which int() then refuses."""
+    return text.isascii() and text.isdigit()
+
+
+def check_text(text: str, label: str) -> str:
+    """Text that encodes as UTF-8: a lone surrogate (half of an emoji cut by a client) is refused."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"{label} is not valid Unicode (a lone surrogate at character {e.start}): "
+                         "send whole characters, UTF-8 encoded") from None
+    return text

@@ -24,7 +24,7 @@ import numpy as np
 
 from sdrt.backends import select_backend
 from sdrt.backends.base import Backend, Engine
-from sdrt.errors import InputError, SdrtError, is_integer
+from sdrt.errors import InputError, SdrtError, check_text, is_integer
 from sdrt.families import CONCAT, HOST, ROW, layout_rows, stack_rows
 from sdrt.images import (Picture, latent_mask, mask_picture, overlay, picture, pixel_mask, read_image, read_mask,
                          resized)
@@ -33,7 +33,16 @@ from sdrt.schedulers import NoiseSchedule, SamplerPlan, check_sampler, make_plan
 from sdrt.tiling import decode_tiled
 from sdrt.tokenizer import ClipTokenizer
 
-SEED_MAX = 2**32 - 1
+SEED_MAX = 2**32 - 1  # A1111's range: every row's seed (seed + i) from 0 to 2**32 - 1
+
+
+def first_seed_max(count: int) -> int:
+    """The largest first seed of `count` consecutive rows (seed + i ≤ SEED_MAX)."""
+    return SEED_MAX - count + 1
+
+
+def random_seed(count: int) -> int:
+    return secrets.randbelow(first_seed_max(count) + 1)
 
 
 # The fields of a GenerationConfig that hold one entry per image. Every other field is shared by the
@@ -284,6 +293,9 @@ class Pipeline:
         negatives = [negative] * batch if isinstance(negative, str) else list(negative)
         if len(negatives) != batch or not all(isinstance(p, str) for p in negatives):
             raise InputError(f"negative_prompt must be a string or a list of {batch} strings")
+        for label, texts in (("prompt", prompts), ("negative_prompt", negatives)):
+            for text in texts:
+                check_text(text, label)
         try:
             guidance = float(guidance)
         except (TypeError, ValueError):
@@ -314,9 +326,9 @@ class Pipeline:
                 raise InputError(f"seeds must be {batch} integers from 0 to {SEED_MAX}, got {seeds!r}")
             seed = seeds[0]
         if seed is None:
-            seed = secrets.randbelow(SEED_MAX - batch)
-        if not is_integer(seed) or not 0 <= seed <= SEED_MAX - batch:
-            raise InputError(f"seed must be an integer from 0 to {SEED_MAX - batch}, got {seed!r}")
+            seed = random_seed(batch)
+        if not is_integer(seed) or not 0 <= seed <= first_seed_max(batch):
+            raise InputError(f"seed must be an integer from 0 to {first_seed_max(batch)}, got {seed!r}")
         micro = {"original_size": original_size, "crop_top_left": crop_top_left, "target_size": target_size}
         for label, value in micro.items():
             if value is None:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
+from sdrt.paths import replacing
 from sdrt.schedulers import A1111_LABELS
 
 
@@ -38,10 +38,5 @@ def save_png(image: Any, path: str | Path, parameters: str | None = None) -> Non
     parameters = image.info.get("parameters") if parameters is None else parameters
     if parameters is not None:
         info.add_text("parameters", parameters)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with replacing(Path(path)) as tmp:
         image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -245,3 +245,15 @@ def test_real_size_test_models_have_the_real_unet(kind, parameters):
     with torch.device("meta"):
         unet = UNet2DConditionModel(**SPECS[kind].unet)
     assert sum(p.numel() for p in unet.parameters()) == SPECS[kind].unet_parameters == parameters
+
+
+def test_every_artifact_is_readable_as_the_graphs_are(tiny_engines):
+    """onnx writes external data through a 0600 temporary file; the engines keep one mode throughout."""
+    import stat
+
+    modes = {p.relative_to(tiny_engines).as_posix(): stat.S_IMODE(p.stat().st_mode)
+             for p in tiny_engines.rglob("*") if p.is_file()}
+    assert any(name.endswith(".onnx.data") for name in modes)
+    graph_mode = modes["denoise_step.onnx"]
+    assert graph_mode & 0o044, "the graph itself is not group/other readable: check the umask"
+    assert {name: mode for name, mode in modes.items() if mode != graph_mode} == {}

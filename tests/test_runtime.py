@@ -86,6 +86,7 @@ def test_pil_images_carry_parameters(pipe):
     ({"batch": 0}, "batch must be"),
     ({"batch": 99}, "batch must be"),
     ({"seed": -1}, "seed must be"),
+    ({"negative_prompt": "blurry \ud83d"}, "negative_prompt is not valid Unicode"),
 ])
 def test_bad_arguments_raise_named_errors(pipe, kwargs, match):
     with pytest.raises(InputError, match=match):

@@ -19,6 +19,7 @@ pytest.importorskip("fastapi")
 import httpx  # noqa: E402
 import uvicorn  # noqa: E402
 
+from sdrt.errors import InputError  # noqa: E402
 from sdrt.pipeline import Pipeline  # noqa: E402
 from sdrt.serve.app import create_app  # noqa: E402
 from sdrt.serve.config import ServeConfig  # noqa: E402
@@ -75,6 +76,12 @@ def server(tiny_engines):
 @pytest.fixture(scope="module")
 def direct(tiny_engines):
     return Pipeline.load(tiny_engines, backend="ort-cpu")
+
+
+def post_json(url: str, body, headers: dict) -> httpx.Response:
+    """JSON as any client may send it: ASCII with escapes, so lone surrogates ("\\ud83d") get through."""
+    return httpx.post(url, content=json.dumps(body), headers={**headers, "Content-Type": "application/json"},
+                      timeout=60)
 
 
 def decode(b64: str) -> tuple[np.ndarray, dict]:
@@ -174,6 +181,32 @@ def test_a1111_long_weighted_prompt_and_clip_skip_from_override_settings(server,
     assert "Clip skip: 2" in info["parameters"] and json.loads(r.json()["info"])["clip_skip"] == 2
 
 
+def test_a_bad_request_never_fails_the_innocent_ones_in_flight(server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def post(prompt):
+        return post_json(f"{server.url}/sdapi/v1/txt2img", {"prompt": prompt, "steps": 2, "width": 64, "height": 64,
+                                                            "seed": 1}, server.headers())
+
+    prompts = ["a cat", "a dog \ud83d", "a red cube", "\udfff", "a tree", "a house"]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        statuses = [r.status_code for r in pool.map(post, prompts)]
+    assert statuses == [200, 422, 200, 422, 200, 200]
+
+
+def test_seeds_span_a1111s_range(server, direct):
+    top = 2**32 - 1
+    r = httpx.post(f"{server.url}/sdapi/v1/txt2img", headers=server.headers(), timeout=60,
+                   json={"prompt": "x", "steps": 1, "width": 64, "height": 64, "seed": top})
+    assert r.status_code == 200 and json.loads(r.json()["info"])["all_seeds"] == [top]
+    r = httpx.post(f"{server.url}/sdapi/v1/txt2img", headers=server.headers(), timeout=60,
+                   json={"prompt": "x", "steps": 1, "width": 64, "height": 64, "seed": top, "batch_size": 2})
+    assert r.status_code == 400 and f"from 0 to {top - 1}" in r.json()["detail"]
+    assert direct.make_config("x", seed=top).seed == top  # the same range in Python
+    with pytest.raises(InputError, match=f"from 0 to {top - 1}"):
+        direct.make_config("x", seed=top, batch=2)
+
+
 def test_discovery_endpoints(server):
     h = server.headers()
     samplers = httpx.get(f"{server.url}/sdapi/v1/samplers", headers=h).json()
@@ -198,6 +231,13 @@ def test_discovery_endpoints(server):
     ("/sdapi/v1/txt2img", {"prompt": "x", "batch_size": 999}, 400, "1 to 16 images"),
     ("/sdapi/v1/txt2img", {"prompt": "x", "cfg_scale": "NaN", "steps": 2, "width": 64, "height": 64}, 400, "finite"),
     ("/sdapi/v1/txt2img", {"prompt": "x" * 5000}, 400, "2000 characters"),
+    # invalid Unicode (half an emoji) and digits int() refuses are 4xx in any field
+    ("/sdapi/v1/txt2img", {"prompt": "a cat \ud83d"}, 422, "prompt is not valid Unicode (a lone surrogate at character 6)"),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "sampler_index": "\udc00"}, 422, "sampler_index is not valid Unicode"),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "override_settings": {"\ud800": 1}}, 422, "not valid Unicode"),
+    ("/v1/images/generations", {"prompt": "\ud800"}, 400, "prompt is not valid Unicode"),
+    ("/v1/images/generations", {"prompt": "x", "size": "64x\u00b2"}, 400, "size must be"),
+    ("/v1/images/generations", {"prompt": "x", "size": "\u0663\u0663x64"}, 400, "size must be"),
     ("/sdapi/v1/txt2img", {"prompt": "cat " * 400}, 400, "at most 300"),
     ("/sdapi/v1/txt2img", {"prompt": "x", "negative_prompt": "cat " * 400}, 400, "negative_prompt is"),
     ("/sdapi/v1/txt2img", {"prompt": "x", "override_settings": {"CLIP_stop_at_last_layers": 9}}, 400,
@@ -216,7 +256,7 @@ def test_discovery_endpoints(server):
     ("/v1/images/generations", {"prompt": "x", "seed": False}, 400, "seed"),
 ])
 def test_bad_requests_get_a_4xx_json_error(server, path, body, status, match):
-    response = httpx.post(server.url + path, json=body, headers=server.headers())
+    response = post_json(server.url + path, body, server.headers())
     assert response.status_code == status, response.text
     payload = response.json()
     message = payload["error"]["message"] if path.startswith("/v1/") else payload["detail"]
@@ -238,12 +278,30 @@ def test_auth_body_limit_and_unknown_paths(server):
     assert missing.status_code == 404 and missing.json()["error"] == "not_found"
 
 
-def test_a_disconnected_client_is_dropped_before_its_next_step(server):
+SLOW_STEP_S = 0.1
+
+
+@pytest.fixture
+def slow_steps(monkeypatch):
+    """Every denoise step takes at least SLOW_STEP_S, so the timing tests hold on any machine."""
+    from sdrt.backends.onnxruntime import OrtEngine
+
+    run = OrtEngine.run
+
+    def slow(self, inputs, outputs):
+        if self.spec.onnx == "denoise_step.onnx":
+            time.sleep(SLOW_STEP_S)
+        run(self, inputs, outputs)
+
+    monkeypatch.setattr(OrtEngine, "run", slow)
+
+
+def test_a_disconnected_client_is_dropped_before_its_next_step(server, slow_steps):
     before_total = server.metric("sdrt_stage_seconds_count", stage="total")
-    body = {"prompt": "slow", "steps": 150, "width": 256, "height": 256, "seed": 1}
+    body = {"prompt": "slow", "steps": 150, "width": 64, "height": 64, "seed": 1}  # ≥ 15 s of steps
     with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
         httpx.post(f"{server.url}/sdapi/v1/txt2img", json=body, headers=server.headers(), timeout=0.8)
-    deadline = time.monotonic() + 5  # the whole generation would take ~10 s
+    deadline = time.monotonic() + 5
     while httpx.get(f"{server.url}/sdapi/v1/progress", headers=server.headers()).json()["state"]["job_count"]:
         assert time.monotonic() < deadline, "the abandoned generation kept running"
         time.sleep(0.05)
@@ -251,11 +309,11 @@ def test_a_disconnected_client_is_dropped_before_its_next_step(server):
     assert server.metric("sdrt_stage_seconds_count", stage="total") == before_total  # stopped, not finished
 
 
-def test_queue_full_gets_429_and_timeouts_504(tiny_engines):
+def test_queue_full_gets_429_and_timeouts_504(tiny_engines, slow_steps):
     live = LiveServer(ServeConfig(tiny_engines, backend="ort-cpu", max_queue=1, max_batch=1,
                                   request_timeout_s=1.5))
     try:
-        body = {"prompt": "x", "steps": 60, "width": 256, "height": 256}  # ~4 s each
+        body = {"prompt": "x", "steps": 60, "width": 64, "height": 64}  # ≥ 6 s of steps each
 
         async def burst() -> list[httpx.Response]:
             async with httpx.AsyncClient(timeout=30) as client:
@@ -447,3 +505,34 @@ def test_defaults_bind_loopback_and_the_token_comes_from_the_env(monkeypatch, tm
     assert ServeConfig.token_from_env() == "from-env"
     monkeypatch.delenv("SDRT_TOKEN")
     assert ServeConfig.token_from_env() is None
+
+
+@pytest.mark.parametrize("flag, env, no_auth, host, expected", [
+    ("s3cret", None, False, "0.0.0.0", "s3cret"),
+    (None, "from-env", False, "0.0.0.0", "from-env"),
+    (None, None, False, "127.0.0.1", None),  # loopback: local use needs no token
+    (None, None, True, "0.0.0.0", None),  # beyond loopback only when asked for
+    ("", None, False, "127.0.0.1", "--token is empty"),  # `--token "$UNSET"` never turns auth off
+    (None, " ", False, "127.0.0.1", "SDRT_TOKEN is empty"),
+    (None, None, False, "0.0.0.0", "--no-auth to mean it"),
+    ("s3cret", None, True, "0.0.0.0", "drop one of them"),
+])
+def test_the_token_is_never_silently_off(monkeypatch, flag, env, no_auth, host, expected):
+    if env is None:
+        monkeypatch.delenv("SDRT_TOKEN", raising=False)
+    else:
+        monkeypatch.setenv("SDRT_TOKEN", env)
+    if expected is None or expected in ("s3cret", "from-env"):
+        assert ServeConfig.resolve_token(flag, no_auth, host) == expected
+    else:
+        with pytest.raises(InputError, match=expected):
+            ServeConfig.resolve_token(flag, no_auth, host)
+
+
+def test_serve_with_an_empty_token_exits_2_naming_the_fix(tiny_engines):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "sdrt.cli", "serve", str(tiny_engines), "--token", ""],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--token is empty" in r.stderr and "--no-auth" in r.stderr

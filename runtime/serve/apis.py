@@ -14,21 +14,41 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import secrets
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Strict
+from pydantic import BaseModel, ConfigDict, Strict, model_validator
 
-from sdrt.errors import InputError
+from sdrt.errors import InputError, check_text, is_digits
 from sdrt.manifest import ModelInfo
-from sdrt.pipeline import INPAINTING_FILLS, SEED_MAX, GenerationConfig, Pipeline
+from sdrt.pipeline import INPAINTING_FILLS, GenerationConfig, Pipeline, first_seed_max, random_seed
 from sdrt.schedulers import A1111_LABELS, A1111_NAMES, SAMPLERS
 from sdrt.serve.config import ServeConfig
 
 Int = Annotated[int, Strict()]  # JSON integers only: `true` is not 1 step, 20.5 is not 20
 
 
-class MicroConditioning(BaseModel):
+class Request(BaseModel):
+    """Every string anywhere in a request is valid Unicode (checked before it can join a batch)."""
+
+    @model_validator(mode="after")
+    def _whole_characters(self) -> "Request":
+        def walk(value: Any, label: str) -> None:
+            if isinstance(value, str):
+                check_text(value, label)
+            elif isinstance(value, (list, tuple)):
+                for item in value:
+                    walk(item, label)
+            elif isinstance(value, dict):
+                for key, item in value.items():
+                    walk(key, label)
+                    walk(item, f"{label}.{key}")
+
+        for name in type(self).model_fields:
+            walk(getattr(self, name), name)
+        return self
+
+
+class MicroConditioning(Request):
     """SDXL micro-conditioning, [height, width] pixels (sdrt extensions on both APIs)."""
 
     original_size: list[Int] | None = None
@@ -186,9 +206,9 @@ def _check_common(cfg: ServeConfig, prompts: list[str], steps: int, images: int,
 
 def _seeds(seed: int | None, count: int) -> list[int]:
     if seed is None or seed == -1:
-        seed = secrets.randbelow(SEED_MAX - count + 1)
-    if not 0 <= seed <= SEED_MAX - count + 1:
-        raise InputError(f"seed must be -1 (random) or from 0 to {SEED_MAX - count + 1}, got {seed}")
+        seed = random_seed(count)
+    if not 0 <= seed <= first_seed_max(count):
+        raise InputError(f"seed must be -1 (random) or from 0 to {first_seed_max(count)}, got {seed}")
     return [seed + i for i in range(count)]
 
 
@@ -237,7 +257,7 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
     if size is None or size == "auto":
         return None, None
     parts = size.lower().split("x")
-    if len(parts) != 2 or not all(p.isdigit() and len(p) <= 5 for p in parts):
+    if len(parts) != 2 or not all(is_digits(p) and len(p) <= 5 for p in parts):
         raise InputError(f"size must be 'WIDTHxHEIGHT' (e.g. '512x512'), got {size!r}")
     return int(parts[1]), int(parts[0])
 
@@ -267,7 +287,7 @@ def openai_edit_config(form: dict[str, Any], pipe: Pipeline, cfg: ServeConfig) -
     numbers: dict[str, Any] = {}
     for name in ("n", "seed", "steps"):
         if name in fields:
-            if not fields[name].isdigit() or len(fields[name]) > 10:
+            if not is_digits(fields[name]) or len(fields[name]) > 10:
                 raise InputError(f"{name} must be a non-negative integer, got {fields[name]!r}")
             numbers[name] = int(fields[name])
     for name in ("guidance_scale", "strength"):

@@ -22,7 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sdrt.errors import InputError
+from sdrt.errors import InputError, is_digits
 from sdrt.pipeline import GenerationConfig, Pipeline
 from sdrt.schedulers import A1111_NAMES, SAMPLERS
 from sdrt.serve.apis import (ImagesRequest, Img2ImgRequest, Txt2ImgRequest, a1111_config, a1111_info, openai_config,
@@ -111,7 +111,7 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         limit = self.image_max_bytes if scope["path"] in IMAGE_PATHS else self.max_bytes
         declared = dict(scope.get("headers", [])).get(b"content-length")
-        too_big = declared is not None and (not declared.isdigit() or int(declared) > limit)
+        too_big = declared is not None and (not is_digits(declared) or int(declared) > limit)
         seen = 0
 
         async def counted() -> dict:

@@ -6,6 +6,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from sdrt.errors import InputError
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
 
 @dataclass(frozen=True)
 class ServeConfig:
@@ -31,3 +35,20 @@ class ServeConfig:
     @staticmethod
     def token_from_env() -> str | None:
         return os.environ.get("SDRT_TOKEN") or None
+
+    @staticmethod
+    def resolve_token(flag: str | None, no_auth: bool, host: str) -> str | None:
+        """The token of `sdrt serve`: --token, else $SDRT_TOKEN. An empty one (an unset shell variable)
+        never means "no auth"; serving beyond loopback without one needs an explicit --no-auth."""
+        env = os.environ.get("SDRT_TOKEN")
+        for label, value in (("--token", flag), ("SDRT_TOKEN", env)):
+            if value is not None and not value.strip():
+                raise InputError(f"{label} is empty (an unset variable?): pass a token, or --no-auth to serve "
+                                 "without authentication")
+        token = flag or env
+        if no_auth and token:
+            raise InputError("--no-auth with a token: drop one of them")
+        if not token and not no_auth and host not in LOOPBACK:
+            raise InputError(f"serving on {host} without a token lets anyone who reaches it use the GPU: pass "
+                             "--token (or SDRT_TOKEN), or --no-auth to mean it")
+        return token
