@@ -207,6 +207,24 @@ def test_seeds_span_a1111s_range(server, direct):
         direct.make_config("x", seed=top, batch=2)
 
 
+def test_an_internal_error_is_a_json_500_with_an_id_and_the_connection_lives_on(server, monkeypatch, caplog):
+    import sdrt.serve.app as app_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("secret internal detail")
+
+    monkeypatch.setattr(app_module, "a1111_config", broken)
+    monkeypatch.setattr(app_module, "openai_config", broken)
+    with httpx.Client(headers=server.headers(), timeout=30) as client:  # one keep-alive connection
+        for path, message in (("/sdapi/v1/txt2img", lambda b: b["detail"]),
+                              ("/v1/images/generations", lambda b: b["error"]["message"])):
+            r = client.post(server.url + path, json={"prompt": "x"})
+            assert r.status_code == 500 and "secret" not in r.text
+            error_id = message(r.json()).split()[2].rstrip(":")
+            assert len(error_id) == 12 and error_id in caplog.text and "secret internal detail" in caplog.text
+            assert client.get(f"{server.url}/health").status_code == 200  # the same connection still works
+
+
 def test_discovery_endpoints(server):
     h = server.headers()
     samplers = httpx.get(f"{server.url}/sdapi/v1/samplers", headers=h).json()
@@ -536,3 +554,44 @@ def test_serve_with_an_empty_token_exits_2_naming_the_fix(tiny_engines):
     r = subprocess.run([sys.executable, "-m", "sdrt.cli", "serve", str(tiny_engines), "--token", ""],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--token is empty" in r.stderr and "--no-auth" in r.stderr
+
+
+class _EndlessPipeline:
+    """A stand-in for Pipeline whose generation runs until every row is dropped (then Cancelled)."""
+
+    def __init__(self):
+        from types import SimpleNamespace
+
+        self.limits = SimpleNamespace(batch=(1, 1, 1))
+        self.started = threading.Event()
+
+    def generate(self, config, callback):
+        from sdrt.pipeline import Cancelled
+
+        self.started.set()
+        for step in range(1, 100_000):
+            time.sleep(0.01)
+            wanted = callback(step, 100_000)
+            if wanted is not None and not wanted:
+                raise Cancelled("all rows dropped")
+        raise AssertionError("never stopped")
+
+
+def test_drain_end_gives_the_queued_and_then_the_running_requests_a_503():
+    from sdrt.pipeline import GenerationConfig
+    from sdrt.serve.jobs import Job, Scheduler, ShuttingDown
+
+    fake = _EndlessPipeline()
+    scheduler = Scheduler(lambda: fake, max_queue=4, max_batch=1, window_s=0.0)
+    scheduler.start()
+    config = GenerationConfig(("x",), ("",), steps=2, height=64, width=64)
+    running = scheduler.submit(Job(config, deadline=time.monotonic() + 600))
+    assert fake.started.wait(30)
+    queued = scheduler.submit(Job(config, deadline=time.monotonic() + 600))
+    scheduler.begin_close(drain_s=0.05, running_s=2.0)
+    with pytest.raises(ShuttingDown, match="before this request ran"):
+        queued.result(timeout=30)
+    with pytest.raises(ShuttingDown, match="while this request ran"):
+        running.result(timeout=30)
+    scheduler._thread.join(timeout=30)
+    assert not scheduler._thread.is_alive()  # the worker stopped the generation and left

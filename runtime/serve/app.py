@@ -13,7 +13,10 @@ import base64
 import binascii
 import hmac
 import io
+import logging
+import math
 import time
+import uuid
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -28,9 +31,11 @@ from sdrt.schedulers import A1111_NAMES, SAMPLERS
 from sdrt.serve.apis import (ImagesRequest, Img2ImgRequest, Txt2ImgRequest, a1111_config, a1111_info, openai_config,
                              openai_edit_config)
 from sdrt.serve.config import ServeConfig
-from sdrt.serve.jobs import ClientGone, Image, Job, QueueFull, RequestTimeout, Scheduler, ShuttingDown
+from sdrt.serve.jobs import (RUNNING_GRACE_S, ClientGone, Image, Job, QueueFull, RequestTimeout, Scheduler,
+                             ShuttingDown)
 from sdrt.serve.metrics import Metrics
 
+log = logging.getLogger("sdrt.serve")
 OPEN_PATHS = ("/health", "/ready", "/metrics")  # probes and scrapers need no token
 IMAGE_PATHS = ("/sdapi/v1/img2img", "/v1/images/edits")  # bodies with images get the larger limit
 _STATUS = {InputError: 400, QueueFull: 429, ShuttingDown: 503, RequestTimeout: 504, ClientGone: 499}
@@ -79,9 +84,12 @@ class AuthAndAccounting:
         path = scope["path"]
         status = {"code": 500}
 
+        sent_start = {"done": False}
+
         async def send_counted(message: dict) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+                sent_start["done"] = True
             await send(message)
 
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
@@ -90,7 +98,16 @@ class AuthAndAccounting:
                                       "'Authorization: Bearer TOKEN'", {"WWW-Authenticate": "Bearer"})
             await response(scope, receive, send_counted)
         else:
-            await self.app(scope, receive, send_counted)
+            try:
+                await self.app(scope, receive, send_counted)
+            except Exception:  # a bug: the details go to the log under an id, the client gets the id
+                error_id = uuid.uuid4().hex[:12]
+                log.exception("internal error %s on %s", error_id, path)
+                if sent_start["done"]:
+                    raise  # the response had started: nothing sound can be sent any more
+                response = error_response(path, self.metrics, 500, f"internal error {error_id}: the server's "
+                                          "log has the details; report it with this id")
+                await response(scope, receive, send_counted)
         endpoint = path if path in _ENDPOINTS else "other"
         self.metrics.requests.labels(endpoint, str(status["code"])).inc()
         self.metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - start)
@@ -170,10 +187,6 @@ def create_app(config: ServeConfig, pipeline: Pipeline | None = None) -> FastAPI
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(request.url.path, metrics, exc.status_code, str(exc.detail),
                               getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, exc: Exception) -> JSONResponse:
-        return error_response(request.url.path, metrics, 500, f"internal error: {type(exc).__name__}: {exc}")
 
     # --- probes ---------------------------------------------------------------------------------
 
@@ -333,8 +346,9 @@ def serve(config: ServeConfig) -> None:
     import uvicorn
 
     app = create_app(config)
+    grace_s = math.ceil(config.shutdown_drain_s + RUNNING_GRACE_S) + 1  # the scheduler answers everyone first
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="info",
-                                           timeout_graceful_shutdown=int(config.shutdown_drain_s) + 5))
+                                           timeout_graceful_shutdown=grace_s))
     original = server.handle_exit
 
     def handle_exit(sig: int, frame: Any) -> None:  # stop taking work at once; drain what is queued

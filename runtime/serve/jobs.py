@@ -26,6 +26,9 @@ class QueueFull(SdrtError):
     """The bounded queue has no room: answered 429 with Retry-After."""
 
 
+RUNNING_GRACE_S = 4.0  # after the drain, the running batch's time to finish (serve gives uvicorn 1 s more)
+
+
 class ShuttingDown(SdrtError):
     """The server is stopping or not ready: answered 503."""
 
@@ -106,6 +109,7 @@ class Scheduler:
         self.load_error: BaseException | None = None
         self.progress = Progress()
         self._queue: deque[Job] = deque()
+        self._running: list[Job] = []  # the jobs of the batch in the engines
         self._cond = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="sdrt-worker", daemon=True)
@@ -142,16 +146,19 @@ class Scheduler:
 
     # --- shutdown ---------------------------------------------------------------------------
 
-    def begin_close(self, drain_s: float) -> None:
-        """Takes no new work (503); queued work gets drain_s to finish, then is failed with a 503."""
+    def begin_close(self, drain_s: float, running_s: float = RUNNING_GRACE_S) -> None:
+        """Takes no new work (503); queued work gets drain_s to finish, then is failed with a 503; the
+        batch still in the engines then gets running_s more to finish, then its requests get a 503
+        (and it stops before its next step), within the HTTP server's own grace period."""
         with self._cond:
             if self._closed:
                 return
             self._closed = True
             self._cond.notify_all()
-        timer = threading.Timer(drain_s, self._reject_queued)
-        timer.daemon = True
-        timer.start()
+        for delay, action in ((drain_s, self._reject_queued), (drain_s + running_s, self._stop_running)):
+            timer = threading.Timer(delay, action)
+            timer.daemon = True
+            timer.start()
 
     def _reject_queued(self) -> None:
         with self._cond:
@@ -160,6 +167,13 @@ class Scheduler:
             self._cond.notify_all()
         for job in left:
             job.fail(ShuttingDown("the server stopped before this request ran; retry on another instance"))
+
+    def _stop_running(self) -> None:
+        with self._cond:
+            running = list(self._running)
+        for job in running:
+            job.fail(ShuttingDown("the server stopped while this request ran; retry on another instance"))
+            job.cancel()
 
     def close(self, drain_s: float) -> None:
         """begin_close, then waits for the worker to finish the running batch and the queue."""
@@ -227,6 +241,8 @@ class Scheduler:
         if not rows:
             return
         config = GenerationConfig.of_rows([(job.config, r) for job, r in rows])
+        with self._cond:
+            self._running = [job for job, _ in batch]
         self.observe("batch", len(rows))
         self.progress = Progress(0, 0, time.monotonic(), True)
 
@@ -246,6 +262,8 @@ class Scheduler:
             return
         finally:
             self.progress.running = False
+            with self._cond:
+                self._running = []
         if result is not None:
             self.observe("timings", result.timings)
             self.observe("images", len(result.rows))
