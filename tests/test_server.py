@@ -21,7 +21,7 @@ import uvicorn  # noqa: E402
 
 from sdrt.errors import InputError  # noqa: E402
 from sdrt.pipeline import Pipeline  # noqa: E402
-from sdrt.serve.app import create_app  # noqa: E402
+from sdrt.serve.app import create_app, uvicorn_config  # noqa: E402
 from sdrt.serve.config import ServeConfig  # noqa: E402
 
 TOKEN = "s3cret"
@@ -37,7 +37,7 @@ class LiveServer:
         self.config = replace(config, port=port)
         self.url = f"http://127.0.0.1:{port}"
         self.app = create_app(self.config)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn_config(self.app, self.config, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 60
@@ -289,6 +289,13 @@ def test_auth_body_limit_and_unknown_paths(server):
     big = httpx.post(url, content=b"{" + b" " * 100_000 + b"}", headers={**server.headers(),
                                                                           "Content-Type": "application/json"})
     assert big.status_code == 413 and big.json()["error"] == "too_large"
+    for path, code in (("/sdapi/v1/txt2img", lambda b: b["error"]), ("/v1/images/generations",
+                                                                     lambda b: b["error"]["code"])):
+        chunked = httpx.post(server.url + path, content=iter([b"{"] + [b" " * 10_000] * 10 + [b"}"]),
+                             headers={**server.headers(), "Content-Type": "application/json"})  # no Content-Length
+        assert chunked.status_code == 413 and code(chunked.json()) == "too_large", chunked.text
+    unauthorized = httpx.post(f"{server.url}/v1/images/generations", json={"prompt": "x"})
+    assert unauthorized.status_code == 401 and unauthorized.json()["error"]["code"] == "unauthorized"
     garbage = httpx.post(url, content=b"\xff\xfe not json", headers={**server.headers(),
                                                                       "Content-Type": "application/json"})
     assert garbage.status_code in (400, 422) and "error" in garbage.json()
@@ -595,3 +602,53 @@ def test_drain_end_gives_the_queued_and_then_the_running_requests_a_503():
         running.result(timeout=30)
     scheduler._thread.join(timeout=30)
     assert not scheduler._thread.is_alive()  # the worker stopped the generation and left
+
+
+def _read_all(sock: socket.socket, within_s: float = 30.0) -> bytes:
+    """What the server sends until it closes the connection (at most within_s)."""
+    sock.settimeout(within_s)
+    out = b""
+    while chunk := sock.recv(65536):
+        out += chunk
+    return out
+
+
+@pytest.fixture(scope="module")
+def strict_server(tiny_engines):
+    live = LiveServer(ServeConfig(tiny_engines, backend="ort-cpu", read_timeout_s=0.5, max_header_bytes=8 * 1024))
+    yield live
+    live.stop()
+
+
+def test_stalled_headers_get_a_408_and_the_connection_closes(strict_server):
+    port = int(strict_server.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as sock:  # slowloris: headers that never end
+        sock.sendall(b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: x\r\n")
+        reply = _read_all(sock)
+    assert reply.startswith(b"HTTP/1.1 408") and b'"timeout"' in reply
+    with socket.create_connection(("127.0.0.1", port)) as sock:  # the same on a kept-alive connection
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.settimeout(30)
+        first = b""
+        while not first.endswith(b'{"status":"ok"}'):  # the whole first answer
+            first += sock.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200")
+        sock.sendall(b"GET /health HTTP/1.1\r\n")
+        assert _read_all(sock).startswith(b"HTTP/1.1 408")
+
+
+def test_a_stalled_body_gets_a_json_408(strict_server):
+    port = int(strict_server.url.rsplit(":", 1)[1])
+    for path, code in (("/sdapi/v1/txt2img", lambda b: b["error"]), ("/v1/images/generations",
+                                                                     lambda b: b["error"]["code"])):
+        with socket.create_connection(("127.0.0.1", port)) as sock:  # declares 1,000 bytes, sends 10
+            sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         "Content-Length: 1000\r\n\r\n".encode() + b'{"prompt":')
+            head, _, body = _read_all(sock).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408") and code(json.loads(body)) == "timeout"
+
+
+def test_oversized_headers_are_refused(strict_server):
+    r = httpx.get(f"{strict_server.url}/v1/models", headers={"X-Big": "a" * 100_000})
+    assert r.status_code == 431 and r.json()["error"]["code"] == "headers_too_large"
+    assert httpx.get(f"{strict_server.url}/health", headers={"X-Small": "a" * 1000}).status_code == 200

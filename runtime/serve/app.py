@@ -39,7 +39,7 @@ log = logging.getLogger("sdrt.serve")
 OPEN_PATHS = ("/health", "/ready", "/metrics")  # probes and scrapers need no token
 IMAGE_PATHS = ("/sdapi/v1/img2img", "/v1/images/edits")  # bodies with images get the larger limit
 _STATUS = {InputError: 400, QueueFull: 429, ShuttingDown: 503, RequestTimeout: 504, ClientGone: 499}
-_KIND = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "too_large",
+_KIND = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 408: "timeout", 413: "too_large", 431: "headers_too_large",
          422: "bad_request", 429: "queue_full", 499: "client_disconnected", 503: "unavailable", 504: "timeout",
          500: "internal"}
 
@@ -113,14 +113,17 @@ class AuthAndAccounting:
         self.metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - start)
 
 
-class BodyLimit:
-    """ASGI middleware: request bodies over the limit get a 413 before they are read in full;
-    max_bytes for JSON, image_max_bytes on IMAGE_PATHS."""
+class RequestLimits:
+    """ASGI middleware: headers over max_header_bytes get a 431; bodies over the limit a 413 before
+    they are read in full (max_bytes for JSON, image_max_bytes on IMAGE_PATHS); a body that stalls
+    for read_timeout_s a 408. (h11 bounds headers that arrive slowly; the protocol, their time.)"""
 
-    def __init__(self, app: Any, max_bytes: int, image_max_bytes: int, metrics: Metrics):
+    def __init__(self, app: Any, config: ServeConfig, metrics: Metrics):
         self.app = app
-        self.max_bytes = max_bytes
-        self.image_max_bytes = image_max_bytes
+        self.max_header_bytes = config.max_header_bytes
+        self.max_bytes = config.max_body_bytes
+        self.image_max_bytes = config.max_image_body_bytes
+        self.read_timeout_s = config.read_timeout_s
         self.metrics = metrics
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -128,28 +131,59 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         limit = self.image_max_bytes if scope["path"] in IMAGE_PATHS else self.max_bytes
         declared = dict(scope.get("headers", [])).get(b"content-length")
-        too_big = declared is not None and (not is_digits(declared) or int(declared) > limit)
-        seen = 0
+        too_big = (413, f"request bodies here are limited to {limit} bytes")
+        refusal = too_big if declared is not None and (not is_digits(declared) or int(declared) > limit) else None
+        if sum(len(k) + len(v) + 4 for k, v in scope.get("headers", [])) > self.max_header_bytes:
+            refusal = (431, f"request headers here are limited to {self.max_header_bytes} bytes")
+        seen, body_done = 0, False
 
         async def counted() -> dict:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, body_done, refusal
+            if body_done:  # later reads wait for the client to go away: no deadline
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.read_timeout_s)
+            except TimeoutError:
+                refusal = (408, f"the request body stalled for {self.read_timeout_s:g} s")
+                raise _Refused() from None
             seen += len(message.get("body", b""))
-            if seen > limit:
-                raise _TooLarge()
+            body_done = not message.get("more_body", False)
+            if seen > limit:  # a chunked body declares no length: counted as it arrives
+                refusal = too_big
+                raise _Refused()
             return message
 
-        if not too_big:
+        async def unless_refused(message: dict) -> None:
+            if refusal is None:  # else the app's own answer to the cut body (FastAPI: a 400) is dropped
+                await send(message)
+
+        if refusal is None:
             try:
-                return await self.app(scope, counted, send)
-            except _TooLarge:
+                await self.app(scope, counted, unless_refused)
+            except _Refused:
                 pass
-        response = error_response(scope["path"], self.metrics, 413, f"request bodies here are limited to {limit} bytes")
+            if refusal is None:
+                return
+        status, message = refusal
+        response = error_response(scope["path"], self.metrics, status, message,
+                                  {"Connection": "close"} if status == 408 else None)
         await response(scope, receive, send)
 
 
-class _TooLarge(Exception):
+class _Refused(Exception):
     pass
+
+
+def uvicorn_config(app: Any, config: ServeConfig, **kwargs: Any) -> Any:
+    """The HTTP server's settings from the ServeConfig: header size and time limits, graceful shutdown."""
+    import uvicorn
+
+    from sdrt.serve.protocol import with_header_deadline
+
+    grace_s = math.ceil(config.shutdown_drain_s + RUNNING_GRACE_S) + 1  # the scheduler answers everyone first
+    return uvicorn.Config(app, host=config.host, port=config.port, http=with_header_deadline(config.read_timeout_s),
+                          h11_max_incomplete_event_size=config.max_header_bytes, timeout_graceful_shutdown=grace_s,
+                          **kwargs)
 
 
 def create_app(config: ServeConfig, pipeline: Pipeline | None = None) -> FastAPI:
@@ -317,8 +351,7 @@ def create_app(config: ServeConfig, pipeline: Pipeline | None = None) -> FastAPI
                           "sampling_step": p.step if p.running else 0, "sampling_steps": p.steps if p.running else 0},
                 "current_image": None, "textinfo": None}
 
-    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes, image_max_bytes=config.max_image_body_bytes,
-                       metrics=metrics)
+    app.add_middleware(RequestLimits, config=config, metrics=metrics)
     app.add_middleware(AuthAndAccounting, token=config.token, metrics=metrics)  # outermost: runs first
     return app
 
@@ -346,9 +379,7 @@ def serve(config: ServeConfig) -> None:
     import uvicorn
 
     app = create_app(config)
-    grace_s = math.ceil(config.shutdown_drain_s + RUNNING_GRACE_S) + 1  # the scheduler answers everyone first
-    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="info",
-                                           timeout_graceful_shutdown=grace_s))
+    server = uvicorn.Server(uvicorn_config(app, config, log_level="info"))
     original = server.handle_exit
 
     def handle_exit(sig: int, frame: Any) -> None:  # stop taking work at once; drain what is queued

@@ -31,6 +31,8 @@ class ServeConfig:
     default_steps: int | None = None  # None: the engines' model family default (sd1 25, sdxl 30)
     default_scheduler: str | None = None  # None: the family default (dpmpp_2m_karras)
     shutdown_drain_s: float = 30.0  # on SIGTERM, queued work this long; then 503 for what is left
+    read_timeout_s: float = 30.0  # the most a client may take to send a request's headers, and its body; then 408
+    max_header_bytes: int = 16 * 1024  # request line and headers; larger ones get a 400
 
     @staticmethod
     def token_from_env() -> str | None:
