@@ -92,23 +92,29 @@ class SdrtRunner:
 
 
 class TorchRunner:
-    """diffusers StableDiffusionPipeline: fp16 on CUDA, fp32 on CPU, SDPA attention."""
+    """The diffusers text-to-image pipeline of the model's family: fp16 on CUDA, fp32 on CPU, SDPA attention."""
 
     def __init__(self, workload: Workload, compile: bool = False, dtype: str | None = None):
+        import inspect
+
         import diffusers
         import torch
 
-        self.torch, self.w = torch, workload
         from sdrt.export.components_io import model_index
+        from sdrt.families import family_for
 
-        pipeline = model_index(Path(workload.model_dir)).get("_class_name")
-        if pipeline != "StableDiffusionPipeline":  # its stage timers and FLOP count are written for SD 1.x
-            raise NotImplementedError(f"the torch baseline times StableDiffusionPipeline (sd1) only, not {pipeline}; "
-                                      "bench sdrt's own backends alone (--backends ort,trt)")
+        self.torch, self.w = torch, workload
+        index = model_index(Path(workload.model_dir))
+        pipeline = family_for(index, workload.model_dir).pipelines[0]  # the family's text-to-image pipeline
+        if index.get("_class_name") != pipeline:
+            raise NotImplementedError(f"the torch baseline times text-to-image models ({pipeline}), not a "
+                                      f"{index.get('_class_name')} folder; bench sdrt's own backends alone")
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.dtype = getattr(torch, dtype) if dtype else (torch.float16 if self.device == "cuda" else torch.float32)
-        pipe = diffusers.StableDiffusionPipeline.from_pretrained(
-            workload.model_dir, torch_dtype=self.dtype, safety_checker=None, requires_safety_checker=False)
+        cls = getattr(diffusers, pipeline)
+        extra = ({"safety_checker": None, "requires_safety_checker": False}
+                 if "safety_checker" in inspect.signature(cls.__init__).parameters else {})
+        pipe = cls.from_pretrained(workload.model_dir, torch_dtype=self.dtype, **extra)
         from sdrt.export.reference import diffusers_scheduler
 
         pipe.scheduler = diffusers_scheduler(workload.scheduler, pipe.scheduler.config)
@@ -123,6 +129,8 @@ class TorchRunner:
             pipe.unet = torch.compile(pipe.unet, mode=mode, fullgraph=True)
             pipe.vae.decode = torch.compile(pipe.vae.decode, mode=mode)
         self._stamps: dict[str, float] = {}
+        self._calls: dict[str, list[tuple[Any, tuple, dict]]] = {}  # this run's module calls
+        self._calls_at: dict[int, dict[str, list[tuple[Any, tuple, dict]]]] = {}  # the last run's, per batch
         self._wrap()
         if compile:  # compile now (one generation at the workload's size), so it is reported apart
             start = time.perf_counter()
@@ -134,32 +142,33 @@ class TorchRunner:
         if self.device == "cuda":
             self.torch.cuda.synchronize()
 
+    def _timed(self, stage: str, fn: Any) -> Any:
+        """fn, recording its calls and adding its time to stage; stamps f"{stage}_start/_end" of the last."""
+
+        def timed(*a: Any, **k: Any) -> Any:
+            self._calls.setdefault(stage, []).append((fn, a, k))
+            self._sync()
+            start = self._stamps[f"{stage}_start"] = time.perf_counter()
+            out = fn(*a, **k)
+            self._sync()
+            end = self._stamps[f"{stage}_end"] = time.perf_counter()
+            self._stamps[stage] = self._stamps.get(stage, 0.0) + end - start
+            return out
+
+        return timed
+
     def _wrap(self) -> None:
-        te, dec = self.pipe.text_encoder.forward, self.pipe.vae.decode
-
-        def text_encoder(*a: Any, **k: Any) -> Any:
-            self._sync()
-            start = time.perf_counter()
-            out = te(*a, **k)
-            self._sync()
-            self._stamps["text_encoder"] = self._stamps.get("text_encoder", 0.0) + time.perf_counter() - start
-            self._stamps["text_end"] = time.perf_counter()
-            return out
-
-        def decode(*a: Any, **k: Any) -> Any:
-            self._sync()
-            self._stamps["decode_start"] = time.perf_counter()
-            out = dec(*a, **k)
-            self._sync()
-            self._stamps["decode_end"] = time.perf_counter()
-            return out
-
-        self.pipe.text_encoder.forward = text_encoder
-        self.pipe.vae.decode = decode
+        pipe = self.pipe
+        for name in ("text_encoder", "text_encoder_2"):  # SDXL has two; each runs for prompt and negative
+            module = getattr(pipe, name, None)
+            if module is not None:
+                module.forward = self._timed("text_encoder", module.forward)
+        pipe.unet.forward = self._timed("unet", pipe.unet.forward)
+        pipe.vae.decode = self._timed("decode", pipe.vae.decode)
 
     def run(self, batch: int, latents: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
         torch, w = self.torch, self.w
-        self._stamps = {}
+        self._stamps, self._calls = {}, {}
         self._sync()
         start = time.perf_counter()
         with torch.inference_mode():
@@ -169,31 +178,28 @@ class TorchRunner:
         self._sync()
         end = time.perf_counter()
         n = len(self.pipe.scheduler.timesteps)
-        steps = self._stamps["decode_start"] - self._stamps["text_end"]
+        steps = self._stamps["decode_start"] - self._stamps["text_encoder_end"]
         images = (out * 255).round().astype(np.uint8)
+        self._calls_at[batch] = self._calls
         return ({"text_encoder": self._stamps["text_encoder"], "steps": steps, "step": steps / n,
-                 "decode": self._stamps["decode_end"] - self._stamps["decode_start"], "end_to_end": end - start},
+                 "decode": self._stamps["decode"], "end_to_end": end - start},
                 images)
 
     def flops(self, batch: int) -> float:
-        """FLOPs of one generation (text encoder + steps x U-Net at 2B + VAE decode), by torch's counter."""
+        """FLOPs of one generation by torch's counter, replaying the last run at this batch: its text
+        encoder and VAE decoder calls, and its first U-Net call (2B rows with CFG) times the steps."""
         from torch.utils.flop_counter import FlopCounterMode
 
-        torch, w, pipe = self.torch, self.w, self.pipe
-        f = pipe.vae_scale_factor
-        rb = 2 * batch if w.guidance > 1.0 else batch
-        with torch.inference_mode():
-            ids = torch.zeros(rb, 77, dtype=torch.long, device=self.device)
-            with FlopCounterMode(display=False) as te:
-                emb = pipe.text_encoder(ids)[0]
-            x = torch.zeros(rb, 4, w.height // f, w.width // f, device=self.device, dtype=self.dtype)
-            with FlopCounterMode(display=False) as unet:
-                pipe.unet(x, torch.tensor(500.0, device=self.device), emb)
-            with FlopCounterMode(display=False) as vae:
-                pipe.vae.decode(x[:batch])
-        self.pipe.scheduler.set_timesteps(w.steps)
-        return float(te.get_total_flops() + len(self.pipe.scheduler.timesteps) * unet.get_total_flops()
-                     + vae.get_total_flops())
+        calls = self._calls_at[batch]
+        total = 0.0
+        with self.torch.inference_mode():
+            for stage, replays in (("text_encoder", calls["text_encoder"]), ("unet", calls["unet"][:1]),
+                                   ("decode", calls["decode"])):
+                with FlopCounterMode(display=False) as counter:
+                    for fn, a, k in replays:
+                        fn(*a, **k)
+                total += counter.get_total_flops() * (len(calls["unet"]) if stage == "unet" else 1)
+        return float(total)
 
     def matmul_peak(self) -> float:
         """Measured dense matmul FLOP/s of this device in the baseline's dtype."""

@@ -271,18 +271,27 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
         return tuple(out)
 
     validation: dict[str, Any] = {}
-    for name, spec, ref_module, precision in jobs:
+    for i, (name, spec, module, precision) in enumerate(jobs):
         bar.set_postfix_str(f"exporting {name}")
-        dtype = torch.float16 if precision == "fp16" else torch.float32
-        module = copy.deepcopy(ref_module).to(dtype).eval() if dtype != torch.float32 else ref_module.eval()
         # trace at a latent size that is not a multiple of the U-Net's down factor, so the graph keeps
         # diffusers' explicit upsample sizes and accepts any multiple of 8 pixels
-        export_onnx(module, sample(name, spec, lat + 1, lat + 2, typed=True), staging / spec.onnx,
-                    [t.name for t in spec.inputs], [t.name for t in spec.outputs], dyn(spec), config.opset)
-        if config.validate:
-            validation[name] = _validate(name, staging / spec.onnx, spec, ref_module,
-                                         sample(name, spec, lat, lat, typed=False), config.tolerances.of(name, precision))
+        trace_args = sample(name, spec, lat + 1, lat + 2, typed=True)
+        check_args = sample(name, spec, lat, lat, typed=False)
+        with torch.no_grad():  # the fp32 module's answer, before any conversion
+            reference = _as_tuple(module.eval()(*check_args)) if config.validate else ()
+        # one copy of the weights at a time: a module no later graph shares is converted in place and
+        # its weights are freed once exported (SDXL's U-Net is 10 GB in fp32, 5 GB in fp16)
+        last_use = not _shares_weights(module, [m for _, _, m, _ in jobs[i + 1:]])
+        if precision == "fp16":
+            module = module.to(torch.float16) if last_use else copy.deepcopy(module).to(torch.float16)
+        export_onnx(module, trace_args, staging / spec.onnx, [t.name for t in spec.inputs],
+                    [t.name for t in spec.outputs], dyn(spec), config.opset)
+        if last_use:
+            module.to("meta")
         del module
+        if config.validate:
+            validation[name] = _validate(name, staging / spec.onnx, spec, check_args, reference,
+                                         config.tolerances.of(name, precision))
         bar.update(1)
 
     model = ModelInfo(
@@ -294,20 +303,27 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
                 scheduler_config=parts.scheduler_config, validation=validation)
 
 
-def _validate(name: str, path: Path, spec: ComponentSpec, ref_module: Any, args: tuple, tolerance: float) -> dict:
-    """Runs the ONNX file on ONNX Runtime (CPU) against the fp32 torch module; raises above tolerance."""
+def _as_tuple(outputs: Any) -> tuple:
+    return outputs if isinstance(outputs, tuple) else (outputs,)
+
+
+def _shares_weights(module: Any, others: list[Any]) -> bool:
+    """Whether module holds a parameter or buffer that one of the others holds too (the VAE's two graphs)."""
+    mine = {id(t) for t in (*module.parameters(), *module.buffers())}
+    return any(id(t) in mine for other in others for t in (*other.parameters(), *other.buffers()))
+
+
+def _validate(name: str, path: Path, spec: ComponentSpec, args: tuple, reference: tuple, tolerance: float) -> dict:
+    """Runs the ONNX file on ONNX Runtime (CPU) on args; raises where it is off the fp32 torch reference."""
     import onnxruntime as ort
-    import torch
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feeds = {t.name: a.numpy().astype(t.dtype) for t, a in zip(spec.inputs, args)}
     got = session.run(None, feeds)
-    with torch.no_grad():
-        ref = ref_module(*args)
-    ref = ref if isinstance(ref, tuple) else (ref,)
+    del session
     report: dict[str, Any] = {"tolerance": tolerance, "outputs": {}}
     worst = 0.0
-    for t, g, r in zip(spec.outputs, got, ref):
+    for t, g, r in zip(spec.outputs, got, reference):
         r = r.numpy()
         g = g.astype(np.float64)
         if not np.all(np.isfinite(r)):

@@ -11,6 +11,10 @@ from typing import Sequence
 
 import onnx
 import torch
+from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+ALIGNMENT = 4096  # each tensor starts on a page, so ONNX Runtime can map the weights instead of copying them
+COPY_CHUNK = 64 * 2**20
 
 
 def export_onnx(
@@ -34,13 +38,51 @@ def export_onnx(
                 module, args, str(raw), input_names=list(input_names), output_names=list(output_names),
                 dynamic_axes=dynamic_axes, opset_version=opset, do_constant_folding=True, dynamo=False,
             )
-        model = onnx.load(str(raw), load_external_data=True)
-        onnx.save_model(
-            model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-            location=path.name + ".data", size_threshold=0,
-        )
-        # onnx writes the weights through a private temporary file (mode 0600): give them the graph's
-        # mode, so a service user who can read the engines can read their weights
-        os.chmod(path.parent / (path.name + ".data"), stat.S_IMODE(path.stat().st_mode))
+        gather_weights(raw, path)
     finally:
         shutil.rmtree(raw_dir, ignore_errors=True)
+
+
+def gather_weights(raw: Path, path: Path) -> None:
+    """raw (the exporter's graph, its weights inline or in files beside it) -> path + path.data.
+
+    Streams one tensor at a time, so memory stays at the largest tensor (torch writes the weights of
+    a model over 2 GB as one file per tensor; loading them all would hold a second copy of the model).
+    """
+    model = onnx.load(str(raw), load_external_data=False)
+    data_name = path.name + ".data"
+    with open(path.parent / data_name, "wb") as out:
+        for tensor in model.graph.initializer:  # constant nodes stay inline: ONNX Runtime's shape inference reads them
+            if uses_external_data(tensor):
+                info = ExternalDataInfo(tensor)
+                source, length = raw.parent / info.location, info.length
+                offset = info.offset or 0
+                if length is None:
+                    length = source.stat().st_size - offset
+            elif tensor.HasField("raw_data"):
+                source, offset, length = None, 0, len(tensor.raw_data)
+            else:  # typed fields (small int lists): left inline, as onnx's own converter does
+                continue
+            out.write(b"\0" * (-out.tell() % ALIGNMENT))
+            start = out.tell()
+            if source is None:
+                out.write(tensor.raw_data)
+            else:
+                with open(source, "rb") as src:
+                    src.seek(offset)
+                    left = length
+                    while left:
+                        chunk = src.read(min(COPY_CHUNK, left))
+                        if not chunk:
+                            raise OSError(f"{source}: {left} bytes of {tensor.name} missing")
+                        out.write(chunk)
+                        left -= len(chunk)
+            tensor.ClearField("raw_data")
+            del tensor.external_data[:]
+            for key, value in (("location", data_name), ("offset", start), ("length", length)):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, str(value)
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+    onnx.save_model(model, str(path))
+    # open() above made the data file with the umask's mode: the graph's own mode, as onnx.save gives it
+    os.chmod(path.parent / data_name, stat.S_IMODE(path.stat().st_mode))

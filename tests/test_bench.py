@@ -66,6 +66,32 @@ def test_bench_tiny_side_by_side(tiny_model, tiny_engines, tmp_path):
     assert "vs torch" in paths[1].read_text()
 
 
+def test_bench_sdxl_against_diffusers_sdxl(tiny_sdxl_model, tiny_sdxl_engines, tmp_path):
+    w = Workload(str(tiny_sdxl_model), str(tiny_sdxl_engines), 64, 96, steps=2, guidance=7.5, scheduler="euler", seed=1)
+    results = run_bench(BenchConfig(w, ("torch", "ort"), batches=(1,), runs=1, warmup=0, output=tmp_path,
+                                    command="test"), progress=False)
+    per = results["backends"]["ort"]["batches"]["1"]
+    assert per["psnr_vs_torch_db"] >= 40 and results["flops"]["1"] > 0
+    assert all(per["latency_s"][stage]["min"] > 0 for stage in ("text_encoder", "step", "decode"))
+
+
+def test_torch_flops_are_a_whole_generations(tiny_sdxl_model, tiny_sdxl_engines):
+    """The replayed calls (text encoders, one U-Net call x steps, VAE decode) count what one whole
+    generation counts under torch's FLOP counter."""
+    import numpy as np
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sdrt.bench.workers import TorchRunner
+
+    runner = TorchRunner(Workload(str(tiny_sdxl_model), str(tiny_sdxl_engines), 64, 64, steps=3, guidance=7.5,
+                                  scheduler="euler", seed=1))
+    latents = np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32)
+    with FlopCounterMode(display=False) as whole:
+        runner.run(2, latents)
+    assert len(runner._calls_at[2]["unet"]) == 3 and len(runner._calls_at[2]["text_encoder"]) == 4  # 2 encoders x ±
+    assert runner.flops(2) == whole.get_total_flops() > 0
+
+
 def test_bench_needs_torch_baseline(tiny_model, tiny_engines, tmp_path):
     w = Workload(str(tiny_model), str(tiny_engines), 64, 64, steps=2, guidance=7.5, scheduler="euler", seed=1)
     with pytest.raises(InputError, match="baseline"):
