@@ -20,7 +20,8 @@ def markdown_table(r: dict[str, Any]) -> str:
              f"{r['machine']['cpus']} CPUs, {r['machine'].get('memory_gb')} GB; device: {r['device']['kind']} "
              f"(baseline {r['device']['baseline_dtype']}, measured matmul peak "
              f"{r['device']['matmul_peak_tflops'] * 1e3:.1f} GFLOP/s).",
-             f"Runs: {r['runs']} (+{r['warmup']} warm-up) per backend and batch, alternating order. "
+             f"Runs: {r['runs']} (+{r['warmup']} warm-up) per backend and batch, "
+             f"{'each backend alone, one after another' if r.get('one_at_a_time') else 'alternating order'}. "
              f"Command: `{r['command']}`", ""]
     head = "| backend | batch | " + " | ".join(f"{v} ms (median)" for v in STAGE_LABELS.values()) + \
         " | e2e p90 / p99 ms | vs torch (e2e) | images/s | host µs/step | TFLOP/s (% peak) | PSNR vs torch |"

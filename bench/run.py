@@ -2,7 +2,8 @@
 
 Workers are started one at a time (their first image is the cold start and a warm-up), then each
 round asks every worker for one generation, the order reversed every round so drift on the
-machine hits all backends alike.
+machine hits all backends alike. With one_at_a_time, each backend runs alone, one after another
+(models whose backends do not fit in memory together).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class BenchConfig:
     output: Path = Path("bench/results/local")
     command: str = ""
     notes: dict[str, Any] = field(default_factory=dict)
+    one_at_a_time: bool = False  # each backend alone in memory (SDXL fp32 on a 24 GB machine); no alternation
 
 
 class Worker:
@@ -115,11 +117,49 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
         for b in config.batches}
 
     results: dict[str, Any] = {"backends": {}, "skipped": {}}
-    workers: dict[str, Worker] = {}
+    images: dict[tuple[str, int], np.ndarray] = {}
     bar = tqdm(total=len(config.backends) * len(config.batches) * (config.runs + config.warmup), desc="bench",
                unit="run", disable=not progress)
+    # side by side in alternating rounds; or one backend at a time where two do not fit in memory together
+    groups = [[b] for b in config.backends] if config.one_at_a_time else [list(config.backends)]
     try:
-        for backend in config.backends:
+        for group in groups:
+            _measure(config, group, latents, results, images, bar)
+    finally:
+        bar.close()
+
+    for backend, entry in results["backends"].items():
+        for batch, per in entry["batches"].items():
+            ref = images.get(("torch", int(batch)))
+            per["psnr_vs_torch_db"] = psnr(images[(backend, int(batch))], ref) if ref is not None else None
+            e2e = per["latency_s"]["end_to_end"]["median"]
+            flops = results.get("flops", {}).get(batch)
+            if flops:
+                per["achieved_tflops"] = flops / e2e / 1e12
+                per["pct_of_matmul_peak"] = 100 * per["achieved_tflops"] / results["device"]["matmul_peak_tflops"]
+            base = results["backends"].get("torch", {}).get("batches", {}).get(batch)
+            if base:
+                per["ratio_vs_torch"] = {s: per["latency_s"][s]["median"] / base["latency_s"][s]["median"]
+                                         for s in STAGES}
+    manifest = read_manifest(engines)
+    results["artifacts"] = {  # one-off costs of the engines measured (seconds, on the machine that made them)
+        "export_s": manifest.source.get("export_s"),
+        "build_s": {k: v.build_s for k, v in manifest.plans.components.items()} if manifest.plans else None,
+        "plans": manifest.plans.shapes if manifest.plans else None, "precision": manifest.precision}
+    results.update(schema=1, machine=machine_info(), versions=package_versions(BENCH_PACKAGES), command=config.command,
+                   workload=asdict(config.workload), runs=config.runs, warmup=config.warmup,
+                   batches=list(config.batches), notes=config.notes, one_at_a_time=config.one_at_a_time,
+                   date=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    return results
+
+
+def _measure(config: BenchConfig, backends: list[str], latents: dict[int, np.ndarray], results: dict[str, Any],
+             images: dict[tuple[str, int], np.ndarray], bar: Any) -> None:
+    """Starts the backends' workers, runs the rounds (order reversed every round), reads their memory
+    and, for torch, the FLOPs; then stops them. Fills results["backends"/"skipped"/"device"/"flops"]."""
+    workers: dict[str, Worker] = {}
+    try:
+        for backend in backends:
             bar.set_postfix_str(f"starting {backend}")
             try:
                 worker = Worker(backend, config.workload)
@@ -132,7 +172,6 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
             results["backends"][backend] = {"name": worker.info["name"], "load_s": worker.info["load_s"],
                                             "compile_s": worker.info.get("compile_s"),
                                             "cold_start_s": first["cold_start"], "batches": {}}
-        images: dict[tuple[str, int], np.ndarray] = {}
         for batch in config.batches:
             samples: dict[str, list[dict[str, float]]] = {b: [] for b in workers}
             for r in range(config.warmup + config.runs):
@@ -157,33 +196,8 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
                                      "matmul_peak_tflops": info["matmul_peak"] / 1e12}
                 results["flops"] = {str(b): f for b, f in info["flops"].items()}
     finally:
-        bar.close()
         for worker in workers.values():
             worker.stop()
-
-    for backend, entry in results["backends"].items():
-        for batch, per in entry["batches"].items():
-            ref = images.get(("torch", int(batch)))
-            per["psnr_vs_torch_db"] = psnr(images[(backend, int(batch))], ref) if ref is not None else None
-            e2e = per["latency_s"]["end_to_end"]["median"]
-            flops = results.get("flops", {}).get(batch)
-            if flops:
-                per["achieved_tflops"] = flops / e2e / 1e12
-                per["pct_of_matmul_peak"] = 100 * per["achieved_tflops"] / results["device"]["matmul_peak_tflops"]
-            base = results["backends"].get("torch", {}).get("batches", {}).get(batch)
-            if base:
-                per["ratio_vs_torch"] = {s: per["latency_s"][s]["median"] / base["latency_s"][s]["median"]
-                                         for s in STAGES}
-    manifest = read_manifest(engines)
-    results["artifacts"] = {  # one-off costs of the engines measured (seconds, on the machine that made them)
-        "export_s": manifest.source.get("export_s"),
-        "build_s": {k: v.build_s for k, v in manifest.plans.components.items()} if manifest.plans else None,
-        "plans": manifest.plans.shapes if manifest.plans else None, "precision": manifest.precision}
-    results.update(schema=1, machine=machine_info(), versions=package_versions(BENCH_PACKAGES), command=config.command,
-                   workload=asdict(config.workload), runs=config.runs, warmup=config.warmup,
-                   batches=list(config.batches), notes=config.notes,
-                   date=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    return results
 
 
 def write_results(results: dict[str, Any], out_dir: Path) -> list[Path]:

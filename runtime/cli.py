@@ -95,7 +95,7 @@ def _bench(args: argparse.Namespace) -> None:
     workload = Workload(model_dir=args.model_dir, engines=args.engines, height=args.height, width=args.width,
                         steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, seed=args.seed)
     config = BenchConfig(workload, tuple(args.backends.split(",")), tuple(int(b) for b in args.batch.split(",")),
-                         runs=args.runs, warmup=args.warmup, output=Path(args.output),
+                         runs=args.runs, warmup=args.warmup, output=Path(args.output), one_at_a_time=args.one_at_a_time,
                          command="sdrt " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     json_path, table_path, *plots = write_results(run_bench(config), config.output)
     for path in (json_path, table_path, *plots):
@@ -219,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--one-at-a-time", action="store_true",
+                   help="run each backend alone, one after another (when they do not fit in memory together)")
     p.add_argument("-o", "--output", default="bench/results/local")
     p.set_defaults(func=_bench)
     return parser

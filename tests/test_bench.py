@@ -69,7 +69,8 @@ def test_bench_tiny_side_by_side(tiny_model, tiny_engines, tmp_path):
 def test_bench_sdxl_against_diffusers_sdxl(tiny_sdxl_model, tiny_sdxl_engines, tmp_path):
     w = Workload(str(tiny_sdxl_model), str(tiny_sdxl_engines), 64, 96, steps=2, guidance=7.5, scheduler="euler", seed=1)
     results = run_bench(BenchConfig(w, ("torch", "ort"), batches=(1,), runs=1, warmup=0, output=tmp_path,
-                                    command="test"), progress=False)
+                                    command="test", one_at_a_time=True), progress=False)
+    assert "each backend alone" in write_results(results, tmp_path)[1].read_text()
     per = results["backends"]["ort"]["batches"]["1"]
     assert per["psnr_vs_torch_db"] >= 40 and results["flops"]["1"] > 0
     assert all(per["latency_s"][stage]["min"] > 0 for stage in ("text_encoder", "step", "decode"))
