@@ -257,7 +257,8 @@ class Pipeline:
                     original_size: Sequence[int] | None = None, crop_top_left: Sequence[int] | None = None,
                     target_size: Sequence[int] | None = None, image: Any = None, mask_image: Any = None,
                     strength: float | None = None, mask_blur: int = 4, inpainting_fill: str = "original",
-                    inpainting_mask_invert: bool = False, clip_skip: int | None = None) -> GenerationConfig:
+                    inpainting_mask_invert: bool = False, clip_skip: int | None = None,
+                    max_rows: int | None = None) -> GenerationConfig:
         """Validates a request against the engines' limits. steps, guidance and scheduler default to the
         model family's; seeds: one per row (then `seed` is ignored), by default row i uses seed + i;
         batch defaults to the number of prompts. original_size, crop_top_left, target_size: SDXL's
@@ -273,7 +274,9 @@ class Pipeline:
 
         Prompts are read as A1111 does (sdrt.prompts): `(emphasis:1.2)`, `[less]`, `BREAK`, and past
         75 tokens in chunks of 75, up to the engines' limit. clip_skip: condition on CLIP's layer
-        `clip_skip` from the output, A1111's numbering (default 1, the last; diffusers' clip_skip + 1)."""
+        `clip_skip` from the output, A1111's numbering (default 1, the last; diffusers' clip_skip + 1).
+        max_rows: allow more rows than the engines' batch, for a caller that runs them as successive
+        engine calls (the server's scheduler: A1111's n_iter); generate() itself takes the engines' batch."""
         defaults = self.model.defaults
         steps = defaults.steps if steps is None else steps
         guidance = defaults.guidance if guidance is None else guidance
@@ -283,7 +286,7 @@ class Pipeline:
         limits = self.limits
         where = ("the engines' range" if limits.kind == "onnx"
                  else "the TensorRT plans' range; widen it with `sdrt build --shapes`")
-        b_hi = limits.batch[2]  # below the plans' minimum, generate() pads the batch
+        b_hi = max_rows or limits.batch[2]  # below the plans' minimum, generate() pads the batch
         if not is_integer(batch) or not 1 <= batch <= b_hi:
             raise InputError(f"batch must be an integer from 1 to {b_hi} ({where}), got {batch!r}")
         prompts = [prompt] * batch if isinstance(prompt, str) else list(prompt)
@@ -444,6 +447,9 @@ class Pipeline:
         start = time.perf_counter()
         timings = Timings()
         requested = config
+        if config.batch > self.limits.batch[2]:
+            raise InputError(f"{config.batch} rows exceed the engines' batch of {self.limits.batch[2]}: generate "
+                             "them in parts (the server runs such requests as successive batches)")
         pad = self.limits.batch[0] - config.batch
         if pad > 0:  # plans of one batch size (static): copies of the last row run along, then are dropped
             config = config.padded(pad)

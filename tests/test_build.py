@@ -272,6 +272,38 @@ def test_sd15_build_time_and_plan_sizes(sd15_model, tmp_path):
     assert 1500 < sizes["denoise_step"] < 2500  # 860 M fp16 weights
 
 
+def _measured(*args: str) -> tuple[float, float]:
+    """Runs `sdrt ARGS` as a child process; (wall seconds, its own peak RSS in GiB)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    start = time.perf_counter()
+    child = subprocess.Popen([sys.executable, "-m", "sdrt.cli", *args])
+    _, status, usage = os.wait4(child.pid, 0)  # this child's own resource use
+    code = os.waitstatus_to_exitcode(status)
+    assert code == 0, f"sdrt {' '.join(args)} exited {code}"
+    return time.perf_counter() - start, usage.ru_maxrss / 2**20
+
+
+@pytest.mark.slow
+def test_sdxl_fp16_export_and_build_fit_this_machine(tmp_path):
+    """The real SDXL base shapes (random weights): fp16 export with validation, then a TensorRT-RTX
+    plan on the CPU, each within a 24 GB machine; the figures go into the README."""
+    model, engines = tmp_path / "sdxl", tmp_path / "sdxl-fp16"
+    figures = {"testmodel": _measured("testmodel", "sdxl", str(model)),
+               "export": _measured("export", str(model), "-o", str(engines), "--precision", "fp16"),
+               "build": _measured("build", str(engines), "--shapes", "static:1024x1024,batch=1", "--arch", "sm89")}
+    print("\nsdxl (wall s, peak RSS GiB):", {k: (round(w), round(r, 1)) for k, (w, r) in figures.items()})
+    manifest = read_manifest(engines)
+    assert manifest.components["vae_decoder"].precision == "fp32"  # force_upcast: the stock VAE overflows fp16
+    assert all(v["error"] <= v["tolerance"] for v in manifest.validation.values())
+    plans = {name: r.bytes / 2**20 for name, r in manifest.plans.components.items()}
+    assert 4500 < plans["denoise_step"] < 5500, plans  # 2.57 G fp16 weights
+    assert max(rss for _, rss in figures.values()) < 20  # GiB: room left on a 24 GB machine
+
+
 # --- on a GPU -----------------------------------------------------------------------------------
 
 def _gpu_or_skip() -> str:

@@ -98,6 +98,15 @@ def test_prompt_list_must_match_batch(pipe):
         pipe.make_config(["a", "b", "c"], batch=2)
 
 
+def test_rows_beyond_the_engines_batch_need_max_rows_and_a_caller_that_splits_them(pipe):
+    top = pipe.limits.batch[2]
+    with pytest.raises(InputError, match=f"from 1 to {top}"):
+        pipe.make_config("a", batch=top + 1)
+    config = pipe.make_config("a", batch=top + 1, max_rows=16, steps=1, height=64, width=64)  # the server's n_iter
+    with pytest.raises(InputError, match="in parts"):
+        pipe.generate(config)
+
+
 def _copy(src, dst):
     shutil.copytree(src, dst)
     return dst

@@ -167,6 +167,20 @@ def test_webuiapi_client_images_match_the_pipeline(server, direct):
     assert "Seed: 13" in result.images[2].info["parameters"]
 
 
+def test_a1111_n_iter_batches_send_images_and_the_batch_limit(server):
+    url, h = f"{server.url}/sdapi/v1/txt2img", server.headers()
+    body = {"prompt": "x", "seed": 5, "steps": 1, "width": 64, "height": 64}
+    r = httpx.post(url, json={**body, "batch_size": 2, "n_iter": 8}, headers=h, timeout=120)  # the 16-image limit
+    assert r.status_code == 200, r.text
+    assert len(r.json()["images"]) == 16 and json.loads(r.json()["info"])["all_seeds"] == list(range(5, 21))
+    quiet = httpx.post(url, json={**body, "send_images": False}, headers=h, timeout=60).json()
+    assert quiet["images"] == [] and json.loads(quiet["info"])["seed"] == 5
+    over = httpx.post(url, json={**body, "batch_size": 9}, headers=h, timeout=60)  # the engines' batch is 8
+    assert over.status_code == 400 and "n_iter" in over.json()["detail"]
+    saved = httpx.post(url, json={**body, "save_images": True}, headers=h, timeout=60)
+    assert saved.status_code == 400 and "save_images" in saved.json()["detail"]
+
+
 def test_a1111_long_weighted_prompt_and_clip_skip_from_override_settings(server, direct):
     prompt = "a (red:1.3) cube on a [wooden] table in the morning light, " * 10 + "BREAK blue sky"
     body = {"prompt": prompt, "negative_prompt": "blurry", "seed": 4, "steps": 2, "width": 64, "height": 64,

@@ -75,7 +75,9 @@ class Txt2ImgRequest(MicroConditioning):
     height: Int | None = None
     batch_size: Int = 1
     n_iter: Int = 1
+    send_images: bool = True  # false: the answer carries info and parameters, no images
     # accepted at their defaults, refused when turned on
+    save_images: bool = False
     enable_hr: bool = False
     restore_faces: bool | None = False
     tiling: bool | None = False
@@ -93,8 +95,8 @@ class Txt2ImgRequest(MicroConditioning):
         return {"clip_skip": value} if value is not None and model.clip_skip_max > 1 else {}
 
     def unsupported(self) -> list[str]:
-        out = [name for name in ("enable_hr", "restore_faces", "tiling", "styles", "script_name", "alwayson_scripts")
-               if getattr(self, name)]
+        out = [name for name in ("save_images", "enable_hr", "restore_faces", "tiling", "styles", "script_name",
+                                 "alwayson_scripts") if getattr(self, name)]
         return out + (["subseed_strength"] if self.subseed_strength else [])
 
     def images_in(self) -> dict[str, Any]:
@@ -221,12 +223,17 @@ def a1111_config(req: Txt2ImgRequest, pipe: Pipeline, cfg: ServeConfig) -> Gener
     if req.batch_size < 1 or req.n_iter < 1:
         raise InputError("batch_size and n_iter must be at least 1")
     _check_common(cfg, [req.prompt, req.negative_prompt], steps, images, req.height, req.width)
+    top = pipe.limits.batch[2]
+    if req.batch_size > top:  # n_iter batches run one after another, as in A1111
+        raise InputError(f"batch_size is at most {top} on these engines (their largest batch); for more images "
+                         f"raise n_iter (batches run one after another), e.g. batch_size {top}, "
+                         f"n_iter {-(-images // top)}")
     scheduler = sampler_for(req.sampler_name or req.sampler_index, req.scheduler,
                             _first(cfg.default_scheduler, pipe.model.defaults.sampler))
     return pipe.make_config([req.prompt] * images, negative_prompt=req.negative_prompt, steps=steps,
                             guidance=req.cfg_scale, scheduler=scheduler, height=req.height, width=req.width,
                             seeds=_seeds(req.seed, images), **req.micro(), **req.images_in(),
-                            **req.clip_skip(pipe.model))
+                            **req.clip_skip(pipe.model), max_rows=cfg.max_images_per_request)
 
 
 def decode_base64(value: str, what: str) -> bytes:
@@ -272,7 +279,7 @@ def openai_config(req: ImagesRequest, pipe: Pipeline, cfg: ServeConfig, **images
     scheduler = sampler_for(req.scheduler, None, _first(cfg.default_scheduler, pipe.model.defaults.sampler))
     return pipe.make_config([req.prompt] * req.n, negative_prompt=req.negative_prompt, steps=steps,
                             guidance=req.guidance_scale, scheduler=scheduler, height=height, width=width,
-                            seeds=_seeds(req.seed, req.n), **req.micro(), **images)
+                            seeds=_seeds(req.seed, req.n), **req.micro(), **images, max_rows=cfg.max_images_per_request)
 
 
 def openai_edit_config(form: dict[str, Any], pipe: Pipeline, cfg: ServeConfig) -> GenerationConfig:

@@ -276,20 +276,21 @@ def create_app(config: ServeConfig, pipeline: Pipeline | None = None) -> FastAPI
         headers = {"Retry-After": "1"} if status in (429, 503) else None
         return error_response(request.url.path, metrics, status, str(e), headers)
 
-    async def generate(request: Request, make: Any, answer: Any) -> Any:
-        """Runs the job; answer(config, images, pngs) shapes the API's reply (PNGs encoded off the loop)."""
+    async def generate(request: Request, make: Any, answer: Any, send_images: bool = True) -> Any:
+        """Runs the job; answer(config, images, pngs) shapes the API's reply (PNGs encoded off the loop;
+        none when send_images is false)."""
         outcome = await run_job(request, make)
         if isinstance(outcome, JSONResponse):
             return outcome
         gen, images = outcome
-        pngs = await asyncio.to_thread(lambda: [png_base64(im) for im in images])
+        pngs = await asyncio.to_thread(lambda: [png_base64(im) for im in images]) if send_images else []
         return answer(gen, images, pngs)
 
     async def a1111(request: Request, body: Txt2ImgRequest) -> Any:
         name = scheduler.pipeline.manifest.name if scheduler.pipeline else ""
         return await generate(request, lambda pipe: a1111_config(body, pipe, config), lambda gen, images, pngs: {
             "images": pngs, "parameters": body.echoed(),
-            "info": a1111_info(body, gen, [im.parameters for im in images], name)})
+            "info": a1111_info(body, gen, [im.parameters for im in images], name)}, body.send_images)
 
     def openai_answer(prompt: Any) -> Any:
         return lambda gen, images, pngs: {"created": int(time.time()),
