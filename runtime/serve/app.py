@@ -39,9 +39,9 @@ log = logging.getLogger("sdrt.serve")
 OPEN_PATHS = ("/health", "/ready", "/metrics")  # probes and scrapers need no token
 IMAGE_PATHS = ("/sdapi/v1/img2img", "/v1/images/edits")  # bodies with images get the larger limit
 _STATUS = {InputError: 400, QueueFull: 429, ShuttingDown: 503, RequestTimeout: 504, ClientGone: 499}
-_KIND = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 408: "timeout", 413: "too_large", 431: "headers_too_large",
-         422: "bad_request", 429: "queue_full", 499: "client_disconnected", 503: "unavailable", 504: "timeout",
-         500: "internal"}
+_KIND = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 408: "timeout",
+         413: "too_large", 422: "bad_request", 429: "queue_full", 431: "headers_too_large",
+         499: "client_disconnected", 500: "internal", 503: "unavailable", 504: "timeout"}
 
 
 def png_base64(image: Image) -> str:
@@ -82,14 +82,11 @@ class AuthAndAccounting:
             return await self.app(scope, receive, send)
         start = time.perf_counter()
         path = scope["path"]
-        status = {"code": 500}
-
-        sent_start = {"done": False}
+        status: dict[str, int | None] = {"code": None}  # set once the response has started
 
         async def send_counted(message: dict) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
-                sent_start["done"] = True
             await send(message)
 
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
@@ -103,13 +100,13 @@ class AuthAndAccounting:
             except Exception:  # a bug: the details go to the log under an id, the client gets the id
                 error_id = uuid.uuid4().hex[:12]
                 log.exception("internal error %s on %s", error_id, path)
-                if sent_start["done"]:
+                if status["code"] is not None:
                     raise  # the response had started: nothing sound can be sent any more
                 response = error_response(path, self.metrics, 500, f"internal error {error_id}: the server's "
                                           "log has the details; report it with this id")
                 await response(scope, receive, send_counted)
         endpoint = path if path in _ENDPOINTS else "other"
-        self.metrics.requests.labels(endpoint, str(status["code"])).inc()
+        self.metrics.requests.labels(endpoint, str(status["code"] or 500)).inc()
         self.metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - start)
 
 

@@ -32,7 +32,7 @@ class ServeConfig:
     default_scheduler: str | None = None  # None: the family default (dpmpp_2m_karras)
     shutdown_drain_s: float = 30.0  # on SIGTERM, queued work this long; then 503 for what is left
     read_timeout_s: float = 30.0  # the most a client may take to send a request's headers, and its body; then 408
-    max_header_bytes: int = 16 * 1024  # request line and headers; larger ones get a 400
+    max_header_bytes: int = 16 * 1024  # request line and headers; larger ones get a 431
 
     @staticmethod
     def token_from_env() -> str | None:
