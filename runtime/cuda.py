@@ -1,5 +1,5 @@
 """The little of CUDA the TensorRT backend needs, through `cuda-bindings` (no torch): device and
-pinned memory, one stream, async copies and CUDA-graph capture. Every call is checked."""
+pinned memory, one stream, async copies, CUDA-graph capture and event timing. Every call is checked."""
 
 from __future__ import annotations
 
@@ -119,6 +119,46 @@ class Stream:
         finally:
             check(cudart.cudaGraphDestroy(graph))
         return CudaGraph(executable, self)
+
+    def timer(self) -> EventTimer:
+        return EventTimer(self)
+
+
+class EventTimer:
+    """Device time of spans of work queued on a stream: an event pair around each, read once the stream
+    has been synchronized. The host never waits between spans, so it queues step i+1 while step i runs.
+    Event pairs are created once and reused by every later round of spans."""
+
+    def __init__(self, stream: Stream):
+        self.stream = stream
+        self._pairs: list[tuple[Any, Any]] = []
+        self._used = 0
+
+    def reset(self) -> None:
+        self._used = 0
+
+    def start(self) -> None:
+        rt = self.stream._cudart
+        if self._used == len(self._pairs):
+            self._pairs.append((check(rt.cudaEventCreate()), check(rt.cudaEventCreate())))
+        check(rt.cudaEventRecord(self._pairs[self._used][0], self.stream.handle))
+
+    def stop(self) -> None:
+        check(self.stream._cudart.cudaEventRecord(self._pairs[self._used][1], self.stream.handle))
+        self._used += 1
+
+    def spans_s(self) -> list[float]:
+        """Seconds of each span since reset() (call after the stream is synchronized)."""
+        rt = self.stream._cudart
+        return [float(check(rt.cudaEventElapsedTime(start, end))) / 1e3 for start, end in self._pairs[:self._used]]
+
+    def __del__(self) -> None:
+        try:
+            for pair in self._pairs:
+                for event in pair:
+                    self.stream._cudart.cudaEventDestroy(event)
+        except Exception:
+            pass
 
 
 class CudaGraph:

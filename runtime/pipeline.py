@@ -221,6 +221,7 @@ class Pipeline:
     def _engine(self, name: str) -> Engine:
         if name not in self._engines:
             if self.low_vram:  # only one engine resident
+                self.backend.synchronize()  # the last one may still be running
                 for engine in self._engines.values():
                     engine.release()
                 self._engines.clear()
@@ -484,10 +485,10 @@ class Pipeline:
         step = self._engine(STEP)
         in_batch = list(range(config.batch))  # config rows the buffers hold
         alive = list(range(requested.batch))  # config rows still wanted
+        step.start_timing()
         loop_start = time.perf_counter()
         for i in range(n):
             step.run(*feeds[i])  # feeds may be rebuilt below, so indexed rather than iterated
-            timings.step_engine_s.append(step.last_run_s)
             wanted = callback(i + 1, n) if callback is not None else None
             if wanted is not None:
                 wanted = set(wanted)
@@ -501,6 +502,7 @@ class Pipeline:
                     in_batch = alive
         self.backend.synchronize()
         timings.loop_s = time.perf_counter() - loop_start
+        timings.step_engine_s = step.run_times_s()
         timings.steps_s = time.perf_counter() - t0
 
         # decode to uint8 in the graph; one download

@@ -65,6 +65,30 @@ class FakeStream:
     def synchronize(self):
         self.log.append(("sync",))
 
+    def timer(self):
+        return FakeTimer(self.log)
+
+
+class FakeTimer:
+    """Records where the event pairs fall among the stream's work; each span takes 2 ms."""
+
+    def __init__(self, log):
+        self.log = log
+        self.spans = 0
+
+    def reset(self):
+        self.spans = 0
+
+    def start(self):
+        self.log.append(("event-start",))
+
+    def stop(self):
+        self.log.append(("event-stop",))
+        self.spans += 1
+
+    def spans_s(self):
+        return [0.002] * self.spans
+
 
 class FakeBackend:
     engine_dir = "engines/x"
@@ -109,17 +133,36 @@ def test_static_plan_runs_plainly_then_captures_once_then_replays():
     backend = FakeBackend()
     engine = make(backend)
     engine.run(*buffers(100))
-    assert kinds(backend.log) == ["shape", "address", "address", "size", "memory", "execute", "sync"]
+    assert kinds(backend.log) == ["shape", "address", "address", "size", "memory", "execute"]
     backend.log.clear()
     engine.run(*buffers(100))  # warm: record this binding, then launch it
-    assert kinds(backend.log)[-5:] == ["capture-begin", "execute", "capture-end", "launch", "sync"]
+    assert kinds(backend.log)[-4:] == ["capture-begin", "execute", "capture-end", "launch"]
     backend.log.clear()
     engine.run(*buffers(100))  # replay: no binding calls, no enqueue, one launch
-    assert kinds(backend.log) == ["launch", "sync"]
+    assert kinds(backend.log) == ["launch"]
     backend.log.clear()
     engine.run(*buffers(200))  # another step's rows: one more capture (shapes already warm)
     assert "capture-begin" in kinds(backend.log) and ("address", "latents", 200) in backend.log
-    assert engine.last_run_s > 0
+
+
+def test_runs_only_queue_work_and_are_timed_by_events_around_the_launch():
+    """The host never waits for the stream inside a step (it queues the next one meanwhile); timing
+    events bracket the device work, never the capture, which must not record them."""
+    backend = FakeBackend()
+    engine = make(backend)
+    engine.start_timing()
+    for _ in range(3):
+        engine.run(*buffers(100))
+    log = kinds(backend.log)
+    assert "sync" not in log
+    assert log[-3:] == ["event-start", "launch", "event-stop"]
+    capture = log.index("capture-begin")
+    assert log[capture:capture + 5] == ["capture-begin", "execute", "capture-end", "event-start", "launch"]
+    assert log.count("event-start") == log.count("event-stop") == 3
+    assert engine.run_times_s() == [0.002] * 3
+    backend.log.clear()
+    engine.run(*buffers(100))  # timing stopped when read
+    assert kinds(backend.log) == ["launch"] and engine.run_times_s() == []
 
 
 def test_a_larger_shape_grows_the_shared_block_and_recaptures():
@@ -231,7 +274,8 @@ def test_cuda_calls_exist_in_cuda_bindings_with_these_arguments():
                 checked.add(name)
     # the calls the backend cannot work without were all seen (the scan did not silently miss them)
     assert {"cudaMalloc", "cudaFree", "cudaMallocHost", "cudaFreeHost", "cudaMemcpyAsync", "cudaStreamBeginCapture",
-            "cudaStreamEndCapture", "cudaGraphInstantiate", "cudaGraphLaunch", "cudaDeviceGetAttribute"} <= checked
+            "cudaStreamEndCapture", "cudaGraphInstantiate", "cudaGraphLaunch", "cudaDeviceGetAttribute", "cudaEventCreate", "cudaEventRecord",
+            "cudaEventElapsedTime", "cudaEventDestroy"} <= checked
 
 
 def test_tensorrt_calls_exist_in_tensorrt_rtx_with_these_arguments():

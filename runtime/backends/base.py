@@ -19,11 +19,21 @@ from sdrt.manifest import ComponentSpec, Manifest, ShapeLimits, verify_files
 
 class Engine(ABC):
     spec: ComponentSpec
-    last_run_s: float = 0.0  # wall time of the last call into the engine itself
+    _run_times: list[float] | None = None  # synchronous backends: wall time of each timed run
 
     @abstractmethod
     def run(self, inputs: Mapping[str, Any], outputs: Mapping[str, Any]) -> None:
-        """Runs once; inputs and outputs are this backend's buffers or rows of them."""
+        """Runs once; inputs and outputs are this backend's buffers or rows of them. On an asynchronous
+        backend it only queues the run (Backend.synchronize waits for it)."""
+
+    def start_timing(self) -> None:
+        """Times each run from now on, as the device sees it (read with run_times_s)."""
+        self._run_times = []
+
+    def run_times_s(self) -> list[float]:
+        """Seconds of each run since start_timing, after Backend.synchronize; stops timing."""
+        times, self._run_times = self._run_times or [], None
+        return times
 
     def release(self) -> None:
         """Frees what the engine holds on the device (low-VRAM mode)."""

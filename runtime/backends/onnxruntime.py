@@ -69,7 +69,8 @@ class OrtEngine(Engine):
             self._bind(name, value, False)
         start = time.perf_counter()
         self.session.run_with_iobinding(self.binding)
-        self.last_run_s = time.perf_counter() - start
+        if self._run_times is not None:
+            self._run_times.append(time.perf_counter() - start)
 
     def release(self) -> None:
         self.session = None

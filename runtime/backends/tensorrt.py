@@ -8,23 +8,23 @@
   shapes too, once their shape-specialized kernels are compiled. With full TensorRT, static-shape
   plans capture each distinct binding (addresses + shapes) once, after one plain run has done
   TensorRT's lazy setup, and replay it from then on; its dynamic plans run plainly.
-- `run` waits for the stream, so `last_run_s` is the engine's own time (as on ONNX Runtime) and
-  the pipeline's host-overhead figure means the same on every backend.
+- `run` only queues work: the host prepares step i+1 while step i runs. Runs are timed, when asked,
+  by CUDA events read after the loop, so the pipeline's engine time and host-overhead figures mean
+  the same as on ONNX Runtime without a wait per step.
 """
 
 from __future__ import annotations
 
 import atexit
-import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from sdrt.backends.base import Backend, Engine
-from sdrt.cuda import CudaGraph, DeviceMemory, PinnedMemory, Stream, cudart, gpu_arch
+from sdrt.cuda import CudaGraph, DeviceMemory, EventTimer, PinnedMemory, Stream, cudart, gpu_arch
 from sdrt.errors import BackendError, EngineError
 from sdrt.manifest import Manifest, ShapeLimits, verify_files
 from sdrt.paths import write_atomic
@@ -60,6 +60,8 @@ class TrtEngine(Engine):
         self._memory = (0, 0)  # (ptr, bytes) of the shared activation block this context is bound to
         self._graphs: OrderedDict[tuple, CudaGraph] = OrderedDict()
         self._warm: set[tuple] = set()
+        self._events: EventTimer | None = None  # created on the first start_timing, reused after
+        self._timer: EventTimer | None = None  # set while runs are timed
 
     def _bind(self, inputs: Mapping[str, DeviceArray], outputs: Mapping[str, DeviceArray]) -> None:
         changed = False
@@ -87,29 +89,50 @@ class TrtEngine(Engine):
                                f"{'; '.join(self.backend.logger_errors()) or 'no message'}")
 
     def run(self, inputs: Mapping[str, Any], outputs: Mapping[str, Any]) -> None:
-        start = time.perf_counter()
-        if self.manual_graphs:
-            key = (self.backend.activation_ptr,) + tuple((b.ptr, b.shape) for b in inputs.values()) + tuple(
-                b.ptr for b in outputs.values())
-            graph = self._graphs.get(key)
-            if graph is None:
-                self._bind(inputs, outputs)
-                shape_key = tuple(b.shape for b in inputs.values())
-                if shape_key in self._warm:  # TensorRT's lazy setup is done: record once, replay after
-                    graph = self.backend.stream.capture(self._enqueue)
-                    self._graphs[key] = graph
-                    if len(self._graphs) > MAX_GRAPHS:
-                        self._graphs.popitem(last=False)
-                else:
+        """Queues one run on the backend's stream and returns without waiting for it."""
+        queue = self._prepare(inputs, outputs)
+        if self._timer is not None:
+            self._timer.start()
+        queue()
+        if self._timer is not None:
+            self._timer.stop()
+
+    def _prepare(self, inputs: Mapping[str, Any], outputs: Mapping[str, Any]) -> Callable[[], None]:
+        """Binds the buffers; returns what queues the run: a plain enqueue or a captured graph's launch."""
+        if not self.manual_graphs:
+            self._bind(inputs, outputs)
+            return self._enqueue
+        key = (self.backend.activation_ptr,) + tuple((b.ptr, b.shape) for b in inputs.values()) + tuple(
+            b.ptr for b in outputs.values())
+        graph = self._graphs.get(key)
+        if graph is None:
+            self._bind(inputs, outputs)
+            shape_key = tuple(b.shape for b in inputs.values())
+            if shape_key not in self._warm:  # TensorRT's lazy setup happens in a first plain run
+
+                def first_run() -> None:
                     self._enqueue()
                     self._warm.add(shape_key)
-            if graph is not None:
-                graph.launch()
-        else:
-            self._bind(inputs, outputs)
-            self._enqueue()
-        self.backend.stream.synchronize()
-        self.last_run_s = time.perf_counter() - start
+
+                return first_run
+            graph = self.backend.stream.capture(self._enqueue)  # recorded once, replayed from then on
+            self._graphs[key] = graph
+            if len(self._graphs) > MAX_GRAPHS:
+                self._graphs.popitem(last=False)
+        return graph.launch
+
+    def start_timing(self) -> None:
+        if self._events is None:
+            self._events = self.backend.stream.timer()
+        self._events.reset()
+        self._timer = self._events
+
+    def run_times_s(self) -> list[float]:
+        """Each run's device time since start_timing (CUDA events); stops timing."""
+        if self._timer is None:
+            return []
+        self._timer, times = None, self._timer.spans_s()
+        return times
 
     def release(self) -> None:
         self._graphs.clear()
