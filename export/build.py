@@ -12,9 +12,11 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from sdrt.errors import BackendError, EngineError, InputError
@@ -111,27 +113,35 @@ def component_profiles(manifest: Manifest, shapes: ShapeLimits) -> dict[str, dic
     return out
 
 
-def resolve_archs(lib: TensorRT, requested: tuple[str, ...], gpu: str | None) -> list[str]:
-    """Target architectures: TensorRT-RTX can target any RTX arch from anywhere; full TensorRT
-    builds for the GPU it runs on."""
+TURING = "sm75"  # TensorRT-RTX compiles no FP32 matrix multiply for it (Myelin: "FP32 GEMM is not supported")
+
+
+def resolve_archs(lib: TensorRT, requested: tuple[str, ...], gpu: str | None,
+                  fp32_components: Sequence[str] = ()) -> tuple[list[str], str | None]:
+    """Target architectures, and a notice when one was left out: TensorRT-RTX can target any RTX arch
+    from anywhere (but Turing only for fp16 graphs); full TensorRT builds for the GPU it runs on."""
     requested = tuple(a.strip().lower() for a in requested if a.strip())
     if lib.rtx:
         bad = [a for a in requested if a not in RTX_ARCHS]
         if bad:
             raise InputError(f"--arch {','.join(bad)}: TensorRT-RTX targets {', '.join(RTX_ARCHS)} only "
                              "(for other GPUs install full TensorRT and build on that GPU)")
-        if requested:
-            return list(requested)
-        if gpu in RTX_ARCHS:
-            return [gpu]
-        return list(RTX_ARCHS)  # no (RTX) GPU here: a plan for every RTX card
+        archs = list(requested) if requested else [gpu] if gpu in RTX_ARCHS else list(RTX_ARCHS)
+        if TURING not in archs or not fp32_components:
+            return archs, None
+        why = (f"TensorRT-RTX cannot compile FP32 matrix multiplies for Turing ({TURING}), and "
+               f"{', '.join(fp32_components)} {'is' if len(fp32_components) == 1 else 'are'} fp32")
+        if requested or gpu == TURING:
+            raise InputError(f"{why}: export with --precision fp16 for Turing cards (an SDXL VAE stays fp32: "
+                             f"such models cannot target {TURING}), or build for other architectures")
+        return [a for a in archs if a != TURING], f"{TURING} left out: {why}"
     if gpu is None:
         raise BackendError("full TensorRT builds for the GPU it runs on and none was found: build on the target "
                            "GPU, or use --flavour tensorrt_rtx to build for RTX cards without a GPU")
     if requested and list(requested) != [gpu]:
         raise InputError(f"--arch {','.join(requested)}: full TensorRT builds only for this GPU ({gpu}); use "
                          "--flavour tensorrt_rtx to target other RTX architectures")
-    return [gpu]
+    return [gpu], None
 
 
 def build(config: BuildConfig, progress: bool = True) -> Manifest:
@@ -143,7 +153,11 @@ def build(config: BuildConfig, progress: bool = True) -> Manifest:
     manifest = read_manifest(engine_dir)
     shapes = parse_shapes(config.shapes, manifest)
     lib = import_tensorrt(config.flavour)
-    archs = resolve_archs(lib, config.archs, gpu_arch())
+    fp32 = [name for name in manifest.model.components
+            if (manifest.components[name].precision or manifest.precision) == "fp32"]
+    archs, notice = resolve_archs(lib, config.archs, gpu_arch(), fp32)
+    if notice:
+        print(f"note: {notice}", file=sys.stderr)
     onnx_files = [rel for rel in manifest.files if rel.endswith((".onnx", ".onnx.data"))]
     verify_files(engine_dir, manifest, onnx_files)
     profiles = component_profiles(manifest, shapes)

@@ -211,16 +211,50 @@ def test_arch_resolution():
 
     rtx = TensorRT(module=None, flavour="tensorrt_rtx", version="1.0")  # type: ignore[arg-type]
     full = TensorRT(module=None, flavour="tensorrt", version="10.0")  # type: ignore[arg-type]
-    assert resolve_archs(rtx, ("SM86", "sm89"), None) == ["sm86", "sm89"]
-    assert resolve_archs(rtx, (), "sm89") == ["sm89"]
-    assert resolve_archs(rtx, (), "sm90") == list(RTX_ARCHS)  # Hopper is not an RTX target
+    assert resolve_archs(rtx, ("SM86", "sm89"), None) == (["sm86", "sm89"], None)
+    assert resolve_archs(rtx, (), "sm89") == (["sm89"], None)
+    assert resolve_archs(rtx, (), "sm90") == (list(RTX_ARCHS), None)  # Hopper is not an RTX target
     with pytest.raises(InputError, match="TensorRT-RTX targets"):
         resolve_archs(rtx, ("sm90",), None)
-    assert resolve_archs(full, (), "sm90") == ["sm90"]
+    assert resolve_archs(full, (), "sm90") == (["sm90"], None)
+    assert resolve_archs(full, (), "sm75", ["vae_decoder"]) == (["sm75"], None)  # full TensorRT has FP32 GEMM
     with pytest.raises(BackendError, match="--flavour tensorrt_rtx"):
         resolve_archs(full, (), None)
     with pytest.raises(InputError, match="only for this GPU"):
         resolve_archs(full, ("sm86",), "sm90")
+
+
+def test_turing_is_left_out_of_builds_with_fp32_graphs():
+    """TensorRT-RTX: "Cannot compile ... for Turing (SM75): FP32 GEMM is not supported" (seen with
+    tensorrt-rtx 1.7 on fp32 engines and on SDXL's fp32 VAE): every-arch builds skip sm75 with a
+    notice; asking for it is an error that names the fix."""
+    from sdrt.export.build import resolve_archs
+
+    rtx = TensorRT(module=None, flavour="tensorrt_rtx", version="1.0")  # type: ignore[arg-type]
+    archs, notice = resolve_archs(rtx, (), None, ["vae_encoder", "vae_decoder"])
+    assert archs == [a for a in RTX_ARCHS if a != "sm75"]
+    assert "sm75 left out" in notice and "vae_encoder, vae_decoder are fp32" in notice
+    assert resolve_archs(rtx, (), None, []) == (list(RTX_ARCHS), None)
+    for requested, gpu in ((("sm75", "sm86"), None), ((), "sm75")):
+        with pytest.raises(InputError, match="--precision fp16 for Turing"):
+            resolve_archs(rtx, requested, gpu, ["text_encoder"])
+
+
+def test_fp32_engines_build_for_every_rtx_arch_but_turing(tiny_engines, tmp_path, capsys):
+    """Before the notice, this build failed on its first plan ("FP32 GEMM is not supported")."""
+    from sdrt.cuda import gpu_arch
+    from sdrt.export.build import BuildConfig, build
+
+    if not import_tensorrt().rtx or gpu_arch() is not None:
+        pytest.skip("the every-arch build is TensorRT-RTX's, on a machine without a GPU")
+    plans = _build(tiny_engines, tmp_path / "all", shapes="static:64x64,batch=1")
+    assert read_manifest(plans).plans.archs == tuple(a for a in RTX_ARCHS if a != "sm75")
+    assert "sm75 left out" in capsys.readouterr().err
+    engines = tmp_path / "turing"
+    shutil.copytree(tiny_engines, engines)
+    with pytest.raises(InputError, match="--precision fp16 for Turing"):
+        build(BuildConfig(engines, archs=("sm75",)), progress=False)
+    assert not list(engines.glob("*.plan"))
 
 
 def test_unknown_flavour_is_refused():

@@ -149,6 +149,33 @@ def test_manifest_dtype_mismatch_is_refused(tiny_engines, tmp_path):
         Pipeline.load(engines, backend="ort-cpu")
 
 
+def test_load_errors_say_what_is_wrong_not_always_re_export(tiny_engines, tmp_path, monkeypatch):
+    """A damaged graph is the engine's fault (re-export); memory and missing operators are the
+    machine's (a re-export would not help), as ONNX Runtime's own exception classes tell."""
+    import onnxruntime
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+    from sdrt.backends.onnxruntime import OrtBackend
+    from sdrt.errors import BackendError
+    from sdrt.manifest import read_manifest
+
+    engines = _copy(tiny_engines, tmp_path / "e")
+    manifest, backend = read_manifest(engines), OrtBackend("cpu")
+    (engines / "vae_decoder.onnx").write_bytes(b"not a graph")  # past the sha256 check (load() alone)
+    with pytest.raises(EngineError, match="vae_decoder.onnx is damaged.*re-export"):
+        backend.load(engines, manifest, "vae_decoder")
+    for error, match in ((ort_errors.RuntimeException("Failed to allocate memory for requested buffer of size 4"),
+                          "not enough memory to load text_encoder.onnx.*--low-vram"),
+                         (ort_errors.NotImplemented("Could not find an implementation for GroupNorm(21)"),
+                          "cannot run text_encoder.onnx.*install the onnxruntime version")):
+        def failing(*args, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(onnxruntime, "InferenceSession", failing)
+        with pytest.raises(BackendError, match=match) as raised:
+            backend.load(engines, manifest, "text_encoder")
+        assert "re-export" not in str(raised.value)
+
+
 def test_unknown_and_unavailable_backends(tiny_engines):
     from sdrt.errors import BackendError
 

@@ -77,6 +77,26 @@ class OrtEngine(Engine):
         self.binding = None
 
 
+# ONNX Runtime's exception classes that mean the file itself is bad (not the machine)
+_BAD_FILE = ("InvalidProtobuf", "InvalidGraph", "NoModel", "NoSuchFile", "ModelRequiresCompilation")
+_OUT_OF_MEMORY = ("out of memory", "failed to allocate", "bad_alloc", "cudaerrormemoryallocation", "alloc_failed")
+
+
+def load_error(error: Exception, path: Path, version: str) -> Exception:
+    """What a failed InferenceSession means for the user: a damaged engine file (re-export), memory
+    (not the engine's fault), or an operator this onnxruntime lacks (upgrade it)."""
+    kind, text = type(error).__name__, str(error)
+    if any(marker in text.lower() for marker in _OUT_OF_MEMORY):
+        return BackendError(f"not enough memory to load {path.name}: free memory (other processes on the GPU), "
+                            f"use --low-vram, or build engines for smaller sizes or batches ({text})")
+    if kind in _BAD_FILE:
+        return EngineError(f"{path} is damaged or incomplete ({kind}: {text}); re-export with `sdrt export`")
+    if kind == "NotImplemented":
+        return BackendError(f"onnxruntime {version} cannot run {path.name} ({text}): install the onnxruntime "
+                            "version the engines were exported with (manifest.json, versions)")
+    return BackendError(f"ONNX Runtime could not load {path.name}: {kind}: {text}")
+
+
 def _numpy_name(ort_type: str) -> str:
     return {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
             "tensor(uint8)": "uint8", "tensor(int32)": "int32"}[ort_type]
@@ -118,7 +138,11 @@ class OrtBackend(Backend):
         try:
             session = self.ort.InferenceSession(str(path), options, providers=providers)
         except Exception as e:  # ORT raises its own exception types
-            raise EngineError(f"ONNX Runtime could not load {path}: {e}. Re-export with `sdrt export`") from e
+            raise load_error(e, path, self.ort.__version__) from e
+        if self.device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
+            raise BackendError(f"ONNX Runtime fell back to the CPU for {path.name}: its CUDA provider did not load "
+                               "(usually a CUDA or cuDNN library it cannot find; its log names it). Install the "
+                               "onnxruntime-gpu build for your CUDA, or use --backend ort-cpu")
         names = {i.name: _numpy_name(i.type) for i in session.get_inputs()}
         names.update({o.name: _numpy_name(o.type) for o in session.get_outputs()})
         for t in spec.inputs + spec.outputs:
