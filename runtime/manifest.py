@@ -171,6 +171,12 @@ class Manifest:
     validation: dict[str, Any] = field(default_factory=dict)
     plans: PlanSet | None = None  # TensorRT plans, written by `sdrt build`
 
+    @property
+    def model_hash(self) -> str:
+        """AUTOMATIC1111's short model hash: the first 10 hex digits of the source's sha256 (a checkpoint
+        file's own; a diffusers folder's, over its files' hashes)."""
+        return str(self.source.get("sha256", ""))[:10]
+
     def to_json(self) -> str:
         doc = {"format": FORMAT, "version": VERSION, **asdict(self)}
         return json.dumps(doc, indent=2, sort_keys=False)

@@ -165,12 +165,13 @@ class Result:
     seeds: list[int]
     timings: Timings
     model_name: str
+    model_hash: str  # A1111's 10-hex short hash (Manifest.model_hash)
     rows: list[int]  # the config row of each image (all rows, unless some were dropped)
 
     def parameters(self, index: int) -> str:
         from sdrt.png import a1111_parameters
 
-        return a1111_parameters(self.config, self.seeds[index], self.rows[index], self.model_name)
+        return a1111_parameters(self.config, self.seeds[index], self.rows[index], self.model_name, self.model_hash)
 
     def pil_images(self) -> list[Any]:
         from PIL import Image
@@ -443,7 +444,8 @@ class Pipeline:
 
         callback(done, total) runs after every step; it may return the batch rows still wanted
         (indices into config's rows): the others are dropped before the next step, and when none
-        is left the generation stops with `Cancelled`.
+        is left the generation stops with `Cancelled`. It may return STOP: the loop ends there and
+        the latents are decoded as they are (A1111's interrupt and skip; the images stay noisy).
         """
         start = time.perf_counter()
         timings = Timings()
@@ -487,9 +489,13 @@ class Pipeline:
         alive = list(range(requested.batch))  # config rows still wanted
         step.start_timing()
         loop_start = time.perf_counter()
+        done = n
         for i in range(n):
             step.run(*feeds[i])  # feeds may be rebuilt below, so indexed rather than iterated
             wanted = callback(i + 1, n) if callback is not None else None
+            if wanted is STOP:
+                done = i + 1
+                break
             if wanted is not None:
                 wanted = set(wanted)
                 alive = [row for row in alive if row in wanted]
@@ -507,7 +513,7 @@ class Pipeline:
 
         # decode to uint8 in the graph; one download
         t0 = time.perf_counter()
-        host_images = self._decode(sets[n % 2]["latents"], len(in_batch), config.height, config.width)
+        host_images = self._decode(sets[done % 2]["latents"], len(in_batch), config.height, config.width)
         if alive != in_batch:  # rows dropped after the last step
             host_images = host_images[[in_batch.index(row) for row in alive]]
         if config.masks:  # the kept pixels are the original's, not their VAE round trip
@@ -516,7 +522,7 @@ class Pipeline:
         timings.decode_s = time.perf_counter() - t0
         timings.total_s = time.perf_counter() - start
         seeds = [config.row_seeds[row] for row in alive]
-        return Result(host_images, requested, seeds, timings, self.manifest.name, alive)
+        return Result(host_images, requested, seeds, timings, self.manifest.name, self.manifest.model_hash, alive)
 
     def encode_prompt(self, config: GenerationConfig) -> dict[str, np.ndarray]:
         """The step's conditioning for config, on the host: (R·B, 77·chunks, C) text embeddings,
@@ -666,6 +672,14 @@ class Pipeline:
 
 class Cancelled(SdrtError):
     """Every row of a generation was dropped (e.g. all its clients went away)."""
+
+
+class _Stop:
+    def __repr__(self) -> str:
+        return "STOP"
+
+
+STOP: Any = _Stop()  # a step callback's answer: end the loop now, decode the latents as they are
 
 
 @dataclass

@@ -6,10 +6,16 @@ from pathlib import Path
 from typing import Any
 
 from sdrt.paths import replacing
-from sdrt.schedulers import A1111_LABELS
+from sdrt.schedulers import A1111_SAMPLERS
 
 
-def a1111_parameters(config: Any, seed: int, index: int, model_name: str) -> str:
+def a1111_sampler(name: str) -> tuple[str, str]:
+    """(Sampler, Schedule type) as A1111 >= 1.9 writes them."""
+    return A1111_SAMPLERS.get(name, (name, "Automatic"))
+
+
+def a1111_parameters(config: Any, seed: int, index: int, model_name: str, model_hash: str = "") -> str:
+    """The infotext A1111 >= 1.9 writes, field for field (its PNG-info readers parse it)."""
     from sdrt import __version__
 
     lines = [config.prompt[index]]
@@ -22,10 +28,11 @@ def a1111_parameters(config: Any, seed: int, index: int, model_name: str) -> str
             extra += f"Mask blur: {config.mask_blur}, "
     if config.clip_skip > 1:
         extra += f"Clip skip: {config.clip_skip}, "
+    sampler, schedule_type = a1111_sampler(config.scheduler)
+    model = (f"Model hash: {model_hash}, " if model_hash else "") + f"Model: {model_name}, "
     lines.append(
-        f"Steps: {config.steps}, Sampler: {A1111_LABELS.get(config.scheduler, config.scheduler)}, "
-        f"CFG scale: {config.guidance:g}, Seed: {seed}, Size: {config.width}x{config.height}, "
-        f"Model: {model_name}, {extra}Version: sdrt {__version__}")
+        f"Steps: {config.steps}, Sampler: {sampler}, Schedule type: {schedule_type}, CFG scale: {config.guidance:g}, "
+        f"Seed: {seed}, Size: {config.width}x{config.height}, {model}{extra}Version: sdrt {__version__}")
     return "\n".join(lines)
 
 

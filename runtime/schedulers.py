@@ -481,6 +481,7 @@ def lcm(schedule: NoiseSchedule, n: int, start: int = 0, original_steps: int = 5
 SAMPLERS: dict[str, Callable[[NoiseSchedule, int, int], SamplerPlan]] = {
     "ddim": ddim,
     "euler": lambda s, n, start: euler(s, n, start, karras=s.use_karras_sigmas),
+    "euler_karras": lambda s, n, start: euler(s, n, start, karras=True),
     "euler_a": euler_ancestral,
     "dpmpp_2m": lambda s, n, start: dpmpp_2m(s, n, start, karras=s.use_karras_sigmas),
     "dpmpp_2m_karras": lambda s, n, start: dpmpp_2m(s, n, start, karras=True),
@@ -488,17 +489,31 @@ SAMPLERS: dict[str, Callable[[NoiseSchedule, int, int], SamplerPlan]] = {
     "plms": plms,
 }
 
-# The names AUTOMATIC1111 and its clients use.
-A1111_NAMES: dict[str, str] = {
-    "DDIM": "ddim",
-    "Euler": "euler",
-    "Euler a": "euler_a",
-    "DPM++ 2M": "dpmpp_2m",
-    "DPM++ 2M Karras": "dpmpp_2m_karras",
-    "LCM": "lcm",
-    "PLMS": "plms",
+# sdrt sampler -> (AUTOMATIC1111's sampler label, its schedule type), as A1111 >= 1.9 names them
+A1111_SAMPLERS: dict[str, tuple[str, str]] = {
+    "ddim": ("DDIM", "Automatic"),
+    "euler": ("Euler", "Automatic"),
+    "euler_karras": ("Euler", "Karras"),
+    "euler_a": ("Euler a", "Automatic"),
+    "dpmpp_2m": ("DPM++ 2M", "Automatic"),
+    "dpmpp_2m_karras": ("DPM++ 2M", "Karras"),
+    "lcm": ("LCM", "Automatic"),
+    "plms": ("PLMS", "Automatic"),
 }
-A1111_LABELS: dict[str, str] = {v: k for k, v in A1111_NAMES.items()}  # sdrt name -> A1111's label
+A1111_SCHEDULE_TYPES = ("Automatic", "Karras")
+
+
+def from_a1111(sampler: str, schedule_type: str | None) -> str | None:
+    """The sdrt sampler for an A1111 label (case-insensitive; the pre-1.9 combined labels such as
+    "DPM++ 2M Karras" too) and schedule type (None or "Automatic": the label's own), else None."""
+    label, kind = sampler.strip().lower(), (schedule_type or "automatic").strip().lower()
+    for name, (a1111_label, a1111_kind) in A1111_SAMPLERS.items():
+        combined = f"{a1111_label} {a1111_kind}".lower()
+        if label == combined and kind in ("automatic", a1111_kind.lower()):
+            return name
+        if label == a1111_label.lower() and kind == a1111_kind.lower():
+            return name
+    return None
 
 
 # Samplers whose diffusers scheduler has no zero-terminal-SNR rescaling (PNDMScheduler ignores the key).

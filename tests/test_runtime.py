@@ -47,8 +47,10 @@ def test_same_seed_same_image_and_batch_rows_equal_single_seeds(pipe):
 
 
 def test_every_scheduler_runs_and_gives_finite_distinct_images(pipe):
+    from sdrt.schedulers import SAMPLERS
+
     seen = {}
-    for name in ("ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "lcm", "plms"):
+    for name in SAMPLERS:
         result = pipe.generate(pipe.make_config("a cat", steps=3, seed=5, scheduler=name))
         assert result.images.shape == (1, 64, 64, 3) and result.images.dtype == np.uint8
         assert len(result.timings.step_engine_s) == (4 if name == "plms" else 3)  # PLMS adds one step
@@ -66,10 +68,25 @@ def test_written_buffers_never_alias(pipe):
     assert backend.download(a).sum() == 0 and backend.download(b).sum() == 6
 
 
+def test_a_callback_can_stop_the_loop_and_the_latents_are_decoded_as_they_are(pipe):
+    """A1111's interrupt and skip: STOP after the last step is the full image; earlier, a different
+    (noisier) finite one, with one engine time per step run."""
+    from sdrt.pipeline import STOP
+
+    config = pipe.make_config("a cat", steps=4, seed=3, scheduler="euler")
+    full = pipe.generate(config).images
+    at_last = pipe.generate(config, callback=lambda done, total: STOP if done == total else None)
+    np.testing.assert_array_equal(at_last.images, full)
+    early = pipe.generate(config, callback=lambda done, total: STOP if done == 2 else None)
+    assert len(early.timings.step_engine_s) == 2 and early.images.shape == full.shape
+    assert not np.array_equal(early.images, full)
+
+
 def test_pil_images_carry_parameters(pipe):
     image = pipe("a cat", negative_prompt="dog", steps=2, seed=9, scheduler="euler")[0]
     assert image.size == (64, 64)
-    assert image.info["parameters"].startswith("a cat\nNegative prompt: dog\nSteps: 2, Sampler: Euler, ")
+    assert image.info["parameters"].startswith("a cat\nNegative prompt: dog\nSteps: 2, Sampler: Euler, "
+                                               "Schedule type: Automatic, CFG scale: ")
     assert "Seed: 9" in image.info["parameters"]
 
 

@@ -91,7 +91,9 @@ def check_against_diffusers(name, config, steps, strength):
             ref.set_begin_index(t_start)
 
     assert len(plan) == len(timesteps)
-    np.testing.assert_allclose(plan.timesteps, timesteps.double().numpy(), rtol=1e-5, atol=1e-4)
+    # Karras timesteps are interpolated in fp32 log σ, where numpy's and torch's fp32 cumprod of ᾱ differ
+    # in the last bits: 5e-5 relative at t ≈ 4 for Euler on trained betas (the steps' results hold 1e-5)
+    np.testing.assert_allclose(plan.timesteps, timesteps.double().numpy(), rtol=1e-4, atol=1e-4)
     assert plan.init_noise_sigma == pytest.approx(float(ref.init_noise_sigma), rel=1e-6)
 
     rng = np.random.default_rng(0)

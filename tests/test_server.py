@@ -7,6 +7,7 @@ import asyncio
 import base64
 import io
 import json
+import re
 import socket
 import threading
 import time
@@ -156,15 +157,20 @@ def test_webuiapi_client_images_match_the_pipeline(server, direct):
                             username="user", password=TOKEN)  # A1111's --api-auth: the token as password
     result = api.txt2img(prompt="a dog", negative_prompt="blurry", seed=11, cfg_scale=5, width=64, height=64,
                          batch_size=2, n_iter=2, sampler_name="DPM++ 2M", scheduler="Karras")
-    assert result.info["all_seeds"] == [11, 12, 13, 14] and result.info["sampler_name"] == "DPM++ 2M Karras"
+    assert result.info["all_seeds"] == [11, 12, 13, 14]
+    assert (result.info["sampler_name"], result.info["scheduler"]) == ("DPM++ 2M", "Karras")  # A1111 >= 1.9
+    assert re.fullmatch(r"[0-9a-f]{10}", result.info["sd_model_hash"]) and result.info["version"].startswith("sdrt")
+    assert re.fullmatch(r"\d{14}", result.info["job_timestamp"]) and result.info["styles"] == []
     expected = direct.generate(direct.make_config(["a dog"] * 4, negative_prompt="blurry", steps=3, guidance=5,
                                                   seeds=[11, 12, 13, 14], height=64, width=64,
                                                   scheduler="dpmpp_2m_karras")).images
     assert len(result.images) == 4
     for image, want in zip(result.images, expected):
         np.testing.assert_array_equal(np.asarray(image.convert("RGB")), want)
-    assert "Negative prompt: blurry" in result.images[2].info["parameters"]
-    assert "Seed: 13" in result.images[2].info["parameters"]
+    infotext = result.images[2].info["parameters"]
+    assert "Negative prompt: blurry" in infotext and "Seed: 13" in infotext
+    assert "Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 5," in infotext
+    assert f"Model hash: {result.info['sd_model_hash']}, Model: tiny-fp32, " in infotext
 
 
 def test_a1111_n_iter_batches_send_images_and_the_batch_limit(server):
@@ -241,14 +247,61 @@ def test_an_internal_error_is_a_json_500_with_an_id_and_the_connection_lives_on(
 
 def test_discovery_endpoints(server):
     h = server.headers()
-    samplers = httpx.get(f"{server.url}/sdapi/v1/samplers", headers=h).json()
-    assert {"Euler a", "DPM++ 2M Karras", "DDIM"} <= {s["name"] for s in samplers}
+    samplers = {s["name"]: s["aliases"] for s in httpx.get(f"{server.url}/sdapi/v1/samplers", headers=h).json()}
+    assert {"Euler a", "DPM++ 2M", "DDIM"} <= set(samplers) and "DPM++ 2M Karras" not in samplers  # A1111 >= 1.9
+    assert samplers["DPM++ 2M"] == ["dpmpp_2m", "dpmpp_2m_karras"]
+    schedulers = httpx.get(f"{server.url}/sdapi/v1/schedulers", headers=h).json()
+    assert [(s["name"], s["label"]) for s in schedulers] == [("automatic", "Automatic"), ("karras", "Karras")]
     models = httpx.get(f"{server.url}/sdapi/v1/sd-models", headers=h).json()
     assert models[0]["model_name"] == "tiny-fp32" and len(models[0]["sha256"]) == 64
     progress = httpx.get(f"{server.url}/sdapi/v1/progress", headers=h).json()
     assert progress["state"]["job_count"] == 0 and progress["progress"] == 0.0
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
     assert httpx.get(f"{server.url}/ready").json()["status"] == "ready"
+
+
+def test_a1111_sampler_labels_old_and_new_and_schedule_types():
+    from sdrt.serve.apis import sampler_for
+
+    assert sampler_for("DPM++ 2M", "Karras", "euler") == "dpmpp_2m_karras"
+    assert sampler_for("DPM++ 2M Karras", None, "euler") == "dpmpp_2m_karras"  # the pre-1.9 label
+    assert sampler_for("dpm++ 2m", "automatic", "euler") == "dpmpp_2m"
+    assert sampler_for("Euler", "karras", "ddim") == "euler_karras"
+    assert sampler_for(None, "Karras", "dpmpp_2m") == "dpmpp_2m_karras"  # the default sampler, that schedule
+    assert sampler_for("euler_a", None, "ddim") == "euler_a"  # sdrt's own names
+    with pytest.raises(InputError, match="'Exponential' is not available with 'Euler a': use Automatic"):
+        sampler_for("Euler a", "Exponential", "ddim")
+    with pytest.raises(InputError, match="sampler 'Heun' is not available: choose one of DDIM, Euler, Euler a"):
+        sampler_for("Heun", None, "ddim")
+
+
+def test_a1111_options_read_write_and_refuse_what_sdrt_cannot_do(server, direct):
+    url, h = f"{server.url}/sdapi/v1/options", server.headers()
+    options = httpx.get(url, headers=h).json()
+    assert options["CLIP_stop_at_last_layers"] == 1 and options["sd_model_checkpoint"].startswith("tiny-fp32 [")
+    try:
+        assert httpx.post(url, json=options, headers=h).status_code == 200  # what was read, posted back
+        for change, match in (({"CLIP_stop_at_last_layers": 2, "samples_format": "jpg"}, "fixed at 'png'"),
+                              ({"sd_model_checkpoint": "other.safetensors"}, "runs one model"),
+                              ({"CLIP_stop_at_last_layers": 99}, "1 to 12"),
+                              ({"CLIP_stop_at_last_layers": True}, "1 to 12"),
+                              ({"hires_fix_upscaler": "x"}, "does not implement the option 'hires_fix_upscaler'"),
+                              ([1, 2], "JSON object")):
+            r = httpx.post(url, json=change, headers=h)
+            assert r.status_code == 400 and re.search(match, r.json()["detail"]), r.text
+        bad = httpx.post(url, content=b"{not json", headers={**h, "Content-Type": "application/json"})
+        assert bad.status_code == 400
+        assert httpx.get(url, headers=h).json() == options  # the refused posts changed nothing
+        assert httpx.post(url, json={"CLIP_stop_at_last_layers": 2}, headers=h).status_code == 200
+        body = {"prompt": "a cube", "seed": 4, "steps": 2, "width": 64, "height": 64}
+        r = httpx.post(f"{server.url}/sdapi/v1/txt2img", json=body, headers=h, timeout=60)
+        got, info = decode(r.json()["images"][0])
+        assert "Clip skip: 2" in info["parameters"]
+        want = direct.generate(direct.make_config("a cube", seed=4, steps=2, guidance=7.0, height=64, width=64,
+                                                  scheduler="dpmpp_2m_karras", clip_skip=2)).images[0]
+        np.testing.assert_array_equal(got, want)
+    finally:
+        httpx.post(url, json={"CLIP_stop_at_last_layers": 1}, headers=h)
 
 
 # --- refusals ------------------------------------------------------------------------------------
@@ -346,6 +399,53 @@ def test_a_disconnected_client_is_dropped_before_its_next_step(server, slow_step
         time.sleep(0.05)
     assert server.metric("sdrt_errors_total", kind="client_disconnected") >= 1
     assert server.metric("sdrt_stage_seconds_count", stage="total") == before_total  # stopped, not finished
+
+
+@pytest.fixture(scope="module")
+def one_row_server(tiny_engines):
+    """Engine calls of one row: n_iter batches (and rows) run one after another."""
+    live = LiveServer(ServeConfig(tiny_engines, backend="ort-cpu", max_batch=1))
+    yield live
+    live.stop()
+
+
+def _stop_during(live: LiveServer, action: str, body: dict) -> tuple[httpx.Response, list[dict]]:
+    """Posts body; once its first batch has run two steps, POSTs /sdapi/v1/ACTION; the answer and the
+    progress seen meanwhile."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(httpx.post, f"{live.url}/sdapi/v1/txt2img", json=body, timeout=60)
+        seen = []
+        deadline = time.monotonic() + 30
+        while not seen or seen[-1]["state"]["sampling_step"] < 2:
+            assert time.monotonic() < deadline, "the generation never started"
+            seen.append(httpx.get(f"{live.url}/sdapi/v1/progress").json())
+            time.sleep(0.02)
+        assert httpx.post(f"{live.url}/sdapi/v1/{action}").status_code == 200
+        seen.append(httpx.get(f"{live.url}/sdapi/v1/progress").json())
+        return future.result(), seen
+
+
+def test_interrupt_ends_the_running_request_with_the_images_so_far(one_row_server, slow_steps):
+    body = {"prompt": "x", "steps": 100, "n_iter": 3, "width": 64, "height": 64, "seed": 1}  # ≥ 30 s of steps
+    r, seen = _stop_during(one_row_server, "interrupt", body)
+    assert r.status_code == 200 and len(r.json()["images"]) == 1  # the later n_iter batches never ran
+    image, _ = decode(r.json()["images"][0])
+    assert np.isfinite(image).all() and image.std() > 0
+    assert seen[-1]["state"]["interrupted"] or seen[-1]["state"]["job_count"] == 0
+    assert httpx.post(f"{one_row_server.url}/sdapi/v1/interrupt").status_code == 200  # nothing running: no-op
+
+
+def test_skip_ends_the_running_batch_and_the_later_ones_run(one_row_server, direct, slow_steps):
+    body = {"prompt": "x", "steps": 20, "n_iter": 2, "width": 64, "height": 64, "seed": 7}
+    r, _ = _stop_during(one_row_server, "skip", body)
+    assert r.status_code == 200 and len(r.json()["images"]) == 2
+    full = direct.generate(direct.make_config(["x"] * 2, seeds=[7, 8], steps=20, guidance=7.0, height=64, width=64,
+                                              scheduler="dpmpp_2m_karras")).images
+    skipped, second = (decode(b)[0] for b in r.json()["images"])
+    assert not np.array_equal(skipped, full[0])  # decoded after a few of its 20 steps
+    np.testing.assert_array_equal(second, full[1])  # the next batch ran in full
 
 
 def test_queue_full_gets_429_and_timeouts_504(tiny_engines, slow_steps):

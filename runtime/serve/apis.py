@@ -14,17 +14,31 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import time
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Strict, model_validator
 
 from sdrt.errors import InputError, check_text, is_digits
-from sdrt.manifest import ModelInfo
+from sdrt.manifest import Manifest, ModelInfo
 from sdrt.pipeline import INPAINTING_FILLS, GenerationConfig, Pipeline, first_seed_max, random_seed
-from sdrt.schedulers import A1111_LABELS, A1111_NAMES, SAMPLERS
+from sdrt.schedulers import A1111_SAMPLERS, SAMPLERS, from_a1111
 from sdrt.serve.config import ServeConfig
 
 Int = Annotated[int, Strict()]  # JSON integers only: `true` is not 1 step, 20.5 is not 20
+
+
+def check_strings(value: Any, label: str) -> None:
+    """Every string in a JSON value (keys too) is valid Unicode, else an InputError naming where."""
+    if isinstance(value, str):
+        check_text(value, label)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            check_strings(item, label)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_strings(key, label)
+            check_strings(item, f"{label}.{key}")
 
 
 class Request(BaseModel):
@@ -32,19 +46,8 @@ class Request(BaseModel):
 
     @model_validator(mode="after")
     def _whole_characters(self) -> "Request":
-        def walk(value: Any, label: str) -> None:
-            if isinstance(value, str):
-                check_text(value, label)
-            elif isinstance(value, (list, tuple)):
-                for item in value:
-                    walk(item, label)
-            elif isinstance(value, dict):
-                for key, item in value.items():
-                    walk(key, label)
-                    walk(item, f"{label}.{key}")
-
         for name in type(self).model_fields:
-            walk(getattr(self, name), name)
+            check_strings(getattr(self, name), name)
         return self
 
 
@@ -88,11 +91,12 @@ class Txt2ImgRequest(MicroConditioning):
     # A1111 applies any option here for the request; sdrt reads CLIP_stop_at_last_layers (clip skip)
     override_settings: dict[str, Any] | None = None
 
-    def clip_skip(self, model: ModelInfo) -> dict[str, Any]:
-        """make_config's clip_skip: CLIP_stop_at_last_layers where the model takes one (A1111 ignores
-        it for SDXL, and so does sdrt)."""
+    def clip_skip(self, model: ModelInfo, server_value: int) -> dict[str, Any]:
+        """make_config's clip_skip: CLIP_stop_at_last_layers (the request's override, else the server's
+        option) where the model takes one (A1111 ignores it for SDXL, and so does sdrt)."""
         value = (self.override_settings or {}).get("CLIP_stop_at_last_layers")
-        return {"clip_skip": value} if value is not None and model.clip_skip_max > 1 else {}
+        value = server_value if value is None else value
+        return {"clip_skip": value} if model.clip_skip_max > 1 else {}
 
     def unsupported(self) -> list[str]:
         out = [name for name in ("save_images", "enable_hr", "restore_faces", "tiling", "styles", "script_name",
@@ -176,20 +180,23 @@ class ImagesRequest(MicroConditioning):
 
 
 def sampler_for(name: str | None, scheduler: str | None, default: str) -> str:
-    """A1111 sampler label (plus its scheduler field) or an sdrt name -> an sdrt sampler name."""
-    if name is None or name == "":
-        return default
-    sdrt = name if name in SAMPLERS else next((v for k, v in A1111_NAMES.items() if k.lower() == name.lower()), None)
-    if sdrt is None:
-        raise InputError(f"sampler {name!r} is not available: choose one of "
-                         f"{', '.join(A1111_NAMES)} (GET /sdapi/v1/samplers)")
-    kind = (scheduler or "automatic").lower()
-    if kind == "karras" and f"{sdrt}_karras" in SAMPLERS:
-        return f"{sdrt}_karras"
-    if kind == "automatic" or (kind == "karras" and sdrt.endswith("_karras")):
-        return sdrt
-    raise InputError(f"scheduler {scheduler!r} is not available with {name!r}: use Automatic"
-                     + (" or Karras" if f"{sdrt}_karras" in SAMPLERS else ""))
+    """An A1111 sampler label and schedule type (or an sdrt sampler name) -> an sdrt sampler name."""
+    automatic = (scheduler or "automatic").strip().lower() == "automatic"
+    if not name:
+        if automatic:
+            return default
+        name = A1111_SAMPLERS[default][0]  # the default sampler on the asked schedule
+    if name in SAMPLERS and automatic:
+        return name
+    found = from_a1111(name, scheduler)
+    if found is not None:
+        return found
+    kinds = [kind for label, kind in A1111_SAMPLERS.values() if label.lower() == name.strip().lower()]
+    if kinds:
+        raise InputError(f"scheduler {scheduler!r} is not available with {name!r}: use {' or '.join(kinds)} "
+                         "(GET /sdapi/v1/schedulers)")
+    labels = dict.fromkeys(label for label, _ in A1111_SAMPLERS.values())
+    raise InputError(f"sampler {name!r} is not available: choose one of {', '.join(labels)} (GET /sdapi/v1/samplers)")
 
 
 def _check_common(cfg: ServeConfig, prompts: list[str], steps: int, images: int, height: int | None,
@@ -214,7 +221,8 @@ def _seeds(seed: int | None, count: int) -> list[int]:
     return [seed + i for i in range(count)]
 
 
-def a1111_config(req: Txt2ImgRequest, pipe: Pipeline, cfg: ServeConfig) -> GenerationConfig:
+def a1111_config(req: Txt2ImgRequest, pipe: Pipeline, cfg: ServeConfig, clip_skip: int = 1) -> GenerationConfig:
+    """clip_skip: the server's CLIP_stop_at_last_layers option (/sdapi/v1/options)."""
     bad = req.unsupported()
     if bad:
         raise InputError(f"sdrt does not implement {', '.join(bad)}: leave them unset")
@@ -233,7 +241,7 @@ def a1111_config(req: Txt2ImgRequest, pipe: Pipeline, cfg: ServeConfig) -> Gener
     return pipe.make_config([req.prompt] * images, negative_prompt=req.negative_prompt, steps=steps,
                             guidance=req.cfg_scale, scheduler=scheduler, height=req.height, width=req.width,
                             seeds=_seeds(req.seed, images), **req.micro(), **req.images_in(),
-                            **req.clip_skip(pipe.model), max_rows=cfg.max_images_per_request)
+                            **req.clip_skip(pipe.model, clip_skip), max_rows=cfg.max_images_per_request)
 
 
 def decode_base64(value: str, what: str) -> bytes:
@@ -246,17 +254,28 @@ def decode_base64(value: str, what: str) -> bytes:
         raise InputError(f"{what} is not base64 image data: send the file's bytes base64-encoded") from None
 
 
-def a1111_info(req: Txt2ImgRequest, config: GenerationConfig, infotexts: list[str], model: str) -> str:
-    """The `info` JSON string A1111 returns (clients read seed/all_seeds/infotexts from it)."""
+def a1111_info(req: Txt2ImgRequest, config: GenerationConfig, infotexts: list[str], model: Manifest,
+               started: float) -> str:
+    """The `info` JSON string A1111 returns, with the fields its clients read (seed, all_seeds,
+    infotexts, sd_model_hash, job_timestamp, ...); started: the job's wall-clock start (time.time())."""
+    from sdrt import __version__
+    from sdrt.png import a1111_sampler
+
+    sampler, schedule_type = a1111_sampler(config.scheduler)
     return json.dumps({
         "prompt": req.prompt, "all_prompts": list(config.prompt), "negative_prompt": req.negative_prompt,
         "all_negative_prompts": list(config.negative_prompt), "seed": config.row_seeds[0],
         "all_seeds": list(config.row_seeds), "subseed": -1, "all_subseeds": [-1] * config.batch,
-        "subseed_strength": 0, "width": config.width, "height": config.height,
-        "sampler_name": A1111_LABELS.get(config.scheduler, config.scheduler), "cfg_scale": config.guidance,
-        "steps": config.steps, "batch_size": req.batch_size, "n_iter": req.n_iter, "sd_model_name": model,
-        "infotexts": infotexts, "index_of_first_image": 0, "restore_faces": False,
-        "clip_skip": config.clip_skip, **({"denoising_strength": config.strength} if config.images else {}),
+        "subseed_strength": 0, "width": config.width, "height": config.height, "sampler_name": sampler,
+        "scheduler": schedule_type, "cfg_scale": config.guidance, "steps": config.steps,
+        "batch_size": req.batch_size, "n_iter": req.n_iter, "restore_faces": False, "face_restoration_model": None,
+        "sd_model_name": model.name, "sd_model_hash": model.model_hash, "sd_vae_name": None, "sd_vae_hash": None,
+        "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+        "denoising_strength": config.strength if config.images else None,
+        "extra_generation_params": {"Schedule type": schedule_type}, "index_of_first_image": 0,
+        "infotexts": infotexts, "styles": list(req.styles or []),
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(started)), "clip_skip": config.clip_skip,
+        "is_using_inpainting_conditioning": bool(config.masks), "version": f"sdrt {__version__}",
     })
 
 

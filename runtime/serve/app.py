@@ -27,13 +27,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sdrt.errors import InputError, is_digits
 from sdrt.pipeline import GenerationConfig, Pipeline
-from sdrt.schedulers import A1111_NAMES, SAMPLERS
-from sdrt.serve.apis import (ImagesRequest, Img2ImgRequest, Txt2ImgRequest, a1111_config, a1111_info, openai_config,
-                             openai_edit_config)
+from sdrt.schedulers import A1111_SAMPLERS, A1111_SCHEDULE_TYPES
+from sdrt.serve.apis import (ImagesRequest, Img2ImgRequest, Txt2ImgRequest, a1111_config, a1111_info, check_strings,
+                             openai_config, openai_edit_config)
 from sdrt.serve.config import ServeConfig
 from sdrt.serve.jobs import (RUNNING_GRACE_S, ClientGone, Image, Job, QueueFull, RequestTimeout, Scheduler,
                              ShuttingDown)
 from sdrt.serve.metrics import Metrics
+from sdrt.serve.options import A1111Options
 
 log = logging.getLogger("sdrt.serve")
 OPEN_PATHS = ("/health", "/ready", "/metrics")  # probes and scrapers need no token
@@ -193,6 +194,7 @@ def create_app(config: ServeConfig, pipeline: Pipeline | None = None) -> FastAPI
         return pipe
 
     metrics = Metrics(queue_depth=lambda: scheduler.queued_rows)  # read at scrape time, after the line below
+    options = A1111Options()
     scheduler = Scheduler(load, config.max_queue, config.max_batch, config.batch_window_s, metrics.observe)
 
     @asynccontextmanager
@@ -284,10 +286,11 @@ def create_app(config: ServeConfig, pipeline: Pipeline | None = None) -> FastAPI
         return answer(gen, images, pngs)
 
     async def a1111(request: Request, body: Txt2ImgRequest) -> Any:
-        name = scheduler.pipeline.manifest.name if scheduler.pipeline else ""
-        return await generate(request, lambda pipe: a1111_config(body, pipe, config), lambda gen, images, pngs: {
+        started, clip_skip = time.time(), options.clip_skip
+        return await generate(request, lambda pipe: a1111_config(body, pipe, config, clip_skip), lambda gen, images, pngs: {
             "images": pngs, "parameters": body.echoed(),
-            "info": a1111_info(body, gen, [im.parameters for im in images], name)}, body.send_images)
+            "info": a1111_info(body, gen, [im.parameters for im in images], scheduler.pipeline.manifest, started)},
+            body.send_images)
 
     def openai_answer(prompt: Any) -> Any:
         return lambda gen, images, pngs: {"created": int(time.time()),
@@ -320,8 +323,15 @@ def create_app(config: ServeConfig, pipeline: Pipeline | None = None) -> FastAPI
 
     @app.get("/sdapi/v1/samplers")
     async def samplers() -> list[dict]:
-        return [{"name": label, "aliases": [name], "options": {}} for label, name in A1111_NAMES.items()
-                if name in SAMPLERS]
+        labels: dict[str, list[str]] = {}
+        for name, (label, _) in A1111_SAMPLERS.items():
+            labels.setdefault(label, []).append(name)
+        return [{"name": label, "aliases": names, "options": {}} for label, names in labels.items()]
+
+    @app.get("/sdapi/v1/schedulers")
+    async def schedulers() -> list[dict]:
+        return [{"name": kind.lower(), "label": kind, "aliases": None, "default_rho": 7.0 if kind == "Karras" else -1,
+                 "need_inner_model": False} for kind in A1111_SCHEDULE_TYPES]
 
     @app.get("/sdapi/v1/sd-models")
     async def sd_models(request: Request) -> Any:
@@ -329,8 +339,35 @@ def create_app(config: ServeConfig, pipeline: Pipeline | None = None) -> FastAPI
             return refusal
         manifest = scheduler.pipeline.manifest  # type: ignore[union-attr]
         sha = manifest.source.get("sha256", "")
-        return [{"title": f"{manifest.name} [{sha[:10]}]", "model_name": manifest.name, "hash": sha[:10],
-                 "sha256": sha, "filename": str(config.engines), "config": None}]
+        return [{"title": f"{manifest.name} [{manifest.model_hash}]", "model_name": manifest.name,
+                 "hash": manifest.model_hash, "sha256": sha, "filename": str(config.engines), "config": None}]
+
+    @app.get("/sdapi/v1/options")
+    async def get_options(request: Request) -> Any:
+        if (refusal := not_ready(request)) is not None:
+            return refusal
+        return options.report(scheduler.pipeline.manifest)  # type: ignore[union-attr]
+
+    @app.post("/sdapi/v1/options")
+    async def set_options(request: Request) -> Any:
+        if (refusal := not_ready(request)) is not None:
+            return refusal
+        try:
+            changes = await request.json()
+            check_strings(changes, "options")
+            options.update(changes, scheduler.pipeline.manifest)  # type: ignore[union-attr]
+        except ValueError as e:  # bad JSON (JSONDecodeError, UnicodeDecodeError) or a refused option
+            message = str(e) if isinstance(e, InputError) else f"send a JSON object of options ({type(e).__name__})"
+            return error_response(request.url.path, metrics, 400, message)
+        return None
+
+    @app.post("/sdapi/v1/interrupt")
+    async def interrupt() -> None:
+        scheduler.stop_running("interrupt")
+
+    @app.post("/sdapi/v1/skip")
+    async def skip() -> None:
+        scheduler.stop_running("skip")
 
     @app.get("/sdapi/v1/scripts")
     async def scripts() -> dict:
@@ -343,19 +380,22 @@ def create_app(config: ServeConfig, pipeline: Pipeline | None = None) -> FastAPI
         elapsed = time.monotonic() - p.started if p.running else 0.0
         eta = elapsed / fraction - elapsed if fraction > 0 else 0.0
         jobs = scheduler.queued_jobs + (1 if p.running else 0)
+        started = time.strftime("%Y%m%d%H%M%S", time.localtime(time.time() - elapsed)) if p.running else ""
         return {"progress": fraction, "eta_relative": eta,
-                "state": {"skipped": False, "interrupted": False, "job": "txt2img" if p.running else "",
-                          "job_count": jobs, "job_timestamp": "", "job_no": 0,
-                          "sampling_step": p.step if p.running else 0, "sampling_steps": p.steps if p.running else 0},
-                "current_image": None, "textinfo": None}
+                "state": {"skipped": p.running and p.stop == "skip", "interrupted": p.running and p.stop == "interrupt",
+                          "job": "txt2img" if p.running else "", "job_count": jobs, "job_timestamp": started,
+                          "job_no": 0, "sampling_step": p.step if p.running else 0,
+                          "sampling_steps": p.steps if p.running else 0},
+                "current_image": None, "textinfo": None}  # no preview: decoding one would cost a VAE call per poll
 
     app.add_middleware(RequestLimits, config=config, metrics=metrics)
     app.add_middleware(AuthAndAccounting, token=config.token, metrics=metrics)  # outermost: runs first
     return app
 
 
-_ENDPOINTS = ("/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/v1/images/generations", "/v1/images/edits", "/sdapi/v1/progress", "/sdapi/v1/samplers",
-              "/sdapi/v1/sd-models", "/health", "/ready", "/metrics")
+_ENDPOINTS = ("/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/v1/images/generations", "/v1/images/edits",
+              "/sdapi/v1/progress", "/sdapi/v1/samplers", "/sdapi/v1/schedulers", "/sdapi/v1/sd-models",
+              "/sdapi/v1/options", "/sdapi/v1/interrupt", "/sdapi/v1/skip", "/health", "/ready", "/metrics")
 
 
 def _authorized(header: str, token: str) -> bool:

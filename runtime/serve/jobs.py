@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from sdrt.errors import SdrtError
-from sdrt.pipeline import Cancelled, GenerationConfig, Pipeline
+from sdrt.pipeline import STOP, Cancelled, GenerationConfig, Pipeline
 
 
 class QueueFull(SdrtError):
@@ -92,6 +92,7 @@ class Progress:
     steps: int = 0
     started: float = 0.0
     running: bool = False
+    stop: str | None = None  # "interrupt" or "skip": the running batch ends after its current step
 
 
 class Scheduler:
@@ -143,6 +144,16 @@ class Scheduler:
             self._queue.append(job)
             self._cond.notify_all()
         return job.future
+
+    def stop_running(self, kind: str) -> bool:
+        """A1111's interrupt and skip: the batch in the engines ends after its current step and its
+        images are decoded as they are. "interrupt" also ends its requests there (they get the
+        images made so far); "skip" lets their later rows (n_iter batches) run. False: none running."""
+        with self._cond:
+            if not self.progress.running:
+                return False
+            self.progress.stop = kind
+            return True
 
     # --- shutdown ---------------------------------------------------------------------------
 
@@ -243,11 +254,13 @@ class Scheduler:
         config = GenerationConfig.of_rows([(job.config, r) for job, r in rows])
         with self._cond:
             self._running = [job for job, _ in batch]
+            self.progress = Progress(0, 0, time.monotonic(), True)
         self.observe("batch", len(rows))
-        self.progress = Progress(0, 0, time.monotonic(), True)
 
-        def step_done(done: int, total: int) -> list[int] | None:
+        def step_done(done: int, total: int) -> Any:
             self.progress.step, self.progress.steps = done, total
+            if self.progress.stop is not None:
+                return STOP
             now = time.monotonic()
             keep = [i for i, (job, _) in enumerate(rows) if job.wanted(now)]
             return None if len(keep) == len(rows) else keep
@@ -261,9 +274,10 @@ class Scheduler:
                 job.fail(e)
             return
         finally:
-            self.progress.running = False
             with self._cond:
+                self.progress.running = False
                 self._running = []
+                interrupted = self.progress.stop == "interrupt"
         if result is not None:
             self.observe("timings", result.timings)
             self.observe("images", len(result.rows))
@@ -273,6 +287,11 @@ class Scheduler:
         for job, taken in batch:
             if any(r not in job.images for r in taken):  # dropped from this batch
                 self._finish_dropped(job)
+            elif interrupted and not job.future.done():  # its later rows are not made
+                with self._cond:
+                    if job in self._queue:
+                        self._queue.remove(job)
+                job.future.set_result([job.images[r] for r in sorted(job.images)])
             elif len(job.images) == job.rows and not job.future.done():
                 job.future.set_result([job.images[r] for r in range(job.rows)])
 
