@@ -83,11 +83,7 @@ async def run_load(config: LoadConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import threading
-
-    import uvicorn
-
-    from sdrt.serve.app import create_app
+    from sdrt.bench.live_server import LiveServer
     from sdrt.serve.config import ServeConfig
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -97,7 +93,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--backend", default="auto")
-    ap.add_argument("--port", type=int, default=7871)
     ap.add_argument("-o", "--output", default=None, help="write the JSON report here too")
     a = ap.parse_args(argv)
     from sdrt.bench.run import BENCH_PACKAGES, machine_info
@@ -108,25 +103,15 @@ def main(argv: list[str] | None = None) -> int:
                     "workload": {"endpoint": "/sdapi/v1/txt2img", "requests": a.requests, "concurrency": a.concurrency,
                                  "steps": a.steps, "size": a.size, "engines": a.engines}}
     for label, max_batch in (("batching", None), ("no_batching", 1)):
-        config = ServeConfig(Path(a.engines), port=a.port, backend=a.backend, max_batch=max_batch,
-                             max_queue=a.requests * 16)  # measure throughput, not rejections
-        server = uvicorn.Server(uvicorn.Config(create_app(config), host="127.0.0.1", port=a.port, log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        while not server.started:
-            time.sleep(0.05)
-        import httpx
-
-        while httpx.get(f"http://127.0.0.1:{a.port}/ready").status_code != 200:
-            time.sleep(0.1)
-        load = LoadConfig(f"http://127.0.0.1:{a.port}", a.requests, a.concurrency, a.steps, a.size)
-        report[label] = asyncio.run(run_load(load))
-        metrics = httpx.get(f"http://127.0.0.1:{a.port}/metrics").text
-        calls = next(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("sdrt_batch_rows_count"))
+        live = LiveServer(ServeConfig(Path(a.engines), backend=a.backend, max_batch=max_batch,
+                                      max_queue=a.requests * 16))  # measure throughput, not rejections
+        try:
+            report[label] = asyncio.run(run_load(LoadConfig(live.url, a.requests, a.concurrency, a.steps, a.size)))
+            calls = live.metric("sdrt_batch_rows_count")
+        finally:
+            live.stop()
         report[label]["engine_calls"] = calls
         report[label]["mean_batch"] = float(np.round(report[label]["ok"] / max(calls, 1), 2))
-        server.should_exit = True
-        thread.join()
     text = json.dumps(report, indent=2)
     print(text)
     if a.output:

@@ -51,6 +51,7 @@ ROW_FIELDS = ("prompt", "negative_prompt", "seeds", "images", "masks")
 # A1111's inpainting_fill values sdrt implements (0, "fill", paints the masked area from its surroundings)
 INPAINTING_FILLS = {1: "original", 2: "latent noise", 3: "latent nothing"}
 MAX_MASK_BLUR = 64
+MAX_GUIDANCE = 100.0  # far past any useful scale (A1111's UI stops at 30); keeps the graph's math finite
 
 
 @dataclass(frozen=True)
@@ -305,8 +306,9 @@ class Pipeline:
             guidance = float(guidance)
         except (TypeError, ValueError):
             raise InputError(f"guidance must be a number, got {guidance!r}") from None
-        if not math.isfinite(guidance):
-            raise InputError(f"guidance must be finite, got {guidance}: use e.g. 7.5 (≤ 1 disables CFG)")
+        if not (math.isfinite(guidance) and abs(guidance) <= MAX_GUIDANCE):  # 1e308 would be inf in fp32
+            raise InputError(f"guidance must be finite, from -{MAX_GUIDANCE:g} to {MAX_GUIDANCE:g}, got {guidance}: "
+                             "use e.g. 7.5 (≤ 1 disables CFG)")
         check_sampler(scheduler, steps, self.schedule)
         chunks = self._chunks(prompts, negatives if guidance > 1.0 else [])
         clip_skip = self._clip_skip(clip_skip)

@@ -11,60 +11,19 @@ import re
 import socket
 import threading
 import time
-from dataclasses import replace
 
 import numpy as np
 import pytest
 
 pytest.importorskip("fastapi")
 import httpx  # noqa: E402
-import uvicorn  # noqa: E402
 
+from sdrt.bench.live_server import LiveServer  # noqa: E402
 from sdrt.errors import InputError  # noqa: E402
 from sdrt.pipeline import Pipeline  # noqa: E402
-from sdrt.serve.app import create_app, uvicorn_config  # noqa: E402
 from sdrt.serve.config import ServeConfig  # noqa: E402
 
 TOKEN = "s3cret"
-
-
-class LiveServer:
-    """create_app under uvicorn in a thread, on a free loopback port; ready when /ready says so."""
-
-    def __init__(self, config: ServeConfig):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.config = replace(config, port=port)
-        self.url = f"http://127.0.0.1:{port}"
-        self.app = create_app(self.config)
-        self.server = uvicorn.Server(uvicorn_config(self.app, self.config, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError("server did not become ready")
-
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.config.token}"} if self.config.token else {}
-
-    def metric(self, name: str, **labels: str) -> float:
-        """One sample of /metrics (0 when absent)."""
-        want = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else "")
-        for line in httpx.get(f"{self.url}/metrics").text.splitlines():
-            if line.startswith(want + " "):
-                return float(line.split()[-1])
-        return 0.0
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -315,6 +274,8 @@ def test_a1111_options_read_write_and_refuse_what_sdrt_cannot_do(server, direct)
     ("/sdapi/v1/txt2img", {"prompt": "x", "seed": 2**40}, 400, "seed must be"),
     ("/sdapi/v1/txt2img", {"prompt": "x", "batch_size": 999}, 400, "1 to 16 images"),
     ("/sdapi/v1/txt2img", {"prompt": "x", "cfg_scale": "NaN", "steps": 2, "width": 64, "height": 64}, 400, "finite"),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "cfg_scale": 1e308, "steps": 2, "width": 64, "height": 64}, 400,
+     "from -100 to 100"),  # inf once cast to fp32 (found by the fuzzer: a RuntimeWarning and a garbage image)
     ("/sdapi/v1/txt2img", {"prompt": "x" * 5000}, 400, "2000 characters"),
     # invalid Unicode (half an emoji) and digits int() refuses are 4xx in any field
     ("/sdapi/v1/txt2img", {"prompt": "a cat \ud83d"}, 422, "prompt is not valid Unicode (a lone surrogate at character 6)"),
@@ -571,6 +532,23 @@ def test_fuzzed_bodies_never_get_a_5xx(fuzz_server, path, bodies):
 
     check()
     client.close()
+
+
+def test_the_seeded_fuzzer_over_both_apis_finds_no_5xx_no_lost_request_no_logged_error(tiny_engines):
+    """bench/serve_fuzz (the README's figures come from its CLI with more requests): mutated bodies on
+    every endpoint, multipart edits, options, wrong paths and methods, clients hanging up."""
+    from sdrt.bench.serve_fuzz import FuzzConfig, run_fuzz
+
+    live = LiveServer(ServeConfig(tiny_engines, backend="ort-cpu", max_steps=3, max_size=128))
+    try:
+        report = asyncio.run(run_fuzz(FuzzConfig(live.url, requests=600, seed=1)))
+    finally:
+        live.stop()
+    print(f"\nfuzz: {report['status_classes']}, hung up {report['hung_up']}, lost {report['lost']}")
+    assert report["failures"] == [] and live.errors == [], (report["failures"], live.errors)
+    assert report["status_classes"]["5xx"] == 0 and report["lost"] == 0
+    assert report["status_classes"]["2xx"] > 100 and report["status_classes"]["4xx"] > 100  # both kinds exercised
+    assert sum(report["status_classes"].values()) + report["hung_up"] == 600
 
 
 # --- load ----------------------------------------------------------------------------------------
