@@ -18,6 +18,14 @@ def _testmodel(args: argparse.Namespace) -> None:
     print(f"wrote {args.kind} test model to {out}")
 
 
+def _train_demo(args: argparse.Namespace) -> None:
+    from sdrt.export.demo_model import TrainConfig, train_demo
+
+    given = {"seed": args.seed, "vae_steps": args.vae_steps, "unet_steps": args.unet_steps}
+    config = TrainConfig(**{k: v for k, v in given.items() if v is not None})
+    print(f"trained the demo model into {train_demo(Path(args.out_dir), config)} (loss curve: loss.png)")
+
+
 def _export(args: argparse.Namespace) -> None:
     from sdrt.export.exporter import ExportConfig, export
 
@@ -132,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_testmodel)
+
+    p = sub.add_parser("train-demo", help="train the demo model (shapes in colours, 64x64) on this CPU")
+    p.add_argument("out_dir")
+    p.add_argument("--seed", type=int, default=None, help="default 0")
+    p.add_argument("--vae-steps", type=int, default=None, help="default 1200")
+    p.add_argument("--unet-steps", type=int, default=None, help="default 4000")
+    p.set_defaults(func=_train_demo)
 
     p = sub.add_parser("export", help="export a diffusers SD 1.x / 2.x / XL folder to ONNX engines")
     p.add_argument("model_dir")
