@@ -82,6 +82,33 @@ async def run_load(config: LoadConfig) -> dict:
             "latency_ms": {k: v * 1e3 for k, v in latency.items() if k != "n"}}
 
 
+def _ray_load(a: argparse.Namespace, counts: list[int]) -> dict[str, dict]:
+    """The load against `sdrt serve --replicas N` on a local Ray instance, for each N."""
+    import socket
+
+    import ray
+    from ray import serve
+
+    from sdrt.serve.config import ServeConfig
+    from sdrt.serve.ray import RayConfig, start
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = {}
+    try:
+        for n in counts:
+            start(ServeConfig(Path(a.engines).resolve(), port=port, backend=a.backend, max_queue=a.requests * 16),
+                  RayConfig(replicas=n))
+            out[f"replicas_{n}"] = asyncio.run(run_load(LoadConfig(f"http://127.0.0.1:{port}", a.requests,
+                                                                   a.concurrency, a.steps, a.size)))
+            serve.delete("sdrt")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from sdrt.bench.live_server import LiveServer
     from sdrt.serve.config import ServeConfig
@@ -93,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--backend", default="auto")
+    ap.add_argument("--ray-replicas", default=None,
+                    help="e.g. 1,2: the same load on Ray Serve (sdrt[ray]) with each replica count, one after another")
     ap.add_argument("-o", "--output", default=None, help="write the JSON report here too")
     a = ap.parse_args(argv)
     from sdrt.bench.run import BENCH_PACKAGES, machine_info
@@ -102,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
                     "machine": machine_info(), "versions": package_versions(BENCH_PACKAGES + ("fastapi", "uvicorn")),
                     "workload": {"endpoint": "/sdapi/v1/txt2img", "requests": a.requests, "concurrency": a.concurrency,
                                  "steps": a.steps, "size": a.size, "engines": a.engines}}
-    for label, max_batch in (("batching", None), ("no_batching", 1)):
+    if a.ray_replicas:
+        report["ray"] = _ray_load(a, [int(n) for n in a.ray_replicas.split(",")])
+    for label, max_batch in (() if a.ray_replicas else (("batching", None), ("no_batching", 1))):
         live = LiveServer(ServeConfig(Path(a.engines), backend=a.backend, max_batch=max_batch,
                                       max_queue=a.requests * 16))  # measure throughput, not rejections
         try:

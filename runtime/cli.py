@@ -4,6 +4,7 @@ never loads torch."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import warnings
 from pathlib import Path
@@ -121,10 +122,24 @@ def _serve(args: argparse.Namespace) -> None:
 
     read_manifest(Path(args.engines))  # a wrong path fails here, not after the server is up
     token = ServeConfig.resolve_token(args.token, args.no_auth, args.host)
-    serve(ServeConfig(Path(args.engines), host=args.host, port=args.port, token=token, backend=args.backend,
-                      max_queue=args.max_queue, max_batch=args.max_batch, batch_window_s=args.batch_window_ms / 1e3,
-                      request_timeout_s=args.timeout, max_steps=args.max_steps, max_size=args.max_size,
-                      shutdown_drain_s=args.drain))
+    config = ServeConfig(Path(args.engines).resolve(), host=args.host, port=args.port, token=token,
+                         backend=args.backend, max_queue=args.max_queue, max_batch=args.max_batch,
+                         batch_window_s=args.batch_window_ms / 1e3, request_timeout_s=args.timeout,
+                         max_steps=args.max_steps, max_size=args.max_size, shutdown_drain_s=args.drain)
+    autoscaling = args.min_replicas is not None or args.max_replicas is not None
+    if args.replicas is None and not autoscaling and args.ray_address is None:
+        serve(config)  # the embedded single-process server: Ray is never imported
+        return
+    if args.replicas is not None and autoscaling:
+        raise InputError("--replicas is a fixed count: drop it to autoscale between --min-replicas and --max-replicas")
+    try:
+        importlib.import_module("ray.serve")
+        from sdrt.serve.ray import RayConfig, serve_forever
+    except ImportError as e:
+        raise SdrtError(f"--replicas runs on Ray Serve: pip install 'sdrt[ray]' ({e})") from e
+    low = args.min_replicas or 1
+    serve_forever(config, RayConfig(replicas=None if autoscaling else (args.replicas or 1), min_replicas=low,
+                                    max_replicas=args.max_replicas or low, address=args.ray_address))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -219,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-size", type=int, default=None, help="cap on width/height below the engines' limit")
     p.add_argument("--drain", type=float, default=30.0,
                    help="on SIGTERM/SIGINT, seconds queued work may still run; what is left then gets 503")
+    p.add_argument("--replicas", type=int, default=None,
+                   help="run N replicas on Ray Serve (sdrt[ray]), one GPU each where the cluster has GPUs")
+    p.add_argument("--min-replicas", type=int, default=None, help="Ray Serve autoscaling on queue length: lower bound")
+    p.add_argument("--max-replicas", type=int, default=None, help="Ray Serve autoscaling: upper bound")
+    p.add_argument("--ray-address", default=None,
+                   help="join this Ray cluster ('auto', 'ray://HOST:10001'); default: start a local one")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("bench", help="sdrt against the diffusers baselines, side by side")

@@ -56,27 +56,32 @@ def png_base64(image: Image) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def error_response(path: str, metrics: Metrics, status: int, message: str,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    """A JSON error in the shape of the API the path belongs to, counted by kind."""
+def error_body(path: str, status: int, message: str) -> dict[str, Any]:
+    """A JSON error in the shape of the API the path belongs to (OpenAI's error object on /v1/)."""
     kind = _KIND.get(status, "error")
     if path.startswith("/v1/"):
         kind_openai = "invalid_request_error" if status < 500 else "server_error"
-        body: dict[str, Any] = {"error": {"message": message, "type": kind_openai, "param": None, "code": kind}}
-    else:
-        body = {"error": kind, "detail": message}
-    metrics.errors.labels(kind).inc()
-    return JSONResponse(body, status_code=status, headers=headers)
+        return {"error": {"message": message, "type": kind_openai, "param": None, "code": kind}}
+    return {"error": kind, "detail": message}
+
+
+def error_response(path: str, metrics: Metrics, status: int, message: str,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    """error_body as a response, counted by kind."""
+    metrics.errors.labels(_KIND.get(status, "error")).inc()
+    return JSONResponse(error_body(path, status, message), status_code=status, headers=headers)
 
 
 class AuthAndAccounting:
-    """ASGI middleware: the token check and per-endpoint request metrics. (Pure ASGI rather than
-    BaseHTTPMiddleware, which hides client disconnects from the handlers.)"""
+    """ASGI middleware: the token check and per-endpoint request metrics; the replica's name on every
+    answer when it is one of several (Ray Serve). (Pure ASGI rather than BaseHTTPMiddleware, which
+    hides client disconnects from the handlers.)"""
 
-    def __init__(self, app: Any, token: str | None, metrics: Metrics):
+    def __init__(self, app: Any, token: str | None, metrics: Metrics, replica: str | None = None):
         self.app = app
         self.token = token
         self.metrics = metrics
+        self.replica_header = [(b"x-sdrt-replica", replica.encode())] if replica else []
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -88,6 +93,8 @@ class AuthAndAccounting:
         async def send_counted(message: dict) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+                if self.replica_header:
+                    message = {**message, "headers": list(message.get("headers", [])) + self.replica_header}
             await send(message)
 
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
@@ -184,8 +191,11 @@ def uvicorn_config(app: Any, config: ServeConfig, **kwargs: Any) -> Any:
                           **kwargs)
 
 
-def create_app(config: ServeConfig, pipeline: Pipeline | None = None) -> FastAPI:
-    """The ASGI app. pipeline: an already loaded one (tests); else loaded by the worker at startup."""
+def create_app(config: ServeConfig, pipeline: Pipeline | None = None, wait_until_loaded: bool = False,
+               replica: str | None = None) -> FastAPI:
+    """The ASGI app. pipeline: an already loaded one (tests); else loaded by the worker at startup.
+    wait_until_loaded: startup completes only once the engines are loaded and warm, and fails with
+    their load error (Ray Serve then never routes to it). replica: named in X-Sdrt-Replica."""
 
     def load() -> Pipeline:
         pipe = pipeline or Pipeline.load(config.engines, backend=config.backend)
@@ -200,6 +210,10 @@ def create_app(config: ServeConfig, pipeline: Pipeline | None = None) -> FastAPI
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
         scheduler.start()
+        if wait_until_loaded:
+            await asyncio.to_thread(scheduler.wait_loaded)
+            if scheduler.load_error is not None:
+                raise RuntimeError(f"engines failed to load: {scheduler.load_error}") from scheduler.load_error
         yield
         await asyncio.to_thread(scheduler.close, config.shutdown_drain_s)  # after uvicorn's own drain
 
@@ -389,7 +403,7 @@ def create_app(config: ServeConfig, pipeline: Pipeline | None = None) -> FastAPI
                 "current_image": None, "textinfo": None}  # no preview: decoding one would cost a VAE call per poll
 
     app.add_middleware(RequestLimits, config=config, metrics=metrics)
-    app.add_middleware(AuthAndAccounting, token=config.token, metrics=metrics)  # outermost: runs first
+    app.add_middleware(AuthAndAccounting, token=config.token, metrics=metrics, replica=replica)  # outermost: first
     return app
 
 

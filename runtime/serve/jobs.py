@@ -119,6 +119,16 @@ class Scheduler:
         self._thread.start()
 
     @property
+    def alive(self) -> bool:
+        """The worker thread runs (after a failed load or close() it has ended)."""
+        return self._thread.is_alive()
+
+    def wait_loaded(self) -> None:
+        """Until the engines are loaded (ready) or failed to (load_error: the worker has ended)."""
+        while not self.ready.wait(0.1) and self._thread.is_alive():
+            pass
+
+    @property
     def max_batch(self) -> int:
         assert self.pipeline is not None
         top = self.pipeline.limits.batch[2]
