@@ -1,7 +1,10 @@
-"""Markdown table and matplotlib plots from a bench result."""
+"""Markdown table and matplotlib plots from a bench result; the header and output of the server
+benches' JSON reports."""
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -90,3 +93,34 @@ def plot_latency(r: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
     return paths
+
+
+def server_bench_parser(doc: str, requests: int, concurrency: int) -> Any:
+    """The arguments the server benches share: ENGINES, --requests, --concurrency, --backend, -o."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("engines")
+    ap.add_argument("--requests", type=int, default=requests)
+    ap.add_argument("--concurrency", type=int, default=concurrency)
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("-o", "--output", default=None, help="write the JSON report here too")
+    return ap
+
+
+def server_report(module: str, argv: list[str] | None) -> dict[str, Any]:
+    """The start of a server bench's report: the exact command, the machine, the versions."""
+    from sdrt.bench.run import BENCH_PACKAGES, machine_info
+    from sdrt.versions import package_versions
+
+    args = argv if argv is not None else sys.argv[1:]
+    return {"command": " ".join([f"python -m sdrt.bench.{module}", *args]), "machine": machine_info(),
+            "versions": package_versions(BENCH_PACKAGES + ("fastapi", "uvicorn"))}
+
+
+def emit(report: dict[str, Any], output: str | None) -> None:
+    """Prints the JSON report, and writes it to output when given."""
+    text = json.dumps(report, indent=2)
+    print(text)
+    if output:
+        Path(output).write_text(text + "\n")

@@ -13,7 +13,6 @@ must still answer and hold no queued work. The report tallies status classes.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import io
@@ -235,19 +234,12 @@ async def run_fuzz(config: FuzzConfig) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     from sdrt.bench.live_server import LiveServer
+    from sdrt.bench.report import emit, server_bench_parser, server_report
     from sdrt.serve.config import ServeConfig
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("engines")
-    ap.add_argument("--requests", type=int, default=2000)
-    ap.add_argument("--concurrency", type=int, default=8)
+    ap = server_bench_parser(__doc__, requests=2000, concurrency=8)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--backend", default="auto")
-    ap.add_argument("-o", "--output", default=None, help="write the JSON report here too")
     a = ap.parse_args(argv)
-    from sdrt.bench.run import BENCH_PACKAGES, machine_info
-    from sdrt.versions import package_versions
-
     live = LiveServer(ServeConfig(Path(a.engines), backend=a.backend, max_steps=3, max_size=128))
     try:
         result = asyncio.run(run_fuzz(FuzzConfig(live.url, a.requests, a.concurrency, a.seed)))
@@ -255,13 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         live.stop()
     result["server_errors_logged"] = live.errors[:20]
     result["failure_count"] += len(live.errors)
-    report = {"command": " ".join(["python -m sdrt.bench.serve_fuzz", *(argv if argv is not None else sys.argv[1:])]),
-              "machine": machine_info(), "versions": package_versions(BENCH_PACKAGES + ("fastapi", "uvicorn")),
-              **result}
-    text = json.dumps(report, indent=2)
-    print(text)
-    if a.output:
-        Path(a.output).write_text(text + "\n")
+    emit({**server_report("serve_fuzz", argv), **result}, a.output)
     return 1 if result["failure_count"] else 0
 
 

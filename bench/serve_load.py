@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import base64
 import io
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -111,24 +110,16 @@ def _ray_load(a: argparse.Namespace, counts: list[int]) -> dict[str, dict]:
 
 def main(argv: list[str] | None = None) -> int:
     from sdrt.bench.live_server import LiveServer
+    from sdrt.bench.report import emit, server_bench_parser, server_report
     from sdrt.serve.config import ServeConfig
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("engines")
-    ap.add_argument("--requests", type=int, default=200)
-    ap.add_argument("--concurrency", type=int, default=32)
+    ap = server_bench_parser(__doc__, requests=200, concurrency=32)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--size", type=int, default=64)
-    ap.add_argument("--backend", default="auto")
     ap.add_argument("--ray-replicas", default=None,
                     help="e.g. 1,2: the same load on Ray Serve (sdrt[ray]) with each replica count, one after another")
-    ap.add_argument("-o", "--output", default=None, help="write the JSON report here too")
     a = ap.parse_args(argv)
-    from sdrt.bench.run import BENCH_PACKAGES, machine_info
-    from sdrt.versions import package_versions
-
-    report: dict = {"command": " ".join(["python -m sdrt.bench.serve_load", *(argv or sys.argv[1:])]),
-                    "machine": machine_info(), "versions": package_versions(BENCH_PACKAGES + ("fastapi", "uvicorn")),
+    report: dict = {**server_report("serve_load", argv),
                     "workload": {"endpoint": "/sdapi/v1/txt2img", "requests": a.requests, "concurrency": a.concurrency,
                                  "steps": a.steps, "size": a.size, "engines": a.engines}}
     if a.ray_replicas:
@@ -143,10 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             live.stop()
         report[label]["engine_calls"] = calls
         report[label]["mean_batch"] = float(np.round(report[label]["ok"] / max(calls, 1), 2))
-    text = json.dumps(report, indent=2)
-    print(text)
-    if a.output:
-        Path(a.output).write_text(text + "\n")
+    emit(report, a.output)
     return 0
 
 
