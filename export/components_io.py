@@ -33,8 +33,18 @@ def model_index(model_dir: Path) -> dict[str, Any]:
     return json.loads((model_dir / "model_index.json").read_text())
 
 
-def load_components(model_dir: Path, family: Family) -> TorchParts:
-    """family: the folder's, as `check_model_dir` found it."""
+def weights_variant(folder: Path) -> str | None:
+    """The variant a model folder's safetensors are saved as (None: plain names)."""
+    names = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not names or any(name.count(".") == 1 for name in names):
+        return None
+    return names[0].split(".")[-2]
+
+
+def load_components(model_dir: Path, family: Family, variant: str | None = None,
+                    vae_override: Path | None = None) -> TorchParts:
+    """family: the folder's, as `check_model_dir` found it; variant: of the weights' file names; vae: an
+    AutoencoderKL folder that replaces the model's."""
     import torch
     import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -50,10 +60,13 @@ def load_components(model_dir: Path, family: Family) -> TorchParts:
                 raise ModelError(f"{model_dir}: {slot.component} is {cls_name}; {family.label} needs "
                                  f"{' or '.join(wanted)}")
             text_encoders[slot.component] = getattr(transformers, cls_name).from_pretrained(
-                model_dir / slot.component, torch_dtype=torch.float32, attn_implementation="eager").eval()
+                model_dir / slot.component, torch_dtype=torch.float32, attn_implementation="eager",
+                variant=variant).eval()
             tokenizers[slot.tokenizer] = CLIPTokenizer.from_pretrained(model_dir / slot.tokenizer)
-        unet = UNet2DConditionModel.from_pretrained(model_dir / "unet", torch_dtype=torch.float32).eval()
-        vae = AutoencoderKL.from_pretrained(model_dir / "vae", torch_dtype=torch.float32).eval()
+        unet = UNet2DConditionModel.from_pretrained(model_dir / "unet", torch_dtype=torch.float32, variant=variant).eval()
+        vae_dir = Path(vae_override) if vae_override is not None else model_dir / "vae"
+        vae_variant = weights_variant(vae_dir) if vae_override is not None else variant
+        vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32, variant=vae_variant).eval()
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelError(f"could not load {model_dir}: {e}. Check that the folder is a complete diffusers "
                          f"{family.label} pipeline with safetensors weights") from e

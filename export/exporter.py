@@ -62,10 +62,13 @@ class ExportConfig:
     validation_size: int | None = None  # None: min(native size, 256)
     force: bool = False
     tolerances: Tolerances = field(default_factory=Tolerances)
+    vae: Path | None = None  # a diffusers AutoencoderKL folder replacing the model's VAE (e.g. SD 1.5's ft-MSE)
+    variant: str | None = None  # weights saved as a variant: diffusion_pytorch_model.<variant>.safetensors
 
 
-def check_model_dir(model_dir: Path) -> Family:
-    """The folder's family, once every file it needs is there and parses."""
+def check_model_dir(model_dir: Path, variant: str | None = None, vae: Path | None = None) -> Family:
+    """The folder's family, once every file it needs is there and parses (the VAE's from `vae` when
+    given; weights of the variant when given)."""
     if not model_dir.is_dir():
         raise ModelError(f"{model_dir} is not a directory: point `sdrt export` at a diffusers folder "
                          f"(or make a test one with `sdrt testmodel tiny {model_dir}`)")
@@ -84,10 +87,18 @@ def check_model_dir(model_dir: Path) -> Family:
     if missing:
         raise ModelError(f"{model_dir} is not a complete diffusers {family.label} folder: missing "
                          f"{', '.join(missing)}. Save the full pipeline with `save_pretrained`")
+    pattern = f"*.{variant}.safetensors" if variant else "*.safetensors"
     for sub in weights:
-        if not any((model_dir / sub).glob("*.safetensors")):
-            raise ModelError(f"{model_dir / sub} has no .safetensors weights: convert the checkpoint to "
-                             "safetensors (`save_pretrained(..., safe_serialization=True)`)")
+        if sub == "vae" and vae is not None:
+            continue
+        # without a variant, plain names only (model.safetensors, not model.fp16.safetensors)
+        if not any(variant or p.name.count(".") == 1 for p in (model_dir / sub).glob(pattern)):
+            found = sorted({p.name.split(".")[-2] for p in (model_dir / sub).glob("*.*.safetensors")})
+            hint = (f" (variants here: {', '.join(found)}: pass --variant)" if found and not variant else
+                    ": convert the checkpoint to safetensors (`save_pretrained(..., safe_serialization=True)`)")
+            raise ModelError(f"{model_dir / sub} has no {variant + ' ' if variant else ''}.safetensors weights{hint}")
+    if vae is not None:
+        check_vae_dir(vae)
     for p in json_files:
         try:
             json.loads((model_dir / p).read_text())
@@ -96,6 +107,17 @@ def check_model_dir(model_dir: Path) -> Family:
     # scheduler settings sdrt cannot honour are refused here, before minutes of export
     NoiseSchedule.from_config(json.loads((model_dir / "scheduler/scheduler_config.json").read_text()))
     return family
+
+
+def check_vae_dir(vae: Path) -> None:
+    """--vae: a diffusers AutoencoderKL folder (config.json + safetensors weights)."""
+    if vae.is_file():
+        raise ModelError(f"--vae {vae}: single-file VAEs are not supported yet; convert it once with diffusers "
+                         "(`AutoencoderKL.from_single_file(FILE, config=MODEL_DIR, subfolder='vae').save_pretrained(DIR)`) "
+                         "and pass DIR")
+    if not (vae / "config.json").is_file() or not any(vae.glob("*.safetensors")):
+        raise ModelError(f"--vae {vae} is not a diffusers AutoencoderKL folder (config.json and .safetensors "
+                         "weights, as `save_pretrained` writes them)")
 
 
 def source_hash(model_dir: Path) -> str:
@@ -115,7 +137,7 @@ def export(config: ExportConfig, progress: bool = True) -> Manifest:
         raise InputError(f"precision must be one of {PRECISIONS}, got {config.precision!r}")
     if not 1 <= config.max_chunks <= MAX_CHUNKS:
         raise InputError(f"max_chunks must be from 1 to {MAX_CHUNKS} (chunks of 75 prompt tokens), got {config.max_chunks}")
-    family = check_model_dir(model_dir)
+    family = check_model_dir(model_dir, config.variant, config.vae)
     if out_dir.exists() and not config.force:
         raise InputError(f"{out_dir} already exists: pass --force to replace it, or choose another -o")
 
@@ -131,9 +153,10 @@ def export(config: ExportConfig, progress: bool = True) -> Manifest:
         bar.set_postfix_str("loading model")
         from sdrt.export.components_io import load_components
 
-        parts = load_components(model_dir, family)
+        parts = load_components(model_dir, family, variant=config.variant, vae_override=config.vae)
         bar.update(1)
         src = source_hash(model_dir)
+        vae_source = {"vae": {"path": str(config.vae.resolve()), "sha256": source_hash(config.vae)}} if config.vae else {}
         bar.update(1)
         manifest_parts = _export_components(parts, staging, config, bar)
         for name, tokenizer in parts.tokenizers.items():
@@ -142,7 +165,7 @@ def export(config: ExportConfig, progress: bool = True) -> Manifest:
                  for p in sorted(staging.rglob("*")) if p.is_file()}
         manifest = Manifest(
             name=out_dir.name, precision=config.precision, files=files,
-            source={"path": str(model_dir.resolve()), "sha256": src,
+            source={"path": str(model_dir.resolve()), "sha256": src, **vae_source,
                     "export_s": round(time.perf_counter() - started, 1)},
             versions={k: v for k, v in package_versions(RECORDED_PACKAGES).items() if v},
             **manifest_parts,

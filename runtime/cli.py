@@ -32,7 +32,8 @@ def _export(args: argparse.Namespace) -> None:
 
     config = ExportConfig(Path(args.model_dir), Path(args.output), precision=args.precision,
                           max_batch=args.max_batch, validate=not args.no_validate, force=args.force,
-                          min_size=args.min_size, max_size=args.max_size, max_chunks=args.max_chunks)
+                          min_size=args.min_size, max_size=args.max_size, max_chunks=args.max_chunks,
+                          vae=Path(args.vae) if args.vae else None, variant=args.variant)
     manifest = export(config)
     print(f"exported {manifest.name} ({manifest.precision}) to {args.output}")
     for name, report in manifest.validation.items():
@@ -172,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-size", type=int, default=None)
     p.add_argument("--max-chunks", type=int, default=4,
                    help="longest prompt, in chunks of 75 tokens (default 4: 300 tokens)")
+    p.add_argument("--vae", default=None, help="a diffusers AutoencoderKL folder to use instead of the model's VAE")
+    p.add_argument("--variant", default=None, help="load weights saved as this variant (e.g. fp16)")
     p.add_argument("--no-validate", action="store_true", help="skip the check against PyTorch")
     p.add_argument("--force", action="store_true", help="replace an existing engine directory")
     p.set_defaults(func=_export)

@@ -103,3 +103,9 @@ def test_testmodel_and_export_commands(tmp_path):
     assert "error vs PyTorch" in r.stdout and (engines / "manifest.json").is_file()
     r = sdrt("export", str(model), "-o", str(engines))
     assert r.returncode == 2 and "--force" in r.stderr
+    r = sdrt("export", str(model), "-o", str(tmp_path / "v"), "--vae", str(tmp_path / "no-vae"))
+    assert r.returncode == 2 and "not a diffusers AutoencoderKL folder" in r.stderr
+    r = sdrt("export", str(model), "-o", str(tmp_path / "v"), "--variant", "fp16")
+    assert r.returncode == 2 and "has no fp16 .safetensors weights" in r.stderr
+    r = sdrt("export", str(model), "-o", str(tmp_path / "v"), "--vae", str(model / "vae"), "--precision", "fp32")
+    assert r.returncode == 0, r.stderr  # the model's own VAE, passed as a swap

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 onnx = pytest.importorskip("onnx")
@@ -297,3 +298,66 @@ def test_weights_gathered_from_per_tensor_files_into_one_aligned_file(tmp_path):
     (z,) = ort.InferenceSession(str(out / "m.onnx")).run(None, {"x": x})
     (expected,) = ort.InferenceSession(inline).run(None, {"x": x})
     np.testing.assert_array_equal(z, expected)
+
+
+# --- the files people have: variants, a VAE swap ---------------------------------------------------
+
+def _generate(engines, seed=3):
+    from sdrt.pipeline import Pipeline
+
+    pipe = Pipeline.load(engines, backend="ort-cpu")
+    return pipe.generate(pipe.make_config("a red apple", steps=3, seed=seed, scheduler="euler")).images
+
+
+def test_a_variant_folder_exports_with_variant_and_only_with_it(tiny_model, tiny_engines, tmp_path):
+    """`save_pretrained(variant="fp16")` names every weight file *.fp16.safetensors (the dtype stays
+    as saved: fp32 here, so the engines must give tiny_engines' image bit for bit)."""
+    import diffusers
+
+    folder = tmp_path / "variant"
+    diffusers.StableDiffusionPipeline.from_pretrained(tiny_model).save_pretrained(folder, variant="fp16")
+    shutil.copy(tiny_model / "scheduler" / "scheduler_config.json", folder / "scheduler" / "scheduler_config.json")
+    with pytest.raises(ModelError, match="variants here: fp16: pass --variant"):
+        export(ExportConfig(folder, tmp_path / "plain", precision="fp32"), progress=False)
+    assert not (tmp_path / "plain").exists()
+    engines = export(ExportConfig(folder, tmp_path / "e", precision="fp32", variant="fp16"), progress=False)
+    assert engines.source["path"] == str(folder.resolve())
+    np.testing.assert_array_equal(_generate(tmp_path / "e"), _generate(tiny_engines))
+
+
+def test_vae_swap_matches_diffusers_with_that_vae(tiny_model, tiny_engines, tmp_path):
+    """--vae DIR: the engines carry that VAE (parity with diffusers on a folder holding it), the
+    manifest records it, and A1111's info names it."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from sdrt.export.testmodel import TINY_VAE
+    from tests.test_parity import assert_parity, sdrt_and_reference
+
+    torch.manual_seed(1)
+    other = tmp_path / "other-vae"
+    AutoencoderKL(**TINY_VAE).save_pretrained(other, safe_serialization=True)
+    swapped = tmp_path / "swapped"
+    shutil.copytree(tiny_model, swapped)
+    shutil.rmtree(swapped / "vae")
+    shutil.copytree(other, swapped / "vae")
+    manifest = export(ExportConfig(tiny_model, tmp_path / "e", precision="fp32", vae=other), progress=False)
+    assert manifest.source["vae"]["path"] == str(other.resolve()) and len(manifest.source["vae"]["sha256"]) == 64
+    assert_parity(*sdrt_and_reference(swapped, tmp_path / "e", "euler"), "euler with the swapped VAE")
+    assert not np.array_equal(_generate(tmp_path / "e"), _generate(tiny_engines))  # the swap did something
+    from sdrt.serve.apis import _vae_fields
+
+    assert _vae_fields(manifest) == {"sd_vae_name": "other-vae", "sd_vae_hash": manifest.source["vae"]["sha256"][:10]}
+
+
+def _single_file(folder):
+    (folder / "vae.safetensors").write_bytes(b"x")
+    return folder / "vae.safetensors"
+
+
+@pytest.mark.parametrize("make, match", [(_single_file, "single-file VAEs are not supported yet"),
+                                         (lambda folder: folder, "not a diffusers AutoencoderKL folder")])
+def test_bad_vae_arguments_are_refused_before_anything_is_written(tiny_model, tmp_path, make, match):
+    with pytest.raises(ModelError, match=match):
+        export(ExportConfig(tiny_model, tmp_path / "e", vae=make(tmp_path)), progress=False)
+    assert not (tmp_path / "e").exists()

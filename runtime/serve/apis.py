@@ -269,7 +269,7 @@ def a1111_info(req: Txt2ImgRequest, config: GenerationConfig, infotexts: list[st
         "subseed_strength": 0, "width": config.width, "height": config.height, "sampler_name": sampler,
         "scheduler": schedule_type, "cfg_scale": config.guidance, "steps": config.steps,
         "batch_size": req.batch_size, "n_iter": req.n_iter, "restore_faces": False, "face_restoration_model": None,
-        "sd_model_name": model.name, "sd_model_hash": model.model_hash, "sd_vae_name": None, "sd_vae_hash": None,
+        "sd_model_name": model.name, "sd_model_hash": model.model_hash, **_vae_fields(model),
         "seed_resize_from_w": -1, "seed_resize_from_h": -1,
         "denoising_strength": config.strength if config.images else None,
         "extra_generation_params": {"Schedule type": schedule_type}, "index_of_first_image": 0,
@@ -277,6 +277,14 @@ def a1111_info(req: Txt2ImgRequest, config: GenerationConfig, infotexts: list[st
         "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(started)), "clip_skip": config.clip_skip,
         "is_using_inpainting_conditioning": bool(config.masks), "version": f"sdrt {__version__}",
     })
+
+
+def _vae_fields(model: Manifest) -> dict[str, Any]:
+    """A1111's sd_vae_name / sd_vae_hash: the VAE exported with `sdrt export --vae`, else none."""
+    vae = model.source.get("vae")
+    if not vae:
+        return {"sd_vae_name": None, "sd_vae_hash": None}
+    return {"sd_vae_name": str(vae["path"]).rstrip("/").rsplit("/", 1)[-1], "sd_vae_hash": str(vae["sha256"])[:10]}
 
 
 def parse_size(size: str | None) -> tuple[int | None, int | None]:
