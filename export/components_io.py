@@ -33,12 +33,16 @@ def model_index(model_dir: Path) -> dict[str, Any]:
     return json.loads((model_dir / "model_index.json").read_text())
 
 
+def file_variant(name: str) -> str | None:
+    """The variant in a weights file's name: "fp16" for model.fp16.safetensors, None for model.safetensors."""
+    parts = name.split(".")
+    return parts[-2] if len(parts) > 2 else None
+
+
 def weights_variant(folder: Path) -> str | None:
     """The variant a model folder's safetensors are saved as (None: plain names)."""
-    names = sorted(p.name for p in folder.glob("*.safetensors"))
-    if not names or any(name.count(".") == 1 for name in names):
-        return None
-    return names[0].split(".")[-2]
+    variants = {file_variant(p.name) for p in folder.glob("*.safetensors")}
+    return None if None in variants or not variants else sorted(variants)[0]
 
 
 def load_components(model_dir: Path, family: Family, variant: str | None = None,

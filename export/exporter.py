@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from sdrt.errors import InputError, ModelError, ValidationError
+from sdrt.export.components_io import file_variant, load_components
 from sdrt.families import HOST, IMAGE_INPUTS, LEADING_DIM, Family, family_for
 from sdrt.manifest import (DECODER, ENCODER, STEP, ComponentSpec, Manifest, ModelInfo, ShapeRange, TensorSpec, sha256_file,
                            write_manifest)
@@ -87,13 +88,12 @@ def check_model_dir(model_dir: Path, variant: str | None = None, vae: Path | Non
     if missing:
         raise ModelError(f"{model_dir} is not a complete diffusers {family.label} folder: missing "
                          f"{', '.join(missing)}. Save the full pipeline with `save_pretrained`")
-    pattern = f"*.{variant}.safetensors" if variant else "*.safetensors"
     for sub in weights:
         if sub == "vae" and vae is not None:
             continue
-        # without a variant, plain names only (model.safetensors, not model.fp16.safetensors)
-        if not any(variant or p.name.count(".") == 1 for p in (model_dir / sub).glob(pattern)):
-            found = sorted({p.name.split(".")[-2] for p in (model_dir / sub).glob("*.*.safetensors")})
+        variants = {file_variant(p.name) for p in (model_dir / sub).glob("*.safetensors")}
+        if variant not in variants:  # without a variant, plain names only (not model.fp16.safetensors)
+            found = sorted(v for v in variants if v is not None)
             hint = (f" (variants here: {', '.join(found)}: pass --variant)" if found and not variant else
                     ": convert the checkpoint to safetensors (`save_pretrained(..., safe_serialization=True)`)")
             raise ModelError(f"{model_dir / sub} has no {variant + ' ' if variant else ''}.safetensors weights{hint}")
@@ -151,8 +151,6 @@ def export(config: ExportConfig, progress: bool = True) -> Manifest:
         bar = tqdm(total=5 + len(family.text_encoders), desc=f"export {out_dir.name}", unit="stage",
                    disable=not progress)
         bar.set_postfix_str("loading model")
-        from sdrt.export.components_io import load_components
-
         parts = load_components(model_dir, family, variant=config.variant, vae_override=config.vae)
         bar.update(1)
         src = source_hash(model_dir)

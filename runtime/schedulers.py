@@ -503,6 +503,14 @@ A1111_SAMPLERS: dict[str, tuple[str, str]] = {
 A1111_SCHEDULE_TYPES = ("Automatic", "Karras")
 
 
+def a1111_labels() -> dict[str, list[str]]:
+    """A1111 sampler label -> the sdrt samplers under it (one per schedule type), in table order."""
+    labels: dict[str, list[str]] = {}
+    for name, (label, _) in A1111_SAMPLERS.items():
+        labels.setdefault(label, []).append(name)
+    return labels
+
+
 def from_a1111(sampler: str, schedule_type: str | None) -> str | None:
     """The sdrt sampler for an A1111 label (case-insensitive; the pre-1.9 combined labels such as
     "DPM++ 2M Karras" too) and schedule type (None or "Automatic": the label's own), else None."""

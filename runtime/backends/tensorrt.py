@@ -60,8 +60,8 @@ class TrtEngine(Engine):
         self._memory = (0, 0)  # (ptr, bytes) of the shared activation block this context is bound to
         self._graphs: OrderedDict[tuple, CudaGraph] = OrderedDict()
         self._warm: set[tuple] = set()
-        self._events: EventTimer | None = None  # created on the first start_timing, reused after
-        self._timer: EventTimer | None = None  # set while runs are timed
+        self._timer: EventTimer | None = None  # created on the first start_timing, reused after
+        self._timing = False
 
     def _bind(self, inputs: Mapping[str, DeviceArray], outputs: Mapping[str, DeviceArray]) -> None:
         changed = False
@@ -91,11 +91,11 @@ class TrtEngine(Engine):
     def run(self, inputs: Mapping[str, Any], outputs: Mapping[str, Any]) -> None:
         """Queues one run on the backend's stream and returns without waiting for it."""
         queue = self._prepare(inputs, outputs)
-        if self._timer is not None:
-            self._timer.start()
+        if self._timing:
+            self._timer.start()  # type: ignore[union-attr]
         queue()
-        if self._timer is not None:
-            self._timer.stop()
+        if self._timing:
+            self._timer.stop()  # type: ignore[union-attr]
 
     def _prepare(self, inputs: Mapping[str, Any], outputs: Mapping[str, Any]) -> Callable[[], None]:
         """Binds the buffers; returns what queues the run: a plain enqueue or a captured graph's launch."""
@@ -122,17 +122,17 @@ class TrtEngine(Engine):
         return graph.launch
 
     def start_timing(self) -> None:
-        if self._events is None:
-            self._events = self.backend.stream.timer()
-        self._events.reset()
-        self._timer = self._events
+        if self._timer is None:
+            self._timer = self.backend.stream.timer()
+        self._timer.reset()
+        self._timing = True
 
     def run_times_s(self) -> list[float]:
         """Each run's device time since start_timing (CUDA events); stops timing."""
-        if self._timer is None:
+        if not self._timing:
             return []
-        self._timer, times = None, self._timer.spans_s()
-        return times
+        self._timing = False
+        return self._timer.spans_s()  # type: ignore[union-attr]
 
     def release(self) -> None:
         self._graphs.clear()

@@ -15,6 +15,7 @@ import base64
 import binascii
 import json
 import time
+from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Strict, model_validator
@@ -22,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Strict, model_validator
 from sdrt.errors import InputError, check_text, is_digits
 from sdrt.manifest import Manifest, ModelInfo
 from sdrt.pipeline import INPAINTING_FILLS, GenerationConfig, Pipeline, first_seed_max, random_seed
-from sdrt.schedulers import A1111_SAMPLERS, SAMPLERS, from_a1111
+from sdrt.schedulers import A1111_SAMPLERS, SAMPLERS, a1111_labels, from_a1111
 from sdrt.serve.config import ServeConfig
 
 Int = Annotated[int, Strict()]  # JSON integers only: `true` is not 1 step, 20.5 is not 20
@@ -195,8 +196,8 @@ def sampler_for(name: str | None, scheduler: str | None, default: str) -> str:
     if kinds:
         raise InputError(f"scheduler {scheduler!r} is not available with {name!r}: use {' or '.join(kinds)} "
                          "(GET /sdapi/v1/schedulers)")
-    labels = dict.fromkeys(label for label, _ in A1111_SAMPLERS.values())
-    raise InputError(f"sampler {name!r} is not available: choose one of {', '.join(labels)} (GET /sdapi/v1/samplers)")
+    raise InputError(f"sampler {name!r} is not available: choose one of {', '.join(a1111_labels())} "
+                     "(GET /sdapi/v1/samplers)")
 
 
 def _check_common(cfg: ServeConfig, prompts: list[str], steps: int, images: int, height: int | None,
@@ -254,6 +255,16 @@ def decode_base64(value: str, what: str) -> bytes:
         raise InputError(f"{what} is not base64 image data: send the file's bytes base64-encoded") from None
 
 
+def a1111_timestamp(wall_time: float) -> str:
+    """A1111's job_timestamp: local time as YYYYMMDDhhmmss."""
+    return time.strftime("%Y%m%d%H%M%S", time.localtime(wall_time))
+
+
+def a1111_title(model: Manifest) -> str:
+    """The model as A1111 names a checkpoint: NAME [short hash]."""
+    return f"{model.name} [{model.model_hash}]"
+
+
 def a1111_info(req: Txt2ImgRequest, config: GenerationConfig, infotexts: list[str], model: Manifest,
                started: float) -> str:
     """The `info` JSON string A1111 returns, with the fields its clients read (seed, all_seeds,
@@ -274,7 +285,7 @@ def a1111_info(req: Txt2ImgRequest, config: GenerationConfig, infotexts: list[st
         "denoising_strength": config.strength if config.images else None,
         "extra_generation_params": {"Schedule type": schedule_type}, "index_of_first_image": 0,
         "infotexts": infotexts, "styles": list(req.styles or []),
-        "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(started)), "clip_skip": config.clip_skip,
+        "job_timestamp": a1111_timestamp(started), "clip_skip": config.clip_skip,
         "is_using_inpainting_conditioning": bool(config.masks), "version": f"sdrt {__version__}",
     })
 
@@ -284,7 +295,7 @@ def _vae_fields(model: Manifest) -> dict[str, Any]:
     vae = model.source.get("vae")
     if not vae:
         return {"sd_vae_name": None, "sd_vae_hash": None}
-    return {"sd_vae_name": str(vae["path"]).rstrip("/").rsplit("/", 1)[-1], "sd_vae_hash": str(vae["sha256"])[:10]}
+    return {"sd_vae_name": Path(vae["path"]).name, "sd_vae_hash": str(vae["sha256"])[:10]}
 
 
 def parse_size(size: str | None) -> tuple[int | None, int | None]:

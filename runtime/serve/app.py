@@ -27,9 +27,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sdrt.errors import InputError, is_digits
 from sdrt.pipeline import GenerationConfig, Pipeline
-from sdrt.schedulers import A1111_SAMPLERS, A1111_SCHEDULE_TYPES
-from sdrt.serve.apis import (ImagesRequest, Img2ImgRequest, Txt2ImgRequest, a1111_config, a1111_info, check_strings,
-                             openai_config, openai_edit_config)
+from sdrt.schedulers import A1111_SCHEDULE_TYPES, a1111_labels
+from sdrt.serve.apis import (ImagesRequest, Img2ImgRequest, Txt2ImgRequest, a1111_config, a1111_info, a1111_timestamp,
+                             a1111_title, check_strings, openai_config, openai_edit_config)
 from sdrt.serve.config import ServeConfig
 from sdrt.serve.jobs import (RUNNING_GRACE_S, ClientGone, Image, Job, QueueFull, RequestTimeout, Scheduler,
                              ShuttingDown)
@@ -337,10 +337,7 @@ def create_app(config: ServeConfig, pipeline: Pipeline | None = None, wait_until
 
     @app.get("/sdapi/v1/samplers")
     async def samplers() -> list[dict]:
-        labels: dict[str, list[str]] = {}
-        for name, (label, _) in A1111_SAMPLERS.items():
-            labels.setdefault(label, []).append(name)
-        return [{"name": label, "aliases": names, "options": {}} for label, names in labels.items()]
+        return [{"name": label, "aliases": names, "options": {}} for label, names in a1111_labels().items()]
 
     @app.get("/sdapi/v1/schedulers")
     async def schedulers() -> list[dict]:
@@ -353,7 +350,7 @@ def create_app(config: ServeConfig, pipeline: Pipeline | None = None, wait_until
             return refusal
         manifest = scheduler.pipeline.manifest  # type: ignore[union-attr]
         sha = manifest.source.get("sha256", "")
-        return [{"title": f"{manifest.name} [{manifest.model_hash}]", "model_name": manifest.name,
+        return [{"title": a1111_title(manifest), "model_name": manifest.name,
                  "hash": manifest.model_hash, "sha256": sha, "filename": str(config.engines), "config": None}]
 
     @app.get("/sdapi/v1/options")
@@ -394,7 +391,7 @@ def create_app(config: ServeConfig, pipeline: Pipeline | None = None, wait_until
         elapsed = time.monotonic() - p.started if p.running else 0.0
         eta = elapsed / fraction - elapsed if fraction > 0 else 0.0
         jobs = scheduler.queued_jobs + (1 if p.running else 0)
-        started = time.strftime("%Y%m%d%H%M%S", time.localtime(time.time() - elapsed)) if p.running else ""
+        started = a1111_timestamp(time.time() - elapsed) if p.running else ""
         return {"progress": fraction, "eta_relative": eta,
                 "state": {"skipped": p.running and p.stop == "skip", "interrupted": p.running and p.stop == "interrupt",
                           "job": "txt2img" if p.running else "", "job_count": jobs, "job_timestamp": started,

@@ -7,18 +7,17 @@ back the whole dict they read); anything else is a 400 and nothing is changed.
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 from sdrt.errors import InputError
 from sdrt.manifest import Manifest
+from sdrt.serve.apis import a1111_title
 
 CLIP_SKIP = "CLIP_stop_at_last_layers"
 
 
 class A1111Options:
     def __init__(self) -> None:
-        self._lock = threading.Lock()
         self._clip_skip = 1
 
     @property
@@ -28,7 +27,7 @@ class A1111Options:
     def report(self, manifest: Manifest) -> dict[str, Any]:
         """The options as GET answers them (the model's title in A1111's form: NAME [hash])."""
         return {
-            "sd_model_checkpoint": f"{manifest.name} [{manifest.model_hash}]",
+            "sd_model_checkpoint": a1111_title(manifest),
             "sd_checkpoint_hash": manifest.source.get("sha256", ""),
             CLIP_SKIP: self._clip_skip,
             "sd_vae": "Automatic",
@@ -58,8 +57,7 @@ class A1111Options:
                 raise InputError(f"sdrt does not implement the option {key!r}")
             elif value != current[key]:
                 raise InputError(f"the option {key!r} is fixed at {current[key]!r} on sdrt")
-        with self._lock:
-            self._clip_skip = clip_skip
+        self._clip_skip = clip_skip  # one assignment, after every check: all or nothing
 
     @staticmethod
     def _clip_skip_value(value: Any, manifest: Manifest) -> int:

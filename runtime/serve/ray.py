@@ -168,20 +168,14 @@ class AnswerEveryRequest:
             if started:
                 raise
         if not started:
+            from starlette.responses import JSONResponse
+
             from sdrt.serve.app import error_body
 
-            await _send_json(send, 503, error_body(scope["path"], 503, "the replica serving this request stopped "
-                                                  "before answering; retry (the service restarts replicas)"))
-
-
-async def _send_json(send: Any, status: int, body: dict) -> None:
-    import json
-
-    data = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
-                            (b"retry-after", b"1")]})
-    await send({"type": "http.response.body", "body": data})
+            response = JSONResponse(error_body(scope["path"], 503, "the replica serving this request stopped before "
+                                               "answering; retry (the service restarts replicas)"),
+                                    status_code=503, headers={"Retry-After": "1"})
+            await response(scope, receive, send)
 
 
 def proxy_middlewares() -> list[Any]:
