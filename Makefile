@@ -14,6 +14,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[test,tensorrt-rtx]"
+	# CLIP's real BPE vocabulary for single-file checkpoints: only the package's data file is read
+	# (its dependencies would pull a CUDA build of torch)
+	$(BIN)/pip install -q --no-deps "open-clip-torch==3.3.0"
 	touch $@
 
 # Exports the demo model (trained by `make demo-train`, shipped in demo/model) and draws a picture.

@@ -87,16 +87,16 @@ def _merge(symbols: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
 def clip_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
     tokens = list(bytes_to_unicode().values())
     tokens += [t + "</w>" for t in tokens]
+    vocab = {t: i for i, t in enumerate(tokens)}
     for a, b in merges:
-        if a + b not in tokens:
-            tokens.append(a + b)
-    tokens += [BOS, EOS]
-    return {t: i for i, t in enumerate(tokens)}
+        vocab.setdefault(a + b, len(vocab))
+    for special in (BOS, EOS):
+        vocab[special] = len(vocab)
+    return vocab
 
 
-def write_clip_bpe(out_dir: Path, max_merges: int = 2000) -> tuple[Path, Path, dict[str, int]]:
-    """Writes vocab.json and merges.txt; returns their paths and the vocabulary."""
-    merges = train_merges(CORPUS, max_merges)
+def write_vocab_files(out_dir: Path, merges: list[tuple[str, str]]) -> tuple[Path, Path, dict[str, int]]:
+    """Writes CLIP's vocab.json and merges.txt for `merges`; returns their paths and the vocabulary."""
     vocab = clip_vocab(merges)
     out_dir.mkdir(parents=True, exist_ok=True)
     vocab_path, merges_path = out_dir / "vocab.json", out_dir / "merges.txt"
@@ -104,3 +104,31 @@ def write_clip_bpe(out_dir: Path, max_merges: int = 2000) -> tuple[Path, Path, d
     lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
     merges_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return vocab_path, merges_path, vocab
+
+
+# CLIP's (and OpenCLIP's) tokenizer: 49,408 tokens = 512 byte symbols + 48,894 merges + 2 special
+CLIP_MERGES = 49408 - 512 - 2
+CLIP_BPE_PACKAGE = "open-clip-torch"  # ships the merges as open_clip/bpe_simple_vocab_16e6.txt.gz
+
+
+def real_clip_merges() -> list[tuple[str, str]]:
+    """The merges of the real CLIP vocabulary, read from the open_clip package's data file without
+    importing the package (installed with --no-deps: only its data file is used)."""
+    import gzip
+    import importlib.util
+
+    from sdrt.errors import ModelError
+
+    spec = importlib.util.find_spec("open_clip")
+    path = Path(next(iter(spec.submodule_search_locations or []), "")) / "bpe_simple_vocab_16e6.txt.gz" if spec else None
+    if path is None or not path.is_file():
+        raise ModelError(f"the real CLIP vocabulary is needed for a single-file checkpoint: install it with "
+                         f"`pip install --no-deps {CLIP_BPE_PACKAGE}` (`make setup` does), or pass --config DIR, a "
+                         "diffusers folder whose tokenizer folders fit the checkpoint")
+    lines = gzip.decompress(path.read_bytes()).decode("utf-8").split("\n")[1:1 + CLIP_MERGES]
+    return [tuple(line.split()) for line in lines]  # type: ignore[misc]
+
+
+def write_clip_bpe(out_dir: Path, max_merges: int = 2000) -> tuple[Path, Path, dict[str, int]]:
+    """Writes the vocab.json and merges.txt of a small BPE trained on CORPUS."""
+    return write_vocab_files(out_dir, train_merges(CORPUS, max_merges))

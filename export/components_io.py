@@ -45,51 +45,92 @@ def weights_variant(folder: Path) -> str | None:
     return None if None in variants or not variants else sorted(variants)[0]
 
 
+def text_encoder_class(index: dict[str, Any], slot: Any, where: Path, family: Family) -> Any:
+    """The transformers class model_index.json names for a text-encoder slot, checked against the slot."""
+    import transformers
+
+    cls_name = (index.get(slot.component) or [None, None])[1]
+    wanted = TEXT_ENCODER_CLASSES[1:] if slot.pooled else TEXT_ENCODER_CLASSES
+    if cls_name not in wanted:
+        raise ModelError(f"{where}: {slot.component} is {cls_name}; {family.label} needs {' or '.join(wanted)}")
+    return getattr(transformers, cls_name)
+
+
 def load_components(model_dir: Path, family: Family, variant: str | None = None,
                     vae_override: Path | None = None) -> TorchParts:
     """family: the folder's, as `check_model_dir` found it; variant: of the weights' file names; vae: an
-    AutoencoderKL folder that replaces the model's."""
+    AutoencoderKL folder or single file that replaces the model's."""
     import torch
-    import transformers
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTokenizer
 
     index = model_index(model_dir)
     text_encoders, tokenizers = {}, {}
     try:
         for slot in family.text_encoders:
-            cls_name = (index.get(slot.component) or [None, None])[1]
-            wanted = TEXT_ENCODER_CLASSES[1:] if slot.pooled else TEXT_ENCODER_CLASSES
-            if cls_name not in wanted:
-                raise ModelError(f"{model_dir}: {slot.component} is {cls_name}; {family.label} needs "
-                                 f"{' or '.join(wanted)}")
-            text_encoders[slot.component] = getattr(transformers, cls_name).from_pretrained(
+            text_encoders[slot.component] = text_encoder_class(index, slot, model_dir, family).from_pretrained(
                 model_dir / slot.component, torch_dtype=torch.float32, attn_implementation="eager",
                 variant=variant).eval()
             tokenizers[slot.tokenizer] = CLIPTokenizer.from_pretrained(model_dir / slot.tokenizer)
         unet = UNet2DConditionModel.from_pretrained(model_dir / "unet", torch_dtype=torch.float32, variant=variant).eval()
-        vae_dir = Path(vae_override) if vae_override is not None else model_dir / "vae"
-        vae_variant = weights_variant(vae_dir) if vae_override is not None else variant
-        vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32, variant=vae_variant).eval()
+        vae = load_vae(vae_override, model_dir / "vae", variant)
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelError(f"could not load {model_dir}: {e}. Check that the folder is a complete diffusers "
                          f"{family.label} pipeline with safetensors weights") from e
+    scheduler_config = json.loads((model_dir / "scheduler" / "scheduler_config.json").read_text())
+    return assemble_parts(family, model_dir, index, text_encoders, tokenizers, unet, vae, scheduler_config)
+
+
+def load_vae(override: Path | None, vae_dir: Path, variant: str | None) -> Any:
+    """The model's VAE (vae_dir), or the override: a diffusers AutoencoderKL folder, or a single file in
+    the original layout converted with vae_dir's config."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    if override is None:
+        return AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32, variant=variant).eval()
+    override = Path(override)
+    if override.is_dir():
+        return AutoencoderKL.from_pretrained(override, torch_dtype=torch.float32,
+                                             variant=weights_variant(override)).eval()
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    from sdrt.export.checkpoints import read_checkpoint
+
+    config = AutoencoderKL.load_config(vae_dir)
+    vae = AutoencoderKL.from_config(config)
+    state = convert_ldm_vae_checkpoint(read_checkpoint(override, "VAE"), config)
+    load_strict(vae, state, f"--vae {override}", "the model's AutoencoderKL")
+    return vae.eval()
+
+
+def load_strict(module: Any, state: dict[str, Any], what: str, architecture: str, hint: str = "") -> None:
+    """Loads every weight of module from state, or says what does not fit."""
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())[:300]
+        raise ModelError(f"{what}: the weights do not fit {architecture} ({detail}){hint}") from None
+
+
+def assemble_parts(family: Family, where: Path, index: dict[str, Any], text_encoders: dict[str, Any],
+                   tokenizers: dict[str, Any], unet: Any, vae: Any, scheduler_config: dict[str, Any]) -> TorchParts:
+    """Checks that the loaded modules belong together as the family's pipeline."""
     latent = vae.config.latent_channels
     image_input = {latent: BLEND, 2 * latent + 1: CONCAT}.get(unet.config.in_channels)
     if unet.config.out_channels != latent or image_input is None:
-        raise ModelError(f"{model_dir}: U-Net has {unet.config.in_channels} input and {unet.config.out_channels} output "
+        raise ModelError(f"{where}: U-Net has {unet.config.in_channels} input and {unet.config.out_channels} output "
                          f"channels for a {latent}-channel VAE; sdrt exports {family.label} models with {latent} "
                          f"(ordinary) or {2 * latent + 1} (inpainting) inputs, not depth or other conditioned U-Nets")
     by_output = {slot.hidden: text_encoders[slot.component].config.hidden_size for slot in family.text_encoders}
     width = sum(by_output[name] for name in family.cross_attention)
     if unet.config.cross_attention_dim != width:
-        raise ModelError(f"{model_dir}: U-Net cross-attention dim {unet.config.cross_attention_dim} != {width}, the "
+        raise ModelError(f"{where}: U-Net cross-attention dim {unet.config.cross_attention_dim} != {width}, the "
                          f"width of {' + '.join(family.cross_attention)} from the {family.label} text encoders: the "
                          "components do not belong together")
     if getattr(vae.config, "latents_mean", None) is not None:
-        raise ModelError(f"{model_dir}: the VAE has latents_mean/latents_std (a Playground-style VAE); sdrt "
+        raise ModelError(f"{where}: the VAE has latents_mean/latents_std (a Playground-style VAE); sdrt "
                          "supports VAEs normalized by scaling_factor alone")
-    scheduler_config = json.loads((model_dir / "scheduler" / "scheduler_config.json").read_text())
     vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
     return TorchParts(family, text_encoders, tokenizers, unet, vae, scheduler_config, vae_scale_factor,
                       float(vae.config.scaling_factor), family.vae_upcast and bool(getattr(vae.config, "force_upcast", False)),

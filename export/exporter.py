@@ -1,4 +1,5 @@
-"""`sdrt export`: a diffusers folder of a supported family -> engines/<name>/ (ONNX, manifest, tokenizers).
+"""`sdrt export`: a diffusers folder of a supported family, or a single-file checkpoint, ->
+engines/<name>/ (ONNX, manifest, tokenizers).
 
 Everything is written into a staging directory beside the target and renamed into place at the
 end, so an interrupted export never leaves a directory that loads.
@@ -63,8 +64,10 @@ class ExportConfig:
     validation_size: int | None = None  # None: min(native size, 256)
     force: bool = False
     tolerances: Tolerances = field(default_factory=Tolerances)
-    vae: Path | None = None  # a diffusers AutoencoderKL folder replacing the model's VAE (e.g. SD 1.5's ft-MSE)
+    vae: Path | None = None  # an AutoencoderKL folder or single file replacing the model's VAE (e.g. SD 1.5's ft-MSE)
     variant: str | None = None  # weights saved as a variant: diffusion_pytorch_model.<variant>.safetensors
+    config_dir: Path | None = None  # single files: a diffusers folder whose configs fit (default: sdrt's own)
+    prediction_type: str | None = None  # single files: epsilon / v_prediction (default: detected)
 
 
 def check_model_dir(model_dir: Path, variant: str | None = None, vae: Path | None = None) -> Family:
@@ -77,8 +80,8 @@ def check_model_dir(model_dir: Path, variant: str | None = None, vae: Path | Non
     try:
         family = family_for(json.loads(index_path.read_text()), str(model_dir))
     except FileNotFoundError:
-        raise ModelError(f"{model_dir} has no model_index.json: save the full pipeline with "
-                         "`save_pretrained` (single-file checkpoints are not supported yet)") from None
+        raise ModelError(f"{model_dir} has no model_index.json: export the full pipeline saved with "
+                         "`save_pretrained`, or a single-file checkpoint (.safetensors / .ckpt)") from None
     except json.JSONDecodeError as e:
         raise ModelError(f"{index_path} is not valid JSON ({e}): restore it from the original model") from e
     weights = ("unet", "vae") + tuple(t.component for t in family.text_encoders)
@@ -98,7 +101,7 @@ def check_model_dir(model_dir: Path, variant: str | None = None, vae: Path | Non
                     ": convert the checkpoint to safetensors (`save_pretrained(..., safe_serialization=True)`)")
             raise ModelError(f"{model_dir / sub} has no {variant + ' ' if variant else ''}.safetensors weights{hint}")
     if vae is not None:
-        check_vae_dir(vae)
+        check_vae(vae)
     for p in json_files:
         try:
             json.loads((model_dir / p).read_text())
@@ -109,15 +112,27 @@ def check_model_dir(model_dir: Path, variant: str | None = None, vae: Path | Non
     return family
 
 
-def check_vae_dir(vae: Path) -> None:
-    """--vae: a diffusers AutoencoderKL folder (config.json + safetensors weights)."""
+def check_vae(vae: Path) -> None:
+    """--vae: a diffusers AutoencoderKL folder (config.json + safetensors weights) or a single file of
+    VAE weights in the original layout (a VAE alone, or a full checkpoint's first_stage_model)."""
+    if not vae.exists():
+        raise ModelError(f"--vae {vae} does not exist: pass a VAE file or a diffusers AutoencoderKL folder")
     if vae.is_file():
-        raise ModelError(f"--vae {vae}: single-file VAEs are not supported yet; convert it once with diffusers "
-                         "(`AutoencoderKL.from_single_file(FILE, config=MODEL_DIR, subfolder='vae').save_pretrained(DIR)`) "
-                         "and pass DIR")
+        from sdrt.export.checkpoints import describe_keys, read_checkpoint
+
+        keys = read_checkpoint(vae, "VAE")
+        if not any(k.startswith(("encoder.down.", "first_stage_model.encoder.", "vae.encoder.")) for k in keys):
+            raise ModelError(f"--vae {vae} is {describe_keys(keys)}; pass a VAE file (e.g. "
+                             "vae-ft-mse-840000-ema-pruned.safetensors) or a diffusers AutoencoderKL folder")
+        return
     if not (vae / "config.json").is_file() or not any(vae.glob("*.safetensors")):
-        raise ModelError(f"--vae {vae} is not a diffusers AutoencoderKL folder (config.json and .safetensors "
-                         "weights, as `save_pretrained` writes them)")
+        raise ModelError(f"--vae {vae} is neither a VAE file nor a diffusers AutoencoderKL folder (config.json "
+                         "and .safetensors weights, as `save_pretrained` writes them)")
+
+
+def source_hash_of(path: Path) -> str:
+    """A file's sha256 (A1111's model hash of a checkpoint), or a folder's over its files."""
+    return sha256_file(path) if path.is_file() else source_hash(path)
 
 
 def source_hash(model_dir: Path) -> str:
@@ -137,7 +152,21 @@ def export(config: ExportConfig, progress: bool = True) -> Manifest:
         raise InputError(f"precision must be one of {PRECISIONS}, got {config.precision!r}")
     if not 1 <= config.max_chunks <= MAX_CHUNKS:
         raise InputError(f"max_chunks must be from 1 to {MAX_CHUNKS} (chunks of 75 prompt tokens), got {config.max_chunks}")
-    family = check_model_dir(model_dir, config.variant, config.vae)
+    single = None
+    if model_dir.is_file():
+        from sdrt.export.checkpoints import SingleFile
+
+        if config.variant:
+            raise InputError("--variant picks weights files in a diffusers folder; a single file has one set of weights")
+        single = SingleFile.open(model_dir, config.config_dir, config.prediction_type)
+        if config.vae is not None:
+            check_vae(config.vae)
+        family = single.family
+    else:
+        if config.config_dir is not None or config.prediction_type is not None:
+            raise InputError("--config and --prediction-type are for single-file checkpoints; a diffusers folder "
+                             "brings its own configs (edit its scheduler_config.json to change the prediction type)")
+        family = check_model_dir(model_dir, config.variant, config.vae)
     if out_dir.exists() and not config.force:
         raise InputError(f"{out_dir} already exists: pass --force to replace it, or choose another -o")
 
@@ -151,10 +180,16 @@ def export(config: ExportConfig, progress: bool = True) -> Manifest:
         bar = tqdm(total=5 + len(family.text_encoders), desc=f"export {out_dir.name}", unit="stage",
                    disable=not progress)
         bar.set_postfix_str("loading model")
-        parts = load_components(model_dir, family, variant=config.variant, vae_override=config.vae)
+        described: dict[str, Any] = {}
+        if single is not None:
+            parts, prediction = single.load_parts(config.vae)
+            described = {"format": "single file", "architecture": single.label,
+                         "prediction_type": prediction.value, "prediction_type_from": prediction.found_by}
+        else:
+            parts = load_components(model_dir, family, variant=config.variant, vae_override=config.vae)
         bar.update(1)
-        src = source_hash(model_dir)
-        vae_source = {"vae": {"path": str(config.vae.resolve()), "sha256": source_hash(config.vae)}} if config.vae else {}
+        src = source_hash_of(model_dir)
+        vae_source = {"vae": {"path": str(config.vae.resolve()), "sha256": source_hash_of(config.vae)}} if config.vae else {}
         bar.update(1)
         manifest_parts = _export_components(parts, staging, config, bar)
         for name, tokenizer in parts.tokenizers.items():
@@ -163,7 +198,7 @@ def export(config: ExportConfig, progress: bool = True) -> Manifest:
                  for p in sorted(staging.rglob("*")) if p.is_file()}
         manifest = Manifest(
             name=out_dir.name, precision=config.precision, files=files,
-            source={"path": str(model_dir.resolve()), "sha256": src, **vae_source,
+            source={"path": str(model_dir.resolve()), "sha256": src, **described, **vae_source,
                     "export_s": round(time.perf_counter() - started, 1)},
             versions={k: v for k, v in package_versions(RECORDED_PACKAGES).items() if v},
             **manifest_parts,

@@ -173,7 +173,16 @@ def _offset_states(text_encoder: Any) -> Any:
 
 
 def build_test_model(kind: str, out_dir: Path, seed: int = 0) -> Path:
-    """Writes a diffusers folder (safetensors, tokenizers, the family's scheduler config) to out_dir."""
+    """Writes a diffusers folder (safetensors, tokenizers, the family's scheduler config) to out_dir, or,
+    where out_dir ends in .safetensors, one checkpoint file in the original Stable Diffusion layout."""
+    if Path(out_dir).suffix == ".safetensors":
+        from sdrt.export.original_layout import write_single_file
+
+        out = Path(out_dir)
+        if out.exists():
+            raise InputError(f"{out} exists: choose a new file name or remove it")
+        with tempfile.TemporaryDirectory(prefix=".sdrt-testmodel-", dir=out.parent) as tmp:
+            return write_single_file(build_test_model(kind, Path(tmp) / "model", seed), out)
     if kind not in SPECS:
         raise InputError(f"unknown test model {kind!r}: choose one of {', '.join(SPECS)}")
     out_dir = Path(out_dir)

@@ -33,7 +33,8 @@ def _export(args: argparse.Namespace) -> None:
     config = ExportConfig(Path(args.model_dir), Path(args.output), precision=args.precision,
                           max_batch=args.max_batch, validate=not args.no_validate, force=args.force,
                           min_size=args.min_size, max_size=args.max_size, max_chunks=args.max_chunks,
-                          vae=Path(args.vae) if args.vae else None, variant=args.variant)
+                          vae=Path(args.vae) if args.vae else None, variant=args.variant,
+                          config_dir=Path(args.config) if args.config else None, prediction_type=args.prediction_type)
     manifest = export(config)
     print(f"exported {manifest.name} ({manifest.precision}) to {args.output}")
     for name, report in manifest.validation.items():
@@ -150,10 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdrt", description="Stable Diffusion on exported engines")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("testmodel", help="write a random-weight diffusers folder (offline)")
+    p = sub.add_parser("testmodel", help="write a random-weight diffusers folder, or single file (offline)")
     p.add_argument("kind", choices=["tiny", "tiny-inpaint", "sd15", "tiny-sdxl", "sdxl"],
                    help="tiny*: seconds on a CPU; sd15, sdxl: the real architectures with random weights")
-    p.add_argument("out_dir")
+    p.add_argument("out_dir", help="a new folder, or FILE.safetensors for one checkpoint in the original layout")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_testmodel)
 
@@ -164,8 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unet-steps", type=int, default=None, help="default 4000")
     p.set_defaults(func=_train_demo)
 
-    p = sub.add_parser("export", help="export a diffusers SD 1.x / 2.x / XL folder to ONNX engines")
-    p.add_argument("model_dir")
+    p = sub.add_parser("export", help="export an SD 1.x / 2.x / XL diffusers folder or single file to ONNX engines")
+    p.add_argument("model_dir", help="a diffusers folder, or a .safetensors / .ckpt checkpoint in the original layout")
     p.add_argument("-o", "--output", required=True, help="engine directory, e.g. engines/sd15")
     p.add_argument("--precision", choices=["fp16", "fp32"], default="fp16")
     p.add_argument("--max-batch", type=int, default=8)
@@ -173,7 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-size", type=int, default=None)
     p.add_argument("--max-chunks", type=int, default=4,
                    help="longest prompt, in chunks of 75 tokens (default 4: 300 tokens)")
-    p.add_argument("--vae", default=None, help="a diffusers AutoencoderKL folder to use instead of the model's VAE")
+    p.add_argument("--vae", default=None,
+                   help="a VAE file (original layout) or diffusers AutoencoderKL folder to use instead of the model's")
+    p.add_argument("--config", default=None,
+                   help="single files: a diffusers folder whose configs and tokenizers fit the checkpoint "
+                        "(default: sdrt's own for SD 1.x, 2.x, XL)")
+    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
+                   help="single files: what the U-Net predicts (default: detected)")
     p.add_argument("--variant", default=None, help="load weights saved as this variant (e.g. fp16)")
     p.add_argument("--no-validate", action="store_true", help="skip the check against PyTorch")
     p.add_argument("--force", action="store_true", help="replace an existing engine directory")

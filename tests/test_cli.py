@@ -104,8 +104,16 @@ def test_testmodel_and_export_commands(tmp_path):
     r = sdrt("export", str(model), "-o", str(engines))
     assert r.returncode == 2 and "--force" in r.stderr
     r = sdrt("export", str(model), "-o", str(tmp_path / "v"), "--vae", str(tmp_path / "no-vae"))
-    assert r.returncode == 2 and "not a diffusers AutoencoderKL folder" in r.stderr
+    assert r.returncode == 2 and "no-vae does not exist" in r.stderr
     r = sdrt("export", str(model), "-o", str(tmp_path / "v"), "--variant", "fp16")
     assert r.returncode == 2 and "has no fp16 .safetensors weights" in r.stderr
     r = sdrt("export", str(model), "-o", str(tmp_path / "v"), "--vae", str(model / "vae"), "--precision", "fp32")
     assert r.returncode == 0, r.stderr  # the model's own VAE, passed as a swap
+    single = tmp_path / "tiny.safetensors"
+    r = sdrt("testmodel", "tiny", str(single))
+    assert r.returncode == 0 and single.is_file(), r.stderr
+    r = sdrt("export", str(single), "-o", str(tmp_path / "s"), "--config", str(model), "--precision", "fp32",
+             "--prediction-type", "epsilon")
+    assert r.returncode == 0 and "error vs PyTorch" in r.stdout, r.stderr
+    r = sdrt("export", str(single), "-o", str(tmp_path / "s2"))  # SD 1.x keys, not SD 1.5's shapes
+    assert r.returncode == 2 and "pass --config DIR" in r.stderr and not (tmp_path / "s2").exists()

@@ -350,13 +350,13 @@ def test_vae_swap_matches_diffusers_with_that_vae(tiny_model, tiny_engines, tmp_
     assert _vae_fields(manifest) == {"sd_vae_name": "other-vae", "sd_vae_hash": manifest.source["vae"]["sha256"][:10]}
 
 
-def _single_file(folder):
+def _junk_file(folder):
     (folder / "vae.safetensors").write_bytes(b"x")
     return folder / "vae.safetensors"
 
 
-@pytest.mark.parametrize("make, match", [(_single_file, "single-file VAEs are not supported yet"),
-                                         (lambda folder: folder, "not a diffusers AutoencoderKL folder")])
+@pytest.mark.parametrize("make, match", [(_junk_file, "not a readable .safetensors file"),
+                                         (lambda folder: folder, "neither a VAE file nor a diffusers AutoencoderKL")])
 def test_bad_vae_arguments_are_refused_before_anything_is_written(tiny_model, tmp_path, make, match):
     with pytest.raises(ModelError, match=match):
         export(ExportConfig(tiny_model, tmp_path / "e", vae=make(tmp_path)), progress=False)

@@ -1,0 +1,175 @@
+"""diffusers modules -> one state dict in the original Stable Diffusion key layout (CompVis / SGM).
+
+The inverse of diffusers' single-file conversion, for the files people download from model pages:
+`sdrt testmodel KIND --single-file FILE` writes one, and the tests check that exporting it gives
+the image the diffusers folder gives. Layouts:
+  U-Net   model.diffusion_model.{input_blocks,middle_block,output_blocks}.N.M....  (openaimodel.py)
+  VAE     first_stage_model.{encoder,decoder}.{down,mid,up}....                    (ldm autoencoder)
+  CLIP    cond_stage_model.transformer.text_model....     (SD 1.x; SDXL: conditioner.embedders.0.transformer.)
+  OpenCLIP cond_stage_model.model....  (SD 2.x; SDXL: conditioner.embedders.1.model.), fused in_proj q|k|v
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+CLIP_PREFIXES = {"sd1": "cond_stage_model.transformer.text_model.", "sdxl": "conditioner.embedders.0.transformer.text_model."}
+OPEN_CLIP_PREFIXES = {"sd2": "cond_stage_model.model.", "sdxl": "conditioner.embedders.1.model."}
+
+_UNET_FIXED = {
+    "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
+    "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+}
+_UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
+                "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+_VAE_RESNET = {"conv_shortcut": "nin_shortcut"}
+_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+_OPEN_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+                    "self_attn.out_proj": "attn.out_proj"}
+
+
+def _split(key: str) -> tuple[str, str]:
+    """'a.b.c.weight' -> ('a.b.c', 'weight')."""
+    module, _, leaf = key.rpartition(".")
+    return module, leaf
+
+
+def _renamed(path: str, table: dict[str, str]) -> str:
+    for old, new in table.items():
+        if path == old or path.startswith(old + "."):
+            return new + path[len(old):]
+    return path
+
+
+def unet_state(unet: Any) -> dict[str, Any]:
+    """UNet2DConditionModel -> model.diffusion_model.* (block i of a level of L layers: 1 + level*(L+1) + i)."""
+    per_level = unet.config.layers_per_block + 1
+    out = {}
+    for key, value in unet.state_dict().items():
+        module, leaf = _split(key)
+        parts = module.split(".")
+        if parts[0] in ("down_blocks", "up_blocks", "mid_block"):
+            target = _unet_block(parts, per_level, unet)
+        else:
+            target = _renamed(module, _UNET_FIXED)
+        out[f"{UNET_PREFIX}{target}.{leaf}"] = value
+    return out
+
+
+def _unet_block(parts: list[str], per_level: int, unet: Any) -> str:
+    if parts[0] == "mid_block":  # resnets 0, 1 -> middle_block.0, .2; the attention -> middle_block.1
+        kind, index, rest = parts[1], int(parts[2]), parts[3:]
+        slot = 2 * index if kind == "resnets" else 1
+        inner = _renamed(".".join(rest), _UNET_RESNET) if kind == "resnets" else ".".join(rest)
+        return f"middle_block.{slot}.{inner}"
+    level, kind, index, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+    if parts[0] == "down_blocks":
+        if kind == "downsamplers":  # the level's last input block: input_blocks.K.0.op
+            return f"input_blocks.{(level + 1) * per_level}.0.op"
+        block = f"input_blocks.{1 + level * per_level + index}"
+    else:
+        if kind == "upsamplers":  # after the level's last resnet (and its attention, when the level has them)
+            has_attention = hasattr(unet.up_blocks[level], "attentions")
+            return f"output_blocks.{level * per_level + per_level - 1}.{2 if has_attention else 1}.conv"
+        block = f"output_blocks.{level * per_level + index}"
+    if kind == "resnets":
+        return f"{block}.0.{_renamed('.'.join(rest), _UNET_RESNET)}"
+    return f"{block}.1.{'.'.join(rest)}"
+
+
+def vae_state(vae: Any) -> dict[str, Any]:
+    """AutoencoderKL -> first_stage_model.*; the decoder's up levels count from the bottom; attention
+    projections are 1x1 convolutions."""
+    levels = len(vae.config.block_out_channels)
+    out = {}
+    for key, value in vae.state_dict().items():
+        module, leaf = _split(key)
+        parts = module.split(".")
+        coder, rest = parts[0], parts[1:]
+        if coder not in ("encoder", "decoder"):  # quant_conv, post_quant_conv
+            out[f"{VAE_PREFIX}{key}"] = value
+            continue
+        head = rest[0]
+        if head in ("down_blocks", "up_blocks"):
+            level = int(rest[1]) if head == "down_blocks" else levels - 1 - int(rest[1])
+            name = "down" if head == "down_blocks" else "up"
+            if rest[2] == "resnets":
+                target = f"{name}.{level}.block.{rest[3]}.{_renamed('.'.join(rest[4:]), _VAE_RESNET)}"
+            else:  # downsamplers.0.conv / upsamplers.0.conv
+                target = f"{name}.{level}.{'downsample' if name == 'down' else 'upsample'}.{'.'.join(rest[4:])}"
+        elif head == "mid_block" and rest[1] == "resnets":
+            target = f"mid.block_{int(rest[2]) + 1}.{_renamed('.'.join(rest[3:]), _VAE_RESNET)}"
+        elif head == "mid_block":
+            target = f"mid.attn_1.{_renamed('.'.join(rest[3:]), _VAE_ATTENTION)}"
+            if leaf == "weight" and value.ndim == 2:
+                value = value[:, :, None, None]
+        else:
+            target = _renamed(".".join(rest), {"conv_norm_out": "norm_out"})
+        out[f"{VAE_PREFIX}{coder}.{target}.{leaf}"] = value
+    return out
+
+
+def clip_state(text_encoder: Any, prefix: str) -> dict[str, Any]:
+    """transformers CLIPTextModel -> prefix + its text_model keys (how SD 1.x and SDXL store CLIP ViT-L)."""
+    return {prefix + k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
+
+
+def open_clip_state(text_encoder: Any, prefix: str) -> dict[str, Any]:
+    """transformers CLIPTextModel[WithProjection] -> OpenCLIP's text tower: q, k, v fused into in_proj,
+    text_projection stored (hidden, projection)."""
+    import torch
+
+    state = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
+    out = {
+        f"{prefix}token_embedding.weight": state.pop("embeddings.token_embedding.weight"),
+        f"{prefix}positional_embedding": state.pop("embeddings.position_embedding.weight"),
+        f"{prefix}ln_final.weight": state.pop("final_layer_norm.weight"),
+        f"{prefix}ln_final.bias": state.pop("final_layer_norm.bias"),
+    }
+    if "text_projection.weight" in state:
+        out[f"{prefix}text_projection"] = state.pop("text_projection.weight").T.contiguous()
+    state.pop("embeddings.position_ids", None)
+    for i in range(text_encoder.config.num_hidden_layers):
+        layer = f"encoder.layers.{i}."
+        block = f"{prefix}transformer.resblocks.{i}."
+        for leaf in ("weight", "bias"):
+            out[f"{block}attn.in_proj_{leaf}"] = torch.cat(
+                [state.pop(f"{layer}self_attn.{p}_proj.{leaf}") for p in "qkv"])
+        for key in [k for k in state if k.startswith(layer)]:
+            module, leaf = _split(key[len(layer):])
+            out[f"{block}{_renamed(module, _OPEN_CLIP_LAYER)}.{leaf}"] = state.pop(key)
+    if state:
+        raise ValueError(f"OpenCLIP layout has no place for {sorted(state)[:3]}")
+    return out
+
+
+def write_single_file(model_dir: Path, out: Path) -> Path:
+    """A diffusers SD 1.x or SDXL folder -> one .safetensors in the original layout (written whole or not at all)."""
+    import json
+    import os
+
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from sdrt.families import family_for
+
+    family = family_for(json.loads((model_dir / "model_index.json").read_text()), str(model_dir))
+    state = {**unet_state(UNet2DConditionModel.from_pretrained(model_dir / "unet")),
+             **vae_state(AutoencoderKL.from_pretrained(model_dir / "vae")),
+             **clip_state(CLIPTextModel.from_pretrained(model_dir / "text_encoder"), CLIP_PREFIXES[family.name])}
+    if family.name == "sdxl":
+        state.update(open_clip_state(CLIPTextModelWithProjection.from_pretrained(model_dir / "text_encoder_2"),
+                                     OPEN_CLIP_PREFIXES["sdxl"]))
+    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    try:
+        save_file({k: v.detach().to(torch.float32).contiguous() for k, v in state.items()}, str(partial))
+        partial.rename(out)
+    finally:
+        partial.unlink(missing_ok=True)
+    return out
