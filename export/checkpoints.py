@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Mapping
 
 from sdrt.errors import InputError, ModelError
 from sdrt.export.testmodel import CLIP_L, KL_F8, SD15_SCHEDULER_CONFIG, SDXL_SCHEDULER_CONFIG, SPECS
@@ -79,7 +79,33 @@ KINDS: dict[str, CheckpointKind] = {k.model_type: k for k in (
 )}
 
 
-def read_checkpoint(path: Path, what: str = "checkpoint") -> dict[str, Any]:
+class SafetensorsFile(Mapping[str, Any]):
+    """A .safetensors file's tensors, read from disk one at a time as they are asked for: converting
+    SDXL holds its fp32 modules, not also the whole file, in memory."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        self._file = safe_open(str(path), framework="pt")  # checks the header against the file's size
+        self._keys = list(self._file.keys())
+        self._key_set = set(self._keys)
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._key_set:
+            raise KeyError(key)
+        return self._file.get_tensor(key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._key_set
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def read_checkpoint(path: Path, what: str = "checkpoint") -> Mapping[str, Any]:
     """A single file's tensors, by key. Pickles are read weights-only; refused if they need code."""
     import pickle
 
@@ -91,9 +117,7 @@ def read_checkpoint(path: Path, what: str = "checkpoint") -> dict[str, Any]:
     suffix = path.suffix.lower()
     try:
         if suffix in SAFETENSORS:
-            from safetensors.torch import load_file
-
-            state: Any = load_file(str(path))
+            return SafetensorsFile(path)
         elif suffix in PICKLES:
             import zipfile
 
@@ -124,7 +148,7 @@ def read_checkpoint(path: Path, what: str = "checkpoint") -> dict[str, Any]:
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-def describe_keys(checkpoint: dict[str, Any]) -> str:
+def describe_keys(checkpoint: Mapping[str, Any]) -> str:
     """What a file that is not a full Stable Diffusion checkpoint looks like it is."""
     keys = list(checkpoint)
     if any(k.startswith(("lora_unet_", "lora_te", "unet.", "text_encoder.")) or ".lora_" in k for k in keys):
@@ -136,7 +160,7 @@ def describe_keys(checkpoint: dict[str, Any]) -> str:
     return f"not a Stable Diffusion checkpoint (keys like {', '.join(sorted(keys)[:3])})"
 
 
-def kind_of(checkpoint: dict[str, Any], path: Path) -> CheckpointKind:
+def kind_of(checkpoint: Mapping[str, Any], path: Path) -> CheckpointKind:
     """The architecture of a checkpoint's keys; anything else refused naming what it looks like."""
     from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 
@@ -178,7 +202,7 @@ def write_config_folder(kind: CheckpointKind, out: Path) -> Path:
     return out
 
 
-def text_encoder_state(checkpoint: dict[str, Any], component: str, model: Any) -> dict[str, Any]:
+def text_encoder_state(checkpoint: Mapping[str, Any], component: str, model: Any) -> dict[str, Any]:
     """The checkpoint's weights of one text encoder, in `model`'s (transformers') key names."""
     from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
 
@@ -188,7 +212,7 @@ def text_encoder_state(checkpoint: dict[str, Any], component: str, model: Any) -
         if layout == "open_clip":
             state = convert_open_clip_checkpoint(model, checkpoint, prefix=prefix)
         else:
-            state = {k[len(prefix):]: v for k, v in checkpoint.items() if k.startswith(prefix)}
+            state = {k[len(prefix):]: checkpoint[k] for k in checkpoint if k.startswith(prefix)}
         break
     else:
         raise ModelError(f"no weights for {component} in the checkpoint (looked for keys under "
@@ -227,7 +251,7 @@ def probe_v_prediction(unet: Any) -> bool:
     return float((out - x[:, : out.shape[1]]).mean()) < -1
 
 
-def choose_prediction(checkpoint: dict[str, Any], requested: str | None, config_value: str, unet: Any,
+def choose_prediction(checkpoint: Mapping[str, Any], requested: str | None, config_value: str, unet: Any,
                       probe: bool) -> PredictionChoice:
     if requested is not None:
         if requested not in PREDICTION_TYPES:
@@ -245,7 +269,7 @@ class SingleFile:
     """A checkpoint file read and recognised, ready to load as a family's torch parts."""
 
     path: Path
-    checkpoint: dict[str, Any]
+    checkpoint: Mapping[str, Any]
     family: Any  # sdrt.families.Family
     kind: CheckpointKind | None  # None with a user's config folder
     config_dir: Path | None  # the user's --config folder
@@ -310,7 +334,6 @@ class SingleFile:
         unet = UNet2DConditionModel.from_config(unet_config)
         load_strict(unet, convert_ldm_unet_checkpoint(self.checkpoint, unet_config), f"{self.path} (U-Net)",
                     f"{self.label}'s UNet2DConditionModel", hint)
-        self._drop("model.diffusion_model.")  # the module holds the weights now (SDXL's are GBs)
         if vae_override is not None:
             vae = load_vae(vae_override, config_dir / "vae", None)
         else:
@@ -328,6 +351,3 @@ class SingleFile:
         parts = assemble_parts(self.family, self.path, index, text_encoders, tokenizers, unet.eval(), vae.eval(),
                                scheduler_config)
         return parts, prediction
-
-    def _drop(self, prefix: str) -> None:
-        self.checkpoint = {k: v for k, v in self.checkpoint.items() if not k.startswith(prefix)}

@@ -59,6 +59,29 @@ def test_an_sdxl_single_file_exports_to_the_folders_image(tiny_sdxl_model, tiny_
     _assert_close(_images(tmp_path / "e"), _images(tiny_sdxl_engines))
 
 
+def test_an_sd2_layout_text_encoder_exports_to_the_folders_image(tiny_model, tiny_engines, tmp_path):
+    """SD 2.x stores its text encoder as OpenCLIP's text tower (cond_stage_model.model.*, in_proj q|k|v,
+    one more layer than it reads): the tiny folder's encoder in that layout, plus an unused last layer."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel
+
+    from sdrt.export import original_layout as ol
+
+    te = CLIPTextModel.from_pretrained(tiny_model / "text_encoder")
+    state = {**ol.unet_state(UNet2DConditionModel.from_pretrained(tiny_model / "unet")),
+             **ol.vae_state(AutoencoderKL.from_pretrained(tiny_model / "vae")),
+             **ol.open_clip_state(te, ol.OPEN_CLIP_PREFIXES["sd2"])}
+    last = te.config.num_hidden_layers - 1
+    prefix = f"{ol.OPEN_CLIP_PREFIXES['sd2']}transformer.resblocks."
+    state.update({k.replace(f"{prefix}{last}.", f"{prefix}{last + 1}."): v.clone() for k, v in state.items()
+                  if k.startswith(f"{prefix}{last}.")})
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "sd2.safetensors"))
+    export(ExportConfig(tmp_path / "sd2.safetensors", tmp_path / "e", precision="fp32", config_dir=tiny_model),
+           progress=False)
+    _assert_close(_images(tmp_path / "e"), _images(tiny_engines))
+
+
 def test_a_ckpt_reads_like_the_safetensors(tiny_file, tmp_path):
     from safetensors.torch import load_file
 
