@@ -8,7 +8,6 @@ import json
 import os
 import pickle
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -240,11 +239,15 @@ def test_bundled_architectures_are_the_real_ones(model_type, tmp_path):
 @pytest.mark.slow
 def test_an_sd15_architecture_single_file_is_recognised_and_exported(tmp_path):
     """`sdrt testmodel sd15 FILE.safetensors` (random weights, the real layout) exports with sdrt's own
-    configs, fp16 with validation."""
+    configs, validated. fp32: an fp16 export traces the VAE decoder in fp16 on the CPU, which torch's
+    fp16 convolutions make take over 40 minutes here (the same for a folder)."""
     from sdrt.export.testmodel import build_test_model
 
     path = build_test_model("sd15", tmp_path / "sd15.safetensors")
-    manifest = export(ExportConfig(path, tmp_path / "e", precision="fp16", max_size=512), progress=False)
+    manifest = export(ExportConfig(path, tmp_path / "e", precision="fp32", max_size=512), progress=False)
     assert manifest.source["architecture"] == "SD 1.x"
     assert all(r["error"] <= r["tolerance"] for r in manifest.validation.values())
-    assert Path(tmp_path / "e" / "tokenizer" / "vocab.json").is_file()
+    from sdrt.tokenizer import ClipTokenizer
+
+    ids, _ = ClipTokenizer(tmp_path / "e" / "tokenizer")(["a photograph of an astronaut riding a horse"])
+    assert ids[0][:10].tolist() == [49406, 320, 8853, 539, 550, 18376, 6765, 320, 4558, 49407]  # CLIP's own ids
