@@ -15,19 +15,20 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from sdrt.errors import InputError, ModelError
+from sdrt.export.original_layout import CLIP_PREFIXES, OPEN_CLIP_PREFIXES, UNET_PREFIX
 from sdrt.export.testmodel import CLIP_L, KL_F8, SD15_SCHEDULER_CONFIG, SDXL_SCHEDULER_CONFIG, SPECS
 
 SAFETENSORS = (".safetensors",)
 PICKLES = (".ckpt", ".pt", ".pth", ".bin")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
-UNET_KEY = "model.diffusion_model.input_blocks.0.0.weight"
+UNET_KEY = f"{UNET_PREFIX}input_blocks.0.0.weight"
 
 # Where each text-encoder component sits in a checkpoint: key prefix -> "clip" (transformers' layout
 # under the prefix) or "open_clip" (OpenCLIP's text tower); the first prefix present is used.
 TEXT_ENCODER_PREFIXES: dict[str, tuple[tuple[str, str], ...]] = {
-    "text_encoder": (("cond_stage_model.transformer.", "clip"), ("cond_stage_model.model.", "open_clip"),
-                     ("conditioner.embedders.0.transformer.", "clip")),
-    "text_encoder_2": (("conditioner.embedders.1.model.", "open_clip"),),
+    "text_encoder": ((CLIP_PREFIXES["sd1"], "clip"), (OPEN_CLIP_PREFIXES["sd2"], "open_clip"),
+                     (CLIP_PREFIXES["sdxl"], "clip")),
+    "text_encoder_2": ((OPEN_CLIP_PREFIXES["sdxl"], "open_clip"),),
 }
 
 # OpenCLIP ViT-H/14 text tower as SD 2.x uses it: 23 of its 24 layers (the penultimate's output)
@@ -77,6 +78,7 @@ KINDS: dict[str, CheckpointKind] = {k.model_type: k for k in (
     _SD2, _inpaint(_SD2, "inpainting_v2", "SD 2.x inpainting", "StableDiffusionInpaintPipeline"),
     _SDXL, _inpaint(_SDXL, "xl_inpaint", "SDXL inpainting", "StableDiffusionXLInpaintPipeline"),
 )}
+SUPPORTED = ", ".join(k.label for k in KINDS.values())
 
 
 class SafetensorsFile(Mapping[str, Any]):
@@ -87,16 +89,15 @@ class SafetensorsFile(Mapping[str, Any]):
         from safetensors import safe_open
 
         self._file = safe_open(str(path), framework="pt")  # checks the header against the file's size
-        self._keys = list(self._file.keys())
-        self._key_set = set(self._keys)
+        self._keys = dict.fromkeys(self._file.keys())  # ordered, and a set for `in`
 
     def __getitem__(self, key: str) -> Any:
-        if key not in self._key_set:
+        if key not in self._keys:
             raise KeyError(key)
         return self._file.get_tensor(key)
 
     def __contains__(self, key: object) -> bool:
-        return key in self._key_set
+        return key in self._keys
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
@@ -161,16 +162,13 @@ def describe_keys(checkpoint: Mapping[str, Any]) -> str:
 
 
 def kind_of(checkpoint: Mapping[str, Any], path: Path) -> CheckpointKind:
-    """The architecture of a checkpoint's keys; anything else refused naming what it looks like."""
+    """The architecture of a Stable Diffusion checkpoint's keys; other model types refused by name."""
     from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 
-    supported = ", ".join(k.label for k in KINDS.values())
-    if UNET_KEY not in checkpoint:
-        raise ModelError(f"{path} is {describe_keys(checkpoint)}. sdrt exports single files of: {supported}")
     model_type = infer_diffusers_model_type(checkpoint)
     if model_type not in KINDS:
         raise ModelError(f"{path} is a {model_type!r} checkpoint (as diffusers names it), which sdrt does not "
-                         f"export. Single files sdrt exports: {supported}")
+                         f"export. Single files sdrt exports: {SUPPORTED}")
     return KINDS[model_type]
 
 
@@ -179,7 +177,7 @@ def write_config_folder(kind: CheckpointKind, out: Path) -> Path:
     tokenizers with CLIP's real vocabulary."""
     from transformers import CLIPTextConfig, CLIPTokenizer
 
-    from sdrt.export.bpe import real_clip_merges, write_vocab_files
+    from sdrt.export.bpe import BOS, EOS, real_clip_merges, write_vocab_files
 
     merges = real_clip_merges()
     index: dict[str, Any] = {"_class_name": kind.pipeline, "unet": ["diffusers", "UNet2DConditionModel"],
@@ -195,8 +193,9 @@ def write_config_folder(kind: CheckpointKind, out: Path) -> Path:
     for component, cls, config, pad in kind.text_encoders:
         tokenizer = component.replace("text_encoder", "tokenizer")
         index[component], index[tokenizer] = ["transformers", cls], ["transformers", "CLIPTokenizer"]
-        CLIPTextConfig(**config, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407).save_pretrained(out / component)
-        write_vocab_files(out / tokenizer, merges)
+        *_, vocab = write_vocab_files(out / tokenizer, merges)
+        CLIPTextConfig(**config, bos_token_id=vocab[BOS], eos_token_id=vocab[EOS],
+                       pad_token_id=vocab[EOS]).save_pretrained(out / component)
         CLIPTokenizer.from_pretrained(out / tokenizer, pad_token=pad, model_max_length=77).save_pretrained(out / tokenizer)
     (out / "model_index.json").write_text(json.dumps(index, indent=2))
     return out
@@ -253,9 +252,8 @@ def probe_v_prediction(unet: Any) -> bool:
 
 def choose_prediction(checkpoint: Mapping[str, Any], requested: str | None, config_value: str, unet: Any,
                       probe: bool) -> PredictionChoice:
+    """requested: --prediction-type, already checked by SingleFile.open."""
     if requested is not None:
-        if requested not in PREDICTION_TYPES:
-            raise InputError(f"--prediction-type must be one of {', '.join(PREDICTION_TYPES)}, got {requested!r}")
         return PredictionChoice(requested, "--prediction-type")
     if "v_pred" in checkpoint:  # the marker key some trainers (and ComfyUI) write
         return PredictionChoice("v_prediction", "checkpoint key")
@@ -283,12 +281,12 @@ class SingleFile:
         if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
             raise InputError(f"--prediction-type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
         checkpoint = read_checkpoint(path)
+        if UNET_KEY not in checkpoint:
+            raise ModelError(f"{path} is {describe_keys(checkpoint)}. sdrt exports single files of: {SUPPORTED}")
         if config_dir is not None:
             if not (Path(config_dir) / "model_index.json").is_file():
                 raise ModelError(f"--config {config_dir} is not a diffusers folder (no model_index.json): pass the "
                                  "folder of a diffusers pipeline of the checkpoint's architecture (weights not needed)")
-            if UNET_KEY not in checkpoint:
-                raise ModelError(f"{path} is {describe_keys(checkpoint)}")
             family = family_for(model_index(Path(config_dir)), str(config_dir))
             return cls(Path(path), checkpoint, family, None, Path(config_dir), prediction_type)
         kind = kind_of(checkpoint, Path(path))
@@ -311,12 +309,12 @@ class SingleFile:
 
     def _load(self, config_dir: Path, vae_override: Path | None) -> tuple[Any, PredictionChoice]:
         import torch
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+        from diffusers import UNet2DConditionModel
+        from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
         from transformers import CLIPTokenizer
 
         from sdrt.export.components_io import (assemble_parts, load_strict, load_vae, model_index,
-                                               text_encoder_class)
+                                               text_encoder_class, vae_from_original)
 
         index = model_index(config_dir)
         hint = "" if self.config_dir else (". If the model has another architecture, pass --config DIR: a diffusers "
@@ -337,10 +335,8 @@ class SingleFile:
         if vae_override is not None:
             vae = load_vae(vae_override, config_dir / "vae", None)
         else:
-            vae_config = AutoencoderKL.load_config(config_dir / "vae")
-            vae = AutoencoderKL.from_config(vae_config)
-            load_strict(vae, convert_ldm_vae_checkpoint(self.checkpoint, vae_config), f"{self.path} (VAE)",
-                        f"{self.label}'s AutoencoderKL", hint)
+            vae = vae_from_original(self.checkpoint, config_dir / "vae", f"{self.path} (VAE)",
+                                    f"{self.label}'s AutoencoderKL", hint)
         scheduler_config = json.loads((config_dir / "scheduler" / "scheduler_config.json").read_text())
         prediction = choose_prediction(self.checkpoint, self.prediction_type,
                                        scheduler_config.get("prediction_type", "epsilon"), unet.eval(),

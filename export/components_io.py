@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from sdrt.errors import ModelError
 from sdrt.families import BLEND, CONCAT, Family
@@ -93,14 +93,21 @@ def load_vae(override: Path | None, vae_dir: Path, variant: str | None) -> Any:
     if override.is_dir():
         return AutoencoderKL.from_pretrained(override, torch_dtype=torch.float32,
                                              variant=weights_variant(override)).eval()
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-
     from sdrt.export.checkpoints import read_checkpoint
+
+    return vae_from_original(read_checkpoint(override, "VAE"), vae_dir, f"--vae {override}", "the model's AutoencoderKL")
+
+
+def vae_from_original(checkpoint: Mapping[str, Any], vae_dir: Path, what: str, architecture: str,
+                      hint: str = "") -> Any:
+    """An AutoencoderKL of vae_dir's config with every weight from an original-layout checkpoint
+    (a VAE alone, or a full model's first_stage_model.*)."""
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
     config = AutoencoderKL.load_config(vae_dir)
     vae = AutoencoderKL.from_config(config)
-    state = convert_ldm_vae_checkpoint(read_checkpoint(override, "VAE"), config)
-    load_strict(vae, state, f"--vae {override}", "the model's AutoencoderKL")
+    load_strict(vae, convert_ldm_vae_checkpoint(checkpoint, config), what, architecture, hint)
     return vae.eval()
 
 

@@ -71,8 +71,8 @@ class ExportConfig:
 
 
 def check_model_dir(model_dir: Path, variant: str | None = None, vae: Path | None = None) -> Family:
-    """The folder's family, once every file it needs is there and parses (the VAE's from `vae` when
-    given; weights of the variant when given)."""
+    """The folder's family, once every file it needs is there and parses (weights of the variant when
+    given; not the VAE's weights when `vae` replaces them)."""
     if not model_dir.is_dir():
         raise ModelError(f"{model_dir} is not a directory: point `sdrt export` at a diffusers folder "
                          f"(or make a test one with `sdrt testmodel tiny {model_dir}`)")
@@ -100,8 +100,6 @@ def check_model_dir(model_dir: Path, variant: str | None = None, vae: Path | Non
             hint = (f" (variants here: {', '.join(found)}: pass --variant)" if found and not variant else
                     ": convert the checkpoint to safetensors (`save_pretrained(..., safe_serialization=True)`)")
             raise ModelError(f"{model_dir / sub} has no {variant + ' ' if variant else ''}.safetensors weights{hint}")
-    if vae is not None:
-        check_vae(vae)
     for p in json_files:
         try:
             json.loads((model_dir / p).read_text())
@@ -159,14 +157,14 @@ def export(config: ExportConfig, progress: bool = True) -> Manifest:
         if config.variant:
             raise InputError("--variant picks weights files in a diffusers folder; a single file has one set of weights")
         single = SingleFile.open(model_dir, config.config_dir, config.prediction_type)
-        if config.vae is not None:
-            check_vae(config.vae)
         family = single.family
     else:
         if config.config_dir is not None or config.prediction_type is not None:
             raise InputError("--config and --prediction-type are for single-file checkpoints; a diffusers folder "
                              "brings its own configs (edit its scheduler_config.json to change the prediction type)")
         family = check_model_dir(model_dir, config.variant, config.vae)
+    if config.vae is not None:
+        check_vae(config.vae)
     if out_dir.exists() and not config.force:
         raise InputError(f"{out_dir} already exists: pass --force to replace it, or choose another -o")
 

@@ -1,7 +1,7 @@
 """diffusers modules -> one state dict in the original Stable Diffusion key layout (CompVis / SGM).
 
 The inverse of diffusers' single-file conversion, for the files people download from model pages:
-`sdrt testmodel KIND --single-file FILE` writes one, and the tests check that exporting it gives
+`sdrt testmodel KIND FILE.safetensors` writes one, and the tests check that exporting it gives
 the image the diffusers folder gives. Layouts:
   U-Net   model.diffusion_model.{input_blocks,middle_block,output_blocks}.N.M....  (openaimodel.py)
   VAE     first_stage_model.{encoder,decoder}.{down,mid,up}....                    (ldm autoencoder)
@@ -16,7 +16,7 @@ from typing import Any
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-CLIP_PREFIXES = {"sd1": "cond_stage_model.transformer.text_model.", "sdxl": "conditioner.embedders.0.transformer.text_model."}
+CLIP_PREFIXES = {"sd1": "cond_stage_model.transformer.", "sdxl": "conditioner.embedders.0.transformer."}
 OPEN_CLIP_PREFIXES = {"sd2": "cond_stage_model.model.", "sdxl": "conditioner.embedders.1.model."}
 
 _UNET_FIXED = {
@@ -114,8 +114,8 @@ def vae_state(vae: Any) -> dict[str, Any]:
 
 
 def clip_state(text_encoder: Any, prefix: str) -> dict[str, Any]:
-    """transformers CLIPTextModel -> prefix + its text_model keys (how SD 1.x and SDXL store CLIP ViT-L)."""
-    return {prefix + k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
+    """transformers CLIPTextModel -> prefix + its text_model.* keys (how SD 1.x and SDXL store CLIP ViT-L)."""
+    return {f"{prefix}text_model.{k.removeprefix('text_model.')}": v for k, v in text_encoder.state_dict().items()}
 
 
 def open_clip_state(text_encoder: Any, prefix: str) -> dict[str, Any]:
