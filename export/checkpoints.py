@@ -17,6 +17,7 @@ from typing import Any, Iterator, Mapping
 from sdrt.errors import InputError, ModelError
 from sdrt.export.original_layout import CLIP_PREFIXES, OPEN_CLIP_PREFIXES, UNET_PREFIX
 from sdrt.export.testmodel import CLIP_L, KL_F8, SD15_SCHEDULER_CONFIG, SDXL_SCHEDULER_CONFIG, SPECS
+from sdrt.schedulers import NoiseSchedule
 
 SAFETENSORS = (".safetensors",)
 PICKLES = (".ckpt", ".pt", ".pth", ".bin")
@@ -284,9 +285,13 @@ class SingleFile:
         if UNET_KEY not in checkpoint:
             raise ModelError(f"{path} is {describe_keys(checkpoint)}. sdrt exports single files of: {SUPPORTED}")
         if config_dir is not None:
-            if not (Path(config_dir) / "model_index.json").is_file():
-                raise ModelError(f"--config {config_dir} is not a diffusers folder (no model_index.json): pass the "
-                                 "folder of a diffusers pipeline of the checkpoint's architecture (weights not needed)")
+            scheduler = Path(config_dir) / "scheduler" / "scheduler_config.json"
+            if not (Path(config_dir) / "model_index.json").is_file() or not scheduler.is_file():
+                raise ModelError(f"--config {config_dir} is not a diffusers folder (model_index.json, "
+                                 "scheduler/scheduler_config.json): pass the folder of a diffusers pipeline of the "
+                                 "checkpoint's architecture (weights not needed)")
+            # scheduler settings sdrt cannot honour are refused here, as for folders, before minutes of export
+            NoiseSchedule.from_config(json.loads(scheduler.read_text()))
             family = family_for(model_index(Path(config_dir)), str(config_dir))
             return cls(Path(path), checkpoint, family, None, Path(config_dir), prediction_type)
         kind = kind_of(checkpoint, Path(path))

@@ -166,6 +166,16 @@ def test_folder_only_and_file_only_options_are_refused(tiny_model, tiny_file, tm
         SingleFile.open(tiny_file, tiny_model, prediction_type="x0")
 
 
+def test_a_config_folder_with_scheduler_settings_sdrt_cannot_honour_is_refused_first(tiny_model, tiny_file, tmp_path):
+    config = tmp_path / "config"
+    shutil.copytree(tiny_model, config)
+    path = config / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "timestep_spacing": "sideways"}))
+    with pytest.raises(InputError, match="timestep_spacing 'sideways' is not supported"):
+        export(ExportConfig(tiny_file, tmp_path / "e", config_dir=config), progress=False)
+    assert not (tmp_path / "e").exists()
+
+
 def test_prediction_type_flag_is_recorded_and_drives_the_schedule(tiny_model, tiny_file, tmp_path):
     manifest = export(ExportConfig(tiny_file, tmp_path / "e", precision="fp32", config_dir=tiny_model,
                                    prediction_type="v_prediction", validate=False), progress=False)
