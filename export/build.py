@@ -45,6 +45,10 @@ class BuildConfig:
     archs: tuple[str, ...] = ()  # empty: the GPU here, else (TensorRT-RTX only) every RTX arch
     flavour: str = "auto"  # auto | tensorrt | tensorrt_rtx
     optimization_level: int | None = None  # TensorRT's builder level 0-5; None: its default (3)
+    # the weights LoRA changes refittable (REFIT_INDIVIDUAL), so LoRAs switch without a rebuild. None: where
+    # a GPU builds (TensorRT-RTX 1.7 cannot build them without one: its Myelin compiler then fails with
+    # `sm_vers_.size() == 1` for several archs and `status == CUDA_SUCCESS` for one)
+    refit: bool | None = None
 
 
 SHAPES_HELP = "static:WxH,batch=N (e.g. static:512x512,batch=1) or dynamic:MIN-MAX,batch=A-B (e.g. dynamic:256-1024,batch=1-4)"
@@ -161,6 +165,7 @@ def build(config: BuildConfig, progress: bool = True) -> Manifest:
     onnx_files = [rel for rel in manifest.files if rel.endswith((".onnx", ".onnx.data"))]
     verify_files(engine_dir, manifest, onnx_files)
     profiles = component_profiles(manifest, shapes)
+    refit = gpu_arch() is not None if config.refit is None else config.refit
 
     logger = lib.error_logger()
     timing_path = cache_path(lib, "timing", archs[0]) if not lib.rtx else None
@@ -175,8 +180,8 @@ def build(config: BuildConfig, progress: bool = True) -> Manifest:
             bar.set_postfix_str(name)
             spec = manifest.components[name]
             start = time.perf_counter()
-            plan, io, timing = _build_plan(lib, logger, engine_dir / spec.onnx, spec, profiles[name], archs,
-                                           config.optimization_level, timing, bar)
+            plan, io, timing, refittable = _build_plan(lib, logger, engine_dir / spec.onnx, spec, profiles[name],
+                                                       archs, config.optimization_level, timing, bar, refit)
             plan_name = f"{name}.plan"
             tmp = engine_dir / f".{plan_name}.tmp-{os.getpid()}"
             with open(tmp, "wb") as f:
@@ -186,7 +191,8 @@ def build(config: BuildConfig, progress: bool = True) -> Manifest:
             records[name] = PlanRecord(
                 plan=plan_name, bytes=len(plan), build_s=round(time.perf_counter() - start, 2), io=tuple(io),
                 onnx_sha256=manifest.files[spec.onnx],
-                profile={k: {"min": list(v[0]), "opt": list(v[1]), "max": list(v[2])} for k, v in profiles[name].items()})
+                profile={k: {"min": list(v[0]), "opt": list(v[1]), "max": list(v[2])} for k, v in profiles[name].items()},
+                refittable=refittable)
             bar.update(1)
         bar.close()
         for tmp, final in temps:
@@ -228,8 +234,9 @@ def _progress_monitor(lib: TensorRT, bar: Any) -> Any:
 
 def _build_plan(lib: TensorRT, logger: Any, onnx_path: Path, spec: ComponentSpec,
                 profile: dict[str, tuple[Dims, Dims, Dims]], archs: list[str], level: int | None,
-                timing: bytes, bar: Any) -> tuple[bytes, list[dict[str, Any]], bytes]:
-    """One strongly typed plan; returns (plan, the network's I/O, the updated timing cache)."""
+                timing: bytes, bar: Any, refit: bool) -> tuple[bytes, list[dict[str, Any]], bytes, bool]:
+    """One strongly typed plan; returns (plan, the network's I/O, the updated timing cache, whether the
+    weights LoRA changes are refittable)."""
     trt = lib.module
     logger.errors.clear()
     builder = trt.Builder(logger)
@@ -243,6 +250,14 @@ def _build_plan(lib: TensorRT, logger: Any, onnx_path: Path, spec: ComponentSpec
     check_io(io, spec, onnx_path)
 
     cfg = builder.create_builder_config()
+    refittable = refit and bool(spec.weights)
+    if refittable:  # only the named weights: TensorRT still folds and fuses every other constant
+        cfg.set_flag(trt.BuilderFlag.REFIT_INDIVIDUAL)
+        lost = [name for name in spec.weights if not network.mark_weights_refittable(name)]
+        if lost:
+            raise EngineError(f"TensorRT {lib.version} found no weights {lost[0]} in {onnx_path.name} "
+                              f"({len(lost)} of {len(spec.weights)} LoRA weights): re-export with `sdrt export`, "
+                              "or build with --no-refit")
     opt = builder.create_optimization_profile()
     for name, (lo, mid, hi) in profile.items():
         opt.set_shape(name, lo, mid, hi)
@@ -265,7 +280,7 @@ def _build_plan(lib: TensorRT, logger: Any, onnx_path: Path, spec: ComponentSpec
                            f"{'; '.join(logger.errors) or 'no message'}. Try narrower --shapes or report it")
     if not lib.rtx:
         timing = bytes(memoryview(cfg.get_timing_cache().serialize()))
-    return bytes(memoryview(plan)), io, timing
+    return bytes(memoryview(plan)), io, timing, refittable
 
 
 def network_io(lib: TensorRT, network: Any) -> list[dict[str, Any]]:

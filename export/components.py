@@ -12,6 +12,8 @@ inpainting blend into the U-Net graph (see DESIGN.md), so the runtime's loop is 
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -37,6 +39,19 @@ class TextEncoder(nn.Module):
         self.slot = slot
         self.final_norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm  # WithProjection wraps one
         self.layers = text_encoder.config.num_hidden_layers
+
+    @property
+    def adapted(self) -> tuple[nn.Module, Callable[[str], tuple[str, str]]]:
+        """The module whose weights a LoRA changes, and a module path's weight name and original-layout
+        path: `text_encoder.text_model.encoder.layers.0.self_attn.q_proj.weight` (the name PEFT and
+        kohya files use, also where transformers ≥ 5 drops the `text_model.` level)."""
+
+        def names(path: str) -> tuple[str, str]:
+            if path.split(".")[0] in ("embeddings", "encoder", "final_layer_norm"):
+                path = f"text_model.{path}"
+            return f"{self.slot.component}.{path}.weight", ""
+
+        return self.text_encoder, names
 
     def forward(self, input_ids: torch.Tensor, token_weights: torch.Tensor, keep: torch.Tensor,
                 *clip_skip: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -85,6 +100,13 @@ class DenoiseStep(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
+
+    @property
+    def adapted(self) -> tuple[nn.Module, Callable[[str], tuple[str, str]]]:
+        """The U-Net, and a module path's weight name (`unet.<path>.weight`) and openaimodel path."""
+        from sdrt.export.original_layout import unet_module_name
+
+        return self.unet, lambda path: (f"unet.{path}.weight", unet_module_name(path, self.unet))
 
     def forward(self, latents, timestep, *rest):
         n, m = len(self.conditioning), len(self.image_inputs)

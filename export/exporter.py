@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -225,6 +225,7 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
 
     from sdrt.export.components import DenoiseStep, TextEncoder, VaeDecoder, VaeEncoder
     from sdrt.export.onnx_io import export_onnx
+    from sdrt.export.weights import name_weights, weight_digests
 
     family: Family = parts.family
     f = "float16" if config.precision == "fp16" else "float32"
@@ -338,8 +339,11 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
         last_use = not _shares_weights(module, [m for _, _, m, _ in jobs[i + 1:]])
         if precision == "fp16":
             module = module.to(torch.float16) if last_use else copy.deepcopy(module).to(torch.float16)
-        export_onnx(module, trace_args, staging / spec.onnx, [t.name for t in spec.inputs],
-                    [t.name for t in spec.outputs], dyn(spec), config.opset)
+        stored = export_onnx(module, trace_args, staging / spec.onnx, [t.name for t in spec.inputs],
+                             [t.name for t in spec.outputs], dyn(spec), config.opset)
+        if hasattr(module, "adapted"):  # the text encoders' and the U-Net's weights, named for LoRA
+            spec = replace(spec, weights=name_weights(staging / spec.onnx, stored, weight_digests(*module.adapted)))
+            jobs[i] = (name, spec, jobs[i][2], precision)
         if last_use:
             module.to("meta")
         del module

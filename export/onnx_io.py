@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import stat
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -17,6 +19,18 @@ ALIGNMENT = 4096  # each tensor starts on a page, so ONNX Runtime can map the we
 COPY_CHUNK = 64 * 2**20
 
 
+@dataclass(frozen=True)
+class StoredTensor:
+    """One initializer as gather_weights wrote it into the data file."""
+
+    name: str
+    offset: int
+    length: int
+    dims: tuple[int, ...]
+    data_type: int  # onnx.TensorProto element type
+    digest: bytes  # sha1 of its bytes: how export.weights finds the parameter it came from
+
+
 def export_onnx(
     module: torch.nn.Module,
     args: tuple[torch.Tensor, ...],
@@ -25,8 +39,8 @@ def export_onnx(
     output_names: Sequence[str],
     dynamic_axes: dict[str, dict[int, str]],
     opset: int,
-) -> None:
-    """Writes path (graph) and path + '.data' (all weights), nothing else."""
+) -> list[StoredTensor]:
+    """Writes path (graph) and path + '.data' (all weights), nothing else; returns where each weight went."""
     raw_dir = path.parent / f".{path.stem}.raw"
     shutil.rmtree(raw_dir, ignore_errors=True)
     raw_dir.mkdir(parents=True)
@@ -38,12 +52,12 @@ def export_onnx(
                 module, args, str(raw), input_names=list(input_names), output_names=list(output_names),
                 dynamic_axes=dynamic_axes, opset_version=opset, do_constant_folding=True, dynamo=False,
             )
-        gather_weights(raw, path)
+        return gather_weights(raw, path)
     finally:
         shutil.rmtree(raw_dir, ignore_errors=True)
 
 
-def gather_weights(raw: Path, path: Path) -> None:
+def gather_weights(raw: Path, path: Path) -> list[StoredTensor]:
     """raw (the exporter's graph, its weights inline or in files beside it) -> path + path.data.
 
     Streams one tensor at a time, so memory stays at the largest tensor (torch writes the weights of
@@ -51,6 +65,7 @@ def gather_weights(raw: Path, path: Path) -> None:
     """
     model = onnx.load(str(raw), load_external_data=False)
     data_name = path.name + ".data"
+    stored = []
     with open(path.parent / data_name, "wb") as out:
         for tensor in model.graph.initializer:  # constant nodes stay inline: ONNX Runtime's shape inference reads them
             if uses_external_data(tensor):
@@ -65,8 +80,10 @@ def gather_weights(raw: Path, path: Path) -> None:
                 continue
             out.write(b"\0" * (-out.tell() % ALIGNMENT))
             start = out.tell()
+            digest = hashlib.sha1()
             if source is None:
                 out.write(tensor.raw_data)
+                digest.update(tensor.raw_data)
             else:
                 with open(source, "rb") as src:
                     src.seek(offset)
@@ -76,6 +93,7 @@ def gather_weights(raw: Path, path: Path) -> None:
                         if not chunk:
                             raise OSError(f"{source}: {left} bytes of {tensor.name} missing")
                         out.write(chunk)
+                        digest.update(chunk)
                         left -= len(chunk)
             tensor.ClearField("raw_data")
             del tensor.external_data[:]
@@ -83,6 +101,9 @@ def gather_weights(raw: Path, path: Path) -> None:
                 entry = tensor.external_data.add()
                 entry.key, entry.value = key, str(value)
             tensor.data_location = onnx.TensorProto.EXTERNAL
+            stored.append(StoredTensor(tensor.name, start, length, tuple(tensor.dims), tensor.data_type,
+                                       digest.digest()))
     onnx.save_model(model, str(path))
     # open() above made the data file with the umask's mode: the graph's own mode, as onnx.save gives it
     os.chmod(path.parent / data_name, stat.S_IMODE(path.stat().st_mode))
+    return stored

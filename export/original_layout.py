@@ -47,17 +47,20 @@ def _renamed(path: str, table: dict[str, str]) -> str:
 
 def unet_state(unet: Any) -> dict[str, Any]:
     """UNet2DConditionModel -> model.diffusion_model.* (block i of a level of L layers: 1 + level*(L+1) + i)."""
-    per_level = unet.config.layers_per_block + 1
     out = {}
     for key, value in unet.state_dict().items():
         module, leaf = _split(key)
-        parts = module.split(".")
-        if parts[0] in ("down_blocks", "up_blocks", "mid_block"):
-            target = _unet_block(parts, per_level, unet)
-        else:
-            target = _renamed(module, _UNET_FIXED)
-        out[f"{UNET_PREFIX}{target}.{leaf}"] = value
+        out[f"{UNET_PREFIX}{unet_module_name(module, unet)}.{leaf}"] = value
     return out
+
+
+def unet_module_name(module: str, unet: Any) -> str:
+    """A U-Net module's diffusers path -> its openaimodel path ('down_blocks.1.attentions.0.proj_in' ->
+    'input_blocks.4.1.proj_in'), the name kohya's SDXL LoRAs use."""
+    parts = module.split(".")
+    if parts[0] in ("down_blocks", "up_blocks", "mid_block"):
+        return _unet_block(parts, unet.config.layers_per_block + 1, unet)
+    return _renamed(module, _UNET_FIXED)
 
 
 def _unet_block(parts: list[str], per_level: int, unet: Any) -> str:

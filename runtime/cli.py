@@ -46,7 +46,7 @@ def _build(args: argparse.Namespace) -> None:
 
     archs = tuple(a for a in (args.arch or "").split(",") if a)
     manifest = build(BuildConfig(Path(args.engines), shapes=args.shapes, archs=archs, flavour=args.flavour,
-                                 optimization_level=args.optimization_level))
+                                 optimization_level=args.optimization_level, refit=args.refit))
     plans = manifest.plans
     assert plans is not None  # build() records them
     print(f"built {plans.flavour} {plans.version} plans for {', '.join(plans.archs)} ({plans.shapes}) "
@@ -196,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto prefers full TensorRT when both are installed")
     p.add_argument("--optimization-level", type=int, choices=range(6), default=None,
                    help="TensorRT builder optimization level (default 3; higher builds slower, may run faster)")
+    p.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
+                   help="LoRA weights refittable, so LoRAs switch without a rebuild (default: when building on a GPU; "
+                        "TensorRT-RTX cannot build them without one)")
     p.set_defaults(func=_build)
 
     p = sub.add_parser("generate", help="generate images from an engine directory")

@@ -35,11 +35,24 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
+class WeightSlot:
+    """A weight a LoRA may change (a Linear's or Conv's), as the ONNX stores it: the initializer named
+    after the module (`unet.down_blocks.0.attentions.0.proj_in.weight`), at `offset` in the .onnx.data."""
+
+    offset: int  # bytes into the component's ONNX data file
+    shape: tuple[int, ...]  # as stored
+    dtype: str  # numpy name
+    transposed: bool  # stored (in, out): a Linear the exporter turned into a MatMul
+    original: str = ""  # the module's original-layout (openaimodel) path, for the U-Net's
+
+
+@dataclass(frozen=True)
 class ComponentSpec:
     onnx: str  # file name inside the engine directory
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     precision: str = ""  # of the graph's weights and math ("fp16", "fp32"); may differ from the manifest's
+    weights: dict[str, WeightSlot] = field(default_factory=dict)  # by initializer name: what LoRA can change
 
     def input(self, name: str) -> TensorSpec:
         return next(t for t in self.inputs if t.name == name)
@@ -137,6 +150,7 @@ class PlanRecord:
     io: tuple[dict[str, Any], ...]  # the parsed network's I/O: name, mode, dtype, shape
     onnx_sha256: str  # of the ONNX it was built from
     profile: dict[str, dict[str, list[int]]]  # input -> {"min", "opt", "max"} dims
+    refittable: bool = False  # its LoRA weights (ComponentSpec.weights) can be refitted
 
 
 @dataclass(frozen=True)
@@ -188,7 +202,8 @@ class Manifest:
 
         components = {
             name: ComponentSpec(c["onnx"], tuple(map(spec, c["inputs"])), tuple(map(spec, c["outputs"])),
-                                c.get("precision", ""))
+                                c.get("precision", ""),
+                                {k: WeightSlot(**{**w, "shape": tuple(w["shape"])}) for k, w in c.get("weights", {}).items()})
             for name, c in doc["components"].items()
         }
         plans = doc.get("plans")

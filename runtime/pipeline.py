@@ -28,6 +28,7 @@ from sdrt.errors import InputError, SdrtError, check_text, is_integer
 from sdrt.families import CONCAT, HOST, ROW, layout_rows, stack_rows
 from sdrt.images import (Picture, latent_mask, mask_picture, overlay, picture, pixel_mask, read_image, read_mask,
                          resized)
+from sdrt.loras import TAG, check_loras, lora_weights, prompt_loras, read_lora
 from sdrt.manifest import ENCODER, STEP, Manifest, read_manifest
 from sdrt.schedulers import NoiseSchedule, SamplerPlan, check_sampler, make_plan, strength_start
 from sdrt.tiling import decode_tiled
@@ -79,6 +80,7 @@ class GenerationConfig:
     inpainting_fill: str = "original"  # the masked area's start (inpainting only): a value of INPAINTING_FILLS
     clip_skip: int = 1  # A1111's: condition on CLIP's layer `clip_skip` from the output (1 = the last)
     chunks: int = 1  # 75-token prompt chunks every text row is encoded in (the longest prompt's)
+    loras: tuple[tuple[str, float], ...] = ()  # (resolved path, weight) of each LoRA applied (sdrt.loras)
 
     @property
     def row_seeds(self) -> tuple[int, ...]:
@@ -189,8 +191,9 @@ class Pipeline:
     """`Pipeline.load("engines/NAME")("a prompt", steps=20)` -> list of PIL images."""
 
     def __init__(self, engine_dir: Path, manifest: Manifest, backend: Backend, low_vram: bool = False,
-                 vae_tile: int = 512):
+                 vae_tile: int = 512, lora_dir: Path | None = None):
         self.engine_dir = Path(engine_dir)
+        self.lora_dir = Path(lora_dir) if lora_dir is not None else None  # where prompts' <lora:NAME> resolve
         self.manifest = manifest
         self.backend = backend
         self.low_vram = low_vram
@@ -201,17 +204,21 @@ class Pipeline:
         self.tokenizers = {t.tokenizer: ClipTokenizer(self.engine_dir / t.tokenizer) for t in self.model.text_encoders}
         self._engines: dict[str, Engine] = {}
         self._buffers: dict[tuple, Any] = {}
+        self.loras: tuple[tuple[str, float], ...] = ()  # set_loras': applied to configs that name none
+        self._applied: tuple[tuple[str, float], ...] = ()  # the LoRAs the engines run with now
+        self._weights: dict[str, dict[str, np.ndarray]] = {}  # their changed weights, by component
 
     @classmethod
     def load(cls, engine_dir: str | Path, backend: str | Backend = "auto", verify: bool = True,
-             low_vram: bool = False, vae_tile: int = 512) -> "Pipeline":
-        """low_vram: one engine resident at a time, and VAE decode in vae_tile-pixel tiles above that size."""
+             low_vram: bool = False, vae_tile: int = 512, lora_dir: str | Path | None = None) -> "Pipeline":
+        """low_vram: one engine resident at a time, and VAE decode in vae_tile-pixel tiles above that size;
+        lora_dir: the folder prompts' `<lora:NAME:WEIGHT>` tags name files in (A1111's)."""
         engine_dir = Path(engine_dir)
         manifest = read_manifest(engine_dir)
         chosen = select_backend(backend, manifest) if isinstance(backend, str) else backend
         if verify:
             chosen.verify(engine_dir, manifest)
-        pipe = cls(engine_dir, manifest, chosen, low_vram=low_vram, vae_tile=vae_tile)
+        pipe = cls(engine_dir, manifest, chosen, low_vram=low_vram, vae_tile=vae_tile, lora_dir=lora_dir)
         if not low_vram:  # the VAE encoder loads with the first image in: text-to-image never pays its memory
             for name in manifest.model.components:
                 if name != ENCODER:
@@ -227,8 +234,27 @@ class Pipeline:
                 for engine in self._engines.values():
                     engine.release()
                 self._engines.clear()
-            self._engines[name] = self.backend.load(self.engine_dir, self.manifest, name)
+            self._engines[name] = self.backend.load(self.engine_dir, self.manifest, name, self._weights.get(name))
         return self._engines[name]
+
+    # --- LoRA ---------------------------------------------------------------------------------
+
+    def set_loras(self, loras: Sequence[tuple[str | Path, float]]) -> None:
+        """The LoRAs (file, weight) every later generation applies unless its config names its own;
+        [] for none. Applied now: the engines' weights become base + Σ deltas (sdrt.loras)."""
+        self.loras = check_loras(loras)
+        self._apply_loras(self.loras)
+
+    def _apply_loras(self, loras: tuple[tuple[str, float], ...]) -> None:
+        """Sets the engines' weights to base + the deltas of loras (weight-0 LoRAs change nothing)."""
+        if loras == self._applied:
+            return
+        weights = lora_weights(self.engine_dir, self.manifest, [(read_lora(p), w) for p, w in loras if w != 0])
+        self.backend.synchronize()
+        for name in set(weights) | set(self._weights):
+            if name in self._engines:
+                self._engines[name].set_weights(weights.get(name, {}))
+        self._weights, self._applied = weights, loras
 
     def _buffer(self, key: str, shape: tuple[int, ...], dtype: str) -> Any:
         """Device buffers are allocated once per (key, shape) and reused."""
@@ -261,6 +287,7 @@ class Pipeline:
                     target_size: Sequence[int] | None = None, image: Any = None, mask_image: Any = None,
                     strength: float | None = None, mask_blur: int = 4, inpainting_fill: str = "original",
                     inpainting_mask_invert: bool = False, clip_skip: int | None = None,
+                    loras: Sequence[tuple[str | Path, float]] | None = None,
                     max_rows: int | None = None) -> GenerationConfig:
         """Validates a request against the engines' limits. steps, guidance and scheduler default to the
         model family's; seeds: one per row (then `seed` is ignored), by default row i uses seed + i;
@@ -278,6 +305,8 @@ class Pipeline:
         Prompts are read as A1111 does (sdrt.prompts): `(emphasis:1.2)`, `[less]`, `BREAK`, and past
         75 tokens in chunks of 75, up to the engines' limit. clip_skip: condition on CLIP's layer
         `clip_skip` from the output, A1111's numbering (default 1, the last; diffusers' clip_skip + 1).
+        loras: (file, weight) pairs (default: set_loras'); prompts' `<lora:NAME:WEIGHT>` tags add the
+        files NAME.safetensors of lora_dir, as A1111 does, and are not encoded.
         max_rows: allow more rows than the engines' batch, for a caller that runs them as successive
         engine calls (the server's scheduler: A1111's n_iter); generate() itself takes the engines' batch."""
         defaults = self.model.defaults
@@ -302,6 +331,14 @@ class Pipeline:
         for label, texts in (("prompt", prompts), ("negative_prompt", negatives)):
             for text in texts:
                 check_text(text, label)
+        loras = self.loras if loras is None else check_loras(loras)
+        prompts, tagged = prompt_loras(prompts, self.lora_dir)
+        negatives = [TAG.sub("", n) for n in negatives]  # as A1111: a negative prompt's tags apply nothing
+        if tagged:
+            loras += check_loras(tagged)
+            named = [path for path, _ in loras]
+            if len(set(named)) != len(named):
+                raise InputError("a LoRA is named twice (in the prompt and in loras): name it once")
         try:
             guidance = float(guidance)
         except (TypeError, ValueError):
@@ -365,7 +402,7 @@ class Pipeline:
                                 int(height), int(width), tuple(int(x) for x in seeds) if seeds is not None else (),
                                 **micro, images=images, masks=masks, strength=float(strength),
                                 mask_blur=int(mask_blur), inpainting_fill=inpainting_fill, clip_skip=clip_skip,
-                                chunks=chunks)
+                                chunks=chunks, loras=loras)
 
     def _chunks(self, prompts: list[str], negatives: list[str]) -> int:
         """The most 75-token chunks any encoded prompt takes; over the engines' limit is an error."""
@@ -458,6 +495,7 @@ class Pipeline:
         pad = self.limits.batch[0] - config.batch
         if pad > 0:  # plans of one batch size (static): copies of the last row run along, then are dropped
             config = config.padded(pad)
+        self._apply_loras(config.loras)
         plan = make_plan(config.scheduler, self.schedule, config.steps, config.strength)
         init, step_noise = self.initial_noise(config, plan)
         if latents is not None:

@@ -38,6 +38,11 @@ class Engine(ABC):
     def release(self) -> None:
         """Frees what the engine holds on the device (low-VRAM mode)."""
 
+    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        """Runs from now on with these named weights (spec.weights, stored layout and dtype) and every
+        other weight as in the engine file (LoRA: base + delta, never delta on delta)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot change its weights")
+
 
 class Backend(ABC):
     name: str
@@ -51,7 +56,9 @@ class Backend(ABC):
         return ShapeLimits.of_onnx(manifest.shapes)
 
     @abstractmethod
-    def load(self, engine_dir: Path, manifest: Manifest, component: str) -> Engine: ...
+    def load(self, engine_dir: Path, manifest: Manifest, component: str,
+             weights: Mapping[str, np.ndarray] | None = None) -> Engine:
+        """The component's engine, running with `weights` in place of the file's (Engine.set_weights)."""
 
     @abstractmethod
     def empty(self, shape: Sequence[int], dtype: str) -> Any: ...

@@ -7,7 +7,7 @@ bound by name, so the CPU tests exercise the code the GPU runs.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -45,11 +45,19 @@ class RowView(NamedTuple):
 
 
 class OrtEngine(Engine):
-    def __init__(self, session: Any, spec: ComponentSpec, device: str):
-        self.session = session
+    def __init__(self, open_session: Callable[[Mapping[str, np.ndarray]], tuple[Any, list[Any]]], spec: ComponentSpec, device: str,
+                 weights: Mapping[str, np.ndarray] | None = None):
+        self.open_session = open_session
         self.spec = spec
         self.device = device
-        self.binding = session.io_binding()
+        self.set_weights(weights or {})
+
+    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        """A new session whose initializers `weights` replace the file's (add_external_initializers)."""
+        self.session = None
+        # ONNX Runtime may run on the values' memory itself (CPU): they live as long as the session
+        self.session, self.held = self.open_session(weights)
+        self.binding = self.session.io_binding()
 
     def _bind(self, name: str, value: Any, is_input: bool) -> None:
         if isinstance(value, RowView):
@@ -75,6 +83,7 @@ class OrtEngine(Engine):
     def release(self) -> None:
         self.session = None
         self.binding = None
+        self.held = []
 
 
 # ONNX Runtime's exception classes that mean the file itself is bad (not the machine)
@@ -123,18 +132,28 @@ class OrtBackend(Backend):
     def describe(self) -> str:
         return f"{self.name} (onnxruntime {self.ort.__version__})"
 
-    def load(self, engine_dir: Path, manifest: Manifest, component: str) -> Engine:
+    def load(self, engine_dir: Path, manifest: Manifest, component: str,
+             weights: Mapping[str, np.ndarray] | None = None) -> Engine:
         spec = manifest.components[component]
+        path = Path(engine_dir) / spec.onnx
+        return OrtEngine(lambda w: self._session(path, spec, w), spec, self.device, weights)
+
+    def _session(self, path: Path, spec: ComponentSpec, weights: Mapping[str, np.ndarray]) -> tuple[Any, list[Any]]:
         options = self.ort.SessionOptions()
         options.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
         if self.threads:
             options.intra_op_num_threads = self.threads
+        # external initializers are replaced as the model loads, before graph optimization (add_initializer's
+        # values arrive after it: a CPU session's NCHWc-reordered convolutions would keep the file's weights)
+        held = [(value := np.ascontiguousarray(array), self.ort.OrtValue.ortvalue_from_numpy(value))
+                for array in weights.values()]
+        if held:
+            options.add_external_initializers(list(weights), [v for _, v in held])
         providers: list[Any] = ["CPUExecutionProvider"]
         if self.device == "cuda":
             providers = [("CUDAExecutionProvider", {"device_id": 0, "arena_extend_strategy": "kSameAsRequested",
                                                     "cudnn_conv_use_max_workspace": "1"}), "CPUExecutionProvider"]
-        path = Path(engine_dir) / spec.onnx
         try:
             session = self.ort.InferenceSession(str(path), options, providers=providers)
         except Exception as e:  # ORT raises its own exception types
@@ -149,7 +168,7 @@ class OrtBackend(Backend):
             if names.get(t.name) != t.dtype:
                 raise EngineError(f"{path}: I/O {t.name!r} is {names.get(t.name)} in the graph but {t.dtype} in "
                                   "manifest.json; re-export with `sdrt export`")
-        return OrtEngine(session, spec, self.device)
+        return session, held
 
     def empty(self, shape: Sequence[int], dtype: str) -> Any:
         return self.ort.OrtValue.ortvalue_from_shape_and_type(list(shape), _ELEMENT_TYPES[dtype], self.device, 0)

@@ -49,10 +49,12 @@ class DeviceArray:
 
 
 class TrtEngine(Engine):
-    def __init__(self, backend: TrtBackend, engine: Any, spec: Any, static: bool):
+    def __init__(self, backend: TrtBackend, engine: Any, spec: Any, static: bool, refittable: bool = False):
         self.backend = backend
         self.engine = engine
         self.spec = spec
+        self.refittable = refittable
+        self._changed: set[str] = set()  # weights set_weights moved off the plan's own
         self.context = backend.create_context(engine)
         self.manual_graphs = static and backend.cuda_graphs and not backend.lib.rtx
         self._shapes: dict[str, tuple[int, ...]] = {}
@@ -139,6 +141,30 @@ class TrtEngine(Engine):
         self.context = None
         self.engine = None
 
+    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        """Refits the plan in place: `weights`, and the ones an earlier call changed back to the file's."""
+        if not self.refittable:
+            raise EngineError(f"{self.spec.onnx}'s plan was built without refittable weights (on a machine without a "
+                              f"GPU, or --no-refit): {build_hint(self.backend.engine_dir, ' --refit')} on a GPU to "
+                              "use LoRA on TensorRT, or use --backend ort")
+        from sdrt.loras import base_weight
+
+        trt = self.backend.lib.module
+        self.backend.synchronize()  # no run may read the weights while they change
+        refitter = trt.Refitter(self.engine, self.backend._logger)
+        arrays = {name: base_weight(self.backend.engine_dir, self.spec, name) for name in self._changed - set(weights)}
+        arrays = {name: np.ascontiguousarray(a) for name, a in {**arrays, **weights}.items()}  # alive until the refit
+        for name, array in arrays.items():
+            if not refitter.set_named_weights(name, trt.Weights(array)):
+                raise EngineError(f"TensorRT refused weights {name} {array.shape}: "
+                                  f"{'; '.join(self.backend.logger_errors()) or 'no message'}")
+        if not refitter.refit_cuda_engine():
+            raise EngineError(f"TensorRT could not refit {self.spec.onnx}'s plan: "
+                              f"{'; '.join(self.backend.logger_errors()) or 'no message'}")
+        self._graphs.clear()  # captured graphs replay kernels that may have read folded copies
+        self._warm.clear()
+        self._changed = set(weights)
+
 
 class TrtBackend(Backend):
     def __init__(self, flavour: str = "auto", cuda_graphs: bool = True):
@@ -179,7 +205,8 @@ class TrtBackend(Backend):
             raise EngineError(f"{manifest.name} has no TensorRT plans: build them with `sdrt build`")
         return manifest.plans.limits
 
-    def load(self, engine_dir: Path, manifest: Manifest, component: str) -> Engine:
+    def load(self, engine_dir: Path, manifest: Manifest, component: str,
+             weights: Mapping[str, np.ndarray] | None = None) -> Engine:
         self.engine_dir = Path(engine_dir)
         if manifest.plans is None:
             raise EngineError(f"{engine_dir} has no TensorRT plans: {build_hint(self.engine_dir)}")
@@ -204,7 +231,11 @@ class TrtBackend(Backend):
             io.append({"name": name, "mode": mode, "dtype": self.lib.dtype_name(engine.get_tensor_dtype(name))})
         spec = manifest.components[component]
         check_io(io, spec, path)
-        return TrtEngine(self, engine, spec, static=manifest.plans.limits.kind == "static")
+        loaded = TrtEngine(self, engine, spec, static=manifest.plans.limits.kind == "static",
+                           refittable=manifest.plans.components[component].refittable)
+        if weights:
+            loaded.set_weights(weights)
+        return loaded
 
     def create_context(self, engine: Any) -> Any:
         trt = self.lib.module

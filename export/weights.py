@@ -1,0 +1,85 @@
+"""Naming the weights a LoRA can change in an exported graph (DESIGN: adapters are weight deltas).
+
+torch.onnx's TorchScript exporter keeps a convolution's weight under its parameter name but folds a
+Linear's weight into a transposed constant named `onnx::MatMul_N`. Each Linear and Conv weight of the
+adapted module is found among the written initializers by the sha1 of its bytes (as they are, or
+transposed), and the initializer is renamed after the module (`unet.<path>.weight`, diffusers' and
+PEFT's naming), so the runtime can override it by name (ONNX Runtime) or refit it (TensorRT).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Callable
+
+import onnx
+import torch
+from onnx import helper
+from torch import nn
+
+from sdrt.export.onnx_io import StoredTensor
+from sdrt.manifest import WeightSlot
+
+ADAPTED = (nn.Linear, nn.Conv2d)  # what LoRA (and LoCon) layers change
+
+
+def _digest(t: torch.Tensor) -> bytes:
+    return hashlib.sha1(t.detach().contiguous().numpy().tobytes()).digest()
+
+
+def weight_digests(root: nn.Module, names: Callable[[str], tuple[str, str]]) -> dict[bytes, list[tuple[str, bool, str]]]:
+    """sha1 of each Linear/Conv weight of root, as stored and transposed -> [(name, transposed, original)];
+    names(module path) gives the weight's name and its module's original-layout path.
+
+    A digest two weights share (equal tensors) lists both; name_weights leaves such weights unnamed."""
+    out: dict[bytes, list[tuple[str, bool, str]]] = {}
+    for path, module in root.named_modules():
+        if not isinstance(module, ADAPTED):
+            continue
+        name, alias = names(path)
+        w = module.weight
+        out.setdefault(_digest(w), []).append((name, False, alias))
+        if w.ndim == 2:
+            out.setdefault(_digest(w.T), []).append((name, True, alias))
+    return out
+
+
+def name_weights(path: Path, stored: list[StoredTensor],
+                 digests: dict[bytes, list[tuple[str, bool, str]]]) -> dict[str, WeightSlot]:
+    """Renames the initializers of path that are adapted weights; returns their slots by new name."""
+    renames: dict[str, str] = {}
+    slots: dict[str, WeightSlot] = {}
+    twice: set[str] = set()
+    for t in stored:
+        found = digests.get(t.digest, [])
+        # left alone: not a weight, equal weights, or a symmetric one (stored as is or transposed?)
+        if len(found) != 1:
+            continue
+        name, transposed, alias = found[0]
+        if name in slots or name in twice:  # the exporter wrote the same weight twice: a LoRA could not change both
+            twice.add(name)
+            slots.pop(name, None)
+            continue
+        dtype = helper.tensor_dtype_to_np_dtype(t.data_type).name
+        slots[name] = WeightSlot(t.offset, t.dims, dtype, transposed, alias)
+        renames[t.name] = name
+    renames = {old: new for old, new in renames.items() if new in slots}
+    model = onnx.load(str(path), load_external_data=False)
+    taken = {i.name for i in model.graph.initializer} - set(renames)
+    clash = sorted(set(renames.values()) & taken)
+    if clash:
+        raise RuntimeError(f"{path.name}: initializer {clash[0]} exists twice after naming; report this model")
+    for tensor in model.graph.initializer:
+        tensor.name = renames.get(tensor.name, tensor.name)
+    _rename_inputs(model.graph, renames)
+    onnx.save_model(model, str(path))
+    return slots
+
+
+def _rename_inputs(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
+    for node in graph.node:
+        node.input[:] = [renames.get(i, i) for i in node.input]
+        for attribute in node.attribute:  # If/Loop bodies read outer initializers by name
+            for sub in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                _rename_inputs(sub, renames)

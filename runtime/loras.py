@@ -1,0 +1,269 @@
+"""LoRA as weight deltas on exported engines, without re-exporting (DESIGN: adapters are weight deltas).
+
+A LoRA stores, per adapted layer, down (r, in[, kh, kw]) and up (out, r[, 1, 1]) and optionally alpha;
+at weight w it changes the layer's weight W (out, in[, kh, kw]) to (Hu et al. 2021, eq. 3):
+
+    W' = W + w · (alpha / r) · up @ down          (reshaped to W; alpha defaults to r)
+
+Formats read: kohya / A1111 (`lora_unet_…`, `lora_te_…`, SDXL's `lora_te1_…`/`lora_te2_…`, U-Net paths
+in diffusers' or the original openaimodel naming, LoCon convolutions) and diffusers / PEFT
+(`unet.….lora_A.weight`, `text_encoder.….lora.down.weight`). The exporter names every Linear and Conv
+weight of the U-Net and text encoders after its module and records where it lies in the ONNX data
+(manifest WeightSlot); the deltas are computed here in float32 against those base weights, read from
+the engine files (never written), so switching LoRAs never adds a delta to a delta.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import struct
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from sdrt.errors import InputError
+from sdrt.manifest import ComponentSpec, Manifest, WeightSlot
+
+SUFFIXES = ".safetensors"
+_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "BF16": np.uint16}
+# a layer's tensors: kohya (lora_down/up), diffusers' old (lora.down/up), PEFT (lora_A/B)
+_DOWN = (".lora_down.weight", ".lora.down.weight", ".lora_A.weight")
+_UP = (".lora_up.weight", ".lora.up.weight", ".lora_B.weight")
+_ALPHA = ".alpha"
+# other adapter kinds, recognised to be refused by name
+_UNSUPPORTED = {".hada_": "LoHa", ".lokr_": "LoKr", ".dora_scale": "DoRA", ".lora_mid.": "LoCon with CP decomposition",
+                ".diff": "a full weight difference", ".lora_B.bias": "LoRA with biases", ".oft_": "OFT"}
+TAG = re.compile(r"<(\w+):([^>]+)>")  # A1111's extra-network tag: <lora:NAME:WEIGHT>
+
+
+@dataclass(frozen=True)
+class LoraLayer:
+    down: np.ndarray  # (r, in[, kh, kw]) float32
+    up: np.ndarray  # (out, r[, 1, 1]) float32
+    alpha: float | None
+
+
+@dataclass(frozen=True)
+class LoraFile:
+    path: Path
+    layers: dict[str, LoraLayer]  # by the module key as the file spells it
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """A .safetensors file -> (float32 tensors, metadata), with numpy alone (bf16 widened)."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            (n,) = struct.unpack("<Q", f.read(8))
+            if not 2 <= n <= size - 8:
+                raise ValueError("header length out of range")
+            header = json.loads(f.read(n))
+            start = 8 + n
+            tensors = {}
+            for key, entry in header.items():
+                if key == "__metadata__":
+                    continue
+                begin, end = entry["data_offsets"]
+                dtype = _DTYPES.get(entry["dtype"])
+                if dtype is None:
+                    raise InputError(f"{path}: tensor {key} is {entry['dtype']}; LoRA weights are F16, BF16 or F32")
+                if start + end > size:
+                    raise ValueError(f"tensor {key} runs past the end of the file")
+                f.seek(start + begin)
+                raw = np.frombuffer(f.read(end - begin), dtype).reshape(entry["shape"])
+                if entry["dtype"] == "BF16":  # the top half of a float32
+                    raw = (raw.astype(np.uint32) << 16).view(np.float32)
+                tensors[key] = raw.astype(np.float32)
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
+        raise InputError(f"{path} is not a readable .safetensors file ({e}): download it again") from None
+    return tensors, dict(header.get("__metadata__") or {})
+
+
+@lru_cache(maxsize=16)
+def _read_lora(path: Path, stamp: tuple[int, int]) -> LoraFile:
+    tensors, metadata = read_safetensors(path)
+    default_alpha = _peft_alpha(path, metadata)
+    layers: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in tensors.items():
+        for marker, kind in _UNSUPPORTED.items():
+            if marker in key:
+                raise InputError(f"{path} is {kind} ({key}); sdrt applies LoRA and LoCon (lora_down/lora_up)")
+        for part, suffixes in (("down", _DOWN), ("up", _UP), ("alpha", (_ALPHA,))):
+            suffix = next((s for s in suffixes if key.endswith(s)), None)
+            if suffix:
+                layers.setdefault(key[: -len(suffix)], {})[part] = value
+                break
+        else:
+            raise InputError(f"{path}: {key} is not a LoRA tensor (lora_down/lora_up/alpha or lora_A/lora_B); "
+                             "is this a LoRA file?")
+    out = {}
+    for module, parts in layers.items():
+        if "down" not in parts or "up" not in parts:
+            raise InputError(f"{path}: layer {module} lacks its {'up' if 'down' in parts else 'down'} weight: "
+                             "the file is incomplete")
+        alpha = float(parts["alpha"].reshape(-1)[0]) if "alpha" in parts else default_alpha
+        out[module] = LoraLayer(parts["down"], parts["up"], alpha)
+    if not out:
+        raise InputError(f"{path} holds no LoRA layers")
+    return LoraFile(path, out)
+
+
+def read_lora(path: str | Path) -> LoraFile:
+    """A LoRA file, parsed once per content (cached by path, size and mtime)."""
+    path = Path(path)
+    if path.suffix != SUFFIXES:
+        raise InputError(f"LoRA {path}: sdrt reads LoRAs as {SUFFIXES} files")
+    try:
+        st = path.stat()
+    except OSError:
+        raise InputError(f"LoRA {path} does not exist") from None
+    return _read_lora(path.resolve(), (st.st_size, st.st_mtime_ns))
+
+
+def _peft_alpha(path: Path, metadata: dict[str, str]) -> float | None:
+    """alpha of a diffusers / PEFT file, from the adapter config diffusers stores in the metadata."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return None
+    try:
+        config = json.loads(raw)
+        configs = [config] if "r" in config else list(config.values())  # one per component
+        alphas = {(float(c["lora_alpha"]), int(c["r"])) for c in configs}
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise InputError(f"{path}: lora_adapter_metadata is malformed ({e})") from None
+    if any(c.get("alpha_pattern") or c.get("rank_pattern") for c in configs) or len(alphas) != 1:
+        raise InputError(f"{path}: per-layer ranks or alphas (alpha_pattern / rank_pattern) are not supported")
+    return alphas.pop()[0]  # the layer's own rank divides it
+
+
+# --- engines' weights ----------------------------------------------------------------------------
+
+
+def lora_keys(manifest: Manifest) -> dict[str, tuple[str, str]]:
+    """Every key a LoRA file may use for an adapted weight -> (component, weight name)."""
+    kohya_te = {t.component: ("lora_te" if len(manifest.model.text_encoders) == 1 else f"lora_te{i + 1}")
+                for i, t in enumerate(manifest.model.text_encoders)}
+    out: dict[str, tuple[str, str]] = {}
+    for component, spec in manifest.components.items():
+        for name, slot in spec.weights.items():
+            module = name.removesuffix(".weight")
+            prefix, _, path = module.partition(".")  # unet / text_encoder / text_encoder_2
+            keys = [module]
+            if prefix == "unet":
+                keys += [f"lora_unet_{path.replace('.', '_')}"]
+                keys += [f"lora_unet_{slot.original.replace('.', '_')}"] if slot.original else []
+            elif prefix in kohya_te:
+                keys += [f"{prefix}.{path.removeprefix('text_model.')}", f"{kohya_te[prefix]}_{path.replace('.', '_')}"]
+            for key in keys:
+                out[key] = (component, name)
+    return out
+
+
+def base_weight(engine_dir: Path, spec: ComponentSpec, name: str) -> np.ndarray:
+    """The exported weight `name` as stored in spec's ONNX data file (read-only memory map)."""
+    slot = spec.weights[name]
+    return np.memmap(Path(engine_dir) / f"{spec.onnx}.data", np.dtype(slot.dtype), "r", slot.offset, slot.shape)
+
+
+def _delta(layer: LoraLayer, slot: WeightSlot, scale: float, where: str) -> np.ndarray:
+    """w·(alpha/r)·up @ down in the stored layout of slot, float32."""
+    shape = slot.shape[::-1] if slot.transposed else slot.shape  # the module's (out, in[, kh, kw])
+    rank, out = layer.down.shape[0], layer.up.shape[0]
+    up, down = layer.up.reshape(out, -1), layer.down.reshape(rank, -1)
+    if up.shape[1] != rank or out != shape[0] or down.shape[1] != math.prod(shape[1:]):
+        raise InputError(f"{where}: a layer of shape {tuple(layer.up.shape)} x {tuple(layer.down.shape)} does not fit "
+                         f"the engines' weight of shape {tuple(shape)}: a LoRA for a model of another size or family")
+    alpha = rank if layer.alpha is None else layer.alpha
+    delta = (up @ down).reshape(shape) * np.float32(scale * alpha / rank)
+    return delta.T if slot.transposed else delta
+
+
+def lora_weights(engine_dir: Path, manifest: Manifest,
+                 loras: Sequence[tuple[LoraFile, float]]) -> dict[str, dict[str, np.ndarray]]:
+    """component -> {weight name: base + Σ deltas, in the stored dtype} for every weight the LoRAs touch."""
+    keys = lora_keys(manifest)
+    if not keys:
+        raise InputError(f"{engine_dir} was exported before sdrt named the weights LoRA changes: re-export it "
+                         f"with `sdrt export` to use LoRA")
+    sums: dict[tuple[str, str], np.ndarray] = {}
+    for lora, scale in loras:
+        unknown = [k for k in lora.layers if k not in keys]
+        if unknown:
+            raise InputError(f"LoRA {lora.path.name}: {len(unknown)} of its {len(lora.layers)} layers name none of "
+                             f"these {manifest.model.family} engines' layers (e.g. {unknown[0]}): a LoRA for another "
+                             "model family?")
+        for key, layer in lora.layers.items():
+            component, name = keys[key]
+            delta = _delta(layer, manifest.components[component].weights[name], scale, f"LoRA {lora.path.name}, {key}")
+            sums[(component, name)] = sums[(component, name)] + delta if (component, name) in sums else delta
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for (component, name), delta in sums.items():
+        spec = manifest.components[component]
+        base = base_weight(engine_dir, spec, name)
+        value = (base.astype(np.float32) + delta).astype(base.dtype)
+        if not np.all(np.isfinite(value)):
+            raise InputError(f"LoRA weights overflow {spec.weights[name].dtype} in {name}: lower the LoRA weights")
+        out.setdefault(component, {})[name] = value
+    return out
+
+
+# --- names and prompt tags -------------------------------------------------------------------
+
+
+def check_loras(loras: Sequence[tuple[str | Path, float]]) -> tuple[tuple[str, float], ...]:
+    """(path, weight) pairs, validated and read (so a bad file fails before any generation)."""
+    out = []
+    for entry in loras:
+        try:
+            path, weight = entry
+            weight = float(weight)
+        except (TypeError, ValueError):
+            raise InputError(f"LoRAs are (path, weight) pairs, got {entry!r}") from None
+        if not math.isfinite(weight) or abs(weight) > 100:
+            raise InputError(f"LoRA weight must be a finite number (usually 0 to 1), got {weight}")
+        read_lora(path)
+        out.append((str(Path(path).resolve()), weight))
+    return tuple(out)
+
+
+def available_loras(lora_dir: Path | None) -> dict[str, Path]:
+    """NAME -> file of every LoRA in lora_dir (A1111's --lora-dir; NAME is the file name, no suffix)."""
+    if lora_dir is None:
+        return {}
+    return {p.stem: p for p in sorted(Path(lora_dir).rglob(f"*{SUFFIXES}")) if p.is_file()}
+
+
+def prompt_loras(prompts: Sequence[str], lora_dir: Path | None) -> tuple[tuple[str, ...], tuple[tuple[Path, float], ...]]:
+    """A1111's `<lora:NAME:WEIGHT>` tags: the prompts without them, and the LoRAs they name (weight 1 when
+    left out), resolved in lora_dir. The same LoRA at two weights in one batch is refused."""
+    found: dict[str, float] = {}
+    stripped = []
+    for prompt in prompts:
+        for kind, args in TAG.findall(prompt):
+            if kind not in ("lora", "lyco"):
+                raise InputError(f"<{kind}:{args}>: sdrt applies LoRAs (<lora:NAME:WEIGHT>) only")
+            name, _, weight = args.partition(":")
+            weight = weight.split(":")[0] or "1"  # A1111's <lora:NAME:TE_WEIGHT:UNET_WEIGHT>: the first
+            try:
+                value = float(weight)
+            except ValueError:
+                raise InputError(f"<lora:{args}>: the weight {weight!r} is not a number") from None
+            if found.setdefault(name, value) != value:
+                raise InputError(f"<lora:{name}> appears at weights {found[name]:g} and {value:g} in one batch: "
+                                 "send them as separate requests")
+        stripped.append(TAG.sub("", prompt))
+    if not found:
+        return tuple(stripped), ()
+    files = available_loras(lora_dir)
+    if lora_dir is None:
+        raise InputError("the prompt names LoRAs (<lora:…>) but no LoRA folder is set: start with --lora-dir DIR")
+    missing = [n for n in found if n not in files]
+    if missing:
+        raise InputError(f"no LoRA named {missing[0]!r} in {lora_dir} (has: {', '.join(files) or 'none'})")
+    return tuple(stripped), tuple((files[n], w) for n, w in found.items())
