@@ -23,7 +23,7 @@ import struct
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -88,7 +88,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]
 @lru_cache(maxsize=16)
 def _read_lora(path: Path, stamp: tuple[int, int]) -> LoraFile:
     tensors, metadata = read_safetensors(path)
-    default_alpha = _peft_alpha(path, metadata)
+    peft_alpha = _peft_alphas(path, metadata)
     layers: dict[str, dict[str, np.ndarray]] = {}
     for key, value in tensors.items():
         for marker, kind in _UNSUPPORTED.items():
@@ -107,7 +107,7 @@ def _read_lora(path: Path, stamp: tuple[int, int]) -> LoraFile:
         if "down" not in parts or "up" not in parts:
             raise InputError(f"{path}: layer {module} lacks its {'up' if 'down' in parts else 'down'} weight: "
                              "the file is incomplete")
-        alpha = float(parts["alpha"].reshape(-1)[0]) if "alpha" in parts else default_alpha
+        alpha = float(parts["alpha"].reshape(-1)[0]) if "alpha" in parts else peft_alpha(module, parts["down"].shape[0])
         out[module] = LoraLayer(parts["down"], parts["up"], alpha)
     if not out:
         raise InputError(f"{path} holds no LoRA layers")
@@ -126,42 +126,63 @@ def read_lora(path: str | Path) -> LoraFile:
     return _read_lora(path.resolve(), (st.st_size, st.st_mtime_ns))
 
 
-def _peft_alpha(path: Path, metadata: dict[str, str]) -> float | None:
-    """alpha of a diffusers / PEFT file, from the adapter config diffusers stores in the metadata."""
+def _peft_alphas(path: Path, metadata: dict[str, str]) -> Callable[[str, int], float | None]:
+    """(module key, rank) -> alpha, from the PEFT LoraConfig diffusers stores in a file's metadata
+    (`lora_adapter_metadata`: flat `unet.lora_alpha`, `unet.alpha_pattern`, …, or one config); None
+    without one (alpha = rank). rsLoRA's alpha/√r is returned as the alpha that gives it over r."""
     raw = metadata.get("lora_adapter_metadata")
     if not raw:
-        return None
+        return lambda module, rank: None
     try:
-        config = json.loads(raw)
-        configs = [config] if "r" in config else list(config.values())  # one per component
-        alphas = {(float(c["lora_alpha"]), int(c["r"])) for c in configs}
+        doc = json.loads(raw)
+        configs: dict[str, dict] = {}
+        for key, value in doc.items():
+            prefix, _, field = key.rpartition(".")
+            configs.setdefault(prefix, {})[field] = value
+        for config in configs.values():
+            float(config["lora_alpha"])
+            if config.get("use_dora"):
+                raise InputError(f"{path} is DoRA (use_dora); sdrt applies LoRA and LoCon")
     except (ValueError, TypeError, KeyError, AttributeError) as e:
         raise InputError(f"{path}: lora_adapter_metadata is malformed ({e})") from None
-    if any(c.get("alpha_pattern") or c.get("rank_pattern") for c in configs) or len(alphas) != 1:
-        raise InputError(f"{path}: per-layer ranks or alphas (alpha_pattern / rank_pattern) are not supported")
-    return alphas.pop()[0]  # the layer's own rank divides it
+
+    def alpha(module: str, rank: int) -> float | None:
+        prefix = max((p for p in configs if module.startswith(f"{p}.") or not p), key=len, default=None)
+        if prefix is None:
+            return None
+        config, name = configs[prefix], module[len(prefix) + 1:] if prefix else module
+        value = float(config["lora_alpha"])
+        for pattern, override in (config.get("alpha_pattern") or {}).items():  # PEFT: a suffix of the module path
+            if re.fullmatch(rf"(.*\.)?{pattern}", name):
+                value = float(override)
+                break
+        return value * math.sqrt(rank) if config.get("use_rslora") else value
+
+    return alpha
 
 
 # --- engines' weights ----------------------------------------------------------------------------
 
 
 def lora_keys(manifest: Manifest) -> dict[str, tuple[str, str]]:
-    """Every key a LoRA file may use for an adapted weight -> (component, weight name)."""
+    """Every key a LoRA file may use for an adapted weight -> (component, weight name); for a weight the
+    graph does not hold (ComponentSpec.unused_weights) -> (component, "")."""
     kohya_te = {t.component: ("lora_te" if len(manifest.model.text_encoders) == 1 else f"lora_te{i + 1}")
                 for i, t in enumerate(manifest.model.text_encoders)}
     out: dict[str, tuple[str, str]] = {}
     for component, spec in manifest.components.items():
-        for name, slot in spec.weights.items():
+        slots: dict[str, WeightSlot | None] = {**spec.weights, **dict.fromkeys(spec.unused_weights)}
+        for name, slot in slots.items():
             module = name.removesuffix(".weight")
             prefix, _, path = module.partition(".")  # unet / text_encoder / text_encoder_2
             keys = [module]
             if prefix == "unet":
                 keys += [f"lora_unet_{path.replace('.', '_')}"]
-                keys += [f"lora_unet_{slot.original.replace('.', '_')}"] if slot.original else []
+                keys += [f"lora_unet_{slot.original.replace('.', '_')}"] if slot and slot.original else []
             elif prefix in kohya_te:
                 keys += [f"{prefix}.{path.removeprefix('text_model.')}", f"{kohya_te[prefix]}_{path.replace('.', '_')}"]
             for key in keys:
-                out[key] = (component, name)
+                out[key] = (component, name if slot else "")
     return out
 
 
@@ -200,6 +221,8 @@ def lora_weights(engine_dir: Path, manifest: Manifest,
                              "model family?")
         for key, layer in lora.layers.items():
             component, name = keys[key]
+            if not name:  # a layer whose output the model never reads
+                continue
             delta = _delta(layer, manifest.components[component].weights[name], scale, f"LoRA {lora.path.name}, {key}")
             sums[(component, name)] = sums[(component, name)] + delta if (component, name) in sums else delta
     out: dict[str, dict[str, np.ndarray]] = {}

@@ -53,6 +53,9 @@ class ComponentSpec:
     outputs: tuple[TensorSpec, ...]
     precision: str = ""  # of the graph's weights and math ("fp16", "fp32"); may differ from the manifest's
     weights: dict[str, WeightSlot] = field(default_factory=dict)  # by initializer name: what LoRA can change
+    # the adapted module's weights the graph does not hold: layers past the one read (SDXL's and SD 2.x's
+    # text encoders read the penultimate), pruned by the exporter; a LoRA's layers there change nothing
+    unused_weights: tuple[str, ...] = ()
 
     def input(self, name: str) -> TensorSpec:
         return next(t for t in self.inputs if t.name == name)
@@ -203,7 +206,8 @@ class Manifest:
         components = {
             name: ComponentSpec(c["onnx"], tuple(map(spec, c["inputs"])), tuple(map(spec, c["outputs"])),
                                 c.get("precision", ""),
-                                {k: WeightSlot(**{**w, "shape": tuple(w["shape"])}) for k, w in c.get("weights", {}).items()})
+                                {k: WeightSlot(**{**w, "shape": tuple(w["shape"])}) for k, w in c.get("weights", {}).items()},
+                                tuple(c.get("unused_weights", ())))
             for name, c in doc["components"].items()
         }
         plans = doc.get("plans")

@@ -242,8 +242,9 @@ class Pipeline:
     def set_loras(self, loras: Sequence[tuple[str | Path, float]]) -> None:
         """The LoRAs (file, weight) every later generation applies unless its config names its own;
         [] for none. Applied now: the engines' weights become base + Σ deltas (sdrt.loras)."""
-        self.loras = check_loras(loras)
-        self._apply_loras(self.loras)
+        checked = check_loras(loras)
+        self._apply_loras(checked)  # raises before anything changes on a LoRA that does not fit
+        self.loras = checked
 
     def _apply_loras(self, loras: tuple[tuple[str, float], ...]) -> None:
         """Sets the engines' weights to base + the deltas of loras (weight-0 LoRAs change nothing)."""
