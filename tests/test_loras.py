@@ -221,14 +221,14 @@ def test_every_linear_and_conv_weight_is_named_with_its_bytes(tiny_model, tiny_e
             assert np.array_equal(stored, expected.T if spec.weights[key].transposed else expected), key
 
 
-def test_sdxl_leaves_out_only_the_text_encoders_unread_last_layer(tiny_sdxl_engines):
-    """SDXL reads its text encoders' penultimate layer: the last one is pruned from the graphs, listed as
-    unused (a LoRA's layers there change nothing); every U-Net weight is named."""
+def test_sdxl_leaves_out_only_clip_l_s_unread_last_layer(tiny_sdxl_engines):
+    """SDXL reads CLIP-L's penultimate layer: its last one is pruned from the graph, listed as unused (a
+    LoRA's layers there change nothing); bigG's last layer feeds the pooled output; every U-Net weight is named."""
     from sdrt.manifest import read_manifest
 
     components = read_manifest(tiny_sdxl_engines).components
     assert components["denoise_step"].weights and not components["denoise_step"].unused_weights
-    for name in ("text_encoder", "text_encoder_2"):
-        spec = components[name]
-        layers = {int(w.split(".layers.")[1].split(".")[0]) for w in spec.weights if ".layers." in w}
-        assert spec.unused_weights and all(f".layers.{max(layers) + 1}." in w for w in spec.unused_weights)
+    assert components["text_encoder_2"].weights and not components["text_encoder_2"].unused_weights
+    spec = components["text_encoder"]
+    layers = {int(w.split(".layers.")[1].split(".")[0]) for w in spec.weights if ".layers." in w}
+    assert spec.unused_weights and all(f".layers.{max(layers) + 1}." in w for w in spec.unused_weights)
