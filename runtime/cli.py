@@ -55,6 +55,15 @@ def _build(args: argparse.Namespace) -> None:
         print(f"  {name:15s} {record.bytes / 2**20:8.1f} MiB  {record.build_s:7.1f} s")
 
 
+def _lora_arg(text: str) -> tuple[str, float]:
+    """FILE[:WEIGHT] -> (FILE, WEIGHT); a colon not followed by a number belongs to the path."""
+    path, _, weight = text.rpartition(":")
+    try:
+        return (path, float(weight)) if path else (text, 1.0)
+    except ValueError:
+        return text, 1.0
+
+
 def _generate(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
@@ -62,14 +71,15 @@ def _generate(args: argparse.Namespace) -> None:
     from sdrt.png import save_png
 
     image, mask = (_read_file(path, flag) for path, flag in ((args.image, "--image"), (args.mask, "--mask")))
-    pipe = Pipeline.load(args.engines, backend=args.backend, low_vram=args.low_vram)
+    pipe = Pipeline.load(args.engines, backend=args.backend, low_vram=args.low_vram, lora_dir=args.lora_dir)
     config = pipe.make_config(args.prompt, negative_prompt=args.negative, steps=args.steps,
                               guidance=args.guidance, scheduler=args.scheduler, seed=args.seed,
                               height=args.height, width=args.width, batch=args.batch,
                               original_size=args.original_size, crop_top_left=args.crop_top_left,
                               target_size=args.target_size, image=image, mask_image=mask, strength=args.strength,
                               mask_blur=args.mask_blur, inpainting_fill=args.inpainting_fill,
-                              inpainting_mask_invert=args.invert_mask, clip_skip=args.clip_skip)
+                              inpainting_mask_invert=args.invert_mask, clip_skip=args.clip_skip,
+                              loras=[_lora_arg(text) for text in args.lora])
     with tqdm(total=None, desc="denoise", unit="step", leave=False) as bar:
         def progress(done: int, total: int) -> None:
             bar.total = total
@@ -127,7 +137,8 @@ def _serve(args: argparse.Namespace) -> None:
     config = ServeConfig(Path(args.engines).resolve(), host=args.host, port=args.port, token=token,
                          backend=args.backend, max_queue=args.max_queue, max_batch=args.max_batch,
                          batch_window_s=args.batch_window_ms / 1e3, request_timeout_s=args.timeout,
-                         max_steps=args.max_steps, max_size=args.max_size, shutdown_drain_s=args.drain)
+                         max_steps=args.max_steps, max_size=args.max_size, shutdown_drain_s=args.drain,
+                         lora_dir=args.lora_dir)
     autoscaling = args.min_replicas is not None or args.max_replicas is not None
     if args.replicas is None and not autoscaling and args.ray_address is None:
         serve(config)  # the embedded single-process server: Ray is never imported
@@ -229,6 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="A1111's clip skip: 2 conditions on CLIP's penultimate layer (SD 1.x/2.x; default 1)")
     p.add_argument("--backend", choices=list(BACKENDS), default="auto")
     p.add_argument("--low-vram", action="store_true", help="keep one engine resident at a time")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="apply a LoRA (.safetensors, kohya or diffusers) at WEIGHT (default 1); repeatable")
+    p.add_argument("--lora-dir", type=Path, default=None,
+                   help="folder where the prompt's <lora:NAME:WEIGHT> tags find NAME.safetensors")
     p.add_argument("-o", "--output", default="out.png")
     p.set_defaults(func=_generate)
 
@@ -245,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=300.0, help="per-request timeout in seconds (then 504)")
     p.add_argument("--max-steps", type=int, default=150)
     p.add_argument("--max-size", type=int, default=None, help="cap on width/height below the engines' limit")
+    p.add_argument("--lora-dir", type=Path, default=None,
+                   help="folder of LoRA .safetensors files that prompts name as <lora:NAME:WEIGHT> (A1111's)")
     p.add_argument("--drain", type=float, default=30.0,
                    help="on SIGTERM/SIGINT, seconds queued work may still run; what is left then gets 503")
     p.add_argument("--replicas", type=int, default=None,

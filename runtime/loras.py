@@ -192,38 +192,51 @@ def base_weight(engine_dir: Path, spec: ComponentSpec, name: str) -> np.ndarray:
     return np.memmap(Path(engine_dir) / f"{spec.onnx}.data", np.dtype(slot.dtype), "r", slot.offset, slot.shape)
 
 
-def _delta(layer: LoraLayer, slot: WeightSlot, scale: float, where: str) -> np.ndarray:
-    """w·(alpha/r)·up @ down in the stored layout of slot, float32."""
-    shape = slot.shape[::-1] if slot.transposed else slot.shape  # the module's (out, in[, kh, kw])
-    rank, out = layer.down.shape[0], layer.up.shape[0]
-    up, down = layer.up.reshape(out, -1), layer.down.reshape(rank, -1)
-    if up.shape[1] != rank or out != shape[0] or down.shape[1] != math.prod(shape[1:]):
-        raise InputError(f"{where}: a layer of shape {tuple(layer.up.shape)} x {tuple(layer.down.shape)} does not fit "
-                         f"the engines' weight of shape {tuple(shape)}: a LoRA for a model of another size or family")
+def lora_targets(manifest: Manifest, lora: LoraFile) -> list[tuple[str, str, LoraLayer]]:
+    """(component, weight name, layer) of each layer of the file the engines hold; refuses a file whose
+    layers name weights these engines lack or have at other sizes (a LoRA for another model)."""
+    keys = lora_keys(manifest)
+    if not keys:
+        raise InputError(f"{manifest.name} was exported before sdrt named the weights LoRA changes: re-export it "
+                         f"with `sdrt export` to use LoRA")
+    unknown = [k for k in lora.layers if k not in keys]
+    if unknown:
+        raise InputError(f"LoRA {lora.path.name}: {len(unknown)} of its {len(lora.layers)} layers name none of "
+                         f"these {manifest.model.family} engines' layers (e.g. {unknown[0]}): a LoRA for another "
+                         "model family?")
+    out = []
+    for key, layer in lora.layers.items():
+        component, name = keys[key]
+        if not name:  # a layer whose output the model never reads
+            continue
+        slot = manifest.components[component].weights[name]
+        shape = slot.shape[::-1] if slot.transposed else slot.shape  # the module's (out, in[, kh, kw])
+        rank, out_features = layer.down.shape[0], layer.up.shape[0]
+        if (layer.up.size != out_features * rank or out_features != shape[0]
+                or layer.down.size != rank * math.prod(shape[1:])):
+            raise InputError(f"LoRA {lora.path.name}, {key}: a layer of shape {tuple(layer.up.shape)} x "
+                             f"{tuple(layer.down.shape)} does not fit the engines' weight of shape {tuple(shape)}: "
+                             "a LoRA for a model of another size or family")
+        out.append((component, name, layer))
+    return out
+
+
+def _delta(layer: LoraLayer, slot: WeightSlot, scale: float) -> np.ndarray:
+    """w·(alpha/r)·up @ down in the stored layout of slot, float32 (shapes checked by lora_targets)."""
+    shape = slot.shape[::-1] if slot.transposed else slot.shape
+    rank = layer.down.shape[0]
     alpha = rank if layer.alpha is None else layer.alpha
-    delta = (up @ down).reshape(shape) * np.float32(scale * alpha / rank)
+    delta = (layer.up.reshape(-1, rank) @ layer.down.reshape(rank, -1)).reshape(shape) * np.float32(scale * alpha / rank)
     return delta.T if slot.transposed else delta
 
 
 def lora_weights(engine_dir: Path, manifest: Manifest,
                  loras: Sequence[tuple[LoraFile, float]]) -> dict[str, dict[str, np.ndarray]]:
     """component -> {weight name: base + Σ deltas, in the stored dtype} for every weight the LoRAs touch."""
-    keys = lora_keys(manifest)
-    if not keys:
-        raise InputError(f"{engine_dir} was exported before sdrt named the weights LoRA changes: re-export it "
-                         f"with `sdrt export` to use LoRA")
     sums: dict[tuple[str, str], np.ndarray] = {}
     for lora, scale in loras:
-        unknown = [k for k in lora.layers if k not in keys]
-        if unknown:
-            raise InputError(f"LoRA {lora.path.name}: {len(unknown)} of its {len(lora.layers)} layers name none of "
-                             f"these {manifest.model.family} engines' layers (e.g. {unknown[0]}): a LoRA for another "
-                             "model family?")
-        for key, layer in lora.layers.items():
-            component, name = keys[key]
-            if not name:  # a layer whose output the model never reads
-                continue
-            delta = _delta(layer, manifest.components[component].weights[name], scale, f"LoRA {lora.path.name}, {key}")
+        for component, name, layer in lora_targets(manifest, lora):
+            delta = _delta(layer, manifest.components[component].weights[name], scale)
             sums[(component, name)] = sums[(component, name)] + delta if (component, name) in sums else delta
     out: dict[str, dict[str, np.ndarray]] = {}
     for (component, name), delta in sums.items():

@@ -18,7 +18,9 @@ def a1111_parameters(config: Any, seed: int, index: int, model_name: str, model_
     """The infotext A1111 >= 1.9 writes, field for field (its PNG-info readers parse it)."""
     from sdrt import __version__
 
-    lines = [config.prompt[index]]
+    # the LoRAs as A1111 prompts carry them, so pasting the infotext back applies them again
+    tags = "".join(f" <lora:{Path(path).stem}:{weight:g}>" for path, weight in getattr(config, "loras", ()))
+    lines = [config.prompt[index] + tags]
     if config.negative_prompt[index]:
         lines.append(f"Negative prompt: {config.negative_prompt[index]}")
     extra = ""

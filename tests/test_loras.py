@@ -232,3 +232,56 @@ def test_sdxl_leaves_out_only_clip_l_s_unread_last_layer(tiny_sdxl_engines):
     spec = components["text_encoder"]
     layers = {int(w.split(".layers.")[1].split(".")[0]) for w in spec.weights if ".layers." in w}
     assert spec.unused_weights and all(f".layers.{max(layers) + 1}." in w for w in spec.unused_weights)
+
+
+# --- the command line and the server -------------------------------------------------------------
+
+def test_cli_lora_flag_equals_the_python_api_and_writes_the_tag_into_the_infotext(tiny_engines, sd1_loras, tmp_path):
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    out = tmp_path / "lora.png"
+    r = subprocess.run([sys.executable, "-m", "sdrt.cli", "generate", str(tiny_engines), "a red apple", "--negative",
+                        "blurry", "--steps", "4", "--guidance", "5", "--scheduler", "euler", "--seed", "3",
+                        "--backend", "ort-cpu", "--lora", f"{sd1_loras[0]}:0.8", "-o", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    pipe = Pipeline.load(tiny_engines, backend="ort-cpu")
+    expected = pipe.generate(pipe.make_config("a red apple", loras=[(sd1_loras[0], 0.8)], **REQUEST)).images[0]
+    image = Image.open(out)
+    assert np.array_equal(np.asarray(image.convert("RGB")), expected)
+    assert image.info["parameters"].startswith("a red apple <lora:style:0.8>\n")
+    bad = subprocess.run([sys.executable, "-m", "sdrt.cli", "generate", str(tiny_engines), "a", "--backend", "ort-cpu",
+                          "--lora", str(tmp_path / "missing.safetensors"), "-o", str(tmp_path / "x.png")],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "does not exist" in bad.stderr and not (tmp_path / "x.png").exists()
+
+
+def test_server_lists_loras_and_applies_prompt_tags(tiny_engines, sd1_loras):
+    pytest.importorskip("fastapi")
+    import base64
+    import io
+
+    import httpx
+    from PIL import Image
+    from sdrt.bench.live_server import LiveServer
+    from sdrt.serve.config import ServeConfig
+
+    live = LiveServer(ServeConfig(tiny_engines, backend="ort-cpu", lora_dir=sd1_loras[0].parent))
+    try:
+        listed = httpx.get(f"{live.url}/sdapi/v1/loras", timeout=30).json()
+        assert [entry["name"] for entry in listed] == ["other", "style"]
+        body = dict(prompt="a red apple <lora:style:0.8>", negative_prompt="blurry", steps=4, cfg_scale=5.0,
+                    sampler_name="Euler", scheduler="Automatic", seed=3, width=64, height=64)
+        response = httpx.post(f"{live.url}/sdapi/v1/txt2img", json=body, timeout=120)
+        assert response.status_code == 200, response.text
+        got = np.asarray(Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0]))).convert("RGB"))
+        missing = httpx.post(f"{live.url}/sdapi/v1/txt2img", json={**body, "prompt": "a <lora:nope:1>"}, timeout=60)
+        assert missing.status_code in (400, 422) and "nope" in missing.text
+    finally:
+        live.stop()
+    pipe = Pipeline.load(tiny_engines, backend="ort-cpu")
+    expected = pipe.generate(pipe.make_config("a red apple ", loras=[(sd1_loras[0], 0.8)], **REQUEST)).images[0]
+    assert np.array_equal(got, expected)

@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sdrt.errors import InputError, is_digits
+from sdrt.loras import available_loras
 from sdrt.pipeline import GenerationConfig, Pipeline
 from sdrt.schedulers import A1111_SCHEDULE_TYPES, a1111_labels
 from sdrt.serve.apis import (ImagesRequest, Img2ImgRequest, Txt2ImgRequest, a1111_config, a1111_info, a1111_timestamp,
@@ -198,7 +199,7 @@ def create_app(config: ServeConfig, pipeline: Pipeline | None = None, wait_until
     their load error (Ray Serve then never routes to it). replica: named in X-Sdrt-Replica."""
 
     def load() -> Pipeline:
-        pipe = pipeline or Pipeline.load(config.engines, backend=config.backend)
+        pipe = pipeline or Pipeline.load(config.engines, backend=config.backend, lora_dir=config.lora_dir)
         limits = pipe.limits
         pipe.generate(pipe.make_config("warm-up", steps=2, seed=0, height=limits.height[1], width=limits.width[1]))
         return pipe
@@ -353,6 +354,12 @@ def create_app(config: ServeConfig, pipeline: Pipeline | None = None, wait_until
         return [{"title": a1111_title(manifest), "model_name": manifest.name,
                  "hash": manifest.model_hash, "sha256": sha, "filename": str(config.engines), "config": None}]
 
+    @app.get("/sdapi/v1/loras")
+    async def loras() -> list[dict]:
+        """A1111's list: the files of --lora-dir, read now (so a new file needs no refresh)."""
+        return [{"name": name, "alias": name, "path": str(path), "metadata": {}}
+                for name, path in available_loras(config.lora_dir).items()]
+
     @app.get("/sdapi/v1/options")
     async def get_options(request: Request) -> Any:
         if (refusal := not_ready(request)) is not None:
@@ -405,7 +412,7 @@ def create_app(config: ServeConfig, pipeline: Pipeline | None = None, wait_until
 
 
 _ENDPOINTS = ("/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/v1/images/generations", "/v1/images/edits",
-              "/sdapi/v1/progress", "/sdapi/v1/samplers", "/sdapi/v1/schedulers", "/sdapi/v1/sd-models",
+              "/sdapi/v1/progress", "/sdapi/v1/samplers", "/sdapi/v1/schedulers", "/sdapi/v1/sd-models", "/sdapi/v1/loras",
               "/sdapi/v1/options", "/sdapi/v1/interrupt", "/sdapi/v1/skip", "/health", "/ready", "/metrics")
 
 

@@ -33,6 +33,7 @@ class ServeConfig:
     shutdown_drain_s: float = 30.0  # on SIGTERM, queued work this long; then 503 for what is left
     read_timeout_s: float = 30.0  # the most a client may take to send a request's headers, and its body; then 408
     max_header_bytes: int = 16 * 1024  # request line and headers; larger ones get a 431
+    lora_dir: Path | None = None  # where prompts' <lora:NAME:WEIGHT> tags resolve (A1111's --lora-dir)
 
     @staticmethod
     def token_from_env() -> str | None:

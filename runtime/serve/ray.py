@@ -87,7 +87,7 @@ def build_app(serve_config: ServeConfig, ray_config: RayConfig, gpus: bool = Fal
         def __serve_build_asgi_app__(self) -> Any:
             # the engines load here, so a failure (with the fix it names) is what `serve status` shows;
             # startup then waits for the warm-up: ready means ready to generate
-            pipeline = Pipeline.load(self.config.engines, backend=self.config.backend)
+            pipeline = Pipeline.load(self.config.engines, backend=self.config.backend, lora_dir=self.config.lora_dir)
             self.server = create_app(self.config, pipeline, wait_until_loaded=True, replica=self.replica)
             return self.server
 
@@ -108,7 +108,8 @@ def app(args: dict[str, str]) -> Any:
     if "engines" not in args:
         raise InputError("pass engines=DIR (an engine directory on every node)")
     token = args.get("token") or os.environ.get("SDRT_TOKEN") or None
-    config = ServeConfig(Path(args["engines"]), backend=args.get("backend", "auto"), token=token)
+    config = ServeConfig(Path(args["engines"]), backend=args.get("backend", "auto"), token=token,
+                         lora_dir=Path(args["lora_dir"]) if args.get("lora_dir") else None)
     fixed = "min_replicas" not in args
     ray_config = RayConfig(replicas=int(args.get("replicas", 1)) if fixed else None,
                            min_replicas=int(args.get("min_replicas", 1)), max_replicas=int(args.get("max_replicas", 1)))
