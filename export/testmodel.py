@@ -238,3 +238,39 @@ def build_test_model(kind: str, out_dir: Path, seed: int = 0) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir
 
+
+
+def write_test_lora(model_dir: Path, path: Path, seed: int, sgm: bool = False, rank: int = 4, alpha: float = 2.0,
+                    scale: float = 0.1) -> Path:
+    """A random kohya-format LoRA for a diffusers folder's model: every attention / feed-forward Linear
+    and proj_in/out of the U-Net, its resnets' convolutions (LoCon), and every Linear of the text
+    encoders' layers. sgm: U-Net keys in the original openaimodel naming (kohya's SDXL files)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel
+
+    from sdrt.export.original_layout import unet_module_name
+
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+
+    def add(key: str, weight: torch.Tensor) -> None:
+        out, fan_in = weight.shape[0], weight.shape[1:]
+        state[f"{key}.lora_down.weight"] = torch.randn(rank, *fan_in, generator=g) * scale
+        state[f"{key}.lora_up.weight"] = torch.randn(out, rank, *([1] * (weight.ndim - 2)), generator=g) * scale
+        state[f"{key}.alpha"] = torch.tensor(alpha)
+
+    unet = UNet2DConditionModel.from_pretrained(model_dir / "unet")
+    for name, module in unet.named_modules():
+        if ("transformer_blocks" in name and isinstance(module, torch.nn.Linear)) or name.endswith(
+                ("proj_in", "proj_out", "conv1", "conv2")):
+            add(f"lora_unet_{(unet_module_name(name, unet) if sgm else name).replace('.', '_')}", module.weight)
+    encoders = sorted(p.name for p in model_dir.glob("text_encoder*"))
+    for i, folder in enumerate(encoders):
+        prefix = "lora_te" if len(encoders) == 1 else f"lora_te{i + 1}"
+        for name, module in CLIPTextModel.from_pretrained(model_dir / folder).named_modules():
+            if isinstance(module, torch.nn.Linear) and "layers" in name:
+                add(f"{prefix}_text_model_{name.removeprefix('text_model.').replace('.', '_')}", module.weight)
+    save_file(state, str(path))
+    return path

@@ -16,42 +16,11 @@ pytest.importorskip("peft")
 from safetensors.torch import save_file  # noqa: E402
 from sdrt.bench.stats import psnr  # noqa: E402
 from sdrt.errors import InputError  # noqa: E402
+from sdrt.export.testmodel import write_test_lora  # noqa: E402
 from sdrt.pipeline import Pipeline  # noqa: E402
 
 MAX_PIXEL_ERROR = 2  # /255, the issue's parity bound for fp32 engines
 REQUEST = dict(negative_prompt="blurry", steps=4, guidance=5.0, scheduler="euler", seed=3)
-
-
-def kohya_lora(model_dir, path, seed, sgm=False, rank=4, alpha=2.0, scale=0.1):
-    """A random kohya-format LoRA for the folder's model: every attention / feed-forward Linear and
-    proj_in/out of the U-Net, its resnets' convolutions (LoCon), and every Linear of the text encoders'
-    layers. sgm: U-Net keys in the original openaimodel naming (kohya's SDXL files)."""
-    from diffusers import UNet2DConditionModel
-    from sdrt.export.original_layout import unet_module_name
-    from transformers import CLIPTextModel
-
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-
-    def add(key, weight):
-        out, fan_in = weight.shape[0], weight.shape[1:]
-        state[f"{key}.lora_down.weight"] = torch.randn(rank, *fan_in, generator=g) * scale
-        state[f"{key}.lora_up.weight"] = torch.randn(out, rank, *([1] * (weight.ndim - 2)), generator=g) * scale
-        state[f"{key}.alpha"] = torch.tensor(alpha)
-
-    unet = UNet2DConditionModel.from_pretrained(model_dir / "unet")
-    for name, module in unet.named_modules():
-        if ("transformer_blocks" in name and isinstance(module, torch.nn.Linear)) or name.endswith(
-                ("proj_in", "proj_out", "conv1", "conv2")):
-            add(f"lora_unet_{(unet_module_name(name, unet) if sgm else name).replace('.', '_')}", module.weight)
-    encoders = sorted(p.name for p in model_dir.glob("text_encoder*"))
-    for i, folder in enumerate(encoders):
-        prefix = "lora_te" if len(encoders) == 1 else f"lora_te{i + 1}"
-        for name, module in CLIPTextModel.from_pretrained(model_dir / folder).named_modules():
-            if isinstance(module, torch.nn.Linear) and "layers" in name:
-                add(f"{prefix}_text_model_{name.removeprefix('text_model.').replace('.', '_')}", module.weight)
-    save_file(state, str(path))
-    return path
 
 
 def fused_reference(model_dir, loras, latents, config):
@@ -76,7 +45,7 @@ def max_error(a, b):
 @pytest.fixture(scope="module")
 def sd1_loras(tiny_model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("loras")
-    return kohya_lora(tiny_model, folder / "style.safetensors", 1), kohya_lora(tiny_model, folder / "other.safetensors", 2)
+    return write_test_lora(tiny_model, folder / "style.safetensors", 1), write_test_lora(tiny_model, folder / "other.safetensors", 2)
 
 
 @pytest.mark.parametrize("weights", [(0.8,), (0.8, -0.5)], ids=["one at 0.8", "two at once"])
@@ -92,7 +61,7 @@ def test_kohya_lora_on_unet_and_text_encoder_matches_diffusers_fused(tiny_model,
 
 
 def test_sdxl_kohya_lora_in_original_naming_matches_diffusers_fused(tiny_sdxl_model, tiny_sdxl_engines, tmp_path):
-    lora = kohya_lora(tiny_sdxl_model, tmp_path / "xl.safetensors", 3, sgm=True)
+    lora = write_test_lora(tiny_sdxl_model, tmp_path / "xl.safetensors", 3, sgm=True)
     keys = json.loads(lora.read_bytes()[8:8 + struct.unpack("<Q", lora.read_bytes()[:8])[0]])
     assert any(k.startswith("lora_unet_input_blocks_") for k in keys) and any(k.startswith("lora_te2_") for k in keys)
     pipe = Pipeline.load(tiny_sdxl_engines, backend="ort-cpu")
