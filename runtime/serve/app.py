@@ -180,6 +180,9 @@ class _Refused(Exception):
     pass
 
 
+HEADER_BUFFER_FACTOR = 16  # h11 buffers incomplete headers up to 16x max_header_bytes (256 KB by default)
+
+
 def uvicorn_config(app: Any, config: ServeConfig, **kwargs: Any) -> Any:
     """The HTTP server's settings from the ServeConfig: header size and time limits, graceful shutdown."""
     import uvicorn
@@ -188,7 +191,12 @@ def uvicorn_config(app: Any, config: ServeConfig, **kwargs: Any) -> Any:
 
     grace_s = math.ceil(config.shutdown_drain_s + RUNNING_GRACE_S) + 1  # the scheduler answers everyone first
     return uvicorn.Config(app, host=config.host, port=config.port, http=with_header_deadline(config.read_timeout_s),
-                          h11_max_incomplete_event_size=config.max_header_bytes, timeout_graceful_shutdown=grace_s,
+                          # h11's cap is a memory guard well above the limit: below it the headers arrive whole
+                          # and the middleware answers 431 with the connection read to the end; at the limit
+                          # itself h11 would refuse (a 400) as soon as the headers came in pieces, closing with
+                          # bytes unread, which the client sees as a reset (flaky under load, seen in CI)
+                          h11_max_incomplete_event_size=HEADER_BUFFER_FACTOR * config.max_header_bytes,
+                          timeout_graceful_shutdown=grace_s,
                           **kwargs)
 
 
