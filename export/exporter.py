@@ -342,10 +342,8 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
         stored = export_onnx(module, trace_args, staging / spec.onnx, [t.name for t in spec.inputs],
                              [t.name for t in spec.outputs], dyn(spec), config.opset)
         if hasattr(module, "adapted"):  # the text encoders' and the U-Net's weights, named for LoRA
-            digests = weight_digests(*module.adapted)
-            slots = name_weights(staging / spec.onnx, stored, digests)
-            unused = sorted({name for found in digests.values() for name, _, _ in found} - set(slots))
-            spec = replace(spec, weights=slots, unused_weights=tuple(unused))
+            slots, unused = name_weights(staging / spec.onnx, stored, weight_digests(*module.adapted))
+            spec = replace(spec, weights=slots, unused_weights=unused)
             jobs[i] = (name, spec, jobs[i][2], precision)
         if last_use:
             module.to("meta")

@@ -25,7 +25,7 @@ ADAPTED = (nn.Linear, nn.Conv2d)  # what LoRA (and LoCon) layers change
 
 
 def _digest(t: torch.Tensor) -> bytes:
-    return hashlib.sha1(t.detach().contiguous().numpy().tobytes()).digest()
+    return hashlib.sha1(t.detach().contiguous().numpy()).digest()  # the array's buffer, not a bytes copy
 
 
 def weight_digests(root: nn.Module, names: Callable[[str], tuple[str, str]]) -> dict[bytes, list[tuple[str, bool, str]]]:
@@ -46,25 +46,20 @@ def weight_digests(root: nn.Module, names: Callable[[str], tuple[str, str]]) -> 
 
 
 def name_weights(path: Path, stored: list[StoredTensor],
-                 digests: dict[bytes, list[tuple[str, bool, str]]]) -> dict[str, WeightSlot]:
-    """Renames the initializers of path that are adapted weights; returns their slots by new name."""
-    renames: dict[str, str] = {}
-    slots: dict[str, WeightSlot] = {}
-    twice: set[str] = set()
+                 digests: dict[bytes, list[tuple[str, bool, str]]]) -> tuple[dict[str, WeightSlot], tuple[str, ...]]:
+    """Renames the initializers of path that are adapted weights; returns their slots by new name, and
+    the adapted weights the graph does not hold (pruned: their layer's output is never read)."""
+    hits: dict[str, list[tuple[StoredTensor, bool, str]]] = {}
     for t in stored:
         found = digests.get(t.digest, [])
-        # left alone: not a weight, equal weights, or a symmetric one (stored as is or transposed?)
-        if len(found) != 1:
-            continue
-        name, transposed, alias = found[0]
-        if name in slots or name in twice:  # the exporter wrote the same weight twice: a LoRA could not change both
-            twice.add(name)
-            slots.pop(name, None)
-            continue
-        dtype = helper.tensor_dtype_to_np_dtype(t.data_type).name
-        slots[name] = WeightSlot(t.offset, t.dims, dtype, transposed, alias)
-        renames[t.name] = name
-    renames = {old: new for old, new in renames.items() if new in slots}
+        if len(found) == 1:  # else not a weight, equal weights, or a symmetric one (stored as is or transposed?)
+            name, transposed, alias = found[0]
+            hits.setdefault(name, []).append((t, transposed, alias))
+    # a weight the exporter wrote twice is left alone: one override could not change both copies
+    once = {name: found[0] for name, found in hits.items() if len(found) == 1}
+    slots = {name: WeightSlot(t.offset, t.dims, helper.tensor_dtype_to_np_dtype(t.data_type).name, transposed, alias)
+             for name, (t, transposed, alias) in once.items()}
+    renames = {t.name: name for name, (t, _, _) in once.items()}
     model = onnx.load(str(path), load_external_data=False)
     taken = {i.name for i in model.graph.initializer} - set(renames)
     clash = sorted(set(renames.values()) & taken)
@@ -74,7 +69,8 @@ def name_weights(path: Path, stored: list[StoredTensor],
         tensor.name = renames.get(tensor.name, tensor.name)
     _rename_inputs(model.graph, renames)
     onnx.save_model(model, str(path))
-    return slots
+    unused = sorted({name for found in digests.values() for name, _, _ in found} - set(slots))
+    return slots, tuple(unused)
 
 
 def _rename_inputs(graph: onnx.GraphProto, renames: dict[str, str]) -> None:

@@ -30,7 +30,7 @@ import numpy as np
 from sdrt.errors import InputError
 from sdrt.manifest import ComponentSpec, Manifest, WeightSlot
 
-SUFFIXES = ".safetensors"
+SUFFIX = ".safetensors"
 _DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "BF16": np.uint16}
 # a layer's tensors: kohya (lora_down/up), diffusers' old (lora.down/up), PEFT (lora_A/B)
 _DOWN = (".lora_down.weight", ".lora.down.weight", ".lora_A.weight")
@@ -44,8 +44,8 @@ TAG = re.compile(r"<(\w+):([^>]+)>")  # A1111's extra-network tag: <lora:NAME:WE
 
 @dataclass(frozen=True)
 class LoraLayer:
-    down: np.ndarray  # (r, in[, kh, kw]) float32
-    up: np.ndarray  # (out, r[, 1, 1]) float32
+    down: np.ndarray  # (r, in[, kh, kw]) float16 / float32, as the file stores it
+    up: np.ndarray  # (out, r[, 1, 1])
     alpha: float | None
 
 
@@ -56,7 +56,8 @@ class LoraFile:
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """A .safetensors file -> (float32 tensors, metadata), with numpy alone (bf16 widened)."""
+    """A .safetensors file -> (tensors, metadata), with numpy alone: F16 and F32 as stored, BF16 and
+    F64 as float32 (numpy has no bfloat16)."""
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -79,7 +80,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]
                 raw = np.frombuffer(f.read(end - begin), dtype).reshape(entry["shape"])
                 if entry["dtype"] == "BF16":  # the top half of a float32
                     raw = (raw.astype(np.uint32) << 16).view(np.float32)
-                tensors[key] = raw.astype(np.float32)
+                tensors[key] = raw.astype(np.float32, copy=False) if raw.dtype == np.float64 else raw
     except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
         raise InputError(f"{path} is not a readable .safetensors file ({e}): download it again") from None
     return tensors, dict(header.get("__metadata__") or {})
@@ -117,8 +118,8 @@ def _read_lora(path: Path, stamp: tuple[int, int]) -> LoraFile:
 def read_lora(path: str | Path) -> LoraFile:
     """A LoRA file, parsed once per content (cached by path, size and mtime)."""
     path = Path(path)
-    if path.suffix != SUFFIXES:
-        raise InputError(f"LoRA {path}: sdrt reads LoRAs as {SUFFIXES} files")
+    if path.suffix != SUFFIX:
+        raise InputError(f"LoRA {path}: sdrt reads LoRAs as {SUFFIX} files")
     try:
         st = path.stat()
     except OSError:
@@ -192,87 +193,99 @@ def base_weight(engine_dir: Path, spec: ComponentSpec, name: str) -> np.ndarray:
     return np.memmap(Path(engine_dir) / f"{spec.onnx}.data", np.dtype(slot.dtype), "r", slot.offset, slot.shape)
 
 
-def lora_targets(manifest: Manifest, lora: LoraFile) -> list[tuple[str, str, LoraLayer]]:
-    """(component, weight name, layer) of each layer of the file the engines hold; refuses a file whose
-    layers name weights these engines lack or have at other sizes (a LoRA for another model)."""
-    keys = lora_keys(manifest)
-    if not keys:
-        raise InputError(f"{manifest.name} was exported before sdrt named the weights LoRA changes: re-export it "
-                         f"with `sdrt export` to use LoRA")
-    unknown = [k for k in lora.layers if k not in keys]
-    if unknown:
-        raise InputError(f"LoRA {lora.path.name}: {len(unknown)} of its {len(lora.layers)} layers name none of "
-                         f"these {manifest.model.family} engines' layers (e.g. {unknown[0]}): a LoRA for another "
-                         "model family?")
-    out = []
-    for key, layer in lora.layers.items():
-        component, name = keys[key]
-        if not name:  # a layer whose output the model never reads
-            continue
-        slot = manifest.components[component].weights[name]
-        shape = slot.shape[::-1] if slot.transposed else slot.shape  # the module's (out, in[, kh, kw])
-        rank, out_features = layer.down.shape[0], layer.up.shape[0]
-        if (layer.up.size != out_features * rank or out_features != shape[0]
-                or layer.down.size != rank * math.prod(shape[1:])):
-            raise InputError(f"LoRA {lora.path.name}, {key}: a layer of shape {tuple(layer.up.shape)} x "
-                             f"{tuple(layer.down.shape)} does not fit the engines' weight of shape {tuple(shape)}: "
-                             "a LoRA for a model of another size or family")
-        out.append((component, name, layer))
-    return out
-
-
 def _delta(layer: LoraLayer, slot: WeightSlot, scale: float) -> np.ndarray:
-    """w·(alpha/r)·up @ down in the stored layout of slot, float32 (shapes checked by lora_targets)."""
-    shape = slot.shape[::-1] if slot.transposed else slot.shape
+    """w·(alpha/r)·up @ down in the stored layout of slot, float32 (shapes checked by LoraIndex.targets)."""
     rank = layer.down.shape[0]
     alpha = rank if layer.alpha is None else layer.alpha
-    delta = (layer.up.reshape(-1, rank) @ layer.down.reshape(rank, -1)).reshape(shape) * np.float32(scale * alpha / rank)
+    up = layer.up.reshape(-1, rank).astype(np.float32, copy=False)
+    down = layer.down.reshape(rank, -1).astype(np.float32, copy=False)
+    delta = (up @ down).reshape(slot.module_shape)
+    delta *= np.float32(scale * alpha / rank)
     return delta.T if slot.transposed else delta
 
 
-def lora_weights(engine_dir: Path, manifest: Manifest,
-                 loras: Sequence[tuple[LoraFile, float]]) -> dict[str, dict[str, np.ndarray]]:
-    """component -> {weight name: base + Σ deltas, in the stored dtype} for every weight the LoRAs touch."""
-    sums: dict[tuple[str, str], np.ndarray] = {}
-    for lora, scale in loras:
-        for component, name, layer in lora_targets(manifest, lora):
-            delta = _delta(layer, manifest.components[component].weights[name], scale)
-            sums[(component, name)] = sums[(component, name)] + delta if (component, name) in sums else delta
-    out: dict[str, dict[str, np.ndarray]] = {}
-    for (component, name), delta in sums.items():
-        spec = manifest.components[component]
-        base = base_weight(engine_dir, spec, name)
-        value = (base.astype(np.float32) + delta).astype(base.dtype)
-        if not np.all(np.isfinite(value)):
-            raise InputError(f"LoRA weights overflow {spec.weights[name].dtype} in {name}: lower the LoRA weights")
-        out.setdefault(component, {})[name] = value
-    return out
+class LoraIndex:
+    """Where LoRA files' layers land in one engine directory's weights (the manifest's WeightSlots)."""
+
+    def __init__(self, engine_dir: Path, manifest: Manifest):
+        self.engine_dir = Path(engine_dir)
+        self.manifest = manifest
+        self.keys = lora_keys(manifest)  # built once: a request's LoRAs are checked against it
+
+    def check(self, loras: Sequence[tuple[str | Path, float]]) -> tuple[tuple[str, float], ...]:
+        """(path, weight) pairs, validated, read and checked to fit, so a bad file fails before any generation."""
+        out = []
+        for entry in loras:
+            try:
+                path, weight = entry
+                weight = float(weight)
+            except (TypeError, ValueError):
+                raise InputError(f"LoRAs are (path, weight) pairs, got {entry!r}") from None
+            if not math.isfinite(weight) or abs(weight) > 100:
+                raise InputError(f"LoRA weight must be a finite number (usually 0 to 1), got {weight}")
+            self.targets(read_lora(path))
+            out.append((str(Path(path).resolve()), weight))
+        return tuple(out)
+
+    def targets(self, lora: LoraFile) -> list[tuple[str, str, LoraLayer]]:
+        """(component, weight name, layer) of each layer of the file the engines hold; refuses a file whose
+        layers name weights these engines lack or have at other sizes (a LoRA for another model)."""
+        if not self.keys:
+            raise InputError(f"{self.manifest.name} was exported before sdrt named the weights LoRA changes: "
+                             "re-export it with `sdrt export` to use LoRA")
+        unknown = [k for k in lora.layers if k not in self.keys]
+        if unknown:
+            raise InputError(f"LoRA {lora.path.name}: {len(unknown)} of its {len(lora.layers)} layers name none of "
+                             f"these {self.manifest.model.family} engines' layers (e.g. {unknown[0]}): a LoRA for "
+                             "another model family?")
+        out = []
+        for key, layer in lora.layers.items():
+            component, name = self.keys[key]
+            if not name:  # a layer whose output the model never reads
+                continue
+            shape = self.manifest.components[component].weights[name].module_shape
+            rank, out_features = layer.down.shape[0], layer.up.shape[0]
+            if (layer.up.size != out_features * rank or out_features != shape[0]
+                    or layer.down.size != rank * math.prod(shape[1:])):
+                raise InputError(f"LoRA {lora.path.name}, {key}: a layer of shape {tuple(layer.up.shape)} x "
+                                 f"{tuple(layer.down.shape)} does not fit the engines' weight of shape {tuple(shape)}: "
+                                 "a LoRA for a model of another size or family")
+            out.append((component, name, layer))
+        return out
+
+    def weights(self, loras: Sequence[tuple[str, float]]) -> dict[str, dict[str, np.ndarray]]:
+        """component -> {weight name: base + Σ deltas, in the stored dtype} for every weight the LoRAs
+        (checked pairs; weight-0 ones change nothing) touch."""
+        sums: dict[tuple[str, str], np.ndarray] = {}
+        for path, scale in loras:
+            if scale == 0:
+                continue
+            for component, name, layer in self.targets(read_lora(path)):
+                delta = _delta(layer, self.manifest.components[component].weights[name], scale)
+                if (component, name) in sums:
+                    sums[(component, name)] += delta
+                else:
+                    sums[(component, name)] = delta
+        out: dict[str, dict[str, np.ndarray]] = {}
+        for (component, name), value in sums.items():
+            spec = self.manifest.components[component]
+            base = base_weight(self.engine_dir, spec, name)
+            value += base  # float32: Σ deltas + base, then the stored dtype, C order (a transposed delta is a view)
+            value = np.ascontiguousarray(value, dtype=base.dtype)
+            if not np.all(np.isfinite(value)):
+                raise InputError(f"LoRA weights overflow {spec.weights[name].dtype} in {name}: lower the LoRA weights")
+            out.setdefault(component, {})[name] = value
+        return out
 
 
 # --- names and prompt tags -------------------------------------------------------------------
-
-
-def check_loras(loras: Sequence[tuple[str | Path, float]]) -> tuple[tuple[str, float], ...]:
-    """(path, weight) pairs, validated and read (so a bad file fails before any generation)."""
-    out = []
-    for entry in loras:
-        try:
-            path, weight = entry
-            weight = float(weight)
-        except (TypeError, ValueError):
-            raise InputError(f"LoRAs are (path, weight) pairs, got {entry!r}") from None
-        if not math.isfinite(weight) or abs(weight) > 100:
-            raise InputError(f"LoRA weight must be a finite number (usually 0 to 1), got {weight}")
-        read_lora(path)
-        out.append((str(Path(path).resolve()), weight))
-    return tuple(out)
 
 
 def available_loras(lora_dir: Path | None) -> dict[str, Path]:
     """NAME -> file of every LoRA in lora_dir (A1111's --lora-dir; NAME is the file name, no suffix)."""
     if lora_dir is None:
         return {}
-    return {p.stem: p for p in sorted(Path(lora_dir).rglob(f"*{SUFFIXES}")) if p.is_file()}
+    return {p.stem: p for p in sorted(Path(lora_dir).rglob(f"*{SUFFIX}")) if p.is_file()}
 
 
 def prompt_loras(prompts: Sequence[str], lora_dir: Path | None) -> tuple[tuple[str, ...], tuple[tuple[Path, float], ...]]:
@@ -296,9 +309,9 @@ def prompt_loras(prompts: Sequence[str], lora_dir: Path | None) -> tuple[tuple[s
         stripped.append(TAG.sub("", prompt))
     if not found:
         return tuple(stripped), ()
-    files = available_loras(lora_dir)
     if lora_dir is None:
         raise InputError("the prompt names LoRAs (<lora:…>) but no LoRA folder is set: start with --lora-dir DIR")
+    files = available_loras(lora_dir)
     missing = [n for n in found if n not in files]
     if missing:
         raise InputError(f"no LoRA named {missing[0]!r} in {lora_dir} (has: {', '.join(files) or 'none'})")

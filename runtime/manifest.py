@@ -45,6 +45,11 @@ class WeightSlot:
     transposed: bool  # stored (in, out): a Linear the exporter turned into a MatMul
     original: str = ""  # the module's original-layout (openaimodel) path, for the U-Net's
 
+    @property
+    def module_shape(self) -> tuple[int, ...]:
+        """The module's weight shape, (out, in[, kh, kw])."""
+        return self.shape[::-1] if self.transposed else self.shape
+
 
 @dataclass(frozen=True)
 class ComponentSpec:

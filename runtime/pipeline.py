@@ -28,7 +28,7 @@ from sdrt.errors import InputError, SdrtError, check_text, is_integer
 from sdrt.families import CONCAT, HOST, ROW, layout_rows, stack_rows
 from sdrt.images import (Picture, latent_mask, mask_picture, overlay, picture, pixel_mask, read_image, read_mask,
                          resized)
-from sdrt.loras import TAG, check_loras, lora_targets, lora_weights, prompt_loras, read_lora
+from sdrt.loras import TAG, LoraIndex, prompt_loras
 from sdrt.manifest import ENCODER, STEP, Manifest, read_manifest
 from sdrt.schedulers import NoiseSchedule, SamplerPlan, check_sampler, make_plan, strength_start
 from sdrt.tiling import decode_tiled
@@ -242,22 +242,19 @@ class Pipeline:
     def set_loras(self, loras: Sequence[tuple[str | Path, float]]) -> None:
         """The LoRAs (file, weight) every later generation applies unless its config names its own;
         [] for none. Applied now: the engines' weights become base + Σ deltas (sdrt.loras)."""
-        checked = self._check_loras(loras)
+        checked = self._lora_index.check(loras)
         self._apply_loras(checked)  # raises before anything changes on a LoRA that does not fit
         self.loras = checked
 
-    def _check_loras(self, loras: Sequence[tuple[str | Path, float]]) -> tuple[tuple[str, float], ...]:
-        """Readable LoRA files whose layers fit these engines (names and shapes), before any generation."""
-        checked = check_loras(loras)
-        for path, _ in checked:
-            lora_targets(self.manifest, read_lora(path))
-        return checked
+    @cached_property
+    def _lora_index(self) -> LoraIndex:
+        return LoraIndex(self.engine_dir, self.manifest)
 
     def _apply_loras(self, loras: tuple[tuple[str, float], ...]) -> None:
         """Sets the engines' weights to base + the deltas of loras (weight-0 LoRAs change nothing)."""
         if loras == self._applied:
             return
-        weights = lora_weights(self.engine_dir, self.manifest, [(read_lora(p), w) for p, w in loras if w != 0])
+        weights = self._lora_index.weights(loras)
         self.backend.synchronize()
         for name in set(weights) | set(self._weights):
             if name in self._engines:
@@ -339,11 +336,11 @@ class Pipeline:
         for label, texts in (("prompt", prompts), ("negative_prompt", negatives)):
             for text in texts:
                 check_text(text, label)
-        loras = self.loras if loras is None else self._check_loras(loras)
+        loras = self.loras if loras is None else self._lora_index.check(loras)
         prompts, tagged = prompt_loras(prompts, self.lora_dir)
         negatives = [TAG.sub("", n) for n in negatives]  # as A1111: a negative prompt's tags apply nothing
         if tagged:
-            loras += self._check_loras(tagged)
+            loras += self._lora_index.check(tagged)
             named = [path for path, _ in loras]
             if len(set(named)) != len(named):
                 raise InputError("a LoRA is named twice (in the prompt and in loras): name it once")

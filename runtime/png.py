@@ -19,7 +19,7 @@ def a1111_parameters(config: Any, seed: int, index: int, model_name: str, model_
     from sdrt import __version__
 
     # the LoRAs as A1111 prompts carry them, so pasting the infotext back applies them again
-    tags = "".join(f" <lora:{Path(path).stem}:{weight:g}>" for path, weight in getattr(config, "loras", ()))
+    tags = "".join(f" <lora:{Path(path).stem}:{weight:g}>" for path, weight in config.loras)
     lines = [config.prompt[index] + tags]
     if config.negative_prompt[index]:
         lines.append(f"Negative prompt: {config.negative_prompt[index]}")

@@ -146,10 +146,9 @@ class OrtBackend(Backend):
             options.intra_op_num_threads = self.threads
         # external initializers are replaced as the model loads, before graph optimization (add_initializer's
         # values arrive after it: a CPU session's NCHWc-reordered convolutions would keep the file's weights)
-        held = [(value := np.ascontiguousarray(array), self.ort.OrtValue.ortvalue_from_numpy(value))
-                for array in weights.values()]
+        held = [self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in weights.values()]  # each holds its array
         if held:
-            options.add_external_initializers(list(weights), [v for _, v in held])
+            options.add_external_initializers(list(weights), held)
         providers: list[Any] = ["CPUExecutionProvider"]
         if self.device == "cuda":
             providers = [("CUDAExecutionProvider", {"device_id": 0, "arena_extend_strategy": "kSameAsRequested",

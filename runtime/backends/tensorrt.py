@@ -152,8 +152,8 @@ class TrtEngine(Engine):
         trt = self.backend.lib.module
         self.backend.synchronize()  # no run may read the weights while they change
         refitter = trt.Refitter(self.engine, self.backend._logger)
-        arrays = {name: base_weight(self.backend.engine_dir, self.spec, name) for name in self._changed - set(weights)}
-        arrays = {name: np.ascontiguousarray(a) for name, a in {**arrays, **weights}.items()}  # alive until the refit
+        restored = {name: base_weight(self.backend.engine_dir, self.spec, name) for name in self._changed - set(weights)}
+        arrays = {name: np.ascontiguousarray(a) for name, a in {**restored, **weights}.items()}  # alive until the refit
         for name, array in arrays.items():
             if not refitter.set_named_weights(name, trt.Weights(array)):
                 raise EngineError(f"TensorRT refused weights {name} {array.shape}: "
