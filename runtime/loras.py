@@ -197,11 +197,12 @@ def _delta(layer: LoraLayer, slot: WeightSlot, scale: float) -> np.ndarray:
     """w·(alpha/r)·up @ down in the stored layout of slot, float32 (shapes checked by LoraIndex.targets)."""
     rank = layer.down.shape[0]
     alpha = rank if layer.alpha is None else layer.alpha
-    up = layer.up.reshape(-1, rank).astype(np.float32, copy=False)
-    down = layer.down.reshape(rank, -1).astype(np.float32, copy=False)
-    delta = (up @ down).reshape(slot.module_shape)
+    up = layer.up.reshape(-1, rank).astype(np.float32, copy=False)  # (out, r)
+    down = layer.down.reshape(rank, -1).astype(np.float32, copy=False)  # (r, in·kh·kw)
+    # a transposed slot gets downᵀ @ upᵀ: (up @ down)ᵀ made in C order, not a strided view of it
+    delta = (down.T @ up.T) if slot.transposed else (up @ down).reshape(slot.shape)
     delta *= np.float32(scale * alpha / rank)
-    return delta.T if slot.transposed else delta
+    return delta
 
 
 class LoraIndex:
@@ -270,8 +271,8 @@ class LoraIndex:
         for (component, name), value in sums.items():
             spec = self.manifest.components[component]
             base = base_weight(self.engine_dir, spec, name)
-            value += base  # float32: Σ deltas + base, then the stored dtype, C order (a transposed delta is a view)
-            value = np.ascontiguousarray(value, dtype=base.dtype)
+            value += base  # float32: Σ deltas + base, then the stored dtype
+            value = value.astype(base.dtype, copy=False)
             if not np.all(np.isfinite(value)):
                 raise InputError(f"LoRA weights overflow {spec.weights[name].dtype} in {name}: lower the LoRA weights")
             out.setdefault(component, {})[name] = value
