@@ -17,9 +17,16 @@ DIFFUSERS_SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+# flow-matching models (SD3): sdrt's samplers for them
+FLOW_DIFFUSERS_SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "euler": ("FlowMatchEulerDiscreteScheduler", {}),
+}
+
+
 def diffusers_scheduler(name: str, config: Mapping[str, Any]) -> Any:
     """The diffusers scheduler of the same name, built from a scheduler_config as diffusers would."""
     import diffusers
 
-    cls_name, extra = DIFFUSERS_SCHEDULERS[name]
+    flow = str(config.get("_class_name", "")).startswith("FlowMatch")
+    cls_name, extra = (FLOW_DIFFUSERS_SCHEDULERS if flow else DIFFUSERS_SCHEDULERS)[name]
     return getattr(diffusers, cls_name).from_config({**config, **extra})

@@ -149,6 +149,15 @@ UNSUPPORTED_SETTINGS: dict[str, tuple[Any, ...]] = {
     "sigma_min": (None,),
     "sigma_max": (None,),
 }
+# FlowMatchEulerDiscreteScheduler keys sdrt does not implement (SD3 and SD3.5 ship them at these values)
+FLOW_UNSUPPORTED_SETTINGS: dict[str, tuple[Any, ...]] = {
+    "use_dynamic_shifting": (False, None),  # resolution-dependent shift (Flux)
+    "shift_terminal": (None,),
+    "invert_sigmas": (False, None),
+    "stochastic_sampling": (False, None),
+    "use_karras_sigmas": (False, None),
+}
+FLOW = "flow"
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 SPACINGS = ("linspace", "leading", "trailing")
 
@@ -168,16 +177,32 @@ class NoiseSchedule:
     timestep_spacing: str | None = None  # None: each scheduler's own default
     rescale_betas_zero_snr: bool = False  # Lin et al. 2023, Algorithm 1
     use_karras_sigmas: bool = False  # Euler and DPM++ 2M follow it, as diffusers' schedulers do
+    shift: float = 1.0  # flow matching: σ -> shift·σ / (1 + (shift - 1)·σ) (Esser et al. 2024, eq. 23)
+
+    @property
+    def flow(self) -> bool:
+        """Rectified flow (SD3): x_t = (1 - σ) x0 + σ ε and the model predicts v = ε - x0."""
+        return self.prediction_type == FLOW
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "NoiseSchedule":
         """Refuses, naming the key, every setting sdrt would otherwise silently ignore."""
-        for key, accepted in UNSUPPORTED_SETTINGS.items():
+        flow = str(config.get("_class_name", "")).startswith("FlowMatch")
+        unsupported = UNSUPPORTED_SETTINGS | (FLOW_UNSUPPORTED_SETTINGS if flow else {})
+        for key, accepted in unsupported.items():
             if key in config and config[key] not in accepted:
                 raise InputError(f"scheduler_config.json sets {key}={config[key]!r}, which sdrt does not implement "
                                  f"(supported: {accepted[0]!r}); edit the model's scheduler config or report it")
         known = {f for f in cls.__dataclass_fields__}
         kwargs = {k: v for k, v in config.items() if k in known}
+        if flow:
+            if "prediction_type" in kwargs:
+                raise InputError("scheduler_config.json: a flow-matching scheduler with a prediction_type; "
+                                 "remove the key (flow models predict a velocity)")
+            kwargs["prediction_type"] = FLOW
+        elif "shift" in kwargs:
+            raise InputError("scheduler_config.json sets shift, a flow-matching setting, on a "
+                             f"{config.get('_class_name', 'noise-prediction')} scheduler: remove it")
         if kwargs.get("trained_betas") is not None:
             kwargs["trained_betas"] = tuple(float(b) for b in kwargs["trained_betas"])
         schedule = cls(**kwargs)
@@ -186,8 +211,10 @@ class NoiseSchedule:
         if schedule.trained_betas is not None and len(schedule.trained_betas) != schedule.num_train_timesteps:
             raise InputError(f"trained_betas has {len(schedule.trained_betas)} values for "
                              f"{schedule.num_train_timesteps} train timesteps")
-        if schedule.prediction_type not in ("epsilon", "v_prediction"):
+        if schedule.prediction_type not in ("epsilon", "v_prediction", FLOW):
             raise InputError(f"prediction_type {schedule.prediction_type!r} is not supported (epsilon, v_prediction)")
+        if not (isinstance(schedule.shift, (int, float)) and 0 < schedule.shift < 1000):
+            raise InputError(f"scheduler_config.json: shift must be a positive number, got {schedule.shift!r}")
         if schedule.timestep_spacing not in SPACINGS + (None,):
             raise InputError(f"timestep_spacing {schedule.timestep_spacing!r} is not supported ({', '.join(SPACINGS)})")
         return schedule
@@ -477,7 +504,34 @@ def lcm(schedule: NoiseSchedule, n: int, start: int = 0, original_steps: int = 5
     return _plan("lcm", ts, rows, 1.0, [_vp_level(acp[t]) for t in ts], start)
 
 
+def _flow_sigmas(schedule: NoiseSchedule, n: int) -> np.ndarray:
+    """The shifted σ grid of diffusers' FlowMatchEulerDiscreteScheduler.set_timesteps, f32, with a final 0.
+    Its ends are the training table's σ (already shifted once), shifted again as diffusers does."""
+    T = schedule.num_train_timesteps
+
+    def shifted(sigma: np.ndarray) -> np.ndarray:
+        return schedule.shift * sigma / (1 + (schedule.shift - 1) * sigma)
+
+    table = shifted(np.linspace(1, T, T, dtype=np.float32)[::-1].copy() / np.float32(T)).astype(np.float32)
+    sigmas = shifted(np.linspace(float(table[0]) * T, float(table[-1]) * T, n) / T).astype(np.float32)
+    return np.concatenate([sigmas, [0.0]]).astype(np.float32).astype(np.float64)
+
+
+def flow_euler(schedule: NoiseSchedule, n: int, start: int = 0) -> SamplerPlan:
+    """Euler on the rectified-flow ODE dx/dσ = v (Esser et al. 2024; diffusers FlowMatchEulerDiscreteScheduler):
+    x_next = x + (σ_next - σ)·v. The transformer sees x itself, at timestep σ·T."""
+    sigmas = _flow_sigmas(schedule, n)
+    ts = (sigmas[:-1].astype(np.float32) * np.float32(schedule.num_train_timesteps)).astype(np.float64)
+    rows = []
+    for i in range(start, n):
+        x, out = Lin.var("x", i), Lin.var("out", i)
+        step = float(np.float32(sigmas[i + 1]) - np.float32(sigmas[i]))  # dt in f32, as diffusers
+        rows.append(_row(x + out * step, i, 1.0))
+    return _plan("euler", ts, rows, 1.0, [(1.0 - s, s) for s in sigmas], start)
+
+
 # name -> (schedule, steps, first step) -> plan
+FLOW_SAMPLERS: dict[str, Callable[[NoiseSchedule, int, int], SamplerPlan]] = {"euler": flow_euler}
 SAMPLERS: dict[str, Callable[[NoiseSchedule, int, int], SamplerPlan]] = {
     "ddim": ddim,
     "euler": lambda s, n, start: euler(s, n, start, karras=s.use_karras_sigmas),
@@ -528,9 +582,18 @@ def from_a1111(sampler: str, schedule_type: str | None) -> str | None:
 WITHOUT_ZERO_SNR = ("plms",)
 
 
+def samplers_of(schedule: NoiseSchedule | None) -> dict[str, Callable[[NoiseSchedule, int, int], SamplerPlan]]:
+    """The samplers a model's schedule can run: flow models only their own."""
+    return FLOW_SAMPLERS if schedule is not None and schedule.flow else SAMPLERS
+
+
 def check_sampler(name: str, steps: int, schedule: NoiseSchedule | None = None) -> None:
-    if name not in SAMPLERS:
-        raise InputError(f"unknown scheduler {name!r}: choose one of {', '.join(SAMPLERS)}")
+    usable = samplers_of(schedule)
+    if name not in usable:
+        if name in SAMPLERS:
+            raise InputError(f"scheduler {name!r} is for noise-prediction models; this flow-matching model (SD3) "
+                             f"samples with {', '.join(usable)}")
+        raise InputError(f"unknown scheduler {name!r}: choose one of {', '.join(usable)}")
     if not is_integer(steps) or steps < 1:
         raise InputError(f"steps must be an integer ≥ 1, got {steps!r}")
     if schedule is not None and schedule.rescale_betas_zero_snr and name in WITHOUT_ZERO_SNR:
@@ -542,4 +605,4 @@ def make_plan(name: str, schedule: NoiseSchedule, steps: int, strength: float = 
     """The plan of `steps` steps; strength < 1 (image-to-image) runs its last ⌊steps × strength⌋."""
     check_sampler(name, steps, schedule)
     start = strength_start(int(steps), strength)
-    return SAMPLERS[name](schedule, int(steps), start)
+    return samplers_of(schedule)[name](schedule, int(steps), start)

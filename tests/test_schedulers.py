@@ -16,7 +16,7 @@ diffusers = pytest.importorskip("diffusers")
 from sdrt.export.reference import DIFFUSERS_SCHEDULERS, diffusers_scheduler  # noqa: E402
 from sdrt.export.testmodel import SD15_SCHEDULER_CONFIG  # noqa: E402
 from sdrt.errors import InputError  # noqa: E402
-from sdrt.export.testmodel import SDXL_SCHEDULER_CONFIG  # noqa: E402
+from sdrt.export.testmodel import SD3_SCHEDULER_CONFIG, SDXL_SCHEDULER_CONFIG  # noqa: E402
 from sdrt.schedulers import (A, B, C_IN, D, HISTORY, HO, HX, KA, KN, UNSUPPORTED_SETTINGS, WITHOUT_ZERO_SNR,  # noqa: E402
                              NoiseSchedule, make_plan)
 
@@ -182,3 +182,43 @@ def test_unimplemented_settings_are_refused_by_name(key):
 def test_unknown_values_are_refused(key, value):
     with pytest.raises(InputError, match=key):
         NoiseSchedule.from_config({**SD15_SCHEDULER_CONFIG, key: value})
+
+
+# --- flow matching (SD3) --------------------------------------------------------------------------
+
+FLOW_CONFIGS = {"sd35": SD3_SCHEDULER_CONFIG, "unshifted": {**SD3_SCHEDULER_CONFIG, "shift": 1.0}}
+
+
+@pytest.mark.parametrize("config", FLOW_CONFIGS)
+@pytest.mark.parametrize("steps", [1, 4, 28])
+def test_flow_euler_matches_diffusers_step_by_step_bit_for_bit(config, steps):
+    """Timesteps and every step's x_next equal FlowMatchEulerDiscreteScheduler's exactly (f32)."""
+    schedule = NoiseSchedule.from_config(FLOW_CONFIGS[config])
+    plan = make_plan("euler", schedule, steps)
+    ref = diffusers_scheduler("euler", FLOW_CONFIGS[config])
+    assert type(ref).__name__ == "FlowMatchEulerDiscreteScheduler"
+    ref.set_timesteps(steps)
+    np.testing.assert_array_equal(plan.timesteps.astype(np.float32), ref.timesteps.numpy())
+    assert plan.init_noise_sigma == 1.0 and np.all(plan.coeffs[:, C_IN] == 1.0)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 16, 4, 4)).astype(np.float32)
+    zeros = np.zeros((HISTORY,) + x.shape, np.float32)
+    for i, t in enumerate(ref.timesteps):
+        v = rng.standard_normal(x.shape).astype(np.float32)
+        want = ref.step(torch.from_numpy(v), t, torch.from_numpy(x)).prev_sample.numpy()
+        got = apply_row(plan.coeffs[i].astype(np.float32), x, v, zeros, zeros, np.zeros_like(x))
+        np.testing.assert_array_equal(got, want)
+        x = want
+
+
+def test_flow_models_refuse_noise_prediction_samplers_and_unimplemented_settings():
+    schedule = NoiseSchedule.from_config(SD3_SCHEDULER_CONFIG)
+    assert schedule.flow and schedule.shift == 3.0
+    with pytest.raises(InputError, match="samples with euler"):
+        make_plan("dpmpp_2m_karras", schedule, 10)
+    for key, value in (("use_dynamic_shifting", True), ("shift_terminal", 0.1), ("invert_sigmas", True),
+                       ("stochastic_sampling", True), ("use_karras_sigmas", True)):
+        with pytest.raises(InputError, match=key):
+            NoiseSchedule.from_config({**SD3_SCHEDULER_CONFIG, key: value})
+    with pytest.raises(InputError, match="shift"):
+        NoiseSchedule.from_config({**SD15_SCHEDULER_CONFIG, "shift": 3.0})
