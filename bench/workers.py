@@ -100,12 +100,14 @@ class TorchRunner:
         import diffusers
         import torch
 
-        from sdrt.export.components_io import model_index
-        from sdrt.families import family_for
+        from sdrt.export.components_io import model_index, present_slot
+        from sdrt.families import DENOISER_FOLDERS, family_for
 
         self.torch, self.w = torch, workload
         index = model_index(Path(workload.model_dir))
-        pipeline = family_for(index, workload.model_dir).pipelines[0]  # the family's text-to-image pipeline
+        family = family_for(index, workload.model_dir)
+        pipeline = family.pipelines[0]  # the family's text-to-image pipeline
+        self.denoiser = DENOISER_FOLDERS[family.denoiser]  # the pipeline's attribute: unet, transformer
         if index.get("_class_name") != pipeline:
             raise NotImplementedError(f"the torch baseline times text-to-image models ({pipeline}), not a "
                                       f"{index.get('_class_name')} folder; bench sdrt's own backends alone")
@@ -114,6 +116,9 @@ class TorchRunner:
         cls = getattr(diffusers, pipeline)
         extra = ({"safety_checker": None, "requires_safety_checker": False}
                  if "safety_checker" in inspect.signature(cls.__init__).parameters else {})
+        for slot in family.text_encoders:  # a folder without SD3's T5 loads with it set to None
+            if not present_slot(index, Path(workload.model_dir), slot, ()):
+                extra.update({slot.component: None, slot.tokenizer: None})
         pipe = cls.from_pretrained(workload.model_dir, torch_dtype=self.dtype, **extra)
         from sdrt.export.reference import diffusers_scheduler
 
@@ -122,11 +127,12 @@ class TorchRunner:
         self.pipe = pipe.to(self.device)
         self.name = "torch-compile" if compile else "torch"
         self.compile_s = 0.0
+        denoiser = getattr(pipe, self.denoiser)
         if compile:
-            pipe.unet.to(memory_format=torch.channels_last)
+            denoiser.to(memory_format=torch.channels_last)
             pipe.vae.to(memory_format=torch.channels_last)
             mode = "max-autotune" if self.device == "cuda" else "default"
-            pipe.unet = torch.compile(pipe.unet, mode=mode, fullgraph=True)
+            setattr(pipe, self.denoiser, torch.compile(denoiser, mode=mode, fullgraph=True))
             pipe.vae.decode = torch.compile(pipe.vae.decode, mode=mode)
         self._stamps: dict[str, float] = {}
         self._calls: dict[str, list[tuple[Any, tuple, dict]]] = {}  # this run's module calls
@@ -135,7 +141,7 @@ class TorchRunner:
         if compile:  # compile now (one generation at the workload's size), so it is reported apart
             start = time.perf_counter()
             self.run(1, np.random.default_rng(0).standard_normal(
-                (1, pipe.unet.config.in_channels, workload.height // 8, workload.width // 8)).astype(np.float32))
+                (1, pipe.vae.config.latent_channels, workload.height // 8, workload.width // 8)).astype(np.float32))
             self.compile_s = time.perf_counter() - start
 
     def _sync(self) -> None:
@@ -168,11 +174,12 @@ class TorchRunner:
 
     def _wrap(self) -> None:
         pipe = self.pipe
-        for name in ("text_encoder", "text_encoder_2"):  # SDXL has two; each runs for prompt and negative
-            module = getattr(pipe, name, None)
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):  # SDXL has two, SD3 three; each runs
+            module = getattr(pipe, name, None)  # for prompt and negative
             if module is not None:
                 module.forward = self._timed("text_encoder", module.forward)
-        pipe.unet.forward = self._recorded("unet", pipe.unet.forward)  # the steps are timed as one span
+        denoiser = getattr(pipe, self.denoiser)
+        denoiser.forward = self._recorded("unet", denoiser.forward)  # the steps are timed as one span
         pipe.vae.decode = self._timed("decode", pipe.vae.decode)
 
     def run(self, batch: int, latents: np.ndarray) -> tuple[dict[str, float], np.ndarray]:

@@ -81,9 +81,10 @@ def parse_shapes(text: str | None, manifest: Manifest) -> ShapeLimits:
         shapes = ShapeLimits("dynamic", (lo, opt, hi), (lo, opt, hi), (b_lo, b_lo, b_hi), rng.max_chunks)
     else:
         raise InputError(f"--shapes {text!r} is not understood: use {SHAPES_HELP}")
+    m = manifest.model.size_multiple  # 8 pixels; 16 for SD3's transformer (patches of 2 latents)
     for axis, (lo, _, hi) in (("height", shapes.height), ("width", shapes.width)):
-        if lo > hi or lo % 8 or hi % 8 or lo < rng.min_size or hi > rng.max_size:
-            raise InputError(f"--shapes {text!r}: {axis} must be multiples of 8 within the exported range "
+        if lo > hi or lo % m or hi % m or lo < rng.min_size or hi > rng.max_size:
+            raise InputError(f"--shapes {text!r}: {axis} must be multiples of {m} within the exported range "
                              f"{rng.min_size}-{rng.max_size} (re-export with --min-size/--max-size for more)")
     if not 1 <= shapes.batch[0] <= shapes.batch[2] <= rng.max_batch:
         raise InputError(f"--shapes {text!r}: batch must be within 1-{rng.max_batch} (the exported range; "

@@ -293,6 +293,9 @@ class SingleFile:
             # scheduler settings sdrt cannot honour are refused here, as for folders, before minutes of export
             NoiseSchedule.from_config(json.loads(scheduler.read_text()))
             family = family_for(model_index(Path(config_dir)), str(config_dir))
+            if family.denoiser != "unet":
+                raise ModelError(f"--config {config_dir} is a {family.label} folder; single files are read for U-Net "
+                                 f"models only ({SUPPORTED}): export the {family.label} diffusers folder itself")
             return cls(Path(path), checkpoint, family, None, Path(config_dir), prediction_type)
         kind = kind_of(checkpoint, Path(path))
         family = family_for({"_class_name": kind.pipeline}, str(path))

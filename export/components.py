@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from sdrt.families import BLEND, CONCAT, TextEncoderSlot
+from sdrt.families import BLEND, CONCAT, MMDIT, TextEncoderSlot
 from sdrt.prompts import CHUNK_LENGTH
 from sdrt.schedulers import A, B, C_IN, D, HISTORY, HO, HX, KA, KN
 
@@ -64,16 +64,36 @@ class TextEncoder(nn.Module):
             hidden = out.hidden_states[-self.slot.layer]
         if self.slot.final_norm:
             hidden = self.final_norm(hidden)
-        z = hidden.float()  # (N·K, 77, C); the means in fp32
-        weighted = z * token_weights.reshape(-1, CHUNK_LENGTH, 1)
-        mean, weighted_mean = z.mean((1, 2), keepdim=True), weighted.mean((1, 2), keepdim=True)
-        scale = torch.where(weighted_mean == 0, torch.ones_like(mean), mean / weighted_mean)
         keep = keep.to(hidden.dtype)
-        hidden = (weighted * scale).to(hidden.dtype).reshape(n, s, -1) * keep[:, None, None]
+        hidden = emphasized(hidden, token_weights.reshape(-1, CHUNK_LENGTH)).reshape(n, s, -1) * keep[:, None, None]
         if self.slot.pooled is None:
             return (hidden,)
         pooled = out.text_embeds.reshape(n, -1, out.text_embeds.shape[-1])[:, 0]  # A1111: the first chunk's
         return hidden, pooled * keep[:, None]
+
+
+def emphasized(hidden: torch.Tensor, token_weights: torch.Tensor) -> torch.Tensor:
+    """(M, T, C) states times their (M, T) token weights, rescaled to each row's unweighted mean (A1111's
+    "Original" emphasis), the means in fp32. Weights of 1 leave the states bit for bit as they were."""
+    z = hidden.float()
+    weighted = z * token_weights[..., None]
+    mean, weighted_mean = z.mean((1, 2), keepdim=True), weighted.mean((1, 2), keepdim=True)
+    scale = torch.where(weighted_mean == 0, torch.ones_like(mean), mean / weighted_mean)
+    return (weighted * scale).to(hidden.dtype)
+
+
+class T5Encoder(nn.Module):
+    """input_ids (N, L) int64, token_weights (N, L) f32, keep (N,) f32 -> hidden states (N, L, C): T5's last
+    hidden state (diffusers' SD3 `text_encoder_3(ids)[0]`, no attention mask) with the CLIP encoders' emphasis."""
+
+    def __init__(self, t5: nn.Module, slot: TextEncoderSlot):
+        super().__init__()
+        self.t5 = t5
+        self.slot = slot
+
+    def forward(self, input_ids: torch.Tensor, token_weights: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        hidden = emphasized(self.t5(input_ids, return_dict=True).last_hidden_state, token_weights)
+        return hidden * keep.to(hidden.dtype)[:, None, None]
 
 
 class DenoiseStep(nn.Module):
@@ -88,14 +108,18 @@ class DenoiseStep(nn.Module):
     """
 
     def __init__(self, unet: nn.Module, conditioning: tuple[str, ...], cross_attention: tuple[str, ...],
-                 added_cond: tuple[tuple[str, str], ...], image_input: str, image_inputs: tuple[str, ...]):
+                 added_cond: tuple[tuple[str, str], ...], image_input: str, image_inputs: tuple[str, ...],
+                 denoiser: str = "unet", sequence: tuple[str, ...] = (), zero_sequence: int = 0):
         super().__init__()
-        self.unet = unet
+        self.unet = unet  # the family's denoiser: a U-Net, or SD3's transformer
         self.conditioning = conditioning
         self.cross_attention = cross_attention  # concatenated on channels: SDXL's [CLIP-L; bigG]
         self.added_cond = added_cond
         self.image_input = image_input
         self.image_inputs = image_inputs
+        self.denoiser = denoiser
+        self.sequence = sequence  # SD3's T5 states, after the CLIP states on the sequence axis
+        self.zero_sequence = zero_sequence  # tokens of zeros standing in for an omitted T5 (diffusers' as well)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -103,9 +127,12 @@ class DenoiseStep(nn.Module):
 
     @property
     def adapted(self) -> tuple[nn.Module, Callable[[str], tuple[str, str]]]:
-        """The U-Net, and a module path's weight name (`unet.<path>.weight`) and openaimodel path."""
+        """The U-Net, and a module path's weight name (`unet.<path>.weight`) and openaimodel path; None for
+        a transformer (LoRA is not implemented for SD3)."""
         from sdrt.export.original_layout import unet_module_name
 
+        if self.denoiser == MMDIT:
+            return None
         return self.unet, lambda path: (f"unet.{path}.weight", unet_module_name(path, self.unet))
 
     def forward(self, latents, timestep, *rest):
@@ -123,8 +150,14 @@ class DenoiseStep(nn.Module):
         if self.image_input == CONCAT:  # (B, 4 + 1 + 4, h, w), diffusers' StableDiffusionInpaintPipeline
             x_in = torch.cat([x_in, image["mask"], image["masked_image_latents"]], dim=1)
         x_in = x_in[rows].to(self.dtype)  # (R*B, C, h, w)
-        added = {key: cond[name].to(self.dtype) for key, name in self.added_cond} or None
-        out = self.unet(x_in, timestep, hidden, added_cond_kwargs=added, return_dict=False)[0].float()
+        added: dict[str, torch.Tensor] = {}
+        for key, name in self.added_cond:  # names under one key concatenated (SD3's two pooled outputs)
+            value = cond[name].to(self.dtype)
+            added[key] = torch.cat([added[key], value], dim=-1) if key in added else value
+        if self.denoiser == MMDIT:
+            out = self._transformer(x_in, timestep, hidden, cond, added)
+        else:
+            out = self.unet(x_in, timestep, hidden, added_cond_kwargs=added or None, return_dict=False)[0].float()
         out_u, out_c = out[:b], out[out.shape[0] - b :]  # equal when R = 1 (no CFG)
         guided = out_u + guidance * (out_c - out_u)  # (B, 4, h, w)
         latents_next = (step_coeffs[A] * latents + step_coeffs[B] * guided + (hx * x_history).sum(0)
@@ -137,13 +170,26 @@ class DenoiseStep(nn.Module):
         return latents_next, x_history_next, out_history_next
 
 
-class _Vae(nn.Module):
-    """A diffusers AutoencoderKL and its latent scaling factor."""
+    def _transformer(self, x_in: torch.Tensor, timestep: torch.Tensor, clip: torch.Tensor, cond: dict[str, torch.Tensor],
+                     added: dict[str, torch.Tensor]) -> torch.Tensor:
+        """SD3's MMDiT on [CLIP states zero-padded to the joint width; T5 states (or zeros)], (R*B, 77K + L, J)."""
+        joint = self.unet.config.joint_attention_dim
+        tail = [cond[name].to(self.dtype) for name in self.sequence if name in cond]
+        if not tail:  # T5 omitted: zeros, as diffusers' pipeline with text_encoder_3=None
+            tail = [clip.new_zeros(clip.shape[0], self.zero_sequence, joint)]
+        hidden = torch.cat([nn.functional.pad(clip, (0, joint - clip.shape[-1])), *tail], dim=1)
+        return self.unet(hidden_states=x_in, timestep=timestep.expand(x_in.shape[0]), encoder_hidden_states=hidden,
+                         return_dict=False, **added)[0].float()
 
-    def __init__(self, vae: nn.Module, scaling_factor: float):
+
+class _Vae(nn.Module):
+    """A diffusers AutoencoderKL and its latent normalization: latents = (z - shift_factor) * scaling_factor."""
+
+    def __init__(self, vae: nn.Module, scaling_factor: float, shift_factor: float = 0.0):
         super().__init__()
         self.vae = vae
         self.scaling_factor = scaling_factor
+        self.shift_factor = shift_factor  # SD3's VAE; 0 for SD 1.x / XL
 
     @property
     def dtype(self) -> torch.dtype:
@@ -162,14 +208,16 @@ class VaeEncoder(_Vae):
         x = (images.float() / 255 * 2 - 1) * (1 - pixel_mask)  # (B, H, W, 3)
         x = x.permute(0, 3, 1, 2).to(self.dtype)
         mean = self.vae.encode(x, return_dict=False)[0].mean
-        return mean.float() * self.scaling_factor
+        mean = mean.float()
+        return (mean - self.shift_factor if self.shift_factor else mean) * self.scaling_factor
 
 
 class VaeDecoder(_Vae):
     """latents (B, 4, h, w) f32 -> images (B, 8h, 8w, 3) uint8 RGB, diffusers' post-processing."""
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        z = (latents / self.scaling_factor).to(self.dtype)
+        z = latents / self.scaling_factor
+        z = (z + self.shift_factor if self.shift_factor else z).to(self.dtype)
         image = self.vae.decode(z, return_dict=False)[0].float()  # (B, 3, H, W) in [-1, 1]
         image = ((image / 2 + 0.5).clamp(0, 1) * 255).round().permute(0, 2, 3, 1)  # (B, H, W, 3)
         return image.to(torch.uint8)  # last op: TensorRT takes uint8 only at graph I/O

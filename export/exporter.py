@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from sdrt.errors import InputError, ModelError, ValidationError
-from sdrt.export.components_io import file_variant, load_components
-from sdrt.families import HOST, IMAGE_INPUTS, LEADING_DIM, Family, family_for
+from sdrt.export.components_io import file_variant, load_components, present_slot
+from sdrt.families import DENOISER_FOLDERS, HOST, IMAGE_INPUTS, LEADING_DIM, T5, Family, family_for
 from sdrt.manifest import (DECODER, ENCODER, STEP, ComponentSpec, Manifest, ModelInfo, ShapeRange, TensorSpec, sha256_file,
                            write_manifest)
 from sdrt.prompts import CHUNK_LENGTH
@@ -68,11 +68,17 @@ class ExportConfig:
     variant: str | None = None  # weights saved as a variant: diffusion_pytorch_model.<variant>.safetensors
     config_dir: Path | None = None  # single files: a diffusers folder whose configs fit (default: sdrt's own)
     prediction_type: str | None = None  # single files: epsilon / v_prediction (default: detected)
+    drop: tuple[str, ...] = ()  # optional text encoders to leave out: ("text_encoder_3",) is SD3 without T5
+    max_sequence_length: int = 256  # T5 tokens (diffusers' default; at most 512)
 
 
-def check_model_dir(model_dir: Path, variant: str | None = None, vae: Path | None = None) -> Family:
+MAX_SEQUENCE_LENGTH = 512  # T5's, as diffusers' StableDiffusion3Pipeline allows
+
+def check_model_dir(model_dir: Path, variant: str | None = None, vae: Path | None = None,
+                    drop: tuple[str, ...] = ()) -> Family:
     """The folder's family, once every file it needs is there and parses (weights of the variant when
-    given; not the VAE's weights when `vae` replaces them)."""
+    given; not the VAE's weights when `vae` replaces them; not those of optional text encoders that are
+    dropped or absent)."""
     if not model_dir.is_dir():
         raise ModelError(f"{model_dir} is not a directory: point `sdrt export` at a diffusers folder "
                          f"(or make a test one with `sdrt testmodel tiny {model_dir}`)")
@@ -84,9 +90,11 @@ def check_model_dir(model_dir: Path, variant: str | None = None, vae: Path | Non
                          "`save_pretrained`, or a single-file checkpoint (.safetensors / .ckpt)") from None
     except json.JSONDecodeError as e:
         raise ModelError(f"{index_path} is not valid JSON ({e}): restore it from the original model") from e
-    weights = ("unet", "vae") + tuple(t.component for t in family.text_encoders)
+    index = json.loads(index_path.read_text())
+    slots = [t for t in family.text_encoders if present_slot(index, model_dir, t, drop)]
+    weights = (DENOISER_FOLDERS[family.denoiser], "vae") + tuple(t.component for t in slots)
     json_files = [f"{sub}/config.json" for sub in weights] + ["scheduler/scheduler_config.json"]
-    required = json_files + [t.tokenizer for t in family.text_encoders]
+    required = json_files + [t.tokenizer for t in slots]
     missing = [p for p in required if not (model_dir / p).exists()]
     if missing:
         raise ModelError(f"{model_dir} is not a complete diffusers {family.label} folder: missing "
@@ -148,6 +156,9 @@ def export(config: ExportConfig, progress: bool = True) -> Manifest:
     model_dir, out_dir = Path(config.model_dir), Path(config.out_dir)
     if config.precision not in PRECISIONS:
         raise InputError(f"precision must be one of {PRECISIONS}, got {config.precision!r}")
+    if not (isinstance(config.max_sequence_length, int) and 1 <= config.max_sequence_length <= MAX_SEQUENCE_LENGTH):
+        raise InputError(f"max_sequence_length must be from 1 to {MAX_SEQUENCE_LENGTH} T5 tokens, got "
+                         f"{config.max_sequence_length!r}")
     if not 1 <= config.max_chunks <= MAX_CHUNKS:
         raise InputError(f"max_chunks must be from 1 to {MAX_CHUNKS} (chunks of 75 prompt tokens), got {config.max_chunks}")
     single = None
@@ -162,7 +173,11 @@ def export(config: ExportConfig, progress: bool = True) -> Manifest:
         if config.config_dir is not None or config.prediction_type is not None:
             raise InputError("--config and --prediction-type are for single-file checkpoints; a diffusers folder "
                              "brings its own configs (edit its scheduler_config.json to change the prediction type)")
-        family = check_model_dir(model_dir, config.variant, config.vae)
+        family = check_model_dir(model_dir, config.variant, config.vae, config.drop)
+    optional = {t.component for t in family.text_encoders if t.optional}
+    if set(config.drop) - optional:
+        raise InputError(f"only optional text encoders can be left out ({', '.join(sorted(optional)) or 'none in '}"
+                         f"{'' if optional else family.label}), got {', '.join(config.drop)}")
     if config.vae is not None:
         check_vae(config.vae)
     if out_dir.exists() and not config.force:
@@ -184,7 +199,9 @@ def export(config: ExportConfig, progress: bool = True) -> Manifest:
             described = {"format": "single file", "architecture": single.label,
                          "prediction_type": prediction.value, "prediction_type_from": prediction.found_by}
         else:
-            parts = load_components(model_dir, family, variant=config.variant, vae_override=config.vae)
+            parts = load_components(model_dir, family, variant=config.variant, vae_override=config.vae,
+                                    drop=config.drop)
+        bar.total = 5 + len(parts.slots)
         bar.update(1)
         src = source_hash_of(model_dir)
         vae_source = {"vae": {"path": str(config.vae.resolve()), "sha256": source_hash_of(config.vae)}} if config.vae else {}
@@ -223,20 +240,33 @@ def _swap_into_place(staging: Path, out_dir: Path) -> None:
 def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any) -> dict[str, Any]:
     import torch
 
-    from sdrt.export.components import DenoiseStep, TextEncoder, VaeDecoder, VaeEncoder
+    from sdrt.export.components import DenoiseStep, T5Encoder, TextEncoder, VaeDecoder, VaeEncoder
     from sdrt.export.onnx_io import export_onnx
     from sdrt.export.weights import name_weights, weight_digests
 
     family: Family = parts.family
     f = "float16" if config.precision == "fp16" else "float32"
-    native = parts.unet.config.sample_size * parts.vae_scale_factor
-    shapes = ShapeRange(min_size=config.min_size, default_size=native,
-                        max_size=config.max_size or max(1024, 2 * native), max_batch=config.max_batch,
-                        max_chunks=config.max_chunks)
+    patch = parts.patch_size
+    multiple = parts.vae_scale_factor * patch  # pixels per denoiser token
+    native = parts.denoiser.config.sample_size * parts.vae_scale_factor
+    # a transformer's learned position table covers pos_embed_max_size tokens a side (SD3.5: 3072 pixels)
+    table = getattr(parts.denoiser.config, "pos_embed_max_size", None)
+    top = table * multiple if table else None
+    max_size = config.max_size or max(1024, 2 * native)
+    if top is not None and max_size > top:
+        if config.max_size:
+            raise InputError(f"--max-size {config.max_size}: the transformer's position table covers {top} pixels a side")
+        max_size = top
+    for label, v in (("--min-size", config.min_size), ("--max-size", max_size)):
+        if v % multiple:
+            raise InputError(f"{label} {v} is not a multiple of {multiple} pixels (the VAE's {parts.vae_scale_factor} "
+                             f"times the transformer's patch of {patch})")
+    shapes = ShapeRange(min_size=config.min_size, default_size=native, max_size=max_size,
+                        max_batch=config.max_batch, max_chunks=config.max_chunks)
     vs = config.validation_size or min(native, 256)
     lat = vs // parts.vae_scale_factor
-    lc = parts.unet.config.out_channels
-    contexts = {te.config.max_position_embeddings for te in parts.text_encoders.values()}
+    lc = parts.denoiser.config.out_channels
+    contexts = {parts.text_encoders[s.component].config.max_position_embeddings for s in parts.slots if s.kind != T5}
     if contexts != {CHUNK_LENGTH}:
         raise ModelError(f"{config.model_dir}: text encoders with a context of {sorted(contexts)} tokens; sdrt "
                          f"reads prompts in chunks of CLIP's {CHUNK_LENGTH}")
@@ -246,8 +276,21 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
     # (component, spec, module, its precision)
     jobs: list[tuple[str, ComponentSpec, Any, str]] = []
     produced: dict[str, TensorSpec] = {}  # conditioning written by the text encoders, per text row (N, ...)
-    for slot in family.text_encoders:
+    slots = []
+    for slot in parts.slots:
         te = parts.text_encoders[slot.component]
+        if slot.kind == T5:  # fp32 in fp16 engines: T5 v1.1's feed-forward activations overflow fp16
+            length = config.max_sequence_length
+            slot = replace(slot, max_length=length)
+            spec = ComponentSpec(f"{slot.component}.onnx", (
+                TensorSpec("input_ids", "int64", ("N", length)), TensorSpec("token_weights", "float32", ("N", length)),
+                TensorSpec("keep", "float32", ("N",))), (TensorSpec(slot.hidden, "float32", ("N", length, te.config.d_model)),),
+                "fp32")
+            jobs.append((slot.component, spec, T5Encoder(te, slot), "fp32"))
+            produced.update({t.name: t for t in spec.outputs})
+            slots.append(slot)
+            continue
+        slots.append(slot)
         outputs = [TensorSpec(slot.hidden, f, ("N", "S", te.config.hidden_size))]
         if slot.pooled:
             outputs.append(TensorSpec(slot.pooled, f, ("N", te.config.projection_dim)))
@@ -260,9 +303,11 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
         jobs.append((slot.component, spec, TextEncoder(te, slot), config.precision))
         produced.update({t.name: t for t in outputs})
 
+    present = tuple(c for c in family.conditioning if c.source == HOST or c.source in parts.text_encoders)
     conditioning = []
-    for c in family.conditioning:
-        dtype, row_shape = ("float32", c.row_shape) if c.source == HOST else (f, produced[c.name].shape[1:])
+    for c in present:
+        written = produced.get(c.name)  # as its text encoder writes it (SD3's fp32 T5 in fp16 engines)
+        dtype, row_shape = ("float32", c.row_shape) if written is None else (written.dtype, written.shape[1:])
         conditioning.append(TensorSpec(c.name, dtype, (LEADING_DIM[c.layout],) + tuple(row_shape)))
     state = ("B", lc, "h", "w")
     image_inputs = tuple(TensorSpec(name, "float32", ("B", 1, "h", "w") if name == "mask" else state)
@@ -272,7 +317,7 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
         "vae_encoder.onnx", (TensorSpec("images", "uint8", ("B", "H", "W", 3)),
                              TensorSpec("pixel_mask", "float32", ("B", "H", "W", 1))),
         (TensorSpec("image_latents", "float32", state),), vae_precision)
-    jobs.append((ENCODER, encoder_spec, VaeEncoder(parts.vae, parts.scaling_factor), vae_precision))
+    jobs.append((ENCODER, encoder_spec, VaeEncoder(parts.vae, parts.scaling_factor, parts.shift_factor), vae_precision))
     step_spec = ComponentSpec(
         "denoise_step.onnx",
         (TensorSpec("latents", "float32", state), TensorSpec("timestep", "float32", (1,)), *conditioning,
@@ -283,12 +328,13 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
         (TensorSpec("latents_next", "float32", state), TensorSpec("x_history_next", "float32", (HISTORY,) + state),
          TensorSpec("out_history_next", "float32", (HISTORY,) + state)),
         config.precision)
-    jobs.append((STEP, step_spec, DenoiseStep(parts.unet, tuple(c.name for c in family.conditioning),
-                                              family.cross_attention, family.added_cond, parts.image_input,
-                                              IMAGE_INPUTS[parts.image_input]), config.precision))
+    step = DenoiseStep(parts.denoiser, tuple(c.name for c in present), family.cross_attention, family.added_cond,
+                       parts.image_input, IMAGE_INPUTS[parts.image_input], family.denoiser, family.sequence,
+                       config.max_sequence_length)
+    jobs.append((STEP, step_spec, step, config.precision))
     vae_spec = ComponentSpec("vae_decoder.onnx", (TensorSpec("latents", "float32", state),),
                              (TensorSpec("images", "uint8", ("B", "H", "W", 3)),), vae_precision)
-    jobs.append((DECODER, vae_spec, VaeDecoder(parts.vae, parts.scaling_factor), vae_precision))
+    jobs.append((DECODER, vae_spec, VaeDecoder(parts.vae, parts.scaling_factor, parts.shift_factor), vae_precision))
 
     def dyn(spec: ComponentSpec) -> dict[str, dict[int, str]]:
         return {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)}
@@ -302,13 +348,15 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
         special = {"timestep": torch.tensor([500.0]), "guidance": torch.tensor([7.5]),
                    "step_coeffs": torch.rand(N_COEFFS, generator=gen), "keep": torch.ones(2),
                    "time_ids": torch.tensor([[native, native, 0, 0, native, native]] * 2, dtype=torch.float32),
-                   "clip_skip": torch.tensor([2 if clip_skip_max > 1 else 1]),
-                   "token_weights": 0.5 + torch.rand(2, 2 * CHUNK_LENGTH, generator=gen)}
+                   "clip_skip": torch.tensor([2 if clip_skip_max > 1 else 1])}
         out = []
         for t in spec.inputs:
             shape = t.resolve(dims)
-            if t.name in ("clip_skip", "token_weights"):
+            if t.name == "clip_skip":
                 out.append(special[t.name])
+                continue
+            if t.name == "token_weights":
+                out.append(0.5 + torch.rand(shape, generator=gen))
                 continue
             if t.dtype == "int64":
                 vocab = parts.text_encoders[name].config.vocab_size
@@ -329,8 +377,8 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
     for i, (name, spec, module, precision) in enumerate(jobs):
         bar.set_postfix_str(f"exporting {name}")
         # trace at a latent size that is not a multiple of the U-Net's down factor, so the graph keeps
-        # diffusers' explicit upsample sizes and accepts any multiple of 8 pixels
-        trace_args = sample(name, spec, lat + 1, lat + 2, typed=True)
+        # diffusers' explicit upsample sizes and accepts any multiple of 8 pixels (a transformer's: of its patch)
+        trace_args = sample(name, spec, lat + patch, lat + 2 * patch, typed=True)
         check_args = sample(name, spec, lat, lat, typed=False)
         with torch.no_grad():  # the fp32 module's answer, before any conversion
             reference = _as_tuple(module.eval()(*check_args)) if config.validate else ()
@@ -341,9 +389,9 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
             module = module.to(torch.float16) if last_use else copy.deepcopy(module).to(torch.float16)
         stored = export_onnx(module, trace_args, staging / spec.onnx, [t.name for t in spec.inputs],
                              [t.name for t in spec.outputs], dyn(spec), config.opset)
-        if hasattr(module, "adapted"):  # the text encoders' and the U-Net's weights, named for LoRA
-            slots, unused = name_weights(staging / spec.onnx, stored, weight_digests(*module.adapted))
-            spec = replace(spec, weights=slots, unused_weights=unused)
+        if getattr(module, "adapted", None):  # the CLIP text encoders' and the U-Net's weights, named for LoRA
+            named, unused = name_weights(staging / spec.onnx, stored, weight_digests(*module.adapted))
+            spec = replace(spec, weights=named, unused_weights=unused)
             jobs[i] = (name, spec, jobs[i][2], precision)
         if last_use:
             module.to("meta")
@@ -354,10 +402,11 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
         bar.update(1)
 
     model = ModelInfo(
-        family=family.name, text_encoders=family.text_encoders, conditioning=family.conditioning,
+        family=family.name, text_encoders=tuple(slots), conditioning=present,
         defaults=family.defaults, latent_channels=lc, vae_scale_factor=parts.vae_scale_factor,
         scaling_factor=parts.scaling_factor, clip_skip_max=clip_skip_max, history=HISTORY, opset=config.opset,
-        zero_empty_negative=parts.zero_empty_negative, image_input=parts.image_input)
+        zero_empty_negative=parts.zero_empty_negative, image_input=parts.image_input, size_multiple=multiple,
+        omitted=parts.omitted, shift_factor=parts.shift_factor)
     return dict(components={name: spec for name, spec, _, _ in jobs}, shapes=shapes, model=model,
                 scheduler_config=parts.scheduler_config, validation=validation)
 

@@ -1,9 +1,11 @@
 """Random-weight Stable Diffusion folders in diffusers format, built offline.
 
-`tiny` and `tiny-sdxl` run in seconds on a CPU; `sd15` has the exact SD 1.5 architecture (U-Net
-859.5M parameters, CLIP ViT-L/14 text encoder, kl-f8 VAE) and `sdxl` the exact SDXL base 1.0
-architecture (U-Net 2,567,463,684 parameters, CLIP ViT-L + OpenCLIP bigG, fp16-overflowing VAE
-config) with random weights, for real-size export checks and honest benchmarks. Nothing is downloaded.
+`tiny`, `tiny-sdxl` and `tiny-sd3` (with T5; `tiny-sd3-no-t5` without) run in seconds on a CPU; `sd15`
+has the exact SD 1.5 architecture (U-Net 859.5M parameters, CLIP ViT-L/14 text encoder, kl-f8 VAE),
+`sdxl` the exact SDXL base 1.0 architecture (U-Net 2,567,463,684 parameters, CLIP ViT-L + OpenCLIP
+bigG, fp16-overflowing VAE config) and `sd35m` SD 3.5 Medium's (MMDiT 2,243,171,520 parameters, CLIP-L
++ bigG, 16-channel VAE; without T5-XXL, whose 4.7 B fp32 parameters do not export in 24 GB) with random
+weights, for real-size export checks and honest benchmarks. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -17,6 +19,14 @@ from typing import Any
 
 from sdrt.errors import InputError
 from sdrt.export.bpe import BOS, EOS, write_clip_bpe
+
+# SD 3.5's scheduler_config.json.
+SD3_SCHEDULER_CONFIG: dict[str, Any] = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "_diffusers_version": "0.31.0.dev0",
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+}
 
 # SD 1.5's scheduler_config.json, as the original checkpoint ships it.
 SD15_SCHEDULER_CONFIG: dict[str, Any] = {
@@ -74,6 +84,8 @@ class TestModelSpec:
     scheduler_config: dict[str, Any] = field(default_factory=lambda: SD15_SCHEDULER_CONFIG)
     unet_parameters: int | None = None  # asserted for the real-size architectures
     inpainting: bool = False  # a 9-channel U-Net in a StableDiffusion[XL]InpaintPipeline folder
+    transformer: dict[str, Any] | None = None  # SD3: the SD3Transformer2DModel (instead of `unet`)
+    t5: dict[str, Any] | None = None  # SD3: the T5EncoderModel; None: a folder without T5 (text_encoder_3=None)
 
 
 SPECS: dict[str, TestModelSpec] = {
@@ -154,6 +166,61 @@ SPECS |= {
 }
 
 
+TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=3,
+                 max_position_embeddings=77, projection_dim=32, hidden_act="gelu")
+BIG_G = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+             max_position_embeddings=77, projection_dim=1280, hidden_act="gelu", vocab_size=49408)
+SPECS["tiny-sd3"] = TestModelSpec(
+    family="sd3",
+    unet={},
+    # diffusers' tiny SD3 test transformer, with SD3's patch of 2 and a joint width above the CLIP states'
+    transformer=dict(sample_size=32, patch_size=2, in_channels=8, out_channels=8, num_layers=2, attention_head_dim=8,
+                     num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=96, pooled_projection_dim=64,
+                     pos_embed_max_size=64, dual_attention_layers=(0,), qk_norm="rms_norm"),
+    vae={**TINY_VAE, "latent_channels": 8, "scaling_factor": 1.5305, "shift_factor": 0.0609,
+         "use_quant_conv": False, "use_post_quant_conv": False},
+    text_encoder=TINY_CLIP,
+    text_encoder_2=TINY_CLIP,
+    t5=dict(d_model=96, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+            feed_forward_proj="gated-gelu", dropout_rate=0.0),
+    max_merges=600,
+    description="tiny random SD 3.5 (MMDiT, CLIP-L, bigG, T5; a few MB) for CI",
+    scheduler_config=SD3_SCHEDULER_CONFIG,
+)
+SPECS["tiny-sd3-no-t5"] = TestModelSpec(**{**SPECS["tiny-sd3"].__dict__, "t5": None,
+                                           "description": "tiny random SD 3.5 without T5 (text_encoder_3=None) for CI"})
+SPECS["sd35m"] = TestModelSpec(
+    family="sd3",
+    unet={},
+    unet_parameters=2_243_171_520,
+    transformer=dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+                     num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                     pooled_projection_dim=2048, pos_embed_max_size=384, dual_attention_layers=tuple(range(13)),
+                     qk_norm="rms_norm"),
+    vae=dict(sample_size=1024, **{**KL_F8, "latent_channels": 16}, scaling_factor=1.5305, shift_factor=0.0609,
+             use_quant_conv=False, use_post_quant_conv=False),
+    text_encoder={**CLIP_L, "hidden_act": "quick_gelu"},
+    text_encoder_2=BIG_G,
+    max_merges=2000,
+    description="exact SD 3.5 Medium architecture (no T5), random weights",
+    scheduler_config=SD3_SCHEDULER_CONFIG,
+)
+
+
+def t5_test_tokenizer() -> Any:
+    """A small SentencePiece-style (Unigram) T5 tokenizer over the BPE corpus' words: whole words beat
+    their letters; `<pad>` 0, `</s>` 1, `<unk>` 2, as T5's."""
+    from transformers import T5TokenizerFast
+
+    from sdrt.export.bpe import CORPUS
+
+    words = sorted({w for w in CORPUS.lower().replace(",", " ").split()})
+    chars = sorted(set("".join(words)) | set(",.!?'-0123456789"))
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [(f"▁{w}", -5.0) for w in words] + [(c, -10.0) for c in chars] + [(f"▁{c}", -10.5) for c in chars]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0)
+
+
 def _offset_states(text_encoder: Any) -> Any:
     """Gives a random CLIP hidden states of non-zero mean, as trained ones have.
 
@@ -206,21 +273,34 @@ def build_test_model(kind: str, out_dir: Path, seed: int = 0) -> Path:
                                   eos_token_id=vocab[EOS], pad_token_id=vocab[EOS])
 
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**spec.unet)
+        sd3 = spec.family == "sd3"
+        denoiser = diffusers.SD3Transformer2DModel(**spec.transformer) if sd3 else UNet2DConditionModel(**spec.unet)
         if spec.unet_parameters is not None:
-            count = sum(p.numel() for p in unet.parameters())
-            assert count == spec.unet_parameters, f"{kind} U-Net has {count} parameters, not {spec.unet_parameters}"
-        parts: dict[str, Any] = dict(vae=AutoencoderKL(**spec.vae), text_encoder=_offset_states(CLIPTextModel(text_config(spec.text_encoder))),
-                                     tokenizer=tokenizer, unet=unet,
+            count = sum(p.numel() for p in denoiser.parameters())
+            assert count == spec.unet_parameters, f"{kind} denoiser has {count} parameters, not {spec.unet_parameters}"
+        clip_l = (CLIPTextModelWithProjection if sd3 else CLIPTextModel)(text_config(spec.text_encoder))
+        parts: dict[str, Any] = dict(vae=AutoencoderKL(**spec.vae), text_encoder=_offset_states(clip_l),
+                                     tokenizer=tokenizer,
                                      scheduler=getattr(diffusers, spec.scheduler_config["_class_name"]).from_config(
                                          spec.scheduler_config))
-        if spec.family == "sdxl":
+        if sd3:
+            from transformers import T5Config, T5EncoderModel
+
+            t5_tokenizer = t5_test_tokenizer()
+            t5 = None if spec.t5 is None else T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), **spec.t5)).eval()
+            parts.update(transformer=denoiser, text_encoder_3=t5, tokenizer_3=t5_tokenizer if t5 is not None else None,
+                         text_encoder_2=_offset_states(CLIPTextModelWithProjection(text_config(spec.text_encoder_2 or {}))),
+                         tokenizer_2=CLIPTokenizer.from_pretrained(staging / "_bpe", model_max_length=77, pad_token="!"))
+            pipe = diffusers.StableDiffusion3Pipeline(**parts)
+        elif spec.family == "sdxl":
+            parts["unet"] = denoiser
             # SDXL's second tokenizer pads with "!" rather than the end token
             parts.update(text_encoder_2=_offset_states(CLIPTextModelWithProjection(text_config(spec.text_encoder_2 or {}))),
                          tokenizer_2=CLIPTokenizer.from_pretrained(staging / "_bpe", model_max_length=77, pad_token="!"))
             cls = diffusers.StableDiffusionXLInpaintPipeline if spec.inpainting else diffusers.StableDiffusionXLPipeline
             pipe = cls(**parts, add_watermarker=False)
         else:
+            parts["unet"] = denoiser
             cls = diffusers.StableDiffusionInpaintPipeline if spec.inpainting else diffusers.StableDiffusionPipeline
             pipe = cls(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         pipe.save_pretrained(staging / "model", safe_serialization=True)

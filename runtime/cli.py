@@ -34,7 +34,8 @@ def _export(args: argparse.Namespace) -> None:
                           max_batch=args.max_batch, validate=not args.no_validate, force=args.force,
                           min_size=args.min_size, max_size=args.max_size, max_chunks=args.max_chunks,
                           vae=Path(args.vae) if args.vae else None, variant=args.variant,
-                          config_dir=Path(args.config) if args.config else None, prediction_type=args.prediction_type)
+                          config_dir=Path(args.config) if args.config else None, prediction_type=args.prediction_type,
+                          drop=("text_encoder_3",) if args.no_t5 else (), max_sequence_length=args.max_sequence_length)
     manifest = export(config)
     print(f"exported {manifest.name} ({manifest.precision}) to {args.output}")
     for name, report in manifest.validation.items():
@@ -112,9 +113,11 @@ def _bench(args: argparse.Namespace) -> None:
 
     from sdrt.bench.run import BenchConfig, run_bench, write_results
     from sdrt.bench.workers import Workload
+    from sdrt.manifest import read_manifest
 
+    scheduler = args.scheduler or read_manifest(Path(args.engines)).model.defaults.sampler
     workload = Workload(model_dir=args.model_dir, engines=args.engines, height=args.height, width=args.width,
-                        steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, seed=args.seed)
+                        steps=args.steps, guidance=args.guidance, scheduler=scheduler, seed=args.seed)
     config = BenchConfig(workload, tuple(args.backends.split(",")), tuple(int(b) for b in args.batch.split(",")),
                          runs=args.runs, warmup=args.warmup, output=Path(args.output), one_at_a_time=args.one_at_a_time,
                          command="sdrt " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
@@ -163,8 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("testmodel", help="write a random-weight diffusers folder, or single file (offline)")
-    p.add_argument("kind", choices=["tiny", "tiny-inpaint", "sd15", "tiny-sdxl", "sdxl"],
-                   help="tiny*: seconds on a CPU; sd15, sdxl: the real architectures with random weights")
+    p.add_argument("kind", choices=["tiny", "tiny-inpaint", "sd15", "tiny-sdxl", "sdxl", "tiny-sd3", "tiny-sd3-no-t5",
+                                    "sd35m"],
+                   help="tiny*: seconds on a CPU; sd15, sdxl, sd35m (SD 3.5 Medium without T5): the real "
+                        "architectures with random weights")
     p.add_argument("out_dir", help="a new folder, or FILE.safetensors for one checkpoint in the original layout")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_testmodel)
@@ -193,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
                    help="single files: what the U-Net predicts (default: detected)")
     p.add_argument("--variant", default=None, help="load weights saved as this variant (e.g. fp16)")
+    p.add_argument("--no-t5", action="store_true",
+                   help="SD3: leave T5-XXL out (zeros in its place, as diffusers with text_encoder_3=None)")
+    p.add_argument("--max-sequence-length", type=int, default=256,
+                   help="SD3: T5 tokens a prompt may take, 1-512 (diffusers' default 256)")
     p.add_argument("--no-validate", action="store_true", help="skip the check against PyTorch")
     p.add_argument("--force", action="store_true", help="replace an existing engine directory")
     p.set_defaults(func=_export)
@@ -216,9 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("engines")
     p.add_argument("prompt")
     p.add_argument("--negative", default="")
-    p.add_argument("--steps", type=int, default=None, help="default: the model family's (sd1 25, sdxl 30)")
-    p.add_argument("--guidance", type=float, default=None, help="default: the family's (sd1 7.5, sdxl 5); <= 1: no CFG")
-    p.add_argument("--scheduler", choices=list(SAMPLERS), default=None, help="default: the family's (dpmpp_2m_karras)")
+    p.add_argument("--steps", type=int, default=None, help="default: the model family's (sd1 25, sdxl 30, sd3 28)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="default: the family's (sd1 7.5, sdxl 5, sd3 7); <= 1: no CFG")
+    p.add_argument("--scheduler", choices=list(SAMPLERS), default=None,
+                   help="default: the family's (dpmpp_2m_karras; euler for sd3, the only flow-matching sampler)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
@@ -280,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--scheduler", choices=list(SAMPLERS), default="dpmpp_2m_karras")
+    p.add_argument("--scheduler", choices=list(SAMPLERS), default=None,
+                   help="default: the family's (dpmpp_2m_karras; euler for sd3)")
     p.add_argument("--batch", default="1", help="comma list of batch sizes, e.g. 1,2,4")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)

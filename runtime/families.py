@@ -57,6 +57,9 @@ class TextEncoderSlot:
     hidden: str  # conditioning name of its (N, S, C) hidden states
     pooled: str | None = None  # conditioning name of its (N, P) pooled, projected output, if used
     clip_skip: bool = False  # the layer is chosen per generation (A1111's clip skip, `layer` by default)
+    kind: str = "clip"  # CLIP (chunks of 77 tokens) or T5 (one sequence of `max_length` tokens)
+    optional: bool = False  # the pipeline runs without it (SD3's T5): its conditioning is zeros then
+    max_length: int = 0  # T5: the tokens of its one sequence, set at export (diffusers' max_sequence_length)
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,13 @@ class Defaults:
     sampler: str
     steps: int
     guidance: float
+
+
+# Denoisers: which diffusers model the step wraps and how it is called.
+UNET = "unet"  # UNet2DConditionModel: cross-attention on the channel-concatenated text states
+MMDIT = "mmdit"  # SD3Transformer2DModel (Esser et al. 2024): joint attention on [CLIP states padded; T5 states]
+DENOISER_FOLDERS = {UNET: "unet", MMDIT: "transformer"}
+CLIP, T5 = "clip", "t5"
 
 
 @dataclass(frozen=True)
@@ -74,7 +84,11 @@ class Family:
     text_encoders: tuple[TextEncoderSlot, ...]
     conditioning: tuple[Conditioning, ...]  # the step's inputs besides the sampler state, in graph order
     cross_attention: tuple[str, ...]  # concatenated on the channel axis into the U-Net's encoder_hidden_states
-    added_cond: tuple[tuple[str, str], ...] = ()  # U-Net added_cond_kwargs key <- conditioning name
+    # the denoiser's other inputs: key <- conditioning name; names under one key are concatenated on the last axis
+    added_cond: tuple[tuple[str, str], ...] = ()
+    denoiser: str = UNET
+    # appended to the cross-attention states on the sequence axis, after zero-padding their channels to its width
+    sequence: tuple[str, ...] = ()
     defaults: Defaults = Defaults("dpmpp_2m_karras", 25, 7.5)
     vae_upcast: bool = False  # follow the VAE's force_upcast (an fp32 VAE in fp16 engines), as diffusers does
 
@@ -110,7 +124,32 @@ SDXL = Family(
     vae_upcast=True,
 )
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SDXL)}
+# Esser et al. 2024: an MMDiT on [CLIP-L ‖ bigG penultimate states, zero-padded to T5's width; T5-XXL states],
+# the two pooled outputs concatenated; rectified flow (the step's output is a velocity).
+SD3 = Family(
+    name="sd3",
+    label="Stable Diffusion 3 / 3.5",
+    pipelines=("StableDiffusion3Pipeline",),
+    text_encoders=(
+        TextEncoderSlot("text_encoder", "tokenizer", 2, False, "text_embeddings", pooled="pooled_embeds"),
+        TextEncoderSlot("text_encoder_2", "tokenizer_2", 2, False, "text_embeddings_2", pooled="pooled_embeds_2"),
+        TextEncoderSlot("text_encoder_3", "tokenizer_3", 1, True, "t5_embeddings", kind=T5, optional=True),
+    ),
+    conditioning=(
+        Conditioning("text_embeddings", CFG, "text_encoder"),
+        Conditioning("text_embeddings_2", CFG, "text_encoder_2"),
+        Conditioning("t5_embeddings", CFG, "text_encoder_3"),
+        Conditioning("pooled_embeds", CFG, "text_encoder"),
+        Conditioning("pooled_embeds_2", CFG, "text_encoder_2"),
+    ),
+    cross_attention=("text_embeddings", "text_embeddings_2"),
+    sequence=("t5_embeddings",),
+    added_cond=(("pooled_projections", "pooled_embeds"), ("pooled_projections", "pooled_embeds_2")),
+    denoiser=MMDIT,
+    defaults=Defaults("euler", 28, 7.0),  # diffusers' StableDiffusion3Pipeline defaults
+)
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SDXL, SD3)}
 
 
 def layout_rows(layout: str, keep: list[int], batch: int, total: int) -> list[int]:

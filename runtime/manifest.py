@@ -120,6 +120,9 @@ class ModelInfo:
     zero_empty_negative: bool = False  # force_zeros_for_empty_prompt: an empty negative prompt encodes as zeros
     image_input: str = BLEND  # how the step takes an input image: families.BLEND or CONCAT (inpainting U-Net)
     clip_skip_max: int = 1  # the text encoder's layers where the family takes a clip skip, else 1
+    size_multiple: int = 8  # image sides are multiples of this many pixels (a transformer's patch x the VAE's 8)
+    omitted: tuple[str, ...] = ()  # the family's optional text encoders left out: zeros in their place (SD3's T5)
+    shift_factor: float = 0.0  # the VAE's: latents = (z - shift_factor) * scaling_factor (in the VAE graphs)
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -145,7 +148,8 @@ class ModelInfo:
         if doc.get("image_input", BLEND) not in IMAGE_INPUTS:
             raise ValueError(f"image_input {doc['image_input']!r}")
         return cls(**{**doc, "text_encoders": tuple(TextEncoderSlot(**t) for t in doc["text_encoders"]),
-                      "conditioning": conditioning, "defaults": Defaults(**doc["defaults"])})
+                      "conditioning": conditioning, "defaults": Defaults(**doc["defaults"]),
+                      "omitted": tuple(doc.get("omitted", ()))})
 
 
 @dataclass(frozen=True)

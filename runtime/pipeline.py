@@ -32,7 +32,7 @@ from sdrt.loras import TAG, LoraIndex, prompt_loras
 from sdrt.manifest import ENCODER, STEP, Manifest, read_manifest
 from sdrt.schedulers import NoiseSchedule, SamplerPlan, check_sampler, make_plan, strength_start
 from sdrt.tiling import decode_tiled
-from sdrt.tokenizer import ClipTokenizer
+from sdrt.tokenizer import load_tokenizer
 
 SEED_MAX = 2**32 - 1  # A1111's range: every row's seed (seed + i) from 0 to 2**32 - 1
 
@@ -201,7 +201,8 @@ class Pipeline:
         self.limits = backend.limits(manifest)
         self.schedule = NoiseSchedule.from_config(manifest.scheduler_config)
         self.model = manifest.model
-        self.tokenizers = {t.tokenizer: ClipTokenizer(self.engine_dir / t.tokenizer) for t in self.model.text_encoders}
+        self.tokenizers = {t.tokenizer: load_tokenizer(self.engine_dir / t.tokenizer, t.kind, t.max_length)
+                           for t in self.model.text_encoders}
         self._engines: dict[str, Engine] = {}
         self._buffers: dict[tuple, Any] = {}
         self.loras: tuple[tuple[str, float], ...] = ()  # set_loras': applied to configs that name none
@@ -293,7 +294,7 @@ class Pipeline:
                     strength: float | None = None, mask_blur: int = 4, inpainting_fill: str = "original",
                     inpainting_mask_invert: bool = False, clip_skip: int | None = None,
                     loras: Sequence[tuple[str | Path, float]] | None = None,
-                    max_rows: int | None = None) -> GenerationConfig:
+                    max_rows: int | None = None, skip_guidance_layers: Sequence[int] | None = None) -> GenerationConfig:
         """Validates a request against the engines' limits. steps, guidance and scheduler default to the
         model family's; seeds: one per row (then `seed` is ignored), by default row i uses seed + i;
         batch defaults to the number of prompts. original_size, crop_top_left, target_size: SDXL's
@@ -313,7 +314,12 @@ class Pipeline:
         loras: (file, weight) pairs (default: set_loras'); prompts' `<lora:NAME:WEIGHT>` tags add the
         files NAME.safetensors of lora_dir, as A1111 does, and are not encoded.
         max_rows: allow more rows than the engines' batch, for a caller that runs them as successive
-        engine calls (the server's scheduler: A1111's n_iter); generate() itself takes the engines' batch."""
+        engine calls (the server's scheduler: A1111's n_iter); generate() itself takes the engines' batch.
+        skip_guidance_layers: diffusers' SD3.5 skip-layer guidance, refused (see the README's "SD 3 / 3.5")."""
+        if skip_guidance_layers is not None:
+            raise InputError("skip-layer guidance is not implemented: it needs a third transformer pass (the cond rows "
+                             "with layers skipped) on some steps, which does not fit one engine call per step without "
+                             "paying 1.5x compute on every step; leave skip_guidance_layers unset")
         defaults = self.model.defaults
         steps = defaults.steps if steps is None else steps
         guidance = defaults.guidance if guidance is None else guidance
@@ -355,8 +361,9 @@ class Pipeline:
         chunks = self._chunks(prompts, negatives if guidance > 1.0 else [])
         clip_skip = self._clip_skip(clip_skip)
         sources = self._input_images(image, mask_image, batch)
+        m = self.model.size_multiple  # pixels per latent cell (a transformer's: per patch)
         if sources and (height is None or width is None):  # the image's size, rounded down to the latent grid
-            f = self.model.vae_scale_factor
+            f = m
             first = sources[0][0]
             for v, (lo, _, hi) in ((first.height, limits.height), (first.width, limits.width)):
                 if not lo <= v // f * f <= hi:
@@ -367,8 +374,8 @@ class Pipeline:
         height = limits.height[1] if height is None else height
         width = limits.width[1] if width is None else width
         for label, v, (lo, _, hi) in (("height", height, limits.height), ("width", width, limits.width)):
-            if not is_integer(v) or v % 8 or not lo <= v <= hi:
-                raise InputError(f"{label} must be a multiple of 8 from {lo} to {hi} ({where}), got {v!r}")
+            if not is_integer(v) or v % m or not lo <= v <= hi:
+                raise InputError(f"{label} must be a multiple of {m} from {lo} to {hi} ({where}), got {v!r}")
         if seeds is not None:
             seeds = list(seeds)
             if len(seeds) != batch or not all(is_integer(x) and 0 <= x <= SEED_MAX for x in seeds):
@@ -416,12 +423,7 @@ class Pipeline:
         for label, texts in (("prompt", prompts), ("negative_prompt", negatives)):
             for text in dict.fromkeys(texts):
                 for tokenizer in self.tokenizers.values():
-                    chunks = len(tokenizer.chunks(text))
-                    if chunks > limit:
-                        raise InputError(
-                            f"{label} is {tokenizer.tokens(text)} tokens ({chunks} chunks of 75); these engines take at "
-                            f"most {limit * 75}: shorten it, or re-export with `sdrt export --max-chunks {chunks}`")
-                    most = max(most, chunks)
+                    most = max(most, tokenizer.check(text, label, limit))
         return most
 
     def _clip_skip(self, clip_skip: Any) -> int:
@@ -445,6 +447,9 @@ class Pipeline:
             if mask_image is not None:
                 raise InputError("mask_image needs the image it masks: pass image as well")
             return []
+        if self.schedule.flow:
+            raise InputError(f"img2img and inpainting are not implemented for flow-matching ({self.model.family}) "
+                             "engines yet: generate from the prompt alone")
 
         def per_row(value: Any, what: str) -> list[Any]:
             values = list(value) if isinstance(value, (list, tuple)) else [value] * batch

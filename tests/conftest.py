@@ -77,6 +77,18 @@ def tiny_sdxl_engines(tiny_sdxl_model: Path, tmp_path_factory: pytest.TempPathFa
 
 
 @pytest.fixture(scope="session")
+def tiny_sd3_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SD 3.5 folder: MMDiT, CLIP-L, bigG and T5."""
+    return _model("tiny-sd3", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_engines(tiny_sd3_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """fp32 ONNX engines of the tiny SD3 model, T5 included."""
+    return _export(tiny_sd3_model, tmp_path_factory.mktemp("engines") / "tiny-sd3-fp32", "fp32")
+
+
+@pytest.fixture(scope="session")
 def sd15_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The exact SD 1.5 architecture with random weights (~4.3 GB on disk); slow tests only."""
     return _model("sd15", tmp_path_factory)

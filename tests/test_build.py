@@ -108,6 +108,23 @@ def test_sdxl_builds_a_plan_per_component_with_cfg_profiles_for_all_conditioning
     check_plans(plans, manifest, manifest.plans.flavour, manifest.plans.version, "sm89")
 
 
+def test_sd3_builds_the_transformer_and_three_encoders_on_the_cpu(tiny_sd3_engines, tmp_path):
+    """SD3's contract through `sdrt build` (TensorRT-RTX, no GPU): T5's fixed sequence, the joint
+    conditioning profiled from B to 2B, sides in multiples of 16."""
+    with pytest.raises(InputError, match="multiples of 16"):
+        _build(tiny_sd3_engines, tmp_path / "bad", shapes="static:72x64,batch=1")
+    plans = _build(tiny_sd3_engines, tmp_path / "sd3", shapes="dynamic:64-128,batch=1-2", archs=("sm89",))
+    manifest = read_manifest(plans)
+    assert list(manifest.plans.components) == ["text_encoder", "text_encoder_2", "text_encoder_3", "vae_encoder",
+                                               "denoise_step", "vae_decoder"]
+    step = manifest.plans.components["denoise_step"].profile
+    assert step["t5_embeddings"] == {"min": [1, 256, 96], "opt": [2, 256, 96], "max": [4, 256, 96]}
+    assert step["pooled_embeds_2"] == {"min": [1, 32], "opt": [2, 32], "max": [4, 32]}
+    assert step["latents"]["max"] == [2, 8, 16, 16]
+    assert manifest.plans.components["text_encoder_3"].profile["input_ids"]["max"] == [4, 256]
+    check_plans(plans, manifest, manifest.plans.flavour, manifest.plans.version, "sm89")
+
+
 def _edited(src: Path, dst: Path, edit) -> Path:
     shutil.copytree(src, dst)
     doc = json.loads((dst / "manifest.json").read_text())
@@ -335,6 +352,25 @@ def test_sdxl_fp16_export_and_build_fit_this_machine(tmp_path):
     assert all(v["error"] <= v["tolerance"] for v in manifest.validation.values())
     plans = {name: r.bytes / 2**20 for name, r in manifest.plans.components.items()}
     assert 4500 < plans["denoise_step"] < 5500, plans  # 2.57 G fp16 weights
+    assert max(rss for _, rss in figures.values()) < 20  # GiB: room left on a 24 GB machine
+
+
+@pytest.mark.slow
+def test_sd35m_fp16_export_and_build_fit_this_machine(tmp_path):
+    """SD 3.5 Medium's exact transformer (random weights) with CLIP-L and bigG, without T5-XXL (4.7 B
+    parameters, 19 GB in fp32: more than this machine can trace): fp16 export with validation, then a
+    TensorRT-RTX plan on the CPU, each within a 24 GB machine; the figures go into the README."""
+    model, engines = tmp_path / "sd35m", tmp_path / "sd35m-fp16"
+    figures = {"testmodel": _measured("testmodel", "sd35m", str(model)),
+               "export": _measured("export", str(model), "-o", str(engines), "--precision", "fp16"),
+               "build": _measured("build", str(engines), "--shapes", "static:1024x1024,batch=1", "--arch", "sm89")}
+    print("\nsd35m (wall s, peak RSS GiB):", {k: (round(w), round(r, 1)) for k, (w, r) in figures.items()})
+    manifest = read_manifest(engines)
+    assert manifest.model.omitted == ("text_encoder_3",) and manifest.model.size_multiple == 16
+    assert all(v["error"] <= v["tolerance"] for v in manifest.validation.values())
+    plans = {name: r.bytes / 2**20 for name, r in manifest.plans.components.items()}
+    print("plans (MiB):", {k: round(v) for k, v in plans.items()})
+    assert 4000 < plans["denoise_step"] < 5600, plans  # 2.24 G fp16 weights
     assert max(rss for _, rss in figures.values()) < 20  # GiB: room left on a 24 GB machine
 
 

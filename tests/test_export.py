@@ -101,8 +101,11 @@ def _edit_json(path, **changes):
 
 @pytest.mark.parametrize("mutate, match", [
     # a family sdrt does not export: named, with the supported ones
+    (lambda m: _edit_json(m / "model_index.json", _class_name="FluxPipeline"),
+     "FluxPipeline folder.*Supported: Stable Diffusion 1.x / 2.x.*Stable Diffusion XL.*Stable Diffusion 3"),
+    # a folder whose model_index.json names a family whose parts it lacks
     (lambda m: _edit_json(m / "model_index.json", _class_name="StableDiffusion3Pipeline"),
-     "StableDiffusion3Pipeline folder.*Supported: Stable Diffusion 1.x / 2.x.*Stable Diffusion XL"),
+     "not a complete diffusers Stable Diffusion 3 / 3.5 folder: missing transformer/config.json"),
     # scheduler settings sdrt cannot honour: refused by key before any export work
     (lambda m: _edit_json(m / "scheduler" / "scheduler_config.json", thresholding=True), "thresholding=True"),
     (lambda m: _edit_json(m / "scheduler" / "scheduler_config.json", timestep_spacing="karras"), "timestep_spacing"),

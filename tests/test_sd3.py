@@ -1,0 +1,183 @@
+"""SD 3 / 3.5: a tiny MMDiT pipeline (CLIP-L, bigG, T5) exported and run against diffusers'
+StableDiffusion3Pipeline on the same weights and initial latents, with and without T5; fp16; the CLI and
+both HTTP APIs; refusals. fp32 engines: max pixel error ≤ 2/255."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from sdrt.bench.stats import psnr  # noqa: E402
+from sdrt.errors import InputError  # noqa: E402
+from sdrt.export.exporter import ExportConfig, export  # noqa: E402
+from sdrt.manifest import read_manifest  # noqa: E402
+from sdrt.pipeline import Pipeline  # noqa: E402
+
+MAX_PIXEL_ERROR = 2
+NO_T5 = {"text_encoder_3": None, "tokenizer_3": None}
+
+
+@pytest.fixture(scope="module")
+def no_t5_engines(tiny_sd3_model, tmp_path_factory):
+    """The same folder exported with `--no-t5`."""
+    out = tmp_path_factory.mktemp("engines") / "tiny-sd3-no-t5"
+    export(ExportConfig(tiny_sd3_model, out, precision="fp32", drop=("text_encoder_3",)), progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def fp16_engines(tiny_sd3_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("engines") / "tiny-sd3-fp16"
+    export(ExportConfig(tiny_sd3_model, out, precision="fp16"), progress=False)
+    return out
+
+
+def reference(model_dir, config, latents, t5: bool = True) -> np.ndarray:
+    """diffusers' StableDiffusion3Pipeline on the config's prompts and the same initial latents."""
+    pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(model_dir, **({} if t5 else NO_T5))
+    pipe.set_progress_bar_config(disable=True)
+    negative = list(config.negative_prompt) if config.cfg else None
+    out = pipe(list(config.prompt), negative_prompt=negative, num_inference_steps=config.steps,
+               guidance_scale=config.guidance, latents=torch.from_numpy(latents), height=config.height,
+               width=config.width, output_type="np").images
+    return (out * 255).round().astype(np.uint8)
+
+
+CASES = {
+    "cfg-negative-batch2-nonsquare": dict(prompt=["a red apple on a table", "a blue dog"], negative_prompt="blurry",
+                                          guidance=5.0, height=128, width=192),
+    # SD3.5 Large Turbo's settings: guidance 0, no CFG half (4 steps, as every case here)
+    "turbo-no-cfg": dict(prompt="a cute cat sitting on a wooden table", guidance=0.0, height=256, width=256),
+}
+
+
+@pytest.mark.parametrize("t5", [True, False], ids=["t5", "no-t5"])
+@pytest.mark.parametrize("case", CASES, ids=list(CASES))
+def test_tiny_sd3_fp32_matches_diffusers(tiny_sd3_model, tiny_sd3_engines, no_t5_engines, t5, case):
+    pipe = Pipeline.load(tiny_sd3_engines if t5 else no_t5_engines, backend="ort-cpu")
+    config = pipe.make_config(**CASES[case], steps=4, seed=42)
+    assert config.scheduler == "euler" and pipe.schedule.flow
+    init, _ = pipe.initial_noise(config)
+    ours = pipe.generate(config).images
+    ref = reference(tiny_sd3_model, config, init, t5)
+    assert ours.shape == ref.shape == (config.batch, config.height, config.width, 3)
+    assert ours.std() > 10, "a flat image would match anything"
+    error = int(np.abs(ours.astype(int) - ref).max())
+    assert error <= MAX_PIXEL_ERROR, f"{case} t5={t5}: max pixel error {error}/255"
+
+
+def test_t5_changes_the_image_and_zeros_stand_in_without_it(tiny_sd3_engines, no_t5_engines):
+    """Without T5 the step takes no T5 input and the manifest says so; the image is not the T5 one."""
+    with_t5, without = read_manifest(tiny_sd3_engines), read_manifest(no_t5_engines)
+    assert without.model.omitted == ("text_encoder_3",) and with_t5.model.omitted == ()
+    assert "t5_embeddings" not in [t.name for t in without.components["denoise_step"].inputs]
+    assert [t.max_length for t in with_t5.model.text_encoders] == [0, 0, 256]
+    images = [Pipeline.load(e, backend="ort-cpu")("a red apple", steps=2, seed=1, height=64, width=64)[0]
+              for e in (tiny_sd3_engines, no_t5_engines)]
+    assert np.abs(np.asarray(images[0], int) - np.asarray(images[1], int)).max() > 10
+
+
+def test_fp16_engines_keep_t5_in_fp32_and_stay_close_to_fp32(tiny_sd3_engines, fp16_engines):
+    manifest = read_manifest(fp16_engines)
+    assert manifest.components["text_encoder_3"].precision == "fp32"  # T5 v1.1 overflows fp16
+    assert manifest.components["denoise_step"].precision == "fp16"
+    assert all(report["error"] <= report["tolerance"] for report in manifest.validation.values())
+    kwargs = dict(prompt="a red apple on a table", negative_prompt="blurry", steps=4, seed=3, height=128, width=128)
+    fp32, fp16 = (Pipeline.load(e, backend="ort-cpu") for e in (tiny_sd3_engines, fp16_engines))
+    a = fp32.generate(fp32.make_config(**kwargs)).images
+    b = fp16.generate(fp16.make_config(**kwargs)).images
+    assert psnr(a, b) >= 30.0, f"fp16 vs fp32: {psnr(a, b):.1f} dB"
+
+
+def test_a_long_weighted_prompt_reaches_clip_chunks_and_t5(tiny_sd3_engines):
+    """Emphasis and a second CLIP chunk run through all three encoders; a weight of 1 is no weight."""
+    pipe = Pipeline.load(tiny_sd3_engines, backend="ort-cpu")
+    long = ", ".join(["a cute cat sitting on a wooden table"] * 12)
+    config = pipe.make_config(long, steps=1, seed=0, height=64, width=64)
+    assert config.chunks == 2
+    plain = pipe.encode_prompt(pipe.make_config("a red apple", steps=1, height=64, width=64))
+    same = pipe.encode_prompt(pipe.make_config("a (red:1.0) apple", steps=1, height=64, width=64))
+    weighted = pipe.encode_prompt(pipe.make_config("a (red:1.5) apple", steps=1, height=64, width=64))
+    for name in ("text_embeddings", "t5_embeddings"):
+        np.testing.assert_array_equal(plain[name], same[name])
+        assert not np.array_equal(plain[name], weighted[name])
+    assert pipe.generate(config).images.std() > 10
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(height=136), "multiple of 16"),
+    (dict(scheduler="dpmpp_2m_karras"), "samples with euler"),
+    (dict(clip_skip=2), "clip_skip"),
+    (dict(original_size=(64, 64)), "micro-conditioning"),
+    (dict(prompt="cat " * 300), "--max-sequence-length"),
+    (dict(skip_guidance_layers=[7, 8, 9]), "skip-layer guidance is not implemented"),
+])
+def test_sd3_refusals_name_the_fix(tiny_sd3_engines, kwargs, message):
+    pipe = Pipeline.load(tiny_sd3_engines, backend="ort-cpu")
+    with pytest.raises(InputError, match=message):
+        pipe.make_config(**{"prompt": "a cat", **kwargs})
+
+
+def test_images_in_are_refused_for_now(tiny_sd3_engines):
+    pipe = Pipeline.load(tiny_sd3_engines, backend="ort-cpu")
+    image = np.zeros((64, 64, 3), np.uint8)
+    with pytest.raises(InputError, match="img2img and inpainting are not implemented"):
+        pipe.make_config("a cat", image=image)
+
+
+def test_export_refusals(tiny_sd3_model, tiny_model, tmp_path):
+    with pytest.raises(InputError, match="max_sequence_length"):
+        export(ExportConfig(tiny_sd3_model, tmp_path / "a", max_sequence_length=513), progress=False)
+    with pytest.raises(InputError, match="optional text encoders"):
+        export(ExportConfig(tiny_model, tmp_path / "b", drop=("text_encoder_3",)), progress=False)
+    with pytest.raises(InputError, match="multiple of 16"):
+        export(ExportConfig(tiny_sd3_model, tmp_path / "c", min_size=72), progress=False)
+    assert not any(tmp_path.iterdir()), "a refused export writes nothing"
+
+
+def test_cli_and_both_http_apis_serve_sd3(tiny_sd3_engines, tmp_path):
+    pytest.importorskip("fastapi")
+    import httpx
+
+    from sdrt.bench.live_server import LiveServer
+    from sdrt.serve.config import ServeConfig
+
+    direct = Pipeline.load(tiny_sd3_engines, backend="ort-cpu")
+    want = direct.generate(direct.make_config("a red cube", steps=2, seed=3, guidance=4.0)).images[0]
+    out = tmp_path / "cube.png"
+    r = subprocess.run([sys.executable, "-m", "sdrt.cli", "generate", str(tiny_sd3_engines), "a red cube", "--steps", "2",
+                        "--seed", "3", "--guidance", "4", "-o", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    from PIL import Image
+
+    image = Image.open(out)
+    np.testing.assert_array_equal(np.asarray(image), want)
+    assert "Sampler: Euler" in image.info["parameters"]
+    live = LiveServer(ServeConfig(tiny_sd3_engines, backend="ort-cpu"))
+    try:
+        a1111 = httpx.post(f"{live.url}/sdapi/v1/txt2img", timeout=60,
+                           json={"prompt": "a red cube", "seed": 3, "steps": 2, "cfg_scale": 4.0, "sampler_name": "Euler"})
+        assert a1111.status_code == 200, a1111.text
+        import base64
+        import io
+
+        got = np.asarray(Image.open(io.BytesIO(base64.b64decode(a1111.json()["images"][0]))).convert("RGB"))
+        np.testing.assert_array_equal(got, want)
+        openai = httpx.post(f"{live.url}/v1/images/generations", timeout=60,
+                            json={"prompt": "a red cube", "seed": 3, "steps": 2, "guidance_scale": 4.0,
+                                  "response_format": "b64_json"})
+        assert openai.status_code == 200, openai.text
+        got = np.asarray(Image.open(io.BytesIO(base64.b64decode(openai.json()["data"][0]["b64_json"]))).convert("RGB"))
+        np.testing.assert_array_equal(got, want)
+        refused = httpx.post(f"{live.url}/sdapi/v1/txt2img", timeout=60,
+                             json={"prompt": "a red cube", "steps": 2, "sampler_name": "DPM++ 2M"})
+        assert refused.status_code == 400 and "euler" in json.dumps(refused.json())
+    finally:
+        live.stop()
