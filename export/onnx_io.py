@@ -64,6 +64,10 @@ def gather_weights(raw: Path, path: Path) -> list[StoredTensor]:
     a model over 2 GB as one file per tensor; loading them all would hold a second copy of the model).
     """
     model = onnx.load(str(raw), load_external_data=False)
+    for node in model.graph.node:  # torch writes even Constant nodes' tensors to files past 2 GB (SD 3.5's
+        for attr in node.attribute:  # weightless LayerNorms): inline again, as below 2 GB (they are small)
+            if attr.type == onnx.AttributeProto.TENSOR and uses_external_data(attr.t):
+                _inline(attr.t, raw.parent)
     data_name = path.name + ".data"
     stored = []
     with open(path.parent / data_name, "wb") as out:
@@ -107,3 +111,13 @@ def gather_weights(raw: Path, path: Path) -> list[StoredTensor]:
     # open() above made the data file with the umask's mode: the graph's own mode, as onnx.save gives it
     os.chmod(path.parent / data_name, stat.S_IMODE(path.stat().st_mode))
     return stored
+
+
+def _inline(tensor: onnx.TensorProto, base: Path) -> None:
+    """Moves an external tensor's bytes into the tensor itself."""
+    info = ExternalDataInfo(tensor)
+    with open(base / info.location, "rb") as src:
+        src.seek(info.offset or 0)
+        tensor.raw_data = src.read() if info.length is None else src.read(info.length)
+    del tensor.external_data[:]
+    tensor.data_location = onnx.TensorProto.DEFAULT

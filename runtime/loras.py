@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from sdrt.errors import InputError
-from sdrt.manifest import ComponentSpec, Manifest, WeightSlot
+from sdrt.manifest import STEP, ComponentSpec, Manifest, WeightSlot
 
 SUFFIX = ".safetensors"
 _DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "BF16": np.uint16}
@@ -235,6 +235,9 @@ class LoraIndex:
             raise InputError(f"{self.manifest.name} was exported before sdrt named the weights LoRA changes: "
                              "re-export it with `sdrt export` to use LoRA")
         unknown = [k for k in lora.layers if k not in self.keys]
+        if unknown and not self.manifest.components[STEP].weights:
+            raise InputError(f"LoRA {lora.path.name}: LoRA is not implemented for {self.manifest.model.family} "
+                             "engines (their denoiser's weights are not named for it; SD 1.x, 2.x and XL are)")
         if unknown:
             raise InputError(f"LoRA {lora.path.name}: {len(unknown)} of its {len(lora.layers)} layers name none of "
                              f"these {self.manifest.model.family} engines' layers (e.g. {unknown[0]}): a LoRA for "

@@ -12,6 +12,7 @@ import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -338,40 +339,38 @@ def _measured(*args: str) -> tuple[float, float]:
     return time.perf_counter() - start, usage.ru_maxrss / 2**20
 
 
-@pytest.mark.slow
-def test_sdxl_fp16_export_and_build_fit_this_machine(tmp_path):
-    """The real SDXL base shapes (random weights): fp16 export with validation, then a TensorRT-RTX
-    plan on the CPU, each within a 24 GB machine; the figures go into the README."""
-    model, engines = tmp_path / "sdxl", tmp_path / "sdxl-fp16"
-    figures = {"testmodel": _measured("testmodel", "sdxl", str(model)),
+def _real_size_export_and_build(kind: str, tmp_path: Path) -> tuple[Any, dict[str, float]]:
+    """`sdrt testmodel KIND`, its fp16 export with validation and a static 1024² TensorRT-RTX sm89 build,
+    each measured (wall s, peak RSS GiB; printed for the README) and each within a 24 GB machine.
+    Returns the manifest and the plans' sizes in MiB."""
+    model, engines = tmp_path / kind, tmp_path / f"{kind}-fp16"
+    figures = {"testmodel": _measured("testmodel", kind, str(model)),
                "export": _measured("export", str(model), "-o", str(engines), "--precision", "fp16"),
                "build": _measured("build", str(engines), "--shapes", "static:1024x1024,batch=1", "--arch", "sm89")}
-    print("\nsdxl (wall s, peak RSS GiB):", {k: (round(w), round(r, 1)) for k, (w, r) in figures.items()})
+    print(f"\n{kind} (wall s, peak RSS GiB):", {k: (round(w), round(r, 1)) for k, (w, r) in figures.items()})
     manifest = read_manifest(engines)
-    assert manifest.components["vae_decoder"].precision == "fp32"  # force_upcast: the stock VAE overflows fp16
     assert all(v["error"] <= v["tolerance"] for v in manifest.validation.values())
     plans = {name: r.bytes / 2**20 for name, r in manifest.plans.components.items()}
-    assert 4500 < plans["denoise_step"] < 5500, plans  # 2.57 G fp16 weights
+    print("plans (MiB):", {k: round(v) for k, v in plans.items()})
     assert max(rss for _, rss in figures.values()) < 20  # GiB: room left on a 24 GB machine
+    return manifest, plans
+
+
+@pytest.mark.slow
+def test_sdxl_fp16_export_and_build_fit_this_machine(tmp_path):
+    """The real SDXL base shapes (random weights)."""
+    manifest, plans = _real_size_export_and_build("sdxl", tmp_path)
+    assert manifest.components["vae_decoder"].precision == "fp32"  # force_upcast: the stock VAE overflows fp16
+    assert 4500 < plans["denoise_step"] < 5500, plans  # 2.57 G fp16 weights
 
 
 @pytest.mark.slow
 def test_sd35m_fp16_export_and_build_fit_this_machine(tmp_path):
     """SD 3.5 Medium's exact transformer (random weights) with CLIP-L and bigG, without T5-XXL (4.7 B
-    parameters, 19 GB in fp32: more than this machine can trace): fp16 export with validation, then a
-    TensorRT-RTX plan on the CPU, each within a 24 GB machine; the figures go into the README."""
-    model, engines = tmp_path / "sd35m", tmp_path / "sd35m-fp16"
-    figures = {"testmodel": _measured("testmodel", "sd35m", str(model)),
-               "export": _measured("export", str(model), "-o", str(engines), "--precision", "fp16"),
-               "build": _measured("build", str(engines), "--shapes", "static:1024x1024,batch=1", "--arch", "sm89")}
-    print("\nsd35m (wall s, peak RSS GiB):", {k: (round(w), round(r, 1)) for k, (w, r) in figures.items()})
-    manifest = read_manifest(engines)
+    parameters, 19 GB of fp32 weights to hold before tracing: see the README)."""
+    manifest, plans = _real_size_export_and_build("sd35m", tmp_path)
     assert manifest.model.omitted == ("text_encoder_3",) and manifest.model.size_multiple == 16
-    assert all(v["error"] <= v["tolerance"] for v in manifest.validation.values())
-    plans = {name: r.bytes / 2**20 for name, r in manifest.plans.components.items()}
-    print("plans (MiB):", {k: round(v) for k, v in plans.items()})
     assert 4000 < plans["denoise_step"] < 5600, plans  # 2.24 G fp16 weights
-    assert max(rss for _, rss in figures.values()) < 20  # GiB: room left on a 24 GB machine
 
 
 # --- on a GPU -----------------------------------------------------------------------------------

@@ -264,8 +264,9 @@ def test_every_artifact_is_readable_as_the_graphs_are(tiny_engines):
 
 
 def test_weights_gathered_from_per_tensor_files_into_one_aligned_file(tmp_path):
-    """torch writes a model over 2 GB as one file per tensor; gather_weights streams them into one
-    page-aligned .data file (ONNX Runtime can map it) and the graph computes exactly as before."""
+    """torch writes a model over 2 GB as one file per tensor, Constant nodes' tensors included;
+    gather_weights streams the initializers into one page-aligned .data file (ONNX Runtime can map it),
+    puts the constants back inline, and the graph computes exactly as before."""
     import numpy as np
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
@@ -277,18 +278,22 @@ def test_weights_gathered_from_per_tensor_files_into_one_aligned_file(tmp_path):
     w1, w2 = rng.standard_normal((3, 5)).astype(np.float32), rng.standard_normal((5, 2)).astype(np.float32)
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("MatMul", ["h", "w2"], ["y"]),
-         helper.make_node("Add", ["y", "c"], ["z"])], "g",
+         helper.make_node("Add", ["y", "c"], ["z0"]),
+         helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(
+             rng.standard_normal((2, 16)).astype(np.float32), "k")),
+         helper.make_node("MatMul", ["z0", "k"], ["z"])], "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
-        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 2])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 16])],
         [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"),
          numpy_helper.from_array(np.array([0.5, -1], np.float32), "c")])  # c stays inline in the raw graph
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     inline = model.SerializeToString()
     raw_dir = tmp_path / "raw"
     raw_dir.mkdir()
-    convert_model_to_external_data(model, all_tensors_to_one_file=False, size_threshold=64)  # sys.getsizeof
+    convert_model_to_external_data(model, all_tensors_to_one_file=False, size_threshold=64,  # sys.getsizeof
+                                   convert_attribute=True)
     onnx.save_model(model, str(raw_dir / "model.onnx"))
-    assert sorted(p.name for p in raw_dir.iterdir()) == ["model.onnx", "w1", "w2"]  # one file per large weight
+    assert sorted(p.name for p in raw_dir.iterdir()) == ["k", "model.onnx", "w1", "w2"]  # one file per large tensor
 
     out = tmp_path / "out"
     out.mkdir()
@@ -297,6 +302,8 @@ def test_weights_gathered_from_per_tensor_files_into_one_aligned_file(tmp_path):
     gathered = onnx.load(str(out / "m.onnx"), load_external_data=False)
     infos = [ExternalDataInfo(t) for t in gathered.graph.initializer]
     assert {i.location for i in infos} == {"m.onnx.data"} and all(i.offset % ALIGNMENT == 0 for i in infos)
+    constant = next(n for n in gathered.graph.node if n.op_type == "Constant").attribute[0].t
+    assert constant.data_location == TensorProto.DEFAULT and len(constant.raw_data) == 2 * 16 * 4
     x = rng.standard_normal((1, 3)).astype(np.float32)
     (z,) = ort.InferenceSession(str(out / "m.onnx")).run(None, {"x": x})
     (expected,) = ort.InferenceSession(inline).run(None, {"x": x})

@@ -181,3 +181,14 @@ def test_cli_and_both_http_apis_serve_sd3(tiny_sd3_engines, tmp_path):
         assert refused.status_code == 400 and "euler" in json.dumps(refused.json())
     finally:
         live.stop()
+
+
+def test_a_lora_is_refused_naming_why(tiny_sd3_engines, tmp_path):
+    from safetensors.numpy import save_file
+
+    path = tmp_path / "sd3-style.safetensors"
+    save_file({"lora_unet_transformer_blocks_0_attn_to_q.lora_down.weight": np.zeros((4, 32), np.float32),
+               "lora_unet_transformer_blocks_0_attn_to_q.lora_up.weight": np.zeros((32, 4), np.float32)}, str(path))
+    pipe = Pipeline.load(tiny_sd3_engines, backend="ort-cpu")
+    with pytest.raises(InputError, match="LoRA is not implemented for sd3 engines"):
+        pipe.set_loras([(path, 0.8)])
