@@ -17,6 +17,7 @@ from typing import Any, Iterator, Mapping
 from sdrt.errors import InputError, ModelError
 from sdrt.export.original_layout import CLIP_PREFIXES, OPEN_CLIP_PREFIXES, UNET_PREFIX
 from sdrt.export.testmodel import CLIP_L, KL_F8, SD15_SCHEDULER_CONFIG, SDXL_SCHEDULER_CONFIG, SPECS
+from sdrt.families import UNET
 from sdrt.schedulers import NoiseSchedule
 
 SAFETENSORS = (".safetensors",)
@@ -293,7 +294,7 @@ class SingleFile:
             # scheduler settings sdrt cannot honour are refused here, as for folders, before minutes of export
             NoiseSchedule.from_config(json.loads(scheduler.read_text()))
             family = family_for(model_index(Path(config_dir)), str(config_dir))
-            if family.denoiser != "unet":
+            if family.denoiser != UNET:
                 raise ModelError(f"--config {config_dir} is a {family.label} folder; single files are read for U-Net "
                                  f"models only ({SUPPORTED}): export the {family.label} diffusers folder itself")
             return cls(Path(path), checkpoint, family, None, Path(config_dir), prediction_type)

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from sdrt.families import BLEND, CONCAT, MMDIT, TextEncoderSlot
+from sdrt.families import BLEND, CONCAT, MMDIT, UNET, TextEncoderSlot
 from sdrt.prompts import CHUNK_LENGTH
 from sdrt.schedulers import A, B, C_IN, D, HISTORY, HO, HX, KA, KN
 
@@ -109,7 +109,7 @@ class DenoiseStep(nn.Module):
 
     def __init__(self, unet: nn.Module, conditioning: tuple[str, ...], cross_attention: tuple[str, ...],
                  added_cond: tuple[tuple[str, str], ...], image_input: str, image_inputs: tuple[str, ...],
-                 denoiser: str = "unet", sequence: tuple[str, ...] = (), zero_sequence: int = 0):
+                 denoiser: str = UNET, sequence: tuple[str, ...] = (), zero_sequence: int = 0):
         super().__init__()
         self.unet = unet  # the family's denoiser: a U-Net, or SD3's transformer
         self.conditioning = conditioning
@@ -168,7 +168,6 @@ class DenoiseStep(nn.Module):
         x_history_next = torch.cat([latents[None], x_history[:-1]])
         out_history_next = torch.cat([guided[None], out_history[:-1]])
         return latents_next, x_history_next, out_history_next
-
 
     def _transformer(self, x_in: torch.Tensor, timestep: torch.Tensor, clip: torch.Tensor, cond: dict[str, torch.Tensor],
                      added: dict[str, torch.Tensor]) -> torch.Tensor:

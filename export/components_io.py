@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from sdrt.errors import ModelError
-from sdrt.families import BLEND, CONCAT, DENOISER_FOLDERS, MMDIT, T5, Family, TextEncoderSlot
+from sdrt.families import BLEND, CONCAT, DENOISER_FOLDERS, MMDIT, T5, UNET, Family, TextEncoderSlot
 
 # transformers classes a text-encoder slot may hold; a pooled slot needs the projection
 TEXT_ENCODER_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
-DENOISER_CLASSES = {"unet": "UNet2DConditionModel", MMDIT: "SD3Transformer2DModel"}
+DENOISER_CLASSES = {UNET: "UNet2DConditionModel", MMDIT: "SD3Transformer2DModel"}
 
 
 @dataclass

@@ -74,6 +74,7 @@ class ExportConfig:
 
 MAX_SEQUENCE_LENGTH = 512  # T5's, as diffusers' StableDiffusion3Pipeline allows
 
+
 def check_model_dir(model_dir: Path, variant: str | None = None, vae: Path | None = None,
                     drop: tuple[str, ...] = ()) -> Family:
     """The folder's family, once every file it needs is there and parses (weights of the variant when
@@ -84,13 +85,13 @@ def check_model_dir(model_dir: Path, variant: str | None = None, vae: Path | Non
                          f"(or make a test one with `sdrt testmodel tiny {model_dir}`)")
     index_path = model_dir / "model_index.json"
     try:
-        family = family_for(json.loads(index_path.read_text()), str(model_dir))
+        index = json.loads(index_path.read_text())
+        family = family_for(index, str(model_dir))
     except FileNotFoundError:
         raise ModelError(f"{model_dir} has no model_index.json: export the full pipeline saved with "
                          "`save_pretrained`, or a single-file checkpoint (.safetensors / .ckpt)") from None
     except json.JSONDecodeError as e:
         raise ModelError(f"{index_path} is not valid JSON ({e}): restore it from the original model") from e
-    index = json.loads(index_path.read_text())
     slots = [t for t in family.text_encoders if present_slot(index, model_dir, t, drop)]
     weights = (DENOISER_FOLDERS[family.denoiser], "vae") + tuple(t.component for t in slots)
     json_files = [f"{sub}/config.json" for sub in weights] + ["scheduler/scheduler_config.json"]
@@ -176,8 +177,8 @@ def export(config: ExportConfig, progress: bool = True) -> Manifest:
         family = check_model_dir(model_dir, config.variant, config.vae, config.drop)
     optional = {t.component for t in family.text_encoders if t.optional}
     if set(config.drop) - optional:
-        raise InputError(f"only optional text encoders can be left out ({', '.join(sorted(optional)) or 'none in '}"
-                         f"{'' if optional else family.label}), got {', '.join(config.drop)}")
+        have = ", ".join(sorted(optional)) if optional else f"none in {family.label}"
+        raise InputError(f"only optional text encoders can be left out ({have}), got {', '.join(config.drop)}")
     if config.vae is not None:
         check_vae(config.vae)
     if out_dir.exists() and not config.force:
@@ -276,31 +277,28 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
     # (component, spec, module, its precision)
     jobs: list[tuple[str, ComponentSpec, Any, str]] = []
     produced: dict[str, TensorSpec] = {}  # conditioning written by the text encoders, per text row (N, ...)
-    slots = []
+    slots = []  # as the manifest records them (T5's with its sequence length)
     for slot in parts.slots:
         te = parts.text_encoders[slot.component]
-        if slot.kind == T5:  # fp32 in fp16 engines: T5 v1.1's feed-forward activations overflow fp16
-            length = config.max_sequence_length
-            slot = replace(slot, max_length=length)
-            spec = ComponentSpec(f"{slot.component}.onnx", (
-                TensorSpec("input_ids", "int64", ("N", length)), TensorSpec("token_weights", "float32", ("N", length)),
-                TensorSpec("keep", "float32", ("N",))), (TensorSpec(slot.hidden, "float32", ("N", length, te.config.d_model)),),
-                "fp32")
-            jobs.append((slot.component, spec, T5Encoder(te, slot), "fp32"))
-            produced.update({t.name: t for t in spec.outputs})
-            slots.append(slot)
-            continue
+        if slot.kind == T5:  # one sequence of fixed length; fp32 even in fp16 engines: T5 v1.1's
+            slot = replace(slot, max_length=config.max_sequence_length)  # feed-forward activations overflow fp16
+            tokens, precision, out_dtype = slot.max_length, "fp32", "float32"
+            outputs = [TensorSpec(slot.hidden, out_dtype, ("N", tokens, te.config.d_model))]
+            module: Any = T5Encoder(te, slot)
+        else:  # CLIP: S = 77 per prompt chunk
+            tokens, precision, out_dtype = "S", config.precision, f
+            outputs = [TensorSpec(slot.hidden, out_dtype, ("N", tokens, te.config.hidden_size))]
+            module = TextEncoder(te, slot)
         slots.append(slot)
-        outputs = [TensorSpec(slot.hidden, f, ("N", "S", te.config.hidden_size))]
         if slot.pooled:
-            outputs.append(TensorSpec(slot.pooled, f, ("N", te.config.projection_dim)))
-        inputs = [TensorSpec("input_ids", "int64", ("N", "S")), TensorSpec("token_weights", "float32", ("N", "S")),
+            outputs.append(TensorSpec(slot.pooled, out_dtype, ("N", te.config.projection_dim)))
+        inputs = [TensorSpec("input_ids", "int64", ("N", tokens)), TensorSpec("token_weights", "float32", ("N", tokens)),
                   TensorSpec("keep", "float32", ("N",))]
         if slot.clip_skip:
             inputs.append(TensorSpec("clip_skip", "int64", (1,)))
             clip_skip_max = te.config.num_hidden_layers
-        spec = ComponentSpec(f"{slot.component}.onnx", tuple(inputs), tuple(outputs), config.precision)
-        jobs.append((slot.component, spec, TextEncoder(te, slot), config.precision))
+        spec = ComponentSpec(f"{slot.component}.onnx", tuple(inputs), tuple(outputs), precision)
+        jobs.append((slot.component, spec, module, precision))
         produced.update({t.name: t for t in outputs})
 
     present = tuple(c for c in family.conditioning if c.source == HOST or c.source in parts.text_encoders)

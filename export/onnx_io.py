@@ -73,11 +73,7 @@ def gather_weights(raw: Path, path: Path) -> list[StoredTensor]:
     with open(path.parent / data_name, "wb") as out:
         for tensor in model.graph.initializer:  # constant nodes stay inline: ONNX Runtime's shape inference reads them
             if uses_external_data(tensor):
-                info = ExternalDataInfo(tensor)
-                source, length = raw.parent / info.location, info.length
-                offset = info.offset or 0
-                if length is None:
-                    length = source.stat().st_size - offset
+                source, offset, length = _external_span(tensor, raw.parent)
             elif tensor.HasField("raw_data"):
                 source, offset, length = None, 0, len(tensor.raw_data)
             else:  # typed fields (small int lists): left inline, as onnx's own converter does
@@ -113,11 +109,18 @@ def gather_weights(raw: Path, path: Path) -> list[StoredTensor]:
     return stored
 
 
+def _external_span(tensor: onnx.TensorProto, base: Path) -> tuple[Path, int, int]:
+    """(file, offset, length) of an external tensor's bytes; no length: to the end of the file."""
+    info = ExternalDataInfo(tensor)
+    source, offset = base / info.location, info.offset or 0
+    return source, offset, source.stat().st_size - offset if info.length is None else info.length
+
+
 def _inline(tensor: onnx.TensorProto, base: Path) -> None:
     """Moves an external tensor's bytes into the tensor itself."""
-    info = ExternalDataInfo(tensor)
-    with open(base / info.location, "rb") as src:
-        src.seek(info.offset or 0)
-        tensor.raw_data = src.read() if info.length is None else src.read(info.length)
+    source, offset, length = _external_span(tensor, base)
+    with open(source, "rb") as src:
+        src.seek(offset)
+        tensor.raw_data = src.read(length)
     del tensor.external_data[:]
     tensor.data_location = onnx.TensorProto.DEFAULT

@@ -363,14 +363,13 @@ class Pipeline:
         sources = self._input_images(image, mask_image, batch)
         m = self.model.size_multiple  # pixels per latent cell (a transformer's: per patch)
         if sources and (height is None or width is None):  # the image's size, rounded down to the latent grid
-            f = m
             first = sources[0][0]
             for v, (lo, _, hi) in ((first.height, limits.height), (first.width, limits.width)):
-                if not lo <= v // f * f <= hi:
+                if not lo <= v // m * m <= hi:
                     raise InputError(f"the image is {first.width}x{first.height} pixels; {where} is {lo} to {hi} a "
                                      f"side: pass width and height (the image is resized to them)")
-            height = first.height // f * f if height is None else height
-            width = first.width // f * f if width is None else width
+            height = first.height // m * m if height is None else height
+            width = first.width // m * m if width is None else width
         height = limits.height[1] if height is None else height
         width = limits.width[1] if width is None else width
         for label, v, (lo, _, hi) in (("height", height, limits.height), ("width", width, limits.width)):

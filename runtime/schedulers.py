@@ -211,7 +211,7 @@ class NoiseSchedule:
         if schedule.trained_betas is not None and len(schedule.trained_betas) != schedule.num_train_timesteps:
             raise InputError(f"trained_betas has {len(schedule.trained_betas)} values for "
                              f"{schedule.num_train_timesteps} train timesteps")
-        if schedule.prediction_type not in ("epsilon", "v_prediction", FLOW):
+        if schedule.prediction_type not in ((FLOW,) if flow else ("epsilon", "v_prediction")):  # flow: from the class
             raise InputError(f"prediction_type {schedule.prediction_type!r} is not supported (epsilon, v_prediction)")
         if not (isinstance(schedule.shift, (int, float)) and 0 < schedule.shift < 1000):
             raise InputError(f"scheduler_config.json: shift must be a positive number, got {schedule.shift!r}")

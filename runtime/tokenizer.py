@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from sdrt.errors import EngineError, InputError
+from sdrt.families import T5
 from sdrt.prompts import BREAK, CHUNK_LENGTH, CHUNK_TOKENS, Chunk, chunk_rows, chunk_tokens, parse_emphasis
 
 CACHED_PROMPTS = 1024  # a server sees the same prompts (negatives above all) again and again
@@ -133,4 +134,4 @@ class T5Tokenizer(_Tokenizer):
 
 def load_tokenizer(tokenizer_dir: Path, kind: str, max_length: int = 0) -> ClipTokenizer | T5Tokenizer:
     """The tokenizer of a text-encoder slot's kind (sdrt.families CLIP or T5)."""
-    return T5Tokenizer(tokenizer_dir, max_length) if kind == "t5" else ClipTokenizer(tokenizer_dir)
+    return T5Tokenizer(tokenizer_dir, max_length) if kind == T5 else ClipTokenizer(tokenizer_dir)
