@@ -23,15 +23,21 @@ from sdrt.bench.stats import summarize
 
 
 def run(engines: Path, model_dir: Path, rank: int, rounds: int, size: int, steps: int, backend: str) -> dict[str, Any]:
-    from sdrt.bench.run import machine_info
     from sdrt.export.testmodel import write_test_lora
+
+    with tempfile.TemporaryDirectory(prefix="sdrt-loras-") as folder:  # two files of ~130 MB at rank 32
+        files = [write_test_lora(model_dir, Path(folder) / f"{name}.safetensors", seed, rank=rank)
+                 for seed, name in enumerate(("a", "b"))]
+        return _measure(engines, files, rank, rounds, size, steps, backend)
+
+
+def _measure(engines: Path, files: list[Path], rank: int, rounds: int, size: int, steps: int,
+             backend: str) -> dict[str, Any]:
+    from sdrt.bench.run import machine_info
     from sdrt.loras import read_lora
     from sdrt.pipeline import Pipeline
     from sdrt.versions import package_versions
 
-    folder = Path(tempfile.mkdtemp(prefix="sdrt-loras-"))
-    files = [write_test_lora(model_dir, folder / f"{name}.safetensors", seed, rank=rank)
-             for seed, name in enumerate(("a", "b"))]
     start = time.perf_counter()
     layers = len(read_lora(files[0]).layers)
     parse_s = time.perf_counter() - start
