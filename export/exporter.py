@@ -28,6 +28,7 @@ from sdrt.schedulers import HISTORY, N_COEFFS, NoiseSchedule
 from sdrt.versions import package_versions
 
 PRECISIONS = ("fp16", "fp32")
+TRACE_LATENT = 8  # latents a side at which graphs are traced (plus one and two patches)
 MAX_CHUNKS = 16  # 1200 prompt tokens; TensorRT sizes the step's cross-attention for the most
 RECORDED_PACKAGES = ("sdrt", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu")
 
@@ -375,8 +376,11 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
     for i, (name, spec, module, precision) in enumerate(jobs):
         bar.set_postfix_str(f"exporting {name}")
         # trace at a latent size that is not a multiple of the U-Net's down factor, so the graph keeps
-        # diffusers' explicit upsample sizes and accepts any multiple of 8 pixels (a transformer's: of its patch)
-        trace_args = sample(name, spec, lat + patch, lat + 2 * patch, typed=True)
+        # diffusers' explicit upsample sizes and accepts any multiple of 8 pixels (a transformer's: of its
+        # patch); and small, because torch runs an fp16 trace's forward pass with its slow CPU fp16 kernels
+        # (SD 3.5's fp16 VAE decoder at 272x288 pixels: 44 min). Validation runs at another size, lat x lat.
+        small = min(lat, TRACE_LATENT)
+        trace_args = sample(name, spec, small + patch, small + 2 * patch, typed=True)
         check_args = sample(name, spec, lat, lat, typed=False)
         with torch.no_grad():  # the fp32 module's answer, before any conversion
             reference = _as_tuple(module.eval()(*check_args)) if config.validate else ()
@@ -395,7 +399,7 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
             module.to("meta")
         del module
         if config.validate:
-            validation[name] = _validate(name, staging / spec.onnx, spec, check_args, reference,
+            validation[name] = validate_component(name, staging / spec.onnx, spec, check_args, reference,
                                          config.tolerances.of(name, precision))
         bar.update(1)
 
@@ -419,7 +423,8 @@ def _shares_weights(module: Any, others: list[Any]) -> bool:
     return any(id(t) in mine for other in others for t in (*other.parameters(), *other.buffers()))
 
 
-def _validate(name: str, path: Path, spec: ComponentSpec, args: tuple, reference: tuple, tolerance: float) -> dict:
+def validate_component(name: str, path: Path, spec: ComponentSpec, args: tuple, reference: tuple,
+                       tolerance: float) -> dict:
     """Runs the ONNX file on ONNX Runtime (CPU) on args; raises where it is off the fp32 torch reference."""
     import onnxruntime as ort
 
