@@ -116,3 +116,30 @@ def test_prompt_cost_times_each_length_in_one_run(tiny_engines, tmp_path):
                  "ort-cpu", "-o", str(tmp_path)]) == 0
     written = json.loads((tmp_path / "prompt-cost-tiny-fp32-64x64.json").read_text())
     assert list(written["results"]) == ["154"] and written["command"].startswith("python -m sdrt.bench.prompt_cost")
+
+
+def test_t5_export_measures_each_stage_of_a_t5_encoder(tmp_path):
+    """bench.t5_export's steps on a tiny T5 (the real run holds T5-XXL's 19 GB): export, validation on
+    ONNX Runtime within the fp32 tolerance, and the ONNX files removed afterwards."""
+    from sdrt.bench.t5_export import T5_XXL, run
+
+    tiny = {**T5_XXL, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4, "vocab_size": 100}
+    with pytest.raises(AssertionError, match="parameters, not"):
+        run(8, tmp_path, tiny, parameters=1)
+    result = run(8, tmp_path, tiny, parameters=23_968)
+    assert list(result["stages"]) == ["build", "torch reference", "onnx export", "validation on onnxruntime"]
+    assert all(s["peak_rss_gib"] > 0 and s["wall_s"] >= 0 for s in result["stages"].values())
+    assert result["validation"]["error"] <= 1e-4 and result["onnx_bytes"] > 4 * 23_968
+    assert not any(tmp_path.iterdir())
+
+
+def test_t5_xxl_config_has_sd3s_t5_parameter_count():
+    """Counted on the meta device (no memory): the encoder SD 3 / 3.5 ship as text_encoder_3."""
+    import torch
+    from transformers import T5Config, T5EncoderModel
+
+    from sdrt.bench.t5_export import T5_XXL, T5_XXL_PARAMETERS
+
+    with torch.device("meta"):
+        t5 = T5EncoderModel(T5Config(**T5_XXL))
+    assert sum(p.numel() for p in t5.parameters()) == T5_XXL_PARAMETERS == 4_762_310_656

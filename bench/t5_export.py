@@ -1,0 +1,109 @@
+"""Whether SD3's T5-XXL exports on this machine: the real encoder shape, random weights, alone.
+
+    python -m sdrt.bench.t5_export [--tokens 256] [--work DIR] [-o DIR]
+
+Builds T5-XXL's encoder (google/t5-v1_1-xxl, as SD 3 / 3.5 ship it: 4,762,310,656 parameters, 19 GB in
+fp32) in memory, then runs the exporter's own steps for it: the fp32 torch reference on random tokens,
+the ONNX export of sdrt's T5 graph (`export.components.T5Encoder`, fp32 as in every sdrt engine) and the
+validation on ONNX Runtime. Reports each stage's wall time and the process' peak RSS after it. The
+ONNX files (about 2 x 19 GB while the weights are gathered) go to a temporary folder under --work,
+removed afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import resource
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+T5_XXL = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, relative_attention_num_buckets=32,
+              relative_attention_max_distance=128, feed_forward_proj="gated-gelu", vocab_size=32128,
+              layer_norm_epsilon=1e-6, dropout_rate=0.0)
+T5_XXL_PARAMETERS = 4_762_310_656
+
+
+def _peak_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def run(tokens: int, work: Path, config: dict[str, Any] | None = None,
+        parameters: int = T5_XXL_PARAMETERS) -> dict[str, Any]:
+    """config: a T5 encoder's (T5-XXL's by default) and its parameter count, asserted."""
+    import torch
+    from transformers import T5Config, T5EncoderModel
+
+    from sdrt.export.components import T5Encoder
+    from sdrt.export.exporter import Tolerances, validate_component
+    from sdrt.export.onnx_io import export_onnx
+    from sdrt.families import SD3
+    from sdrt.manifest import ComponentSpec, TensorSpec
+
+    stages: dict[str, dict[str, float]] = {}
+
+    def stage(name: str, work_fn: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        result = work_fn()
+        stages[name] = {"wall_s": round(time.perf_counter() - start, 1), "peak_rss_gib": round(_peak_gib(), 2)}
+        print(f"{name}: {stages[name]}", file=sys.stderr, flush=True)
+        return result
+
+    torch.manual_seed(0)
+    config = config or T5_XXL
+    t5 = stage("build", lambda: T5EncoderModel(T5Config(**config)).eval())
+    counted = sum(p.numel() for p in t5.parameters())
+    assert counted == parameters, f"{counted} parameters, not {parameters}"
+    slot = next(s for s in SD3.text_encoders if s.component == "text_encoder_3")
+    module = T5Encoder(t5, slot)
+    n = 2  # one prompt with CFG: [negative; positive]
+    gen = torch.Generator().manual_seed(0)
+    args = (torch.randint(0, config["vocab_size"], (n, tokens), generator=gen), 0.5 + torch.rand(n, tokens, generator=gen),
+            torch.ones(n))
+    spec = ComponentSpec(
+        "text_encoder_3.onnx", (TensorSpec("input_ids", "int64", ("N", tokens)),
+                                TensorSpec("token_weights", "float32", ("N", tokens)), TensorSpec("keep", "float32", ("N",))),
+        (TensorSpec(slot.hidden, "float32", ("N", tokens, config["d_model"])),), "fp32")
+    with torch.no_grad():
+        reference = (stage("torch reference", lambda: module(*args)),)
+    with tempfile.TemporaryDirectory(prefix="sdrt-t5xxl-", dir=work) as folder:
+        path = Path(folder) / spec.onnx
+        names = [t.name for t in spec.inputs], [t.name for t in spec.outputs]
+        batch_axes = {t.name: {0: "N"} for t in spec.inputs + spec.outputs}
+        stage("onnx export", lambda: export_onnx(module, args, path, *names, batch_axes, 17))
+        onnx_bytes = path.stat().st_size + (path.parent / (path.name + ".data")).stat().st_size
+        module.to("meta")  # as the exporter frees a module once exported
+        gc.collect()
+        report = stage("validation on onnxruntime", lambda: validate_component(
+            "text_encoder_3", path, spec, args, reference, Tolerances().of("text_encoder_3", "fp32")))
+    return {"parameters": counted, "tokens": tokens, "batch": n, "onnx_bytes": onnx_bytes,
+            "stages": stages, "validation": report, "peak_rss_gib": round(_peak_gib(), 2)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from sdrt.bench.run import machine_info
+    from sdrt.versions import package_versions
+
+    parser = argparse.ArgumentParser(prog="python -m sdrt.bench.t5_export", description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, default=256, help="T5 sequence length (diffusers' default 256)")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()),
+                        help="where the ONNX files go while measured (needs ~40 GB free)")
+    parser.add_argument("-o", "--out", type=Path, help="folder for t5xxl-export.json")
+    args = parser.parse_args(argv)
+    result = {"command": "python -m sdrt.bench.t5_export " + shlex.join(argv if argv is not None else sys.argv[1:]),
+              "machine": machine_info(), "versions": package_versions(), **run(args.tokens, args.work)}
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "t5xxl-export.json").write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
