@@ -173,11 +173,12 @@ BIG_G = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, n
 SPECS["tiny-sd3"] = TestModelSpec(
     family="sd3",
     unet={},
-    # diffusers' tiny SD3 test transformer, with SD3's patch of 2 and a joint width above the CLIP states'
-    transformer=dict(sample_size=32, patch_size=2, in_channels=8, out_channels=8, num_layers=2, attention_head_dim=8,
+    # diffusers' tiny SD3 test transformer, with SD3's patch of 2, its 16 latent channels (diffusers' SD3
+    # inpainting blends only those) and a joint width above the CLIP states'
+    transformer=dict(sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
                      num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=96, pooled_projection_dim=64,
                      pos_embed_max_size=64, dual_attention_layers=(0,), qk_norm="rms_norm"),
-    vae={**TINY_VAE, "latent_channels": 8, "scaling_factor": 1.5305, "shift_factor": 0.0609,
+    vae={**TINY_VAE, "latent_channels": 16, "scaling_factor": 1.5305, "shift_factor": 0.0609,
          "use_quant_conv": False, "use_post_quant_conv": False},
     text_encoder=TINY_CLIP,
     text_encoder_2=TINY_CLIP,

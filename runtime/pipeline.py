@@ -403,7 +403,7 @@ class Pipeline:
             strength = 1.0 if self.model.needs_image or not images else 0.75
         if not images and strength != 1.0:
             raise InputError("strength applies to img2img and inpainting: pass an image, or leave strength out")
-        strength_start(int(steps), strength)  # refuses a strength outside (0, 1] or one that runs no step
+        strength_start(int(steps), strength, self.schedule.flow)  # refuses a strength outside (0, 1] or one that runs no step
         if not is_integer(mask_blur) or not 0 <= mask_blur <= MAX_MASK_BLUR:
             raise InputError(f"mask_blur must be an integer from 0 to {MAX_MASK_BLUR} pixels, got {mask_blur!r}")
         if inpainting_fill not in INPAINTING_FILLS.values():
@@ -446,9 +446,6 @@ class Pipeline:
             if mask_image is not None:
                 raise InputError("mask_image needs the image it masks: pass image as well")
             return []
-        if self.schedule.flow:
-            raise InputError(f"img2img and inpainting are not implemented for flow-matching ({self.model.family}) "
-                             "engines yet: generate from the prompt alone")
 
         def per_row(value: Any, what: str) -> list[Any]:
             values = list(value) if isinstance(value, (list, tuple)) else [value] * batch

@@ -123,11 +123,12 @@ def _dpm_level(sigma: float) -> tuple[float, float]:
     return alpha, sigma * alpha
 
 
-def strength_start(steps: int, strength: float) -> int:
-    """The first step image-to-image runs, as diffusers' get_timesteps: the last ⌊steps × strength⌋ run."""
+def strength_start(steps: int, strength: float, flow: bool = False) -> int:
+    """The first step image-to-image runs, as diffusers' get_timesteps: the last ⌊steps × strength⌋ run;
+    flow (diffusers' SD3 pipelines): the first ⌊steps - steps × strength⌋ are skipped (in float, as there)."""
     if not (isinstance(strength, (int, float)) and not isinstance(strength, bool) and 0 < strength <= 1):
         raise InputError(f"strength must be a number in (0, 1], got {strength!r}")
-    run = min(int(steps * strength), steps)
+    run = steps - int(max(steps - min(steps * strength, steps), 0)) if flow else min(int(steps * strength), steps)
     if run < 1:
         raise InputError(f"strength {strength} of {steps} steps runs no step (⌊steps × strength⌋ = 0): "
                          "raise strength or steps")
@@ -602,7 +603,7 @@ def check_sampler(name: str, steps: int, schedule: NoiseSchedule | None = None) 
 
 
 def make_plan(name: str, schedule: NoiseSchedule, steps: int, strength: float = 1.0) -> SamplerPlan:
-    """The plan of `steps` steps; strength < 1 (image-to-image) runs its last ⌊steps × strength⌋."""
+    """The plan of `steps` steps; strength < 1 (image-to-image) runs its last steps (strength_start)."""
     check_sampler(name, steps, schedule)
-    start = strength_start(int(steps), strength)
+    start = strength_start(int(steps), strength, schedule.flow)
     return samplers_of(schedule)[name](schedule, int(steps), start)

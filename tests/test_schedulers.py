@@ -6,6 +6,7 @@ fp32 tensors exactly as the graph does. Tolerance: relative error ≤ 1e-5 (norm
 """
 
 import inspect
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -209,6 +210,28 @@ def test_flow_euler_matches_diffusers_step_by_step_bit_for_bit(config, steps):
         got = apply_row(plan.coeffs[i].astype(np.float32), x, v, zeros, zeros, np.zeros_like(x))
         np.testing.assert_array_equal(got, want)
         x = want
+
+
+@pytest.mark.parametrize("steps", [7, 10, 28])
+@pytest.mark.parametrize("strength", [0.05, 0.3, 0.35, 0.6, 0.7, 0.75, 0.999, 1.0])
+def test_flow_img2img_starts_where_diffusers_sd3_does(steps, strength):
+    """StableDiffusion3Img2ImgPipeline.get_timesteps (float rounding, unlike SD 1.x's), the start level
+    (1 - σ, σ) of scale_noise at that step, and every blend level after it."""
+    from diffusers import StableDiffusion3Img2ImgPipeline
+
+    schedule = NoiseSchedule.from_config(FLOW_CONFIGS["sd35"])
+    ref = diffusers_scheduler("euler", FLOW_CONFIGS["sd35"])
+    ref.set_timesteps(steps)
+    timesteps, runs = StableDiffusion3Img2ImgPipeline.get_timesteps(
+        SimpleNamespace(scheduler=ref), steps, strength, "cpu")
+    plan = make_plan("euler", schedule, steps, strength)
+    assert len(plan) == runs
+    np.testing.assert_array_equal(plan.timesteps.astype(np.float32), timesteps.numpy())
+    x0, noise = torch.ones(1), torch.zeros(1)  # scale_noise(x0, t, ε) = (1 - σ)·x0 + σ·ε
+    level = (float(ref.scale_noise(x0, timesteps[:1], noise)), float(ref.scale_noise(noise, timesteps[:1], x0)))
+    np.testing.assert_allclose(plan.start_level, level, rtol=1e-6)
+    sigmas = ref.sigmas.numpy()[steps - runs + 1:]  # each step's next σ; 0 after the last
+    np.testing.assert_allclose(plan.coeffs[:, [KA, KN]], np.stack([1 - sigmas, sigmas], 1), rtol=1e-6, atol=1e-7)
 
 
 def test_flow_models_refuse_noise_prediction_samplers_and_unimplemented_settings():

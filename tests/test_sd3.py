@@ -84,16 +84,20 @@ def test_t5_changes_the_image_and_zeros_stand_in_without_it(tiny_sd3_engines, no
     assert np.abs(np.asarray(images[0], int) - np.asarray(images[1], int)).max() > 10
 
 
-def test_fp16_engines_keep_t5_in_fp32_and_stay_close_to_fp32(tiny_sd3_engines, fp16_engines):
+def test_fp16_engines_keep_t5_in_fp32_and_stay_close_to_fp32_with_and_without_images_in(tiny_sd3_engines, fp16_engines):
     manifest = read_manifest(fp16_engines)
     assert manifest.components["text_encoder_3"].precision == "fp32"  # T5 v1.1 overflows fp16
     assert manifest.components["denoise_step"].precision == "fp16"
     assert all(report["error"] <= report["tolerance"] for report in manifest.validation.values())
     kwargs = dict(prompt="a red apple on a table", negative_prompt="blurry", steps=4, seed=3, height=128, width=128)
     fp32, fp16 = (Pipeline.load(e, backend="ort-cpu") for e in (tiny_sd3_engines, fp16_engines))
-    a = fp32.generate(fp32.make_config(**kwargs)).images
-    b = fp16.generate(fp16.make_config(**kwargs)).images
-    assert psnr(a, b) >= 30.0, f"fp16 vs fp32: {psnr(a, b):.1f} dB"
+    from tests.pictures import box_mask, smooth_picture
+
+    for images in ({}, dict(image=smooth_picture(128, 128), strength=0.6),
+                   dict(image=smooth_picture(128, 128), mask_image=box_mask(128, 128, (32, 24, 96, 88)))):
+        a = fp32.generate(fp32.make_config(**kwargs, **images)).images
+        b = fp16.generate(fp16.make_config(**kwargs, **images)).images
+        assert psnr(a, b) >= 30.0, f"fp16 vs fp32 {list(images)}: {psnr(a, b):.1f} dB"
 
 
 def test_a_long_weighted_prompt_reaches_clip_chunks_and_t5(tiny_sd3_engines):
@@ -123,13 +127,6 @@ def test_sd3_refusals_name_the_fix(tiny_sd3_engines, kwargs, message):
     pipe = Pipeline.load(tiny_sd3_engines, backend="ort-cpu")
     with pytest.raises(InputError, match=message):
         pipe.make_config(**{"prompt": "a cat", **kwargs})
-
-
-def test_images_in_are_refused_for_now(tiny_sd3_engines):
-    pipe = Pipeline.load(tiny_sd3_engines, backend="ort-cpu")
-    image = np.zeros((64, 64, 3), np.uint8)
-    with pytest.raises(InputError, match="img2img and inpainting are not implemented"):
-        pipe.make_config("a cat", image=image)
 
 
 def test_export_refusals(tiny_sd3_model, tiny_model, tmp_path):
