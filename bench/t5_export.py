@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-o", "--out", type=Path, help="folder for t5xxl-export.json")
     args = parser.parse_args(argv)
     result = {"command": "python -m sdrt.bench.t5_export " + shlex.join(argv if argv is not None else sys.argv[1:]),
-              "machine": machine_info(), "versions": package_versions(), **run(args.tokens, args.work)}
+              "machine": machine_info(), "versions": package_versions(("sdrt", "torch", "transformers", "onnx", "onnxruntime")),
+              **run(args.tokens, args.work)}
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

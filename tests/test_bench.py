@@ -143,3 +143,13 @@ def test_t5_xxl_config_has_sd3s_t5_parameter_count():
     with torch.device("meta"):
         t5 = T5EncoderModel(T5Config(**T5_XXL))
     assert sum(p.numel() for p in t5.parameters()) == T5_XXL_PARAMETERS == 4_762_310_656
+
+
+def test_t5_export_command_writes_its_figures_with_machine_and_versions(tmp_path, monkeypatch):
+    from sdrt.bench import t5_export
+
+    monkeypatch.setattr(t5_export, "run", lambda tokens, work: {"tokens": tokens, "stages": {}})
+    assert t5_export.main(["--tokens", "8", "--work", str(tmp_path), "-o", str(tmp_path / "out")]) == 0
+    written = json.loads((tmp_path / "out" / "t5xxl-export.json").read_text())
+    assert written["tokens"] == 8 and written["versions"]["torch"] and written["machine"]
+    assert written["command"].startswith("python -m sdrt.bench.t5_export --tokens 8")
