@@ -139,7 +139,7 @@ def test_export_refusals(tiny_sd3_model, tiny_model, tmp_path):
     assert not any(tmp_path.iterdir()), "a refused export writes nothing"
 
 
-def test_cli_and_both_http_apis_serve_sd3(tiny_sd3_engines, tmp_path):
+def test_cli_and_both_http_apis_serve_sd3_with_img2img(tiny_sd3_engines, tmp_path):
     pytest.importorskip("fastapi")
     import httpx
 
@@ -173,6 +173,16 @@ def test_cli_and_both_http_apis_serve_sd3(tiny_sd3_engines, tmp_path):
         assert openai.status_code == 200, openai.text
         got = np.asarray(Image.open(io.BytesIO(base64.b64decode(openai.json()["data"][0]["b64_json"]))).convert("RGB"))
         np.testing.assert_array_equal(got, want)
+        from tests.pictures import b64, smooth_picture
+
+        picture = smooth_picture()
+        img2img = httpx.post(f"{live.url}/sdapi/v1/img2img", timeout=60,
+                             json={"prompt": "a red cube", "seed": 3, "steps": 4, "cfg_scale": 4.0, "width": 64,
+                                   "height": 64, "init_images": [b64(picture)], "denoising_strength": 0.6})
+        assert img2img.status_code == 200, img2img.text
+        got = np.asarray(Image.open(io.BytesIO(base64.b64decode(img2img.json()["images"][0]))).convert("RGB"))
+        np.testing.assert_array_equal(got, direct.generate(direct.make_config(
+            "a red cube", image=picture, strength=0.6, steps=4, seed=3, guidance=4.0)).images[0])
         refused = httpx.post(f"{live.url}/sdapi/v1/txt2img", timeout=60,
                              json={"prompt": "a red cube", "steps": 2, "sampler_name": "DPM++ 2M"})
         assert refused.status_code == 400 and "euler" in json.dumps(refused.json())
