@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from sdrt.errors import ModelError
 from sdrt.families import BLEND, CONCAT, DENOISER_FOLDERS, MMDIT, T5, UNET, Family, TextEncoderSlot
@@ -13,6 +13,7 @@ from sdrt.families import BLEND, CONCAT, DENOISER_FOLDERS, MMDIT, T5, UNET, Fami
 # transformers classes a text-encoder slot may hold; a pooled slot needs the projection
 TEXT_ENCODER_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
 DENOISER_CLASSES = {UNET: "UNet2DConditionModel", MMDIT: "SD3Transformer2DModel"}
+DENOISER, VAE = "denoiser", "vae"  # TorchParts.load's names besides the text encoders'
 
 
 @dataclass
@@ -29,6 +30,17 @@ class TorchParts:
     zero_empty_negative: bool  # the pipeline's force_zeros_for_empty_prompt
     image_input: str  # families.BLEND (4-channel U-Net) or CONCAT (inpainting U-Net)
     shift_factor: float = 0.0  # SD3's VAE: latents = (z - shift) * scale
+    # component -> loads its weights. A folder's text encoders and denoiser are held above as weightless
+    # shells (meta device: config and structure) and loaded one at a time as the exporter reaches them:
+    # SD 3.5 with T5-XXL is 19 + 9 + 3 GB in fp32 at once. Absent: the module held above is the real one.
+    loaders: dict[str, Callable[[], Any]] = field(default_factory=dict)
+
+    def load(self, component: str) -> Any:
+        """A text encoder (by its folder name), DENOISER or VAE, with its weights."""
+        if component in self.loaders:
+            return self.loaders[component]()
+        held = {DENOISER: self.denoiser, VAE: self.vae}
+        return held[component] if component in held else self.text_encoders[component]
 
     @property
     def slots(self) -> tuple[TextEncoderSlot, ...]:
@@ -97,24 +109,56 @@ def load_components(model_dir: Path, family: Family, variant: str | None = None,
     import torch
 
     index = model_index(model_dir)
-    text_encoders, tokenizers = {}, {}
-    try:
-        for slot in family.text_encoders:
-            if not present_slot(index, model_dir, slot, drop):
-                continue
-            text_encoders[slot.component] = text_encoder_class(index, slot, model_dir, family).from_pretrained(
-                model_dir / slot.component, torch_dtype=torch.float32, attn_implementation="eager",
-                variant=variant).eval()
-            tokenizers[slot.tokenizer] = tokenizer_class(slot).from_pretrained(model_dir / slot.tokenizer)
-        denoiser_cls = getattr(diffusers, DENOISER_CLASSES[family.denoiser])
-        denoiser = denoiser_cls.from_pretrained(model_dir / DENOISER_FOLDERS[family.denoiser],
-                                                torch_dtype=torch.float32, variant=variant).eval()
-        vae = load_vae(vae_override, model_dir / "vae", variant)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise ModelError(f"could not load {model_dir}: {e}. Check that the folder is a complete diffusers "
-                         f"{family.label} pipeline with safetensors weights") from e
+    text_encoders, tokenizers, loaders = {}, {}, {}
+
+    def loading(load: Callable[[], Any]) -> Any:
+        try:
+            return load()
+        except (OSError, ValueError, RuntimeError) as e:
+            raise ModelError(f"could not load {model_dir}: {e}. Check that the folder is a complete diffusers "
+                             f"{family.label} pipeline with safetensors weights") from e
+
+    def on_demand(component: str, cls: Any, folder: Path, shell: Callable[[], Any], **kwargs: Any) -> Any:
+        """The weightless shell now (its config read, its weights files checked); the module when loaded."""
+        check_weights(folder, variant, model_dir)
+        loaders[component] = lambda: loading(lambda: cls.from_pretrained(
+            folder, torch_dtype=torch.float32, variant=variant, **kwargs).eval())
+        with torch.device("meta"):
+            return loading(shell)
+
+    for slot in family.text_encoders:
+        if not present_slot(index, model_dir, slot, drop):
+            continue
+        cls, folder = text_encoder_class(index, slot, model_dir, family), model_dir / slot.component
+        text_encoders[slot.component] = on_demand(slot.component, cls, folder,
+                                                  lambda: cls(cls.config_class.from_pretrained(folder)),
+                                                  attn_implementation="eager")
+        tokenizers[slot.tokenizer] = loading(lambda: tokenizer_class(slot).from_pretrained(model_dir / slot.tokenizer))
+    denoiser_cls = getattr(diffusers, DENOISER_CLASSES[family.denoiser])
+    folder = model_dir / DENOISER_FOLDERS[family.denoiser]
+    denoiser = on_demand(DENOISER, denoiser_cls, folder,
+                         lambda: denoiser_cls.from_config(denoiser_cls.load_config(folder)))
+    vae = loading(lambda: load_vae(vae_override, model_dir / "vae", variant))  # small, and shared by two graphs
     scheduler_config = json.loads((model_dir / "scheduler" / "scheduler_config.json").read_text())
-    return assemble_parts(family, model_dir, index, text_encoders, tokenizers, denoiser, vae, scheduler_config)
+    parts = assemble_parts(family, model_dir, index, text_encoders, tokenizers, denoiser, vae, scheduler_config)
+    parts.loaders = loaders
+    return parts
+
+
+def check_weights(folder: Path, variant: str | None, model_dir: Path) -> None:
+    """Fails now, not after minutes of exporting other components, where a component's safetensors file
+    is unreadable (a truncated download); the headers only are read (check_model_dir: that there are some)."""
+    from safetensors import safe_open
+
+    for path in sorted(folder.glob("*.safetensors")):
+        if file_variant(path.name) != variant:
+            continue
+        try:
+            with safe_open(str(path), "np"):
+                pass
+        except Exception as e:  # safetensors raises its own error types for a bad header
+            raise ModelError(f"could not load {model_dir}: {path} is not a readable safetensors file ({e}); "
+                             "download it again") from e
 
 
 def load_vae(override: Path | None, vae_dir: Path, variant: str | None) -> Any:

@@ -14,12 +14,13 @@ import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from functools import partial
+from typing import Any, Callable
 
 import numpy as np
 
 from sdrt.errors import InputError, ModelError, ValidationError
-from sdrt.export.components_io import file_variant, load_components, present_slot
+from sdrt.export.components_io import DENOISER, VAE, file_variant, load_components, present_slot
 from sdrt.families import DENOISER_FOLDERS, HOST, IMAGE_INPUTS, LEADING_DIM, T5, Family, family_for
 from sdrt.manifest import (DECODER, ENCODER, STEP, ComponentSpec, Manifest, ModelInfo, ShapeRange, TensorSpec, sha256_file,
                            write_manifest)
@@ -275,8 +276,8 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
     clip_skip_max = 1
     gen = torch.Generator().manual_seed(0)
 
-    # (component, spec, module, its precision)
-    jobs: list[tuple[str, ComponentSpec, Any, str]] = []
+    # (component, spec, what it exports from (parts.load's name), its graph around that module, its precision)
+    jobs: list[tuple[str, ComponentSpec, str, Callable[[Any], Any], str]] = []
     produced: dict[str, TensorSpec] = {}  # conditioning written by the text encoders, per text row (N, ...)
     slots = []  # as the manifest records them (T5's with its sequence length)
     for slot in parts.slots:
@@ -285,11 +286,11 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
             slot = replace(slot, max_length=config.max_sequence_length)  # feed-forward activations overflow fp16
             tokens, precision, out_dtype = slot.max_length, "fp32", "float32"
             outputs = [TensorSpec(slot.hidden, out_dtype, ("N", tokens, te.config.d_model))]
-            module: Any = T5Encoder(te, slot)
+            wrap: Callable[[Any], Any] = partial(T5Encoder, slot=slot)
         else:  # CLIP: S = 77 per prompt chunk
             tokens, precision, out_dtype = "S", config.precision, f
             outputs = [TensorSpec(slot.hidden, out_dtype, ("N", tokens, te.config.hidden_size))]
-            module = TextEncoder(te, slot)
+            wrap = partial(TextEncoder, slot=slot)
         slots.append(slot)
         if slot.pooled:
             outputs.append(TensorSpec(slot.pooled, out_dtype, ("N", te.config.projection_dim)))
@@ -299,7 +300,7 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
             inputs.append(TensorSpec("clip_skip", "int64", (1,)))
             clip_skip_max = te.config.num_hidden_layers
         spec = ComponentSpec(f"{slot.component}.onnx", tuple(inputs), tuple(outputs), precision)
-        jobs.append((slot.component, spec, module, precision))
+        jobs.append((slot.component, spec, slot.component, wrap, precision))
         produced.update({t.name: t for t in outputs})
 
     present = tuple(c for c in family.conditioning if c.source == HOST or c.source in parts.text_encoders)
@@ -316,7 +317,8 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
         "vae_encoder.onnx", (TensorSpec("images", "uint8", ("B", "H", "W", 3)),
                              TensorSpec("pixel_mask", "float32", ("B", "H", "W", 1))),
         (TensorSpec("image_latents", "float32", state),), vae_precision)
-    jobs.append((ENCODER, encoder_spec, VaeEncoder(parts.vae, parts.scaling_factor, parts.shift_factor), vae_precision))
+    jobs.append((ENCODER, encoder_spec, VAE, partial(VaeEncoder, scaling_factor=parts.scaling_factor,
+                                                      shift_factor=parts.shift_factor), vae_precision))
     step_spec = ComponentSpec(
         "denoise_step.onnx",
         (TensorSpec("latents", "float32", state), TensorSpec("timestep", "float32", (1,)), *conditioning,
@@ -327,13 +329,15 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
         (TensorSpec("latents_next", "float32", state), TensorSpec("x_history_next", "float32", (HISTORY,) + state),
          TensorSpec("out_history_next", "float32", (HISTORY,) + state)),
         config.precision)
-    step = DenoiseStep(parts.denoiser, tuple(c.name for c in present), family.cross_attention, family.added_cond,
-                       parts.image_input, IMAGE_INPUTS[parts.image_input], family.denoiser, family.sequence,
-                       config.max_sequence_length)
-    jobs.append((STEP, step_spec, step, config.precision))
+    step = partial(DenoiseStep, conditioning=tuple(c.name for c in present), cross_attention=family.cross_attention,
+                   added_cond=family.added_cond, image_input=parts.image_input,
+                   image_inputs=IMAGE_INPUTS[parts.image_input], denoiser=family.denoiser, sequence=family.sequence,
+                   zero_sequence=config.max_sequence_length)
+    jobs.append((STEP, step_spec, DENOISER, step, config.precision))
     vae_spec = ComponentSpec("vae_decoder.onnx", (TensorSpec("latents", "float32", state),),
                              (TensorSpec("images", "uint8", ("B", "H", "W", 3)),), vae_precision)
-    jobs.append((DECODER, vae_spec, VaeDecoder(parts.vae, parts.scaling_factor, parts.shift_factor), vae_precision))
+    jobs.append((DECODER, vae_spec, VAE, partial(VaeDecoder, scaling_factor=parts.scaling_factor,
+                                                 shift_factor=parts.shift_factor), vae_precision))
 
     def dyn(spec: ComponentSpec) -> dict[str, dict[int, str]]:
         return {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)}
@@ -373,8 +377,9 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
         return tuple(out)
 
     validation: dict[str, Any] = {}
-    for i, (name, spec, module, precision) in enumerate(jobs):
+    for i, (name, spec, source, wrap, precision) in enumerate(jobs):
         bar.set_postfix_str(f"exporting {name}")
+        module = wrap(parts.load(source))  # a folder's text encoders and denoiser: loaded now, one at a time
         # trace at a latent size that is not a multiple of the U-Net's down factor, so the graph keeps
         # diffusers' explicit upsample sizes and accepts any multiple of 8 pixels (a transformer's: of its
         # patch); and small, because torch runs an fp16 trace's forward pass with its slow CPU fp16 kernels
@@ -384,9 +389,9 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
         check_args = sample(name, spec, lat, lat, typed=False)
         with torch.no_grad():  # the fp32 module's answer, before any conversion
             reference = _as_tuple(module.eval()(*check_args)) if config.validate else ()
-        # one copy of the weights at a time: a module no later graph shares is converted in place and
+        # one copy of the weights at a time: a module no later graph exports from is converted in place and
         # its weights are freed once exported (SDXL's U-Net is 10 GB in fp32, 5 GB in fp16)
-        last_use = not _shares_weights(module, [m for _, _, m, _ in jobs[i + 1:]])
+        last_use = source not in [later[2] for later in jobs[i + 1:]]
         if precision == "fp16":
             module = module.to(torch.float16) if last_use else copy.deepcopy(module).to(torch.float16)
         stored = export_onnx(module, trace_args, staging / spec.onnx, [t.name for t in spec.inputs],
@@ -394,7 +399,7 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
         if getattr(module, "adapted", None):  # the CLIP text encoders' and the U-Net's weights, named for LoRA
             named, unused = name_weights(staging / spec.onnx, stored, weight_digests(*module.adapted))
             spec = replace(spec, weights=named, unused_weights=unused)
-            jobs[i] = (name, spec, jobs[i][2], precision)
+            jobs[i] = (name, spec, source, wrap, precision)
         if last_use:
             module.to("meta")
         del module
@@ -409,18 +414,12 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
         scaling_factor=parts.scaling_factor, clip_skip_max=clip_skip_max, history=HISTORY, opset=config.opset,
         zero_empty_negative=parts.zero_empty_negative, image_input=parts.image_input, size_multiple=multiple,
         omitted=parts.omitted, shift_factor=parts.shift_factor)
-    return dict(components={name: spec for name, spec, _, _ in jobs}, shapes=shapes, model=model,
+    return dict(components={name: spec for name, spec, *_ in jobs}, shapes=shapes, model=model,
                 scheduler_config=parts.scheduler_config, validation=validation)
 
 
 def _as_tuple(outputs: Any) -> tuple:
     return outputs if isinstance(outputs, tuple) else (outputs,)
-
-
-def _shares_weights(module: Any, others: list[Any]) -> bool:
-    """Whether module holds a parameter or buffer that one of the others holds too (the VAE's two graphs)."""
-    mine = {id(t) for t in (*module.parameters(), *module.buffers())}
-    return any(id(t) in mine for other in others for t in (*other.parameters(), *other.buffers()))
 
 
 def validate_component(name: str, path: Path, spec: ComponentSpec, args: tuple, reference: tuple,

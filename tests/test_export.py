@@ -371,3 +371,42 @@ def test_bad_vae_arguments_are_refused_before_anything_is_written(tiny_model, tm
     with pytest.raises(ModelError, match=match):
         export(ExportConfig(tiny_model, tmp_path / "e", vae=make(tmp_path)), progress=False)
     assert not (tmp_path / "e").exists()
+
+
+def test_a_folder_loads_each_text_encoder_and_the_denoiser_alone(tiny_sd3_model, tmp_path, monkeypatch):
+    """Weights come in as the exporter reaches each module and go (to the meta device) once exported: SD 3.5
+    with T5-XXL holds 19 GB of T5 or 9 GB of transformer, never both with the rest (31 GB in fp32)."""
+    from sdrt.export import exporter
+
+    loads, modules = [], []  # (component, the earlier ones still holding weights when it loads)
+    real = exporter.load_components
+
+    def holding(module):
+        return any(not p.is_meta for p in module.parameters())
+
+    def tracking(*args, **kwargs):
+        parts = real(*args, **kwargs)
+        assert not any(holding(m) for m in (parts.denoiser, *parts.text_encoders.values())), "shells hold weights"
+        for component, load in list(parts.loaders.items()):
+            def tracked(component=component, load=load):
+                loads.append((component, [c for c, m in modules if holding(m)]))
+                modules.append((component, load()))
+                return modules[-1][1]
+            parts.loaders[component] = tracked
+        return parts
+
+    monkeypatch.setattr(exporter, "load_components", tracking)
+    export(ExportConfig(tiny_sd3_model, tmp_path / "e", precision="fp16"), progress=False)
+    assert loads == [("text_encoder", []), ("text_encoder_2", []), ("text_encoder_3", []), ("denoiser", [])]
+    assert not any(holding(m) for _, m in modules)
+
+
+def test_a_truncated_weights_file_fails_before_any_export(tiny_model, tmp_path):
+    """The U-Net loads last, but its file is checked (header only) before the first graph is exported."""
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model, folder)
+    weights = next((folder / "unet").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ModelError, match="not a readable safetensors file"):
+        export(ExportConfig(folder, tmp_path / "e", precision="fp32"), progress=False)
+    assert not (tmp_path / "e").exists() and not list(tmp_path.glob(".e*"))
