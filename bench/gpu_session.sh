@@ -9,7 +9,9 @@
 #                               bench/gpu_session.sh stash
 #   on the GPU, carrying .whl:  bench/gpu_session.sh check   tiny model: plans, one image, pytest -m gpu
 #                               bench/gpu_session.sh sd15    sd15 fp16 plans, TensorRT vs ORT PSNR test
-#                               bench/gpu_session.sh bench   512x512, 50 steps, batch 1,2,4, every backend
+#                               bench/gpu_session.sh bench [KIND [SCHEDULER]]   the issue's workload, batch
+#                                   1,2,4, every backend: sd15 512², 50 steps (default); sdxl 1024², 30
+#                                   steps; sd35m 1024², 28 steps (no T5); SCHEDULER: the family's default
 # Each stage writes its logs and JSON to $OUT (the device tool brings them back); keep them under
 # bench/results/<gpu>/ with the command. A stage reuses what an earlier one left in /tmp while the
 # machine stays warm, and rebuilds it otherwise.
@@ -104,30 +106,40 @@ check() {
         | tee -a "$out/pytest-gpu.txt"
 }
 
-sd15_engines() {
-    if [[ ! -d $work/sd15 ]]; then sdrt testmodel sd15 "$work/sd15"; fi
-    if [[ ! -d $work/sd15-fp16 ]]; then
-        sdrt export "$work/sd15" -o "$work/sd15-fp16" --precision fp16 --max-batch 4 --max-size 1024
+fp16_engines() {  # KIND SIZE: the real-size test model, its fp16 export and plans for SIZE², batch 1-4
+    local kind=$1 size=$2
+    if [[ ! -d $work/$kind ]]; then sdrt testmodel "$kind" "$work/$kind"; fi
+    if [[ ! -d $work/$kind-fp16 ]]; then
+        sdrt export "$work/$kind" -o "$work/$kind-fp16" --precision fp16 --max-batch 4 --max-size "$size"
     fi
-    if ! ls "$work"/sd15-fp16/*.plan >/dev/null 2>&1; then
-        /usr/bin/time -v sdrt build "$work/sd15-fp16" --shapes dynamic:512-512,batch=1-4 2>&1 | tail -25
+    if ! ls "$work/$kind-fp16"/*.plan >/dev/null 2>&1; then
+        /usr/bin/time -v sdrt build "$work/$kind-fp16" --shapes "dynamic:$size-$size,batch=1-4" 2>&1 | tail -25
     fi
 }
 
 sd15() {
-    sd15_engines 2>&1 | tee "$out/sd15-build.txt"
+    fp16_engines sd15 512 2>&1 | tee "$out/sd15-build.txt"
     $PYTHON -m pytest -m "gpu and slow" -p no:cacheprovider -q -s tests/test_build.py 2>&1 | tee "$out/pytest-sd15.txt"
 }
 
-bench() {
-    sd15_engines >/dev/null
-    sdrt bench "$work/sd15" --engines "$work/sd15-fp16" --backends torch,ort,trt,trt-low-vram \
-        --height 512 --width 512 --steps 50 --batch 1,2,4 --runs 3 --warmup 1 -o "$out" 2>&1 | tee "$out/bench.txt"
+bench() {  # [KIND [SCHEDULER]]: issue 19's workload for the family
+    local kind=${1:-sd15} scheduler=${2:-} size steps guidance
+    case $kind in
+        sd15) size=512 steps=50 guidance=7.5 ;;
+        sdxl) size=1024 steps=30 guidance=5 ;;
+        sd35m) size=1024 steps=28 guidance=7 ;;
+        *) echo "bench: unknown model $kind: sd15, sdxl or sd35m" >&2; return 2 ;;
+    esac
+    fp16_engines "$kind" "$size" 2>&1 | tee "$out/$kind-build.txt"
+    sdrt bench "$work/$kind" --engines "$work/$kind-fp16" --backends torch,ort,trt,trt-low-vram \
+        --height "$size" --width "$size" --steps "$steps" --guidance "$guidance" --batch 1,2,4 --runs 3 --warmup 1 \
+        ${scheduler:+--scheduler "$scheduler"} -o "$out/$kind${scheduler:+-$scheduler}" 2>&1 \
+        | tee "$out/bench-$kind${scheduler:+-$scheduler}.txt"
 }
 
 case $stage in
     prepare) prepare ;;
     stash) stash ;;
-    check | sd15 | bench) install && environment && "$stage" ;;
+    check | sd15 | bench) install && environment && "$stage" "${@:2}" ;;
     *) echo "unknown stage $stage: prepare, stash, check, sd15 or bench" >&2; exit 2 ;;
 esac
