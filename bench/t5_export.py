@@ -20,6 +20,7 @@ import shlex
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,11 +40,9 @@ def run(tokens: int, work: Path, config: dict[str, Any] | None = None,
     import torch
     from transformers import T5Config, T5EncoderModel
 
-    from sdrt.export.components import T5Encoder
-    from sdrt.export.exporter import Tolerances, validate_component
+    from sdrt.export.exporter import OPSET, Tolerances, dynamic_axes, text_encoder_spec, validate_component
     from sdrt.export.onnx_io import export_onnx
     from sdrt.families import SD3
-    from sdrt.manifest import ComponentSpec, TensorSpec
 
     stages: dict[str, dict[str, float]] = {}
 
@@ -59,23 +58,19 @@ def run(tokens: int, work: Path, config: dict[str, Any] | None = None,
     t5 = stage("build", lambda: T5EncoderModel(T5Config(**config)).eval())
     counted = sum(p.numel() for p in t5.parameters())
     assert counted == parameters, f"{counted} parameters, not {parameters}"
-    slot = next(s for s in SD3.text_encoders if s.component == "text_encoder_3")
-    module = T5Encoder(t5, slot)
+    slot = replace(next(s for s in SD3.text_encoders if s.component == "text_encoder_3"), max_length=tokens)
+    spec, wrap = text_encoder_spec(slot, t5.config, "fp32")  # the exporter's own T5 graph and contract
+    module = wrap(t5)
     n = 2  # one prompt with CFG: [negative; positive]
     gen = torch.Generator().manual_seed(0)
     args = (torch.randint(0, config["vocab_size"], (n, tokens), generator=gen), 0.5 + torch.rand(n, tokens, generator=gen),
             torch.ones(n))
-    spec = ComponentSpec(
-        "text_encoder_3.onnx", (TensorSpec("input_ids", "int64", ("N", tokens)),
-                                TensorSpec("token_weights", "float32", ("N", tokens)), TensorSpec("keep", "float32", ("N",))),
-        (TensorSpec(slot.hidden, "float32", ("N", tokens, config["d_model"])),), "fp32")
     with torch.no_grad():
         reference = (stage("torch reference", lambda: module(*args)),)
     with tempfile.TemporaryDirectory(prefix="sdrt-t5xxl-", dir=work) as folder:
         path = Path(folder) / spec.onnx
         names = [t.name for t in spec.inputs], [t.name for t in spec.outputs]
-        batch_axes = {t.name: {0: "N"} for t in spec.inputs + spec.outputs}
-        stage("onnx export", lambda: export_onnx(module, args, path, *names, batch_axes, 17))
+        stage("onnx export", lambda: export_onnx(module, args, path, *names, dynamic_axes(spec), OPSET))
         onnx_bytes = path.stat().st_size + (path.parent / (path.name + ".data")).stat().st_size
         module.to("meta")  # as the exporter frees a module once exported
         gc.collect()

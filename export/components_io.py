@@ -119,8 +119,7 @@ def load_components(model_dir: Path, family: Family, variant: str | None = None,
                              f"{family.label} pipeline with safetensors weights") from e
 
     def on_demand(component: str, cls: Any, folder: Path, shell: Callable[[], Any], **kwargs: Any) -> Any:
-        """The weightless shell now (its config read, its weights files checked); the module when loaded."""
-        check_weights(folder, variant, model_dir)
+        """The weightless shell now (its config read); the module when loaded (check_model_dir: its files)."""
         loaders[component] = lambda: loading(lambda: cls.from_pretrained(
             folder, torch_dtype=torch.float32, variant=variant, **kwargs).eval())
         with torch.device("meta"):
@@ -143,22 +142,6 @@ def load_components(model_dir: Path, family: Family, variant: str | None = None,
     parts = assemble_parts(family, model_dir, index, text_encoders, tokenizers, denoiser, vae, scheduler_config)
     parts.loaders = loaders
     return parts
-
-
-def check_weights(folder: Path, variant: str | None, model_dir: Path) -> None:
-    """Fails now, not after minutes of exporting other components, where a component's safetensors file
-    is unreadable (a truncated download); the headers only are read (check_model_dir: that there are some)."""
-    from safetensors import safe_open
-
-    for path in sorted(folder.glob("*.safetensors")):
-        if file_variant(path.name) != variant:
-            continue
-        try:
-            with safe_open(str(path), "np"):
-                pass
-        except Exception as e:  # safetensors raises its own error types for a bad header
-            raise ModelError(f"could not load {model_dir}: {path} is not a readable safetensors file ({e}); "
-                             "download it again") from e
 
 
 def load_vae(override: Path | None, vae_dir: Path, variant: str | None) -> Any:

@@ -15,13 +15,14 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
 from sdrt.errors import InputError, ModelError, ValidationError
 from sdrt.export.components_io import DENOISER, VAE, file_variant, load_components, present_slot
-from sdrt.families import DENOISER_FOLDERS, HOST, IMAGE_INPUTS, LEADING_DIM, T5, Family, family_for
+from sdrt.families import (DENOISER_FOLDERS, HOST, IMAGE_INPUTS, LEADING_DIM, T5, Family, TextEncoderSlot,
+                           family_for)
 from sdrt.manifest import (DECODER, ENCODER, STEP, ComponentSpec, Manifest, ModelInfo, ShapeRange, TensorSpec, sha256_file,
                            write_manifest)
 from sdrt.prompts import CHUNK_LENGTH
@@ -29,6 +30,7 @@ from sdrt.schedulers import HISTORY, N_COEFFS, NoiseSchedule
 from sdrt.versions import package_versions
 
 PRECISIONS = ("fp16", "fp32")
+OPSET = 17
 TRACE_LATENT = 8  # latents a side at which graphs are traced (plus one and two patches)
 MAX_CHUNKS = 16  # 1200 prompt tokens; TensorRT sizes the step's cross-attention for the most
 RECORDED_PACKAGES = ("sdrt", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu")
@@ -57,7 +59,7 @@ class ExportConfig:
     model_dir: Path
     out_dir: Path
     precision: str = "fp16"
-    opset: int = 17
+    opset: int = OPSET
     min_size: int = 64
     max_size: int | None = None  # None: max(1024, 2 x the model's native size)
     max_batch: int = 8
@@ -105,12 +107,15 @@ def check_model_dir(model_dir: Path, variant: str | None = None, vae: Path | Non
     for sub in weights:
         if sub == "vae" and vae is not None:
             continue
-        variants = {file_variant(p.name) for p in (model_dir / sub).glob("*.safetensors")}
+        files = list((model_dir / sub).glob("*.safetensors"))
+        variants = {file_variant(p.name) for p in files}
         if variant not in variants:  # without a variant, plain names only (not model.fp16.safetensors)
             found = sorted(v for v in variants if v is not None)
             hint = (f" (variants here: {', '.join(found)}: pass --variant)" if found and not variant else
                     ": convert the checkpoint to safetensors (`save_pretrained(..., safe_serialization=True)`)")
             raise ModelError(f"{model_dir / sub} has no {variant + ' ' if variant else ''}.safetensors weights{hint}")
+        for path in (p for p in files if file_variant(p.name) == variant):
+            _check_header(path)
     for p in json_files:
         try:
             json.loads((model_dir / p).read_text())
@@ -119,6 +124,18 @@ def check_model_dir(model_dir: Path, variant: str | None = None, vae: Path | Non
     # scheduler settings sdrt cannot honour are refused here, before minutes of export
     NoiseSchedule.from_config(json.loads((model_dir / "scheduler/scheduler_config.json").read_text()))
     return family
+
+
+def _check_header(path: Path) -> None:
+    """A truncated download fails here, not when its component loads after minutes of exporting the others
+    (components load one at a time); only the safetensors header is read."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "np"):
+            pass
+    except Exception as e:  # safetensors raises its own error types for a bad header
+        raise ModelError(f"{path} is not a readable safetensors file ({e}): download it again") from e
 
 
 def check_vae(vae: Path) -> None:
@@ -243,12 +260,11 @@ def _swap_into_place(staging: Path, out_dir: Path) -> None:
 def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any) -> dict[str, Any]:
     import torch
 
-    from sdrt.export.components import DenoiseStep, T5Encoder, TextEncoder, VaeDecoder, VaeEncoder
+    from sdrt.export.components import DenoiseStep, VaeDecoder, VaeEncoder
     from sdrt.export.onnx_io import export_onnx
     from sdrt.export.weights import name_weights, weight_digests
 
     family: Family = parts.family
-    f = "float16" if config.precision == "fp16" else "float32"
     patch = parts.patch_size
     multiple = parts.vae_scale_factor * patch  # pixels per denoiser token
     native = parts.denoiser.config.sample_size * parts.vae_scale_factor
@@ -276,32 +292,19 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
     clip_skip_max = 1
     gen = torch.Generator().manual_seed(0)
 
-    # (component, spec, what it exports from (parts.load's name), its graph around that module, its precision)
-    jobs: list[tuple[str, ComponentSpec, str, Callable[[Any], Any], str]] = []
+    jobs: list[_Job] = []
     produced: dict[str, TensorSpec] = {}  # conditioning written by the text encoders, per text row (N, ...)
     slots = []  # as the manifest records them (T5's with its sequence length)
     for slot in parts.slots:
         te = parts.text_encoders[slot.component]
-        if slot.kind == T5:  # one sequence of fixed length; fp32 even in fp16 engines: T5 v1.1's
-            slot = replace(slot, max_length=config.max_sequence_length)  # feed-forward activations overflow fp16
-            tokens, precision, out_dtype = slot.max_length, "fp32", "float32"
-            outputs = [TensorSpec(slot.hidden, out_dtype, ("N", tokens, te.config.d_model))]
-            wrap: Callable[[Any], Any] = partial(T5Encoder, slot=slot)
-        else:  # CLIP: S = 77 per prompt chunk
-            tokens, precision, out_dtype = "S", config.precision, f
-            outputs = [TensorSpec(slot.hidden, out_dtype, ("N", tokens, te.config.hidden_size))]
-            wrap = partial(TextEncoder, slot=slot)
+        if slot.kind == T5:
+            slot = replace(slot, max_length=config.max_sequence_length)
+        spec, wrap = text_encoder_spec(slot, te.config, config.precision)
         slots.append(slot)
-        if slot.pooled:
-            outputs.append(TensorSpec(slot.pooled, out_dtype, ("N", te.config.projection_dim)))
-        inputs = [TensorSpec("input_ids", "int64", ("N", tokens)), TensorSpec("token_weights", "float32", ("N", tokens)),
-                  TensorSpec("keep", "float32", ("N",))]
         if slot.clip_skip:
-            inputs.append(TensorSpec("clip_skip", "int64", (1,)))
             clip_skip_max = te.config.num_hidden_layers
-        spec = ComponentSpec(f"{slot.component}.onnx", tuple(inputs), tuple(outputs), precision)
-        jobs.append((slot.component, spec, slot.component, wrap, precision))
-        produced.update({t.name: t for t in outputs})
+        jobs.append(_Job(slot.component, spec, slot.component, wrap))
+        produced.update({t.name: t for t in spec.outputs})
 
     present = tuple(c for c in family.conditioning if c.source == HOST or c.source in parts.text_encoders)
     conditioning = []
@@ -317,8 +320,8 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
         "vae_encoder.onnx", (TensorSpec("images", "uint8", ("B", "H", "W", 3)),
                              TensorSpec("pixel_mask", "float32", ("B", "H", "W", 1))),
         (TensorSpec("image_latents", "float32", state),), vae_precision)
-    jobs.append((ENCODER, encoder_spec, VAE, partial(VaeEncoder, scaling_factor=parts.scaling_factor,
-                                                      shift_factor=parts.shift_factor), vae_precision))
+    jobs.append(_Job(ENCODER, encoder_spec, VAE, partial(VaeEncoder, scaling_factor=parts.scaling_factor,
+                                                          shift_factor=parts.shift_factor)))
     step_spec = ComponentSpec(
         "denoise_step.onnx",
         (TensorSpec("latents", "float32", state), TensorSpec("timestep", "float32", (1,)), *conditioning,
@@ -333,15 +336,11 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
                    added_cond=family.added_cond, image_input=parts.image_input,
                    image_inputs=IMAGE_INPUTS[parts.image_input], denoiser=family.denoiser, sequence=family.sequence,
                    zero_sequence=config.max_sequence_length)
-    jobs.append((STEP, step_spec, DENOISER, step, config.precision))
+    jobs.append(_Job(STEP, step_spec, DENOISER, step))
     vae_spec = ComponentSpec("vae_decoder.onnx", (TensorSpec("latents", "float32", state),),
                              (TensorSpec("images", "uint8", ("B", "H", "W", 3)),), vae_precision)
-    jobs.append((DECODER, vae_spec, VAE, partial(VaeDecoder, scaling_factor=parts.scaling_factor,
-                                                 shift_factor=parts.shift_factor), vae_precision))
-
-    def dyn(spec: ComponentSpec) -> dict[str, dict[int, str]]:
-        return {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)}
-                for t in spec.inputs + spec.outputs}
+    jobs.append(_Job(DECODER, vae_spec, VAE, partial(VaeDecoder, scaling_factor=parts.scaling_factor,
+                                                     shift_factor=parts.shift_factor)))
 
     def sample(name: str, spec: ComponentSpec, h: int, w: int, typed: bool) -> tuple[Any, ...]:
         """Random inputs of the spec at batch 1 (CFG rows 2), latent size h x w; typed: in the spec's
@@ -377,7 +376,8 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
         return tuple(out)
 
     validation: dict[str, Any] = {}
-    for i, (name, spec, source, wrap, precision) in enumerate(jobs):
+    for i, (name, spec, source, wrap) in enumerate(jobs):
+        precision = spec.precision
         bar.set_postfix_str(f"exporting {name}")
         module = wrap(parts.load(source))  # a folder's text encoders and denoiser: loaded now, one at a time
         # trace at a latent size that is not a multiple of the U-Net's down factor, so the graph keeps
@@ -391,15 +391,15 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
             reference = _as_tuple(module.eval()(*check_args)) if config.validate else ()
         # one copy of the weights at a time: a module no later graph exports from is converted in place and
         # its weights are freed once exported (SDXL's U-Net is 10 GB in fp32, 5 GB in fp16)
-        last_use = source not in [later[2] for later in jobs[i + 1:]]
+        last_use = source not in [later.source for later in jobs[i + 1:]]
         if precision == "fp16":
             module = module.to(torch.float16) if last_use else copy.deepcopy(module).to(torch.float16)
         stored = export_onnx(module, trace_args, staging / spec.onnx, [t.name for t in spec.inputs],
-                             [t.name for t in spec.outputs], dyn(spec), config.opset)
+                             [t.name for t in spec.outputs], dynamic_axes(spec), config.opset)
         if getattr(module, "adapted", None):  # the CLIP text encoders' and the U-Net's weights, named for LoRA
             named, unused = name_weights(staging / spec.onnx, stored, weight_digests(*module.adapted))
             spec = replace(spec, weights=named, unused_weights=unused)
-            jobs[i] = (name, spec, source, wrap, precision)
+            jobs[i] = jobs[i]._replace(spec=spec)
         if last_use:
             module.to("meta")
         del module
@@ -414,8 +414,41 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
         scaling_factor=parts.scaling_factor, clip_skip_max=clip_skip_max, history=HISTORY, opset=config.opset,
         zero_empty_negative=parts.zero_empty_negative, image_input=parts.image_input, size_multiple=multiple,
         omitted=parts.omitted, shift_factor=parts.shift_factor)
-    return dict(components={name: spec for name, spec, *_ in jobs}, shapes=shapes, model=model,
+    return dict(components={job.name: job.spec for job in jobs}, shapes=shapes, model=model,
                 scheduler_config=parts.scheduler_config, validation=validation)
+
+
+class _Job(NamedTuple):
+    name: str  # the component's
+    spec: ComponentSpec  # its graph contract, precision included
+    source: str  # what it exports from: a name for TorchParts.load
+    wrap: Callable[[Any], Any]  # that module -> the module whose graph is exported
+
+
+def text_encoder_spec(slot: TextEncoderSlot, te_config: Any, precision: str) -> tuple[ComponentSpec, Callable[[Any], Any]]:
+    """A text-encoder slot's graph contract and the module around its encoder. CLIP: S = 77 per prompt
+    chunk, in the engines' precision. T5: one sequence of slot.max_length tokens, fp32 even in fp16 engines
+    (T5 v1.1's feed-forward activations overflow fp16)."""
+    from sdrt.export.components import T5Encoder, TextEncoder
+
+    if slot.kind == T5:
+        tokens, precision, width, wrap = slot.max_length, "fp32", te_config.d_model, partial(T5Encoder, slot=slot)
+    else:
+        tokens, width, wrap = "S", te_config.hidden_size, partial(TextEncoder, slot=slot)
+    dtype = "float16" if precision == "fp16" else "float32"
+    outputs = [TensorSpec(slot.hidden, dtype, ("N", tokens, width))]
+    if slot.pooled:
+        outputs.append(TensorSpec(slot.pooled, dtype, ("N", te_config.projection_dim)))
+    inputs = [TensorSpec("input_ids", "int64", ("N", tokens)), TensorSpec("token_weights", "float32", ("N", tokens)),
+              TensorSpec("keep", "float32", ("N",))]
+    if slot.clip_skip:
+        inputs.append(TensorSpec("clip_skip", "int64", (1,)))
+    return ComponentSpec(f"{slot.component}.onnx", tuple(inputs), tuple(outputs), precision), wrap
+
+
+def dynamic_axes(spec: ComponentSpec) -> dict[str, dict[int, str]]:
+    """torch.onnx.export's dynamic_axes: every named dimension of the spec's tensors."""
+    return {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)} for t in spec.inputs + spec.outputs}
 
 
 def _as_tuple(outputs: Any) -> tuple:

@@ -27,6 +27,7 @@ def diffusers_scheduler(name: str, config: Mapping[str, Any]) -> Any:
     """The diffusers scheduler of the same name, built from a scheduler_config as diffusers would."""
     import diffusers
 
-    flow = str(config.get("_class_name", "")).startswith("FlowMatch")
-    cls_name, extra = (FLOW_DIFFUSERS_SCHEDULERS if flow else DIFFUSERS_SCHEDULERS)[name]
+    from sdrt.schedulers import is_flow_config
+
+    cls_name, extra = (FLOW_DIFFUSERS_SCHEDULERS if is_flow_config(config) else DIFFUSERS_SCHEDULERS)[name]
     return getattr(diffusers, cls_name).from_config({**config, **extra})

@@ -159,6 +159,12 @@ FLOW_UNSUPPORTED_SETTINGS: dict[str, tuple[Any, ...]] = {
     "use_karras_sigmas": (False, None),
 }
 FLOW = "flow"
+
+
+def is_flow_config(config: Mapping[str, Any]) -> bool:
+    """Whether a scheduler_config.json is a flow-matching scheduler's (SD3): only its class says so."""
+    return str(config.get("_class_name", "")).startswith("FlowMatch")
+
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 SPACINGS = ("linspace", "leading", "trailing")
 
@@ -188,7 +194,7 @@ class NoiseSchedule:
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "NoiseSchedule":
         """Refuses, naming the key, every setting sdrt would otherwise silently ignore."""
-        flow = str(config.get("_class_name", "")).startswith("FlowMatch")
+        flow = is_flow_config(config)
         unsupported = UNSUPPORTED_SETTINGS | (FLOW_UNSUPPORTED_SETTINGS if flow else {})
         for key, accepted in unsupported.items():
             if key in config and config[key] not in accepted:
