@@ -240,25 +240,12 @@ def _build_plan(lib: TensorRT, logger: Any, onnx_path: Path, spec: ComponentSpec
     weights LoRA changes are refittable)."""
     trt = lib.module
     logger.errors.clear()
-    builder = trt.Builder(logger)
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise EngineError(f"TensorRT {lib.version} could not parse {onnx_path}: {errors}. Re-export it with "
-                          f"`sdrt export` (opset 17), or report the model")
-    io = network_io(lib, network)
-    check_io(io, spec, onnx_path)
-
+    builder, network, parser, io = parse_network(lib, logger, onnx_path, spec)  # parser: kept until built
     cfg = builder.create_builder_config()
     refittable = refit and bool(spec.weights)
     if refittable:  # only the named weights: TensorRT still folds and fuses every other constant
         cfg.set_flag(trt.BuilderFlag.REFIT_INDIVIDUAL)
-        lost = [name for name in spec.weights if not network.mark_weights_refittable(name)]
-        if lost:
-            raise EngineError(f"TensorRT {lib.version} found no weights {lost[0]} in {onnx_path.name} "
-                              f"({len(lost)} of {len(spec.weights)} LoRA weights): re-export with `sdrt export`, "
-                              "or build with --no-refit")
+        mark_refittable(lib, network, spec, onnx_path)
     opt = builder.create_optimization_profile()
     for name, (lo, mid, hi) in profile.items():
         opt.set_shape(name, lo, mid, hi)
@@ -282,6 +269,31 @@ def _build_plan(lib: TensorRT, logger: Any, onnx_path: Path, spec: ComponentSpec
     if not lib.rtx:
         timing = bytes(memoryview(cfg.get_timing_cache().serialize()))
     return bytes(memoryview(plan)), io, timing, refittable
+
+
+def parse_network(lib: TensorRT, logger: Any, onnx_path: Path, spec: ComponentSpec) -> tuple[Any, Any, Any, list[dict[str, Any]]]:
+    """onnx_path parsed into a strongly typed network whose I/O is spec's: (builder, network, parser, I/O).
+    The parser owns the weights the network points at: keep it until the plan is built."""
+    trt = lib.module
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise EngineError(f"TensorRT {lib.version} could not parse {onnx_path}: {errors}. Re-export it with "
+                          f"`sdrt export` (opset 17), or report the model")
+    io = network_io(lib, network)
+    check_io(io, spec, onnx_path)
+    return builder, network, parser, io
+
+
+def mark_refittable(lib: TensorRT, network: Any, spec: ComponentSpec, onnx_path: Path) -> None:
+    """Marks every weight a LoRA changes (spec.weights, by initializer name) refittable in network."""
+    lost = [name for name in spec.weights if not network.mark_weights_refittable(name)]
+    if lost:
+        raise EngineError(f"TensorRT {lib.version} found no weights {lost[0]} in {onnx_path.name} "
+                          f"({len(lost)} of {len(spec.weights)} LoRA weights): re-export with `sdrt export`, "
+                          "or build with --no-refit")
 
 
 def network_io(lib: TensorRT, network: Any) -> list[dict[str, Any]]:

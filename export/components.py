@@ -127,12 +127,13 @@ class DenoiseStep(nn.Module):
 
     @property
     def adapted(self) -> tuple[nn.Module, Callable[[str], tuple[str, str]]]:
-        """The U-Net, and a module path's weight name (`unet.<path>.weight`) and openaimodel path; None for
-        a transformer (LoRA is not implemented for SD3)."""
+        """The denoiser, and a module path's weight name and original-layout path: a U-Net's
+        `unet.<path>.weight` and openaimodel path; a transformer's `transformer.<path>.weight` (diffusers'
+        and PEFT's naming) and none (kohya's MMDiT naming fuses q, k and v: not read)."""
         from sdrt.export.original_layout import unet_module_name
 
         if self.denoiser == MMDIT:
-            return None
+            return self.unet, lambda path: (f"transformer.{path}.weight", "")
         return self.unet, lambda path: (f"unet.{path}.weight", unet_module_name(path, self.unet))
 
     def forward(self, latents, timestep, *rest):

@@ -396,7 +396,7 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
             module = module.to(torch.float16) if last_use else copy.deepcopy(module).to(torch.float16)
         stored = export_onnx(module, trace_args, staging / spec.onnx, [t.name for t in spec.inputs],
                              [t.name for t in spec.outputs], dynamic_axes(spec), config.opset)
-        if getattr(module, "adapted", None):  # the CLIP text encoders' and the U-Net's weights, named for LoRA
+        if getattr(module, "adapted", None):  # the CLIP text encoders' and the denoiser's weights, named for LoRA
             named, unused = name_weights(staging / spec.onnx, stored, weight_digests(*module.adapted))
             spec = replace(spec, weights=named, unused_weights=unused)
             jobs[i] = jobs[i]._replace(spec=spec)

@@ -7,8 +7,8 @@ at weight w it changes the layer's weight W (out, in[, kh, kw]) to (Hu et al. 20
 
 Formats read: kohya / A1111 (`lora_unet_…`, `lora_te_…`, SDXL's `lora_te1_…`/`lora_te2_…`, U-Net paths
 in diffusers' or the original openaimodel naming, LoCon convolutions) and diffusers / PEFT
-(`unet.….lora_A.weight`, `text_encoder.….lora.down.weight`). The exporter names every Linear and Conv
-weight of the U-Net and text encoders after its module and records where it lies in the ONNX data
+(`unet.….lora_A.weight`, SD3's `transformer.….lora_A.weight`, `text_encoder.….lora.down.weight`). The
+exporter names every Linear and Conv weight of the denoiser and CLIP text encoders after its module and records where it lies in the ONNX data
 (manifest WeightSlot); the deltas are computed here in float32 against those base weights, read from
 the engine files (never written), so switching LoRAs never adds a delta to a delta.
 """
@@ -235,9 +235,14 @@ class LoraIndex:
             raise InputError(f"{self.manifest.name} was exported before sdrt named the weights LoRA changes: "
                              "re-export it with `sdrt export` to use LoRA")
         unknown = [k for k in lora.layers if k not in self.keys]
-        if unknown and not self.manifest.components[STEP].weights:
-            raise InputError(f"LoRA {lora.path.name}: LoRA is not implemented for {self.manifest.model.family} "
-                             "engines (their denoiser's weights are not named for it; SD 1.x, 2.x and XL are)")
+        step = self.manifest.components[STEP].weights
+        if unknown and not step:
+            raise InputError(f"LoRA {lora.path.name}: {self.manifest.name} was exported before sdrt named its "
+                             "denoiser's weights for LoRA: re-export it with `sdrt export`")
+        if unknown and unknown[0].startswith("lora_unet_") and not any(s.original for s in step.values()):
+            raise InputError(f"LoRA {lora.path.name} names its layers the kohya way ({unknown[0]}); for "
+                             f"{self.manifest.model.family} engines sdrt reads LoRAs saved by diffusers / PEFT "
+                             "(transformer.….lora_A.weight), as diffusers' load_lora_weights does")
         if unknown:
             raise InputError(f"LoRA {lora.path.name}: {len(unknown)} of its {len(lora.layers)} layers name none of "
                              f"these {self.manifest.model.family} engines' layers (e.g. {unknown[0]}): a LoRA for "

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from sdrt.errors import BackendError, EngineError, InputError
-from sdrt.manifest import ShapeLimits, read_manifest, sha256_file
+from sdrt.manifest import STEP, ShapeLimits, read_manifest, sha256_file
 from sdrt.plans import check_plans
 from sdrt.tensorrt_lib import RTX_ARCHS, TensorRT, available_flavours, import_tensorrt
 
@@ -124,6 +124,23 @@ def test_sd3_builds_the_transformer_and_three_encoders_on_the_cpu(tiny_sd3_engin
     assert step["latents"]["max"] == [2, 16, 16, 16]
     assert manifest.plans.components["text_encoder_3"].profile["input_ids"]["max"] == [4, 256]
     check_plans(plans, manifest, manifest.plans.flavour, manifest.plans.version, "sm89")
+
+
+@pytest.mark.parametrize("engines", ["tiny_engines_fp16", "tiny_sdxl_engines", "tiny_sd3_engines"])
+def test_every_lora_weight_is_found_and_marked_refittable_in_the_parsed_network(engines, request):
+    """What a refittable build does before it builds (the build itself needs a GPU: TensorRT-RTX's JIT
+    fails without CUDA): each component's LoRA weights, found by name in the parsed network, refittable."""
+    from sdrt.export.build import mark_refittable, parse_network
+
+    engine_dir = request.getfixturevalue(engines)
+    lib = import_tensorrt()
+    manifest = read_manifest(engine_dir)
+    adapted = {name: spec for name, spec in manifest.components.items() if spec.weights}
+    assert STEP in adapted and "text_encoder" in adapted
+    for name, spec in adapted.items():
+        _, network, _parser, _ = parse_network(lib, lib.error_logger(), engine_dir / spec.onnx, spec)
+        mark_refittable(lib, network, spec, engine_dir / spec.onnx)
+        assert sum(network.are_weights_marked_refittable(w) for w in spec.weights) == len(spec.weights), name
 
 
 def _edited(src: Path, dst: Path, edit) -> Path:

@@ -39,10 +39,15 @@ def fp16_engines(tiny_sd3_model, tmp_path_factory):
     return out
 
 
-def reference(model_dir, config, latents, t5: bool = True) -> np.ndarray:
-    """diffusers' StableDiffusion3Pipeline on the config's prompts and the same initial latents."""
+def reference(model_dir, config, latents, t5: bool = True, loras=()) -> np.ndarray:
+    """diffusers' StableDiffusion3Pipeline on the config's prompts and the same initial latents, with each
+    LoRA (path, weight) loaded and fused at its weight."""
     pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(model_dir, **({} if t5 else NO_T5))
     pipe.set_progress_bar_config(disable=True)
+    for path, weight in loras:
+        pipe.load_lora_weights(str(path))
+        pipe.fuse_lora(lora_scale=weight)
+        pipe.unload_lora_weights()  # the fused weights stay
     negative = list(config.negative_prompt) if config.cfg else None
     out = pipe(list(config.prompt), negative_prompt=negative, num_inference_steps=config.steps,
                guidance_scale=config.guidance, latents=torch.from_numpy(latents), height=config.height,
@@ -190,12 +195,76 @@ def test_cli_and_both_http_apis_serve_sd3_with_img2img(tiny_sd3_engines, tmp_pat
         live.stop()
 
 
-def test_a_lora_is_refused_naming_why(tiny_sd3_engines, tmp_path):
+def write_peft_lora(model_dir, path, seed: int, rank: int = 4, alpha: float = 2.0, scale: float = 0.1):
+    """A random LoRA as diffusers' SD3 training script saves it: PEFT keys (`transformer.….lora_A.weight`,
+    `text_encoder_2.….lora_B.weight`) on every Linear of the transformer's blocks and of both CLIP encoders'
+    layers, its LoraConfig (alpha ≠ rank) in the file's metadata."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(model_dir, **NO_T5)
+    g = torch.Generator().manual_seed(seed)
+    layers, metadata = {}, {}
+    for name, targets in (("transformer", r".*transformer_blocks.*\.(to_[qkv]|to_out\.0|to_add_out|add_[qkv]_proj|proj|net\.2|linear)"),
+                          ("text_encoder", ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]),
+                          ("text_encoder_2", ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])):
+        module = getattr(pipe, name)
+        module.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights="gaussian"))
+        layers[f"{name}_lora_layers"] = {k: torch.randn(v.shape, generator=g) * scale
+                                         for k, v in get_peft_model_state_dict(module).items()}
+        metadata[f"{name}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
+    diffusers.StableDiffusion3Pipeline.save_lora_weights(path.parent, weight_name=path.name, **layers, **metadata)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sd3_loras(tiny_sd3_model, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("loras")
+    return tuple(write_peft_lora(tiny_sd3_model, folder / f"{name}.safetensors", seed)
+                 for seed, name in ((1, "style"), (2, "other")))
+
+
+LORA_REQUEST = dict(prompt="a red apple on a table", negative_prompt="blurry", steps=4, seed=3, guidance=5.0,
+                    height=128, width=128)
+
+
+@pytest.mark.parametrize("weights", [(0.8,), (0.8, -0.5)], ids=["one at 0.8", "two at once"])
+def test_peft_lora_on_transformer_and_clip_encoders_matches_diffusers_fused(tiny_sd3_model, tiny_sd3_engines,
+                                                                             sd3_loras, weights):
+    loras = list(zip(sd3_loras, weights))
+    pipe = Pipeline.load(tiny_sd3_engines, backend="ort-cpu")
+    base = pipe.generate(pipe.make_config(**LORA_REQUEST)).images
+    config = pipe.make_config(**LORA_REQUEST, loras=loras)
+    ours = pipe.generate(config).images
+    ref = reference(tiny_sd3_model, config, pipe.initial_noise(config)[0], loras=loras)
+    assert int(np.abs(ours.astype(int) - ref).max()) <= MAX_PIXEL_ERROR
+    assert int(np.abs(ref.astype(int) - base).max()) > 8, "the LoRA barely changes the image: the comparison proves nothing"
+
+
+def test_a_lora_switches_back_exactly_and_fp16_engines_apply_it_as_fp32_ones(tiny_sd3_engines, fp16_engines, sd3_loras):
+    images = []
+    for engines in (tiny_sd3_engines, fp16_engines):
+        pipe = Pipeline.load(engines, backend="ort-cpu")
+        base = pipe.generate(pipe.make_config(**LORA_REQUEST)).images
+        pipe.set_loras([(sd3_loras[0], 0.8)])
+        images.append(pipe.generate(pipe.make_config(**LORA_REQUEST)).images)
+        pipe.set_loras([])
+        assert np.array_equal(pipe.generate(pipe.make_config(**LORA_REQUEST)).images, base)
+    assert psnr(images[1], images[0]) >= 30.0
+
+
+def test_kohya_named_and_other_family_loras_are_refused_naming_why(tiny_sd3_engines, tiny_model, tmp_path):
     from safetensors.numpy import save_file
 
-    path = tmp_path / "sd3-style.safetensors"
-    save_file({"lora_unet_transformer_blocks_0_attn_to_q.lora_down.weight": np.zeros((4, 32), np.float32),
-               "lora_unet_transformer_blocks_0_attn_to_q.lora_up.weight": np.zeros((32, 4), np.float32)}, str(path))
+    from sdrt.export.testmodel import write_test_lora
+
+    kohya = tmp_path / "sd3-kohya.safetensors"
+    save_file({"lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight": np.zeros((4, 32), np.float32),
+               "lora_unet_joint_blocks_0_x_block_attn_qkv.lora_up.weight": np.zeros((96, 4), np.float32)}, str(kohya))
     pipe = Pipeline.load(tiny_sd3_engines, backend="ort-cpu")
-    with pytest.raises(InputError, match="LoRA is not implemented for sd3 engines"):
-        pipe.set_loras([(path, 0.8)])
+    with pytest.raises(InputError, match="kohya way .*diffusers / PEFT"):
+        pipe.set_loras([(kohya, 0.8)])
+    sd1 = write_test_lora(tiny_model, tmp_path / "sd1.safetensors", 1)
+    with pytest.raises(InputError, match=r"(\d+) of its \1 layers name none of these sd3 engines' layers.*another model family"):
+        pipe.set_loras([(sd1, 0.8)])
+    assert pipe.loras == ()
