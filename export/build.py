@@ -25,6 +25,7 @@ from sdrt.manifest import (
     Manifest,
     PlanRecord,
     PlanSet,
+    STEP,
     ShapeLimits,
     read_manifest,
     verify_files,
@@ -49,6 +50,9 @@ class BuildConfig:
     # a GPU builds (TensorRT-RTX 1.7 cannot build them without one: its Myelin compiler then fails with
     # `sm_vers_.size() == 1` for several archs and `status == CUDA_SUCCESS` for one)
     refit: bool | None = None
+    # the step's rows profiled up to 3B, for skip-layer guidance's third row group (SD 3.5); off: up to
+    # CFG's 2B, as TensorRT reserves activation memory for the profile's largest shapes
+    skip_layer_guidance: bool = False
 
 
 SHAPES_HELP = "static:WxH,batch=N (e.g. static:512x512,batch=1) or dynamic:MIN-MAX,batch=A-B (e.g. dynamic:256-1024,batch=1-4)"
@@ -92,17 +96,19 @@ def parse_shapes(text: str | None, manifest: Manifest) -> ShapeLimits:
     return shapes
 
 
-def component_profiles(manifest: Manifest, shapes: ShapeLimits) -> dict[str, dict[str, tuple[Dims, Dims, Dims]]]:
+def component_profiles(manifest: Manifest, shapes: ShapeLimits,
+                       groups: int = 2) -> dict[str, dict[str, tuple[Dims, Dims, Dims]]]:
     """(min, opt, max) dims of every dynamic input of every component.
 
-    B is the image batch; RB and N (rows with CFG) run from B without CFG to 2B with it, 2B at opt.
+    B is the image batch; RB and N (rows with CFG) run from B without CFG to 2B with it, 2B at opt; the
+    step's RB to 3B with groups=3 (skip-layer guidance's third row group).
     h, w are latent sizes (pixels / vae_scale_factor), H, W pixel sizes; S the prompt's tokens,
     77 per chunk, one chunk at opt.
     """
     f = manifest.model.vae_scale_factor
     b_lo, b_opt, b_hi = shapes.batch
     sym = {
-        "B": shapes.batch, "RB": (b_lo, 2 * b_opt, 2 * b_hi), "N": (b_lo, 2 * b_opt, 2 * b_hi),
+        "B": shapes.batch, "RB": (b_lo, 2 * b_opt, groups * b_hi), "N": (b_lo, 2 * b_opt, 2 * b_hi),
         "h": tuple(v // f for v in shapes.height), "w": tuple(v // f for v in shapes.width),
         "H": shapes.height, "W": shapes.width, "S": (CHUNK_LENGTH, CHUNK_LENGTH, CHUNK_LENGTH * shapes.max_chunks),
     }
@@ -165,7 +171,10 @@ def build(config: BuildConfig, progress: bool = True) -> Manifest:
         print(f"note: {notice}", file=sys.stderr)
     onnx_files = [rel for rel in manifest.files if rel.endswith((".onnx", ".onnx.data"))]
     verify_files(engine_dir, manifest, onnx_files)
-    profiles = component_profiles(manifest, shapes)
+    if config.skip_layer_guidance and not manifest.components[STEP].has_input("skip_layers"):
+        raise InputError(f"--skip-layer-guidance: these {manifest.model.family} engines take none (it is SD 3.5's; "
+                         "SD3 engines exported before sdrt had it: re-export them with `sdrt export`)")
+    profiles = component_profiles(manifest, shapes, 3 if config.skip_layer_guidance else 2)
     refit = gpu_arch() is not None if config.refit is None else config.refit
 
     logger = lib.error_logger()

@@ -322,11 +322,15 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
         (TensorSpec("image_latents", "float32", state),), vae_precision)
     jobs.append(_Job(ENCODER, encoder_spec, VAE, partial(VaeEncoder, scaling_factor=parts.scaling_factor,
                                                           shift_factor=parts.shift_factor)))
+    # skip-layer guidance: a (L,) flag per denoiser block (1 = skipped by the third row group) and its scale
+    skippable = getattr(parts.denoiser.config, family.skip_layers) if family.skip_layers else 0
+    skip_inputs = (TensorSpec("skip_layers", "float32", (skippable,)),
+                   TensorSpec("skip_scale", "float32", (1,))) if skippable else ()
     step_spec = ComponentSpec(
         "denoise_step.onnx",
         (TensorSpec("latents", "float32", state), TensorSpec("timestep", "float32", (1,)), *conditioning,
          *image_inputs,
-         TensorSpec("guidance", "float32", (1,)), TensorSpec("step_coeffs", "float32", (N_COEFFS,)),
+         TensorSpec("guidance", "float32", (1,)), *skip_inputs, TensorSpec("step_coeffs", "float32", (N_COEFFS,)),
          TensorSpec("x_history", "float32", (HISTORY,) + state), TensorSpec("out_history", "float32", (HISTORY,) + state),
          TensorSpec("noise", "float32", state)),
         (TensorSpec("latents_next", "float32", state), TensorSpec("x_history_next", "float32", (HISTORY,) + state),
@@ -335,7 +339,7 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
     step = partial(DenoiseStep, conditioning=tuple(c.name for c in present), cross_attention=family.cross_attention,
                    added_cond=family.added_cond, image_input=parts.image_input,
                    image_inputs=IMAGE_INPUTS[parts.image_input], denoiser=family.denoiser, sequence=family.sequence,
-                   zero_sequence=config.max_sequence_length)
+                   zero_sequence=config.max_sequence_length, skip_layers=bool(skippable))
     jobs.append(_Job(STEP, step_spec, DENOISER, step))
     vae_spec = ComponentSpec("vae_decoder.onnx", (TensorSpec("latents", "float32", state),),
                              (TensorSpec("images", "uint8", ("B", "H", "W", 3)),), vae_precision)
@@ -349,6 +353,7 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
         dims = {"B": 1, "RB": 2, "N": 2, "S": 2 * CHUNK_LENGTH, "h": h, "w": w, "H": h * f, "W": w * f}
         special = {"timestep": torch.tensor([500.0]), "guidance": torch.tensor([7.5]),
                    "step_coeffs": torch.rand(N_COEFFS, generator=gen), "keep": torch.ones(2),
+                   "skip_layers": (torch.rand(skippable, generator=gen) > 0.5).float(), "skip_scale": torch.tensor([2.8]),
                    "time_ids": torch.tensor([[native, native, 0, 0, native, native]] * 2, dtype=torch.float32),
                    "clip_skip": torch.tensor([2 if clip_skip_max > 1 else 1])}
         out = []

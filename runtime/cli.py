@@ -47,7 +47,8 @@ def _build(args: argparse.Namespace) -> None:
 
     archs = tuple(a for a in (args.arch or "").split(",") if a)
     manifest = build(BuildConfig(Path(args.engines), shapes=args.shapes, archs=archs, flavour=args.flavour,
-                                 optimization_level=args.optimization_level, refit=args.refit))
+                                 optimization_level=args.optimization_level, refit=args.refit,
+                                 skip_layer_guidance=args.skip_layer_guidance))
     plans = manifest.plans
     assert plans is not None  # build() records them
     print(f"built {plans.flavour} {plans.version} plans for {', '.join(plans.archs)} ({plans.shapes}) "
@@ -65,6 +66,14 @@ def _lora_arg(text: str) -> tuple[str, float]:
         return text, 1.0
 
 
+def _int_list(text: str) -> list[int]:
+    """"7,8,9" -> [7, 8, 9]."""
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, e.g. 7,8,9, got {text!r}") from None
+
+
 def _generate(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
@@ -80,7 +89,11 @@ def _generate(args: argparse.Namespace) -> None:
                               target_size=args.target_size, image=image, mask_image=mask, strength=args.strength,
                               mask_blur=args.mask_blur, inpainting_fill=args.inpainting_fill,
                               inpainting_mask_invert=args.invert_mask, clip_skip=args.clip_skip,
-                              loras=[_lora_arg(text) for text in args.lora])
+                              loras=[_lora_arg(text) for text in args.lora],
+                              skip_guidance_layers=args.skip_guidance_layers,
+                              skip_layer_guidance_scale=args.skip_layer_guidance_scale,
+                              skip_layer_guidance_start=args.skip_layer_guidance_start,
+                              skip_layer_guidance_stop=args.skip_layer_guidance_stop)
     with tqdm(total=None, desc="denoise", unit="step", leave=False) as bar:
         def progress(done: int, total: int) -> None:
             bar.total = total
@@ -216,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto prefers full TensorRT when both are installed")
     p.add_argument("--optimization-level", type=int, choices=range(6), default=None,
                    help="TensorRT builder optimization level (default 3; higher builds slower, may run faster)")
+    p.add_argument("--skip-layer-guidance", action="store_true",
+                   help="SD 3.5: profile the denoise step for skip-layer guidance's 3 rows per image (more "
+                        "activation memory; without it, plans run it only at batch ≤ 2/3 of their largest)")
     p.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
                    help="LoRA weights refittable, so LoRAs switch without a rebuild (default: when building on a GPU; "
                         "TensorRT-RTX cannot build them without one)")
@@ -249,6 +265,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--invert-mask", action="store_true", help="black repaints, white keeps")
     p.add_argument("--clip-skip", type=int, default=None,
                    help="A1111's clip skip: 2 conditions on CLIP's penultimate layer (SD 1.x/2.x; default 1)")
+    p.add_argument("--skip-guidance-layers", type=_int_list, default=None, metavar="I,J,...",
+                   help="SD 3.5's skip-layer guidance: transformer blocks to skip (Medium: 7,8,9); with CFG")
+    p.add_argument("--skip-layer-guidance-scale", type=float, default=2.8, help="its scale (default 2.8)")
+    p.add_argument("--skip-layer-guidance-start", type=float, default=0.01,
+                   help="the share of the steps where it starts (default 0.01)")
+    p.add_argument("--skip-layer-guidance-stop", type=float, default=0.2,
+                   help="the share of the steps where it stops (default 0.2)")
     p.add_argument("--backend", choices=list(BACKENDS), default="auto")
     p.add_argument("--low-vram", action="store_true", help="keep one engine resident at a time")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",

@@ -17,7 +17,9 @@ if TYPE_CHECKING:
 from sdrt.errors import ModelError
 
 # Row layouts of a conditioning tensor (B images in the batch):
-CFG = "cfg"  # (R*B, ...): [uncond rows; cond rows] with R = 2 when CFG runs, the cond rows alone otherwise
+# (R*B, ...): [uncond rows; cond rows] with R = 2 when CFG runs, the cond rows alone otherwise, and
+# [uncond; cond; cond] (R = 3) on the steps of skip-layer guidance, whose third group skips layers
+CFG = "cfg"
 ROW = "row"  # (B, ...): one row per image
 BATCH = "batch"  # shared by the whole batch
 LAYOUTS = (CFG, ROW, BATCH)
@@ -90,6 +92,8 @@ class Family:
     # appended to the cross-attention states on the sequence axis, after zero-padding their channels to its width
     sequence: tuple[str, ...] = ()
     defaults: Defaults = Defaults("dpmpp_2m_karras", 25, 7.5)
+    # skip-layer guidance (SD 3.5's): the denoiser config's count of blocks a third row group may skip; "": none
+    skip_layers: str = ""
     vae_upcast: bool = False  # follow the VAE's force_upcast (an fp32 VAE in fp16 engines), as diffusers does
 
 
@@ -146,6 +150,7 @@ SD3 = Family(
     sequence=("t5_embeddings",),
     added_cond=(("pooled_projections", "pooled_embeds"), ("pooled_projections", "pooled_embeds_2")),
     denoiser=MMDIT,
+    skip_layers="num_layers",
     defaults=Defaults("euler", 28, 7.0),  # diffusers' StableDiffusion3Pipeline defaults
 )
 

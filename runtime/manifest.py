@@ -65,6 +65,9 @@ class ComponentSpec:
     def input(self, name: str) -> TensorSpec:
         return next(t for t in self.inputs if t.name == name)
 
+    def has_input(self, name: str) -> bool:
+        return any(t.name == name for t in self.inputs)
+
     def output(self, name: str) -> TensorSpec:
         return next(t for t in self.outputs if t.name == name)
 

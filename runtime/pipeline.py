@@ -25,7 +25,7 @@ import numpy as np
 from sdrt.backends import select_backend
 from sdrt.backends.base import Backend, Engine
 from sdrt.errors import InputError, SdrtError, check_text, is_integer
-from sdrt.families import CONCAT, HOST, ROW, layout_rows, stack_rows
+from sdrt.families import CFG, CONCAT, HOST, ROW, layout_rows, stack_rows
 from sdrt.images import (Picture, latent_mask, mask_picture, overlay, picture, pixel_mask, read_image, read_mask,
                          resized)
 from sdrt.loras import TAG, LoraIndex, prompt_loras
@@ -81,6 +81,12 @@ class GenerationConfig:
     clip_skip: int = 1  # A1111's: condition on CLIP's layer `clip_skip` from the output (1 = the last)
     chunks: int = 1  # 75-token prompt chunks every text row is encoded in (the longest prompt's)
     loras: tuple[tuple[str, float], ...] = ()  # (resolved path, weight) of each LoRA applied (sdrt.loras)
+    # SD 3.5's skip-layer guidance (diffusers' skip_guidance_layers, _scale, _start, _stop): on the steps i
+    # of n with start·n < i < stop·n, a third row group skips these blocks; () for none
+    skip_layers: tuple[int, ...] = ()
+    skip_scale: float = 2.8
+    skip_start: float = 0.01
+    skip_stop: float = 0.2
 
     @property
     def row_seeds(self) -> tuple[int, ...]:
@@ -123,6 +129,12 @@ class GenerationConfig:
     def cfg(self) -> bool:
         """Classifier-free guidance only above 1, as diffusers: at or below it, the conditional half alone."""
         return self.guidance > 1.0
+
+    def skip_steps(self, n: int) -> frozenset[int]:
+        """The steps (of n run) with skip-layer guidance: start·n < i < stop·n, as diffusers' SD3 pipeline."""
+        if not self.skip_layers:
+            return frozenset()
+        return frozenset(i for i in range(n) if n * self.skip_start < i < n * self.skip_stop)
 
     def time_ids(self) -> np.ndarray:
         """(B, 6) float32 SDXL add_time_ids: original size, crop top-left, target size."""
@@ -294,7 +306,9 @@ class Pipeline:
                     strength: float | None = None, mask_blur: int = 4, inpainting_fill: str = "original",
                     inpainting_mask_invert: bool = False, clip_skip: int | None = None,
                     loras: Sequence[tuple[str | Path, float]] | None = None,
-                    max_rows: int | None = None, skip_guidance_layers: Sequence[int] | None = None) -> GenerationConfig:
+                    max_rows: int | None = None, skip_guidance_layers: Sequence[int] | None = None,
+                    skip_layer_guidance_scale: float = 2.8, skip_layer_guidance_start: float = 0.01,
+                    skip_layer_guidance_stop: float = 0.2) -> GenerationConfig:
         """Validates a request against the engines' limits. steps, guidance and scheduler default to the
         model family's; seeds: one per row (then `seed` is ignored), by default row i uses seed + i;
         batch defaults to the number of prompts. original_size, crop_top_left, target_size: SDXL's
@@ -315,11 +329,8 @@ class Pipeline:
         files NAME.safetensors of lora_dir, as A1111 does, and are not encoded.
         max_rows: allow more rows than the engines' batch, for a caller that runs them as successive
         engine calls (the server's scheduler: A1111's n_iter); generate() itself takes the engines' batch.
-        skip_guidance_layers: diffusers' SD3.5 skip-layer guidance, refused (see the README's "SD 3 / 3.5")."""
-        if skip_guidance_layers is not None:
-            raise InputError("skip-layer guidance is not implemented: it needs a third transformer pass (the cond rows "
-                             "with layers skipped) on some steps, which does not fit one engine call per step without "
-                             "paying 1.5x compute on every step; leave skip_guidance_layers unset")
+        skip_guidance_layers, skip_layer_guidance_scale, _start, _stop: SD 3.5's skip-layer guidance, as
+        diffusers' StableDiffusion3Pipeline (Medium's recommended layers: [7, 8, 9]); with CFG only."""
         defaults = self.model.defaults
         steps = defaults.steps if steps is None else steps
         guidance = defaults.guidance if guidance is None else guidance
@@ -409,11 +420,48 @@ class Pipeline:
         if inpainting_fill not in INPAINTING_FILLS.values():
             raise InputError(f"inpainting_fill must be one of {', '.join(INPAINTING_FILLS.values())}, "
                              f"got {inpainting_fill!r}")
+        skip = self._skip_layer_guidance(skip_guidance_layers, skip_layer_guidance_scale, skip_layer_guidance_start,
+                                         skip_layer_guidance_stop, guidance, max(batch, limits.batch[0]))
         return GenerationConfig(tuple(prompts), tuple(negatives), int(steps), guidance, scheduler, int(seed),
                                 int(height), int(width), tuple(int(x) for x in seeds) if seeds is not None else (),
                                 **micro, images=images, masks=masks, strength=float(strength),
                                 mask_blur=int(mask_blur), inpainting_fill=inpainting_fill, clip_skip=clip_skip,
-                                chunks=chunks, loras=loras)
+                                chunks=chunks, loras=loras, **skip)
+
+    def _skip_layer_guidance(self, layers: Sequence[int] | None, scale: Any, start: Any, stop: Any, guidance: float,
+                             rows: int) -> dict[str, Any]:
+        """GenerationConfig's skip_* fields, checked against the engines (their blocks, the plans' rows)."""
+        if not layers:
+            return {}
+        step = self.manifest.components[STEP]
+        if not step.has_input("skip_layers"):
+            raise InputError(f"skip-layer guidance is SD 3.5's (an MMDiT's blocks); these {self.model.family} engines "
+                             "take none (SD3 engines exported before sdrt had it: re-export them with `sdrt export`)")
+        count = step.input("skip_layers").shape[0]
+        if (isinstance(layers, (str, bytes)) or not all(is_integer(v) and 0 <= v < count for v in layers)
+                or len(set(layers)) != len(layers)):
+            raise InputError(f"skip_guidance_layers must be distinct block indices from 0 to {count - 1} (SD 3.5 "
+                             f"Medium's recommended: 7, 8, 9), got {layers!r}")
+        if guidance <= 1.0:
+            raise InputError("skip-layer guidance runs alongside classifier-free guidance: set guidance above 1")
+        try:
+            scale, start, stop = float(scale), float(start), float(stop)
+        except (TypeError, ValueError):
+            raise InputError("skip_layer_guidance_scale, _start and _stop must be numbers") from None
+        if not (math.isfinite(scale) and abs(scale) <= MAX_GUIDANCE):
+            raise InputError(f"skip_layer_guidance_scale must be finite, within ±{MAX_GUIDANCE:g} (2.8 is "
+                             f"diffusers' default), got {scale}")
+        if not 0.0 <= start < stop <= 1.0:
+            raise InputError(f"skip-layer guidance runs on the steps between start and stop, fractions with "
+                             f"0 ≤ start < stop ≤ 1 (diffusers: 0.01, 0.2), got {start} and {stop}")
+        if self.limits.kind != "onnx":  # TensorRT plans: the step's rows as profiled
+            cfg_input = next(c.name for c in self.model.conditioning if c.layout == CFG)
+            most = self.manifest.plans.components[STEP].profile[cfg_input]["max"][0]
+            if 3 * rows > most:
+                raise InputError(f"skip-layer guidance runs 3 rows per image on its steps, {3 * rows} here; these "
+                                 f"TensorRT plans take at most {most}: rebuild them with `sdrt build "
+                                 "--skip-layer-guidance`, or generate fewer images at once")
+        return dict(skip_layers=tuple(int(v) for v in layers), skip_scale=scale, skip_start=start, skip_stop=stop)
 
     def _chunks(self, prompts: list[str], negatives: list[str]) -> int:
         """The most 75-token chunks any encoded prompt takes; over the engines' limit is an error."""
@@ -523,11 +571,14 @@ class Pipeline:
         # everything the loop reads, written once into reused buffers; feeds bound per step by row
         t0 = time.perf_counter()
         n = len(plan)
+        inputs.update(self._skip_inputs(config))
+        skip_steps = config.skip_steps(n)
         loop = _Loop(
             timesteps=self.backend.rows(self._write("timesteps", plan.timesteps.astype(np.float32).reshape(n, 1))),
             coeffs=self.backend.rows(self._write("step_coeffs", plan.coeffs.astype(np.float32))),
             guidance=self._write("guidance", np.array([config.guidance], np.float32)),
-            inputs=inputs, step_noise=step_noise)
+            inputs=inputs, step_noise=step_noise, skip_steps=skip_steps,
+            skip_rows=self._skip_rows(inputs, config.batch) if skip_steps else {})
         zeros = np.zeros((k,) + init.shape, np.float32)  # 0 * uninitialized memory could be NaN
         sets, feeds = self._bind_loop(loop, {"latents": start_latents, "x_history": zeros, "out_history": zeros}, 0, n)
         step = self._engine(STEP)
@@ -601,6 +652,25 @@ class Pipeline:
                 rows = stack_rows(c.layout, HOST_CONDITIONING[c.name](config), config.cfg)
                 outputs[c.name] = self._write(c.name, rows.astype(step.input(c.name).dtype))
         return {c.name: outputs[c.name] for c in self.model.conditioning}
+
+    def _skip_inputs(self, config: GenerationConfig) -> dict[str, Any]:
+        """The step's skip-layer guidance inputs, where it takes them: (L,) block flags and (1,) scale."""
+        step = self.manifest.components[STEP]
+        if not step.has_input("skip_layers"):
+            return {}
+        flags = np.zeros(step.input("skip_layers").shape, np.float32)
+        flags[list(config.skip_layers)] = 1.0
+        return {"skip_layers": self._write("skip_layers", flags),
+                "skip_scale": self._write("skip_scale", np.array([config.skip_scale], np.float32))}
+
+    def _skip_rows(self, inputs: dict[str, Any], b: int) -> dict[str, Any]:
+        """The CFG conditioning at 3B rows, [uncond; cond; cond], for the steps of skip-layer guidance."""
+        out = {}
+        for c in self.model.conditioning:
+            if c.layout == CFG:
+                host = self.backend.download(inputs[c.name])  # (2B, ...)
+                out[c.name] = self._write(f"{c.name}:skip", np.concatenate([host, host[b:]]))
+        return out
 
     def _image_inputs(self, config: GenerationConfig, plan: SamplerPlan,
                       noise: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
@@ -693,6 +763,7 @@ class Pipeline:
             src, dst = sets[i % 2], sets[(i + 1) % 2]
             feeds[i] = (
                 {"latents": src["latents"], "timestep": loop.timesteps[i], **loop.inputs,
+                 **(loop.skip_rows if i in loop.skip_steps else {}),
                  "guidance": loop.guidance, "step_coeffs": loop.coeffs[i], "x_history": src["x_history"],
                  "out_history": src["out_history"], "noise": noise[i if loop.step_noise is not None else 0]},
                 {"latents_next": dst["latents"], "x_history_next": dst["x_history"],
@@ -711,6 +782,9 @@ class Pipeline:
             host = self.backend.download(loop.inputs[name])
             rows = layout_rows(layout, keep, b, host.shape[0])
             loop.inputs[name] = self._write(name, np.ascontiguousarray(host[rows]))
+        for name, buffer in loop.skip_rows.items():
+            host = self.backend.download(buffer)
+            loop.skip_rows[name] = self._write(f"{name}:skip", np.ascontiguousarray(host[layout_rows(CFG, keep, b, host.shape[0])]))
         if loop.step_noise is not None:
             loop.step_noise = np.ascontiguousarray(loop.step_noise[:, keep])
         return self._bind_loop(loop, state, start, n)
@@ -737,3 +811,5 @@ class _Loop:
     guidance: Any
     inputs: dict[str, Any]  # the step's inputs besides the sampler state (conditioning, image inputs) by name
     step_noise: np.ndarray | None  # (steps, B, 4, h, w) on the host, None for deterministic samplers
+    skip_steps: frozenset[int] = frozenset()  # the steps of skip-layer guidance: they take skip_rows' inputs
+    skip_rows: dict[str, Any] = field(default_factory=dict)  # CFG conditioning at 3B rows, by name

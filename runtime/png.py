@@ -30,6 +30,10 @@ def a1111_parameters(config: Any, seed: int, index: int, model_name: str, model_
             extra += f"Mask blur: {config.mask_blur}, "
     if config.clip_skip > 1:
         extra += f"Clip skip: {config.clip_skip}, "
+    if config.skip_layers:  # SD 3.5's skip-layer guidance (no A1111 field: quoted, as its parser reads values)
+        layers = " ".join(map(str, config.skip_layers))
+        extra += (f'Skip layer guidance: "layers {layers}, scale {config.skip_scale:g}, '
+                  f'steps {config.skip_start:g}-{config.skip_stop:g}", ')
     sampler, schedule_type = a1111_sampler(config.scheduler)
     model = (f"Model hash: {model_hash}, " if model_hash else "") + f"Model: {model_name}, "
     lines.append(

@@ -143,6 +143,32 @@ def test_every_lora_weight_is_found_and_marked_refittable_in_the_parsed_network(
         assert sum(network.are_weights_marked_refittable(w) for w in spec.weights) == len(spec.weights), name
 
 
+def test_sd3_plans_for_skip_layer_guidance_profile_three_step_rows_per_image(tiny_sd3_engines, tiny_engines_fp16,
+                                                                            tmp_path):
+    """`sdrt build --skip-layer-guidance`: the step's CFG rows up to 3B (the text encoders' stay 2B); plans
+    without it refuse SLG at a batch whose 3B rows they cannot take, naming the flag."""
+    from dataclasses import replace
+
+    from sdrt.pipeline import Pipeline
+
+    with pytest.raises(InputError, match="--skip-layer-guidance: these sd1 engines take none"):
+        _build(tiny_engines_fp16, tmp_path / "sd1", skip_layer_guidance=True)
+    for flag, rows in ((True, 3), (False, 2)):
+        plans = _build(tiny_sd3_engines, tmp_path / f"slg-{flag}", shapes="static:64x64,batch=1", archs=("sm89",),
+                       skip_layer_guidance=flag)
+        profiles = read_manifest(plans).plans.components
+        assert profiles[STEP].profile["text_embeddings"]["max"][0] == rows
+        assert profiles["text_encoder"].profile["input_ids"]["max"][0] == 2
+        pipe = Pipeline.load(plans, backend="ort-cpu")  # the run-time check, as on TensorRT
+        pipe.limits = replace(pipe.limits, kind="static", batch=(1, 1, 1), height=(64,) * 3, width=(64,) * 3)
+        if flag:
+            assert pipe.make_config("a cat", skip_guidance_layers=[0]).skip_layers == (0,)
+        else:
+            with pytest.raises(InputError, match="3 here; these TensorRT plans take at most 2: rebuild them with "
+                                                 "`sdrt build --skip-layer-guidance`"):
+                pipe.make_config("a cat", skip_guidance_layers=[0])
+
+
 def _edited(src: Path, dst: Path, edit) -> Path:
     shutil.copytree(src, dst)
     doc = json.loads((dst / "manifest.json").read_text())
@@ -393,8 +419,18 @@ def test_sd35m_fp16_export_and_build_fit_this_machine(tmp_path):
     """SD 3.5 Medium's exact transformer (random weights) with CLIP-L and bigG, without T5-XXL (4.7 B
     parameters, 19 GB in fp32, and 2 x 17.7 GiB of ONNX while exported: bench.t5_export measures it
     alone, see the README)."""
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    from sdrt.export.testmodel import SPECS
+    from sdrt.export.weights import ADAPTED
+
     manifest, plans = _real_size_export_and_build("sd35m", tmp_path)
     assert manifest.model.omitted == ("text_encoder_3",) and manifest.model.size_multiple == 16
+    with torch.device("meta"):  # every Linear and Conv of the transformer named for LoRA
+        transformer = SD3Transformer2DModel(**SPECS["sd35m"].transformer)
+    adapted = sum(isinstance(m, ADAPTED) for m in transformer.modules())
+    assert len(manifest.components["denoise_step"].weights) == adapted, adapted
     assert 4000 < plans["denoise_step"] < 5600, plans  # 2.24 G fp16 weights
 
 

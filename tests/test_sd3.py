@@ -39,9 +39,9 @@ def fp16_engines(tiny_sd3_model, tmp_path_factory):
     return out
 
 
-def reference(model_dir, config, latents, t5: bool = True, loras=()) -> np.ndarray:
+def reference(model_dir, config, latents, t5: bool = True, loras=(), **extra) -> np.ndarray:
     """diffusers' StableDiffusion3Pipeline on the config's prompts and the same initial latents, with each
-    LoRA (path, weight) loaded and fused at its weight."""
+    LoRA (path, weight) loaded and fused at its weight; extra: more of the pipeline's arguments."""
     pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(model_dir, **({} if t5 else NO_T5))
     pipe.set_progress_bar_config(disable=True)
     for path, weight in loras:
@@ -51,7 +51,7 @@ def reference(model_dir, config, latents, t5: bool = True, loras=()) -> np.ndarr
     negative = list(config.negative_prompt) if config.cfg else None
     out = pipe(list(config.prompt), negative_prompt=negative, num_inference_steps=config.steps,
                guidance_scale=config.guidance, latents=torch.from_numpy(latents), height=config.height,
-               width=config.width, output_type="np").images
+               width=config.width, output_type="np", **extra).images
     return (out * 255).round().astype(np.uint8)
 
 
@@ -120,13 +120,72 @@ def test_a_long_weighted_prompt_reaches_clip_chunks_and_t5(tiny_sd3_engines):
     assert pipe.generate(config).images.std() > 10
 
 
+SLG = dict(skip_layer_guidance_scale=2.8, skip_layer_guidance_stop=0.6)  # 5 steps: the third group on steps 1, 2
+
+
+@pytest.mark.parametrize("layers", [[0], [0, 1]], ids=["dual-attention block", "every block, the last too"])
+def test_skip_layer_guidance_matches_diffusers(tiny_sd3_model, tiny_sd3_engines, layers):
+    """diffusers' skip_guidance_layers: on its steps a third row group skips the blocks, in the one step call."""
+    pipe = Pipeline.load(tiny_sd3_engines, backend="ort-cpu")
+    request = dict(CASES["cfg-negative-batch2-nonsquare"], steps=5, seed=7)
+    config = pipe.make_config(**request, skip_guidance_layers=layers, **SLG)
+    assert config.skip_steps(config.steps) == {1, 2}
+    init, _ = pipe.initial_noise(config)
+    ours = pipe.generate(config).images
+    ref = reference(tiny_sd3_model, config, init, skip_guidance_layers=layers, **SLG)
+    error = int(np.abs(ours.astype(int) - ref).max())
+    assert error <= MAX_PIXEL_ERROR, f"max pixel error {error}/255"
+    plain = pipe.generate(pipe.make_config(**request)).images
+    assert int(np.abs(plain.astype(int) - ref).max()) > 8, "skipping changes too little to prove anything"
+
+
+def test_skip_layer_guidance_rows_can_be_dropped_mid_loop(tiny_sd3_engines):
+    """A row dropped during the window leaves the others' images as they were (the 3B rows shrink too)."""
+    pipe = Pipeline.load(tiny_sd3_engines, backend="ort-cpu")
+    config = pipe.make_config(["a", "b", "c"], negative_prompt="blurry", steps=5, seeds=[1, 2, 3], guidance=5.0,
+                              height=64, width=64, skip_guidance_layers=[0], **SLG)
+    result = pipe.generate(config, callback=lambda done, total: [0, 2] if done >= 1 else None)
+    assert result.rows == [0, 2]
+    full = pipe.generate(config).images
+    assert int(np.abs(result.images.astype(int) - full[[0, 2]]).max()) <= 1
+
+
+def test_cli_skip_layer_guidance_equals_the_python_api_and_is_in_the_infotext(tiny_sd3_engines, tmp_path):
+    from PIL import Image
+
+    pipe = Pipeline.load(tiny_sd3_engines, backend="ort-cpu")
+    want = pipe.generate(pipe.make_config("a red cube", steps=5, seed=3, guidance=4.0, height=64, width=64,
+                                          skip_guidance_layers=[0], **SLG)).images[0]
+    out = tmp_path / "cube.png"
+    r = subprocess.run([sys.executable, "-m", "sdrt.cli", "generate", str(tiny_sd3_engines), "a red cube", "--steps", "5",
+                        "--seed", "3", "--guidance", "4", "--height", "64", "--width", "64", "--skip-guidance-layers", "0",
+                        "--skip-layer-guidance-stop", "0.6", "-o", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    image = Image.open(out)
+    np.testing.assert_array_equal(np.asarray(image), want)
+    assert 'Skip layer guidance: "layers 0, scale 2.8, steps 0.01-0.6"' in image.info["parameters"]
+    bad = subprocess.run([sys.executable, "-m", "sdrt.cli", "generate", str(tiny_sd3_engines), "a red cube",
+                          "--skip-guidance-layers", "7-9", "-o", str(tmp_path / "no.png")], capture_output=True, text=True)
+    assert bad.returncode != 0 and "e.g. 7,8,9" in bad.stderr and not (tmp_path / "no.png").exists()
+
+
+def test_skip_layer_guidance_is_refused_by_engines_without_it(tiny_engines):
+    sd1 = Pipeline.load(tiny_engines, backend="ort-cpu")
+    with pytest.raises(InputError, match="SD 3.5's .* these sd1 engines take none"):
+        sd1.make_config("a cat", skip_guidance_layers=[0])
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(height=136), "multiple of 16"),
     (dict(scheduler="dpmpp_2m_karras"), "samples with euler"),
     (dict(clip_skip=2), "clip_skip"),
     (dict(original_size=(64, 64)), "micro-conditioning"),
     (dict(prompt="cat " * 300), "--max-sequence-length"),
-    (dict(skip_guidance_layers=[7, 8, 9]), "skip-layer guidance is not implemented"),
+    (dict(skip_guidance_layers=[7, 8, 9]), "distinct block indices from 0 to 1"),
+    (dict(skip_guidance_layers=[0, 0]), "distinct block indices"),
+    (dict(skip_guidance_layers=[0], guidance=1.0), "alongside classifier-free guidance"),
+    (dict(skip_guidance_layers=[0], skip_layer_guidance_start=0.5, skip_layer_guidance_stop=0.2), "start < stop"),
+    (dict(skip_guidance_layers=[0], skip_layer_guidance_scale=float("nan")), "must be finite"),
 ])
 def test_sd3_refusals_name_the_fix(tiny_sd3_engines, kwargs, message):
     pipe = Pipeline.load(tiny_sd3_engines, backend="ort-cpu")
