@@ -420,8 +420,10 @@ class Pipeline:
         if inpainting_fill not in INPAINTING_FILLS.values():
             raise InputError(f"inpainting_fill must be one of {', '.join(INPAINTING_FILLS.values())}, "
                              f"got {inpainting_fill!r}")
+        # one engine call's images: the server's successive calls (max_rows) take one row at least; plans pad to theirs
+        call = max(1 if max_rows else batch, limits.batch[0])
         skip = self._skip_layer_guidance(skip_guidance_layers, skip_layer_guidance_scale, skip_layer_guidance_start,
-                                         skip_layer_guidance_stop, guidance, max(batch, limits.batch[0]))
+                                         skip_layer_guidance_stop, guidance, call)
         return GenerationConfig(tuple(prompts), tuple(negatives), int(steps), guidance, scheduler, int(seed),
                                 int(height), int(width), tuple(int(x) for x in seeds) if seeds is not None else (),
                                 **micro, images=images, masks=masks, strength=float(strength),
@@ -454,14 +456,28 @@ class Pipeline:
         if not 0.0 <= start < stop <= 1.0:
             raise InputError(f"skip-layer guidance runs on the steps between start and stop, fractions with "
                              f"0 ≤ start < stop ≤ 1 (diffusers: 0.01, 0.2), got {start} and {stop}")
-        if self.limits.kind != "onnx":  # TensorRT plans: the step's rows as profiled
-            cfg_input = next(c.name for c in self.model.conditioning if c.layout == CFG)
-            most = self.manifest.plans.components[STEP].profile[cfg_input]["max"][0]
-            if 3 * rows > most:
-                raise InputError(f"skip-layer guidance runs 3 rows per image on its steps, {3 * rows} here; these "
-                                 f"TensorRT plans take at most {most}: rebuild them with `sdrt build "
-                                 "--skip-layer-guidance`, or generate fewer images at once")
+        top = self._skip_batch()
+        if top < rows:
+            raise InputError(f"skip-layer guidance runs 3 step rows per image; these TensorRT plans take at most "
+                             f"{self._step_rows()}, {top} image(s) at once, {rows} asked: rebuild them with `sdrt build "
+                             "--skip-layer-guidance`, or generate fewer images at once")
         return dict(skip_layers=tuple(int(v) for v in layers), skip_scale=scale, skip_start=start, skip_stop=stop)
+
+    def _step_rows(self) -> int | None:
+        """The most rows the step's plan takes (its CFG conditioning's profile); None on ONNX Runtime."""
+        if self.limits.kind == "onnx":
+            return None
+        name = next(c.name for c in self.model.conditioning if c.layout == CFG)
+        return self.manifest.plans.components[STEP].profile[name]["max"][0]
+
+    def _skip_batch(self) -> int:
+        """The most images one engine call takes with skip-layer guidance (3 step rows each)."""
+        rows = self._step_rows()
+        return self.limits.batch[2] if rows is None else min(self.limits.batch[2], rows // 3)
+
+    def engine_batch(self, config: GenerationConfig) -> int:
+        """The most of config's images one engine call takes (generate()'s limit; the server's batches)."""
+        return self._skip_batch() if config.skip_layers else self.limits.batch[2]
 
     def _chunks(self, prompts: list[str], negatives: list[str]) -> int:
         """The most 75-token chunks any encoded prompt takes; over the engines' limit is an error."""
@@ -543,8 +559,9 @@ class Pipeline:
         start = time.perf_counter()
         timings = Timings()
         requested = config
-        if config.batch > self.limits.batch[2]:
-            raise InputError(f"{config.batch} rows exceed the engines' batch of {self.limits.batch[2]}: generate "
+        top = self.engine_batch(config)
+        if config.batch > top:
+            raise InputError(f"{config.batch} rows exceed the engines' batch of {top}: generate "
                              "them in parts (the server runs such requests as successive batches)")
         pad = self.limits.batch[0] - config.batch
         if pad > 0:  # plans of one batch size (static): copies of the last row run along, then are dropped

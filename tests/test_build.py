@@ -153,20 +153,27 @@ def test_sd3_plans_for_skip_layer_guidance_profile_three_step_rows_per_image(tin
 
     with pytest.raises(InputError, match="--skip-layer-guidance: these sd1 engines take none"):
         _build(tiny_engines_fp16, tmp_path / "sd1", skip_layer_guidance=True)
-    for flag, rows in ((True, 3), (False, 2)):
-        plans = _build(tiny_sd3_engines, tmp_path / f"slg-{flag}", shapes="static:64x64,batch=1", archs=("sm89",),
+    for flag, rows in ((True, 6), (False, 4)):
+        plans = _build(tiny_sd3_engines, tmp_path / f"slg-{flag}", shapes="dynamic:64-64,batch=1-2", archs=("sm89",),
                        skip_layer_guidance=flag)
         profiles = read_manifest(plans).plans.components
         assert profiles[STEP].profile["text_embeddings"]["max"][0] == rows
-        assert profiles["text_encoder"].profile["input_ids"]["max"][0] == 2
-        pipe = Pipeline.load(plans, backend="ort-cpu")  # the run-time check, as on TensorRT
-        pipe.limits = replace(pipe.limits, kind="static", batch=(1, 1, 1), height=(64,) * 3, width=(64,) * 3)
+        assert profiles["text_encoder"].profile["input_ids"]["max"][0] == 4
+        pipe = Pipeline.load(plans, backend="ort-cpu")  # the run-time checks, as on TensorRT
+        pipe.limits = replace(pipe.limits, kind="dynamic", batch=(1, 2, 2), height=(64,) * 3, width=(64,) * 3)
+        plain = pipe.make_config("a cat", batch=2)
+        assert pipe.engine_batch(plain) == 2
         if flag:
-            assert pipe.make_config("a cat", skip_guidance_layers=[0]).skip_layers == (0,)
+            assert pipe.engine_batch(pipe.make_config("a cat", batch=2, skip_guidance_layers=[0])) == 2
         else:
-            with pytest.raises(InputError, match="3 here; these TensorRT plans take at most 2: rebuild them with "
+            with pytest.raises(InputError, match="take at most 4, 1 image.s. at once, 2 asked: rebuild them with "
                                                  "`sdrt build --skip-layer-guidance`"):
-                pipe.make_config("a cat", skip_guidance_layers=[0])
+                pipe.make_config("a cat", batch=2, skip_guidance_layers=[0])
+            # the server's successive engine calls: one image each
+            served = pipe.make_config("a cat", batch=2, skip_guidance_layers=[0], max_rows=4)
+            assert pipe.engine_batch(served) == 1
+            with pytest.raises(InputError, match="2 rows exceed the engines' batch of 1"):
+                pipe.generate(served)
 
 
 def _edited(src: Path, dst: Path, edit) -> Path:

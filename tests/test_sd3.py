@@ -247,6 +247,25 @@ def test_cli_and_both_http_apis_serve_sd3_with_img2img(tiny_sd3_engines, tmp_pat
         got = np.asarray(Image.open(io.BytesIO(base64.b64decode(img2img.json()["images"][0]))).convert("RGB"))
         np.testing.assert_array_equal(got, direct.generate(direct.make_config(
             "a red cube", image=picture, strength=0.6, steps=4, seed=3, guidance=4.0)).images[0])
+        slg = dict(skip_guidance_layers=[0], skip_layer_guidance_stop=0.6)  # sdrt extensions on both APIs
+        want_slg = direct.generate(direct.make_config("a red cube", steps=5, seed=3, guidance=4.0, batch=2,
+                                                      **slg)).images
+        a1111 = httpx.post(f"{live.url}/sdapi/v1/txt2img", timeout=60,
+                           json={"prompt": "a red cube", "seed": 3, "steps": 5, "cfg_scale": 4.0, "batch_size": 2, **slg})
+        assert a1111.status_code == 200, a1111.text
+        assert "Skip layer guidance" in a1111.json()["info"]
+        for row, data in enumerate(a1111.json()["images"]):
+            got = np.asarray(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB"))
+            np.testing.assert_array_equal(got, want_slg[row])
+        openai = httpx.post(f"{live.url}/v1/images/generations", timeout=60,
+                            json={"prompt": "a red cube", "seed": 3, "steps": 5, "guidance_scale": 4.0, "n": 2,
+                                  "response_format": "b64_json", **slg})
+        assert openai.status_code == 200, openai.text
+        got = np.asarray(Image.open(io.BytesIO(base64.b64decode(openai.json()["data"][1]["b64_json"]))).convert("RGB"))
+        np.testing.assert_array_equal(got, want_slg[1])
+        bad = httpx.post(f"{live.url}/sdapi/v1/txt2img", timeout=60,
+                         json={"prompt": "a red cube", "steps": 2, "skip_guidance_layers": [9]})
+        assert bad.status_code == 400 and "block indices from 0 to 1" in bad.text
         refused = httpx.post(f"{live.url}/sdapi/v1/txt2img", timeout=60,
                              json={"prompt": "a red cube", "steps": 2, "sampler_name": "DPM++ 2M"})
         assert refused.status_code == 400 and "euler" in json.dumps(refused.json())

@@ -664,6 +664,9 @@ class _EndlessPipeline:
         self.limits = SimpleNamespace(batch=(1, 1, 1))
         self.started = threading.Event()
 
+    def engine_batch(self, config):
+        return 1
+
     def generate(self, config, callback):
         from sdrt.pipeline import Cancelled
 

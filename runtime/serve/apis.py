@@ -64,7 +64,19 @@ class MicroConditioning(Request):
                 "target_size": self.target_size}
 
 
-class Txt2ImgRequest(MicroConditioning):
+class SkipLayerGuidance(Request):
+    """SD 3.5's skip-layer guidance (sdrt extensions on both APIs, diffusers' names and defaults)."""
+
+    skip_guidance_layers: list[Int] | None = None
+    skip_layer_guidance_scale: float = 2.8
+    skip_layer_guidance_start: float = 0.01
+    skip_layer_guidance_stop: float = 0.2
+
+    def skip_layer_guidance(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in SkipLayerGuidance.model_fields}
+
+
+class Txt2ImgRequest(MicroConditioning, SkipLayerGuidance):
     model_config = ConfigDict(extra="ignore")
 
     prompt: str = ""
@@ -164,7 +176,7 @@ class Img2ImgRequest(Txt2ImgRequest):
         return self.model_dump() | {"init_images": None, "mask": None}  # as A1111 without include_init_images
 
 
-class ImagesRequest(MicroConditioning):
+class ImagesRequest(MicroConditioning, SkipLayerGuidance):
     model_config = ConfigDict(extra="ignore")
 
     prompt: str
@@ -242,6 +254,7 @@ def a1111_config(req: Txt2ImgRequest, pipe: Pipeline, cfg: ServeConfig, clip_ski
     return pipe.make_config([req.prompt] * images, negative_prompt=req.negative_prompt, steps=steps,
                             guidance=req.cfg_scale, scheduler=scheduler, height=req.height, width=req.width,
                             seeds=_seeds(req.seed, images), **req.micro(), **req.images_in(),
+                            **req.skip_layer_guidance(),
                             **req.clip_skip(pipe.model, clip_skip), max_rows=cfg.max_images_per_request)
 
 
@@ -317,7 +330,8 @@ def openai_config(req: ImagesRequest, pipe: Pipeline, cfg: ServeConfig, **images
     scheduler = sampler_for(req.scheduler, None, _first(cfg.default_scheduler, pipe.model.defaults.sampler))
     return pipe.make_config([req.prompt] * req.n, negative_prompt=req.negative_prompt, steps=steps,
                             guidance=req.guidance_scale, scheduler=scheduler, height=height, width=width,
-                            seeds=_seeds(req.seed, req.n), **req.micro(), **images, max_rows=cfg.max_images_per_request)
+                            seeds=_seeds(req.seed, req.n), **req.micro(), **images, **req.skip_layer_guidance(),
+                            max_rows=cfg.max_images_per_request)
 
 
 def openai_edit_config(form: dict[str, Any], pipe: Pipeline, cfg: ServeConfig) -> GenerationConfig:

@@ -226,12 +226,14 @@ class Scheduler:
                     return None
                 self._cond.wait()
             head = self._queue[0]
+            assert self.pipeline is not None
+            most = min(self.max_batch, self.pipeline.engine_batch(head.config))  # SLG: 3 step rows per image
             window_end = head.created + self.window_s
             while time.monotonic() < window_end and sum(
-                    j.pending for j in self._queue if j.key == head.key) < self.max_batch:
+                    j.pending for j in self._queue if j.key == head.key) < most:
                 self._cond.wait(timeout=window_end - time.monotonic())
             batch: list[tuple[Job, list[int]]] = []
-            room = self.max_batch
+            room = most
             for job in list(self._queue):
                 if job.key != head.key or room == 0:
                     continue
