@@ -165,8 +165,8 @@ class DenoiseStep(nn.Module):
             added[key] = torch.cat([added[key], value], dim=-1) if key in added else value
         if self.denoiser == MMDIT:
             skipped = None
-            if self.skip_layers:  # (R*B, L): the blocks each row skips, the third group's alone
-                skipped = (rows_in_group(hidden.shape[0], b) >= 2).float()[:, None] * skip[0]
+            if self.skip_layers:  # (R*B, L): the blocks each row skips; rows of the third group of B alone
+                skipped = (torch.arange(hidden.shape[0]) // b >= 2).float()[:, None] * skip[0]
             out = self._transformer(x_in, timestep, hidden, cond, added, skipped)
         else:
             out = self.unet(x_in, timestep, hidden, added_cond_kwargs=added or None, return_dict=False)[0].float()
@@ -201,11 +201,6 @@ class DenoiseStep(nn.Module):
             return self.unet(hidden_states=x_in, timestep=timestep, encoder_hidden_states=hidden, return_dict=False,
                              **added)[0].float()
         return mmdit_with_skips(self.unet, x_in, timestep, hidden, added["pooled_projections"], skipped > 0.5).float()
-
-
-def rows_in_group(rows: int | torch.Tensor, b: int | torch.Tensor) -> torch.Tensor:
-    """(rows,) int64: each row's group of b rows (0 uncond, 1 cond, 2 skip-layer guidance's)."""
-    return torch.arange(rows) // b
 
 
 def mmdit_with_skips(t: nn.Module, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
