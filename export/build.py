@@ -50,9 +50,10 @@ class BuildConfig:
     # a GPU builds (TensorRT-RTX 1.7 cannot build them without one: its Myelin compiler then fails with
     # `sm_vers_.size() == 1` for several archs and `status == CUDA_SUCCESS` for one)
     refit: bool | None = None
-    # the step's rows profiled up to 3B, for skip-layer guidance's third row group (SD 3.5); off: up to
-    # CFG's 2B, as TensorRT reserves activation memory for the profile's largest shapes
-    skip_layer_guidance: bool = False
+    # the step's rows profiled up to 3B, for skip-layer guidance's third row group (SD 3.5); False: up to
+    # CFG's 2B. None: where the step takes it. The backend sizes activation memory for the shapes each
+    # call runs (update_device_memory_size_for_shapes), so the wider profile costs memory on SLG steps alone
+    skip_layer_guidance: bool | None = None
 
 
 SHAPES_HELP = "static:WxH,batch=N (e.g. static:512x512,batch=1) or dynamic:MIN-MAX,batch=A-B (e.g. dynamic:256-1024,batch=1-4)"
@@ -171,10 +172,12 @@ def build(config: BuildConfig, progress: bool = True) -> Manifest:
         print(f"note: {notice}", file=sys.stderr)
     onnx_files = [rel for rel in manifest.files if rel.endswith((".onnx", ".onnx.data"))]
     verify_files(engine_dir, manifest, onnx_files)
-    if config.skip_layer_guidance and not manifest.components[STEP].has_input("skip_layers"):
+    skippable = manifest.components[STEP].has_input("skip_layers")
+    if config.skip_layer_guidance and not skippable:
         raise InputError(f"--skip-layer-guidance: these {manifest.model.family} engines take none (it is SD 3.5's; "
                          "SD3 engines exported before sdrt had it: re-export them with `sdrt export`)")
-    profiles = component_profiles(manifest, shapes, 3 if config.skip_layer_guidance else 2)
+    slg = skippable if config.skip_layer_guidance is None else config.skip_layer_guidance
+    profiles = component_profiles(manifest, shapes, 3 if slg else 2)
     refit = gpu_arch() is not None if config.refit is None else config.refit
 
     logger = lib.error_logger()

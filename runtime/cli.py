@@ -229,9 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto prefers full TensorRT when both are installed")
     p.add_argument("--optimization-level", type=int, choices=range(6), default=None,
                    help="TensorRT builder optimization level (default 3; higher builds slower, may run faster)")
-    p.add_argument("--skip-layer-guidance", action="store_true",
-                   help="SD 3.5: profile the denoise step for skip-layer guidance's 3 rows per image (more "
-                        "activation memory; without it, plans run it only at batch ≤ 2/3 of their largest)")
+    p.add_argument("--skip-layer-guidance", action=argparse.BooleanOptionalAction, default=None,
+                   help="SD 3.5: profile the denoise step for skip-layer guidance's 3 rows per image (default: "
+                        "where the engines take it; without, an SLG call takes 2/3 of the plans' largest batch)")
     p.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
                    help="LoRA weights refittable, so LoRAs switch without a rebuild (default: when building on a GPU; "
                         "TensorRT-RTX cannot build them without one)")

@@ -111,7 +111,7 @@ def test_sdxl_builds_a_plan_per_component_with_cfg_profiles_for_all_conditioning
 
 def test_sd3_builds_the_transformer_and_three_encoders_on_the_cpu(tiny_sd3_engines, tmp_path):
     """SD3's contract through `sdrt build` (TensorRT-RTX, no GPU): T5's fixed sequence, the joint
-    conditioning profiled from B to 2B, sides in multiples of 16."""
+    conditioning profiled from B to 3B, sides in multiples of 16."""
     with pytest.raises(InputError, match="multiples of 16"):
         _build(tiny_sd3_engines, tmp_path / "bad", shapes="static:72x64,batch=1")
     plans = _build(tiny_sd3_engines, tmp_path / "sd3", shapes="dynamic:64-128,batch=1-2", archs=("sm89",))
@@ -119,8 +119,9 @@ def test_sd3_builds_the_transformer_and_three_encoders_on_the_cpu(tiny_sd3_engin
     assert list(manifest.plans.components) == ["text_encoder", "text_encoder_2", "text_encoder_3", "vae_encoder",
                                                "denoise_step", "vae_decoder"]
     step = manifest.plans.components["denoise_step"].profile
-    assert step["t5_embeddings"] == {"min": [1, 256, 96], "opt": [2, 256, 96], "max": [4, 256, 96]}
-    assert step["pooled_embeds_2"] == {"min": [1, 32], "opt": [2, 32], "max": [4, 32]}
+    # B to 3B: CFG's 2B at opt, skip-layer guidance's third group at most
+    assert step["t5_embeddings"] == {"min": [1, 256, 96], "opt": [2, 256, 96], "max": [6, 256, 96]}
+    assert step["pooled_embeds_2"] == {"min": [1, 32], "opt": [2, 32], "max": [6, 32]}
     assert step["latents"]["max"] == [2, 16, 16, 16]
     assert manifest.plans.components["text_encoder_3"].profile["input_ids"]["max"] == [4, 256]
     check_plans(plans, manifest, manifest.plans.flavour, manifest.plans.version, "sm89")
@@ -145,15 +146,15 @@ def test_every_lora_weight_is_found_and_marked_refittable_in_the_parsed_network(
 
 def test_sd3_plans_for_skip_layer_guidance_profile_three_step_rows_per_image(tiny_sd3_engines, tiny_engines_fp16,
                                                                             tmp_path):
-    """`sdrt build --skip-layer-guidance`: the step's CFG rows up to 3B (the text encoders' stay 2B); plans
-    without it refuse SLG at a batch whose 3B rows they cannot take, naming the flag."""
+    """`sdrt build` profiles an SD3 step's CFG rows up to 3B by default (the text encoders' stay 2B); plans
+    built with --no-skip-layer-guidance take 2·B_max/3 images per SLG call and refuse more, naming the flag."""
     from dataclasses import replace
 
     from sdrt.pipeline import Pipeline
 
     with pytest.raises(InputError, match="--skip-layer-guidance: these sd1 engines take none"):
         _build(tiny_engines_fp16, tmp_path / "sd1", skip_layer_guidance=True)
-    for flag, rows in ((True, 6), (False, 4)):
+    for flag, rows in ((None, 6), (False, 4)):  # None: the default, where the engines take SLG
         plans = _build(tiny_sd3_engines, tmp_path / f"slg-{flag}", shapes="dynamic:64-64,batch=1-2", archs=("sm89",),
                        skip_layer_guidance=flag)
         profiles = read_manifest(plans).plans.components
@@ -163,7 +164,7 @@ def test_sd3_plans_for_skip_layer_guidance_profile_three_step_rows_per_image(tin
         pipe.limits = replace(pipe.limits, kind="dynamic", batch=(1, 2, 2), height=(64,) * 3, width=(64,) * 3)
         plain = pipe.make_config("a cat", batch=2)
         assert pipe.engine_batch(plain) == 2
-        if flag:
+        if flag is None:
             assert pipe.engine_batch(pipe.make_config("a cat", batch=2, skip_guidance_layers=[0])) == 2
         else:
             with pytest.raises(InputError, match="take at most 4, 1 image.s. at once, 2 asked: rebuild them with "
