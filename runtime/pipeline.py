@@ -460,7 +460,7 @@ class Pipeline:
         if top < rows:
             raise InputError(f"skip-layer guidance runs 3 step rows per image; these TensorRT plans take at most "
                              f"{self._step_rows()}, {top} image(s) at once, {rows} asked: rebuild them with `sdrt build "
-                             "--skip-layer-guidance`, or generate fewer images at once")
+                             "--skip-layer-guidance` (the default), or generate fewer images at once")
         return dict(skip_layers=tuple(int(v) for v in layers), skip_scale=scale, skip_start=start, skip_stop=stop)
 
     def _step_rows(self) -> int | None:

@@ -168,7 +168,7 @@ def test_sd3_plans_for_skip_layer_guidance_profile_three_step_rows_per_image(tin
             assert pipe.engine_batch(pipe.make_config("a cat", batch=2, skip_guidance_layers=[0])) == 2
         else:
             with pytest.raises(InputError, match="take at most 4, 1 image.s. at once, 2 asked: rebuild them with "
-                                                 "`sdrt build --skip-layer-guidance`"):
+                                                 "`sdrt build --skip-layer-guidance` .the default."):
                 pipe.make_config("a cat", batch=2, skip_guidance_layers=[0])
             # the server's successive engine calls: one image each
             served = pipe.make_config("a cat", batch=2, skip_guidance_layers=[0], max_rows=4)
