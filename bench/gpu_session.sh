@@ -12,7 +12,8 @@
 #                               bench/gpu_session.sh bench [KIND [SCHEDULER]]   the issue's workload, batch
 #                                   1,2,4, every backend: sd15 512², 50 steps (default); sdxl 1024², 30
 #                                   steps; sd35m 1024², 28 steps (no T5); SCHEDULER: the family's default;
-#                                   BACKENDS=torch,ort,... to leave some out (torch.compile compiles per batch)
+#                                   BACKENDS=torch,ort,... to leave some out (torch.compile compiles per batch);
+#                                   SKIP_LAYERS=7,8,9: sd35m with skip-layer guidance (Medium's recommended)
 # Each stage writes its logs and JSON to $OUT (the device tool brings them back); keep them under
 # bench/results/<gpu>/ with the command. A stage reuses what an earlier one left in /tmp while the
 # machine stays warm, and rebuilds it otherwise.
@@ -136,8 +137,9 @@ bench() {  # [KIND [SCHEDULER]]: issue 19's workload for the family
     fp16_engines "$kind" "$size" 2>&1 | tee "$out/$kind-build.txt" || echo "no plans: trt backends are skipped"
     sdrt bench "$work/$kind" --engines "$work/$kind-fp16" --backends "$backends" \
         --height "$size" --width "$size" --steps "$steps" --guidance "$guidance" --batch 1,2,4 --runs 3 --warmup 1 \
-        ${scheduler:+--scheduler "$scheduler"} -o "$out/$kind${scheduler:+-$scheduler}" 2>&1 \
-        | tee "$out/bench-$kind${scheduler:+-$scheduler}.txt"
+        ${scheduler:+--scheduler "$scheduler"} ${SKIP_LAYERS:+--skip-guidance-layers "$SKIP_LAYERS"} \
+        -o "$out/$kind${scheduler:+-$scheduler}${SKIP_LAYERS:+-slg}" 2>&1 \
+        | tee "$out/bench-$kind${scheduler:+-$scheduler}${SKIP_LAYERS:+-slg}.txt"
 }
 
 case $stage in

@@ -30,6 +30,7 @@ class Workload:
     seed: int
     prompt: str = "a photograph of an astronaut riding a horse"
     negative_prompt: str = "blurry, low quality"
+    skip_guidance_layers: tuple[int, ...] = ()  # SD 3.5's skip-layer guidance at diffusers' defaults; () none
 
 
 def _peak_rss_mb() -> float:
@@ -81,7 +82,8 @@ class SdrtRunner:
     def _config(self, batch: int) -> Any:
         w = self.w
         return self.pipe.make_config(w.prompt, negative_prompt=w.negative_prompt, steps=w.steps, guidance=w.guidance,
-                                     scheduler=w.scheduler, seed=w.seed, height=w.height, width=w.width, batch=batch)
+                                     scheduler=w.scheduler, seed=w.seed, height=w.height, width=w.width, batch=batch,
+                                     skip_guidance_layers=list(w.skip_guidance_layers) or None)
 
     def run(self, batch: int, latents: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
         r = self.pipe.generate(self._config(batch), latents=latents)
@@ -190,7 +192,9 @@ class TorchRunner:
         with torch.inference_mode():
             out = self.pipe([w.prompt] * batch, negative_prompt=[w.negative_prompt] * batch,
                             num_inference_steps=w.steps, guidance_scale=w.guidance, height=w.height, width=w.width,
-                            latents=torch.from_numpy(latents).to(self.device, self.dtype), output_type="np").images
+                            latents=torch.from_numpy(latents).to(self.device, self.dtype), output_type="np",
+                            **({"skip_guidance_layers": list(w.skip_guidance_layers)} if w.skip_guidance_layers
+                               else {})).images
         self._sync()
         end = time.perf_counter()
         n = len(self.pipe.scheduler.timesteps)
@@ -203,18 +207,22 @@ class TorchRunner:
 
     def flops(self, batch: int) -> float:
         """FLOPs of one generation by torch's counter, replaying the last run at this batch: its text
-        encoder and VAE decoder calls, and its first U-Net call (2B rows with CFG) times the steps."""
+        encoder and VAE decoder calls, and of its denoiser calls (2B rows with CFG; skip-layer guidance's
+        B-row passes apart) the first of each kind times their number."""
         from torch.utils.flop_counter import FlopCounterMode
 
         calls = self._calls_at[batch]
+        kinds: dict[bool, list[Any]] = {}
+        for call in calls["unet"]:
+            kinds.setdefault(bool(call[2].get("skip_layers")), []).append(call)
+        stages = [(calls["text_encoder"], 1), (calls["decode"], 1)] + [(c[:1], len(c)) for c in kinds.values()]
         total = 0.0
         with self.torch.inference_mode():
-            for stage, replays in (("text_encoder", calls["text_encoder"]), ("unet", calls["unet"][:1]),
-                                   ("decode", calls["decode"])):
+            for replays, times in stages:
                 with FlopCounterMode(display=False) as counter:
                     for fn, a, k in replays:
                         fn(*a, **k)
-                total += counter.get_total_flops() * (len(calls["unet"]) if stage == "unet" else 1)
+                total += counter.get_total_flops() * times
         return float(total)
 
     def matmul_peak(self) -> float:

@@ -130,7 +130,8 @@ def _bench(args: argparse.Namespace) -> None:
 
     scheduler = args.scheduler or read_manifest(Path(args.engines)).model.defaults.sampler
     workload = Workload(model_dir=args.model_dir, engines=args.engines, height=args.height, width=args.width,
-                        steps=args.steps, guidance=args.guidance, scheduler=scheduler, seed=args.seed)
+                        steps=args.steps, guidance=args.guidance, scheduler=scheduler, seed=args.seed,
+                        skip_guidance_layers=tuple(args.skip_guidance_layers or ()))
     config = BenchConfig(workload, tuple(args.backends.split(",")), tuple(int(b) for b in args.batch.split(",")),
                          runs=args.runs, warmup=args.warmup, output=Path(args.output), one_at_a_time=args.one_at_a_time,
                          command="sdrt " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
@@ -322,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--one-at-a-time", action="store_true",
                    help="run each backend alone, one after another (when they do not fit in memory together)")
+    p.add_argument("--skip-guidance-layers", type=_int_list, default=None, metavar="I,J,...",
+                   help="SD 3.5: skip-layer guidance on these blocks at diffusers' defaults, every backend")
     p.add_argument("-o", "--output", default="bench/results/local")
     p.set_defaults(func=_bench)
     return parser

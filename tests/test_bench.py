@@ -93,6 +93,27 @@ def test_torch_flops_are_a_whole_generations(tiny_sdxl_model, tiny_sdxl_engines)
     assert runner.flops(2) == whole.get_total_flops() > 0
 
 
+def test_bench_sd3_with_skip_layer_guidance_against_diffusers(tiny_sd3_model, tiny_sd3_engines, tmp_path):
+    """The workload's skip-layer guidance reaches both sides; torch's FLOPs count its extra B-row passes."""
+    import numpy as np
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sdrt.bench.workers import TorchRunner
+
+    w = Workload(str(tiny_sd3_model), str(tiny_sd3_engines), 64, 64, steps=8, guidance=5.0, scheduler="euler", seed=1,
+                 skip_guidance_layers=(0,))
+    results = run_bench(BenchConfig(w, ("torch", "ort"), batches=(1,), runs=1, warmup=0, output=tmp_path,
+                                    command="test"), progress=False)
+    assert results["backends"]["ort"]["batches"]["1"]["psnr_vs_torch_db"] >= 40
+    assert results["workload"]["skip_guidance_layers"] == (0,)
+    runner = TorchRunner(w)
+    with FlopCounterMode(display=False) as whole:
+        runner.run(1, np.random.default_rng(0).standard_normal((1, 16, 8, 8)).astype(np.float32))
+    skip_passes = [k for _, _, k in runner._calls_at[1]["unet"] if k.get("skip_layers")]
+    assert len(skip_passes) == 1  # 8 steps: 0.08 < i < 1.6, step 1
+    assert runner.flops(1) == whole.get_total_flops() > 0
+
+
 def test_bench_needs_torch_baseline(tiny_model, tiny_engines, tmp_path):
     w = Workload(str(tiny_model), str(tiny_engines), 64, 64, steps=2, guidance=7.5, scheduler="euler", seed=1)
     with pytest.raises(InputError, match="baseline"):
