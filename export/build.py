@@ -283,7 +283,8 @@ def _build_plan(lib: TensorRT, logger: Any, onnx_path: Path, spec: ComponentSpec
     return bytes(memoryview(plan)), io, timing, refittable
 
 
-def parse_network(lib: TensorRT, logger: Any, onnx_path: Path, spec: ComponentSpec) -> tuple[Any, Any, Any, list[dict[str, Any]]]:
+def parse_network(lib: TensorRT, logger: Any, onnx_path: Path,
+                  spec: ComponentSpec) -> tuple[Any, Any, Any, list[dict[str, Any]]]:
     """onnx_path parsed into a strongly typed network whose I/O is spec's: (builder, network, parser, I/O).
     The parser owns the weights the network points at: keep it until the plan is built."""
     trt = lib.module
