@@ -25,7 +25,6 @@ from sdrt.manifest import (
     Manifest,
     PlanRecord,
     PlanSet,
-    STEP,
     ShapeLimits,
     read_manifest,
     verify_files,
@@ -172,7 +171,7 @@ def build(config: BuildConfig, progress: bool = True) -> Manifest:
         print(f"note: {notice}", file=sys.stderr)
     onnx_files = [rel for rel in manifest.files if rel.endswith((".onnx", ".onnx.data"))]
     verify_files(engine_dir, manifest, onnx_files)
-    skippable = manifest.components[STEP].has_input("skip_layers")
+    skippable = manifest.skippable_blocks > 0
     if config.skip_layer_guidance and not skippable:
         raise InputError(f"--skip-layer-guidance: these {manifest.model.family} engines take none (it is SD 3.5's; "
                          "SD3 engines exported before sdrt had it: re-export them with `sdrt export`)")

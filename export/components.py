@@ -103,7 +103,7 @@ class DenoiseStep(nn.Module):
     Inputs, in order: latents (B, 4, h, w) f32; timestep (1,) f32; the family's conditioning tensors
     (CFG layout: (R*B, ...) with R = 2 for CFG ([uncond; cond]) or R = 1 without); the image inputs of
     `image_input` (families.IMAGE_INPUTS: (B, 4, h, w) latents, (B, 1, h, w) mask with 1 = repaint);
-    guidance (1,) f32; with skip_layers: skip_layers (L,) f32 (1 = the block is skipped) and skip_scale (1,)
+    guidance (1,) f32; an MMDiT's: skip_layers (L,) f32 (1 = the block is skipped) and skip_scale (1,)
     f32; step_coeffs (N_COEFFS,) f32 laid out as [c_in, a, b, hx_1..K, ho_1..K, d, ka, kn];
     x_history, out_history (K, B, 4, h, w) f32, newest first; noise (B, 4, h, w) f32.
 
@@ -115,8 +115,7 @@ class DenoiseStep(nn.Module):
 
     def __init__(self, unet: nn.Module, conditioning: tuple[str, ...], cross_attention: tuple[str, ...],
                  added_cond: tuple[tuple[str, str], ...], image_input: str, image_inputs: tuple[str, ...],
-                 denoiser: str = UNET, sequence: tuple[str, ...] = (), zero_sequence: int = 0,
-                 skip_layers: bool = False):
+                 denoiser: str = UNET, sequence: tuple[str, ...] = (), zero_sequence: int = 0):
         super().__init__()
         self.unet = unet  # the family's denoiser: a U-Net, or SD3's transformer
         self.conditioning = conditioning
@@ -127,7 +126,6 @@ class DenoiseStep(nn.Module):
         self.denoiser = denoiser
         self.sequence = sequence  # SD3's T5 states, after the CLIP states on the sequence axis
         self.zero_sequence = zero_sequence  # tokens of zeros standing in for an omitted T5 (diffusers' as well)
-        self.skip_layers = skip_layers  # takes skip_layers and skip_scale (skip-layer guidance)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -163,10 +161,8 @@ class DenoiseStep(nn.Module):
         for key, name in self.added_cond:  # names under one key concatenated (SD3's two pooled outputs)
             value = cond[name].to(self.dtype)
             added[key] = torch.cat([added[key], value], dim=-1) if key in added else value
-        if self.denoiser == MMDIT:
-            skipped = None
-            if self.skip_layers:  # (R*B, L): the blocks each row skips; rows of the third group of B alone
-                skipped = (torch.arange(hidden.shape[0]) // b >= 2).float()[:, None] * skip[0]
+        if self.denoiser == MMDIT:  # (R*B, L): the blocks each row skips; rows of the third group of B alone
+            skipped = (torch.arange(hidden.shape[0]) // b >= 2).float()[:, None] * skip[0]
             out = self._transformer(x_in, timestep, hidden, cond, added, skipped)
         else:
             out = self.unet(x_in, timestep, hidden, added_cond_kwargs=added or None, return_dict=False)[0].float()
@@ -174,7 +170,7 @@ class DenoiseStep(nn.Module):
         cond_start = rows_out // b // 2 * b  # 0 (R = 1), B (R = 2, 3)
         out_u, out_c = out[:b], out[cond_start : cond_start + b]  # equal when R = 1 (no CFG)
         guided = out_u + guidance * (out_c - out_u)  # (B, 4, h, w)
-        if self.skip_layers:  # the last group: the skipping one (R = 3), else out_c and an exact + 0
+        if skip:  # the last group: the skipping one (R = 3), else out_c and an exact + 0
             guided = guided + (out_c - out[rows_out - b :]) * skip[1]
         latents_next = (step_coeffs[A] * latents + step_coeffs[B] * guided + (hx * x_history).sum(0)
                         + (ho * out_history).sum(0) + step_coeffs[D] * noise)
@@ -186,21 +182,18 @@ class DenoiseStep(nn.Module):
         return latents_next, x_history_next, out_history_next
 
     def _transformer(self, x_in: torch.Tensor, timestep: torch.Tensor, clip: torch.Tensor, cond: dict[str, torch.Tensor],
-                     added: dict[str, torch.Tensor], skipped: torch.Tensor | None) -> torch.Tensor:
+                     added: dict[str, torch.Tensor], skipped: torch.Tensor) -> torch.Tensor:
         """SD3's MMDiT on [CLIP states zero-padded to the joint width; T5 states (or zeros)], (R*B, 77K + L, J).
 
         skipped (R*B, L) f32: 1 where a row skips a block (its states pass through unchanged, as diffusers'
-        `skip_layers`); None: diffusers' forward as it is."""
+        `skip_layers`)."""
         joint = self.unet.config.joint_attention_dim
         tail = [cond[name].to(self.dtype) for name in self.sequence if name in cond]
         if not tail:  # T5 omitted: zeros, as diffusers' pipeline with text_encoder_3=None
             tail = [clip.new_zeros(clip.shape[0], self.zero_sequence, joint)]
         hidden = torch.cat([nn.functional.pad(clip, (0, joint - clip.shape[-1])), *tail], dim=1)
-        timestep = timestep.expand(x_in.shape[0])
-        if skipped is None:
-            return self.unet(hidden_states=x_in, timestep=timestep, encoder_hidden_states=hidden, return_dict=False,
-                             **added)[0].float()
-        return mmdit_with_skips(self.unet, x_in, timestep, hidden, added["pooled_projections"], skipped > 0.5).float()
+        return mmdit_with_skips(self.unet, x_in, timestep.expand(x_in.shape[0]), hidden, added["pooled_projections"],
+                                skipped > 0.5).float()
 
 
 def mmdit_with_skips(t: nn.Module, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,

@@ -21,8 +21,8 @@ import numpy as np
 
 from sdrt.errors import InputError, ModelError, ValidationError
 from sdrt.export.components_io import DENOISER, VAE, file_variant, load_components, present_slot
-from sdrt.families import (DENOISER_FOLDERS, HOST, IMAGE_INPUTS, LEADING_DIM, T5, Family, TextEncoderSlot,
-                           family_for)
+from sdrt.families import (DENOISER_FOLDERS, HOST, IMAGE_INPUTS, LEADING_DIM, MMDIT, T5, Family,
+                           TextEncoderSlot, family_for)
 from sdrt.manifest import (DECODER, ENCODER, STEP, ComponentSpec, Manifest, ModelInfo, ShapeRange, TensorSpec, sha256_file,
                            write_manifest)
 from sdrt.prompts import CHUNK_LENGTH
@@ -322,8 +322,8 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
         (TensorSpec("image_latents", "float32", state),), vae_precision)
     jobs.append(_Job(ENCODER, encoder_spec, VAE, partial(VaeEncoder, scaling_factor=parts.scaling_factor,
                                                           shift_factor=parts.shift_factor)))
-    # skip-layer guidance: a (L,) flag per denoiser block (1 = skipped by the third row group) and its scale
-    skippable = getattr(parts.denoiser.config, family.skip_layers) if family.skip_layers else 0
+    # an MMDiT's skip-layer guidance: a (L,) flag per block (1 = skipped by the third row group) and its scale
+    skippable = len(parts.denoiser.transformer_blocks) if family.denoiser == MMDIT else 0
     skip_inputs = (TensorSpec("skip_layers", "float32", (skippable,)),
                    TensorSpec("skip_scale", "float32", (1,))) if skippable else ()
     step_spec = ComponentSpec(
@@ -339,7 +339,7 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
     step = partial(DenoiseStep, conditioning=tuple(c.name for c in present), cross_attention=family.cross_attention,
                    added_cond=family.added_cond, image_input=parts.image_input,
                    image_inputs=IMAGE_INPUTS[parts.image_input], denoiser=family.denoiser, sequence=family.sequence,
-                   zero_sequence=config.max_sequence_length, skip_layers=bool(skippable))
+                   zero_sequence=config.max_sequence_length)
     jobs.append(_Job(STEP, step_spec, DENOISER, step))
     vae_spec = ComponentSpec("vae_decoder.onnx", (TensorSpec("latents", "float32", state),),
                              (TensorSpec("images", "uint8", ("B", "H", "W", 3)),), vae_precision)

@@ -5,7 +5,8 @@ has the exact SD 1.5 architecture (U-Net 859.5M parameters, CLIP ViT-L/14 text e
 `sdxl` the exact SDXL base 1.0 architecture (U-Net 2,567,463,684 parameters, CLIP ViT-L + OpenCLIP
 bigG, fp16-overflowing VAE config) and `sd35m` SD 3.5 Medium's (MMDiT 2,243,171,520 parameters, CLIP-L
 + bigG, 16-channel VAE; without T5-XXL: 4.7 B parameters, 19 GB in fp32, more than this machine's disk
-holds beside its ONNX; `python -m sdrt.bench.t5_export` checks T5-XXL alone) with random weights, for real-size export checks and honest benchmarks. Nothing is downloaded.
+holds beside its ONNX; `python -m sdrt.bench.t5_export` checks T5-XXL alone) with random weights, for
+real-size export checks and honest benchmarks. Nothing is downloaded.
 """
 
 from __future__ import annotations

@@ -92,8 +92,6 @@ class Family:
     # appended to the cross-attention states on the sequence axis, after zero-padding their channels to its width
     sequence: tuple[str, ...] = ()
     defaults: Defaults = Defaults("dpmpp_2m_karras", 25, 7.5)
-    # skip-layer guidance (SD 3.5's): the denoiser config's count of blocks a third row group may skip; "": none
-    skip_layers: str = ""
     vae_upcast: bool = False  # follow the VAE's force_upcast (an fp32 VAE in fp16 engines), as diffusers does
 
 
@@ -150,7 +148,6 @@ SD3 = Family(
     sequence=("t5_embeddings",),
     added_cond=(("pooled_projections", "pooled_embeds"), ("pooled_projections", "pooled_embeds_2")),
     denoiser=MMDIT,
-    skip_layers="num_layers",
     defaults=Defaults("euler", 28, 7.0),  # diffusers' StableDiffusion3Pipeline defaults
 )
 

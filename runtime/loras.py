@@ -8,8 +8,8 @@ at weight w it changes the layer's weight W (out, in[, kh, kw]) to (Hu et al. 20
 Formats read: kohya / A1111 (`lora_unet_…`, `lora_te_…`, SDXL's `lora_te1_…`/`lora_te2_…`, U-Net paths
 in diffusers' or the original openaimodel naming, LoCon convolutions) and diffusers / PEFT
 (`unet.….lora_A.weight`, SD3's `transformer.….lora_A.weight`, `text_encoder.….lora.down.weight`). The
-exporter names every Linear and Conv weight of the denoiser and CLIP text encoders after its module and records where it lies in the ONNX data
-(manifest WeightSlot); the deltas are computed here in float32 against those base weights, read from
+exporter names every Linear and Conv weight of the denoiser and CLIP text encoders after its module and
+records where it lies in the ONNX data (manifest WeightSlot); the deltas are computed here in float32 against those base weights, read from
 the engine files (never written), so switching LoRAs never adds a delta to a delta.
 """
 

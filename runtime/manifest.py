@@ -65,9 +65,6 @@ class ComponentSpec:
     def input(self, name: str) -> TensorSpec:
         return next(t for t in self.inputs if t.name == name)
 
-    def has_input(self, name: str) -> bool:
-        return any(t.name == name for t in self.inputs)
-
     def output(self, name: str) -> TensorSpec:
         return next(t for t in self.outputs if t.name == name)
 
@@ -205,6 +202,12 @@ class Manifest:
         """AUTOMATIC1111's short model hash: the first 10 hex digits of the source's sha256 (a checkpoint
         file's own; a diffusers folder's, over its files' hashes)."""
         return str(self.source.get("sha256", ""))[:10]
+
+    @property
+    def skippable_blocks(self) -> int:
+        """The denoiser blocks skip-layer guidance may skip (the length of the step's `skip_layers`
+        input); 0: these engines take none."""
+        return next((t.shape[0] for t in self.components[STEP].inputs if t.name == "skip_layers"), 0)
 
     def to_json(self) -> str:
         doc = {"format": FORMAT, "version": VERSION, **asdict(self)}

@@ -435,11 +435,10 @@ class Pipeline:
         """GenerationConfig's skip_* fields, checked against the engines (their blocks, the plans' rows)."""
         if not layers:
             return {}
-        step = self.manifest.components[STEP]
-        if not step.has_input("skip_layers"):
+        count = self.manifest.skippable_blocks
+        if not count:
             raise InputError(f"skip-layer guidance is SD 3.5's (an MMDiT's blocks); these {self.model.family} engines "
                              "take none (SD3 engines exported before sdrt had it: re-export them with `sdrt export`)")
-        count = step.input("skip_layers").shape[0]
         if (isinstance(layers, (str, bytes)) or not all(is_integer(v) and 0 <= v < count for v in layers)
                 or len(set(layers)) != len(layers)):
             raise InputError(f"skip_guidance_layers must be distinct block indices from 0 to {count - 1} (SD 3.5 "
@@ -672,10 +671,10 @@ class Pipeline:
 
     def _skip_inputs(self, config: GenerationConfig) -> dict[str, Any]:
         """The step's skip-layer guidance inputs, where it takes them: (L,) block flags and (1,) scale."""
-        step = self.manifest.components[STEP]
-        if not step.has_input("skip_layers"):
+        count = self.manifest.skippable_blocks
+        if not count:
             return {}
-        flags = np.zeros(step.input("skip_layers").shape, np.float32)
+        flags = np.zeros(count, np.float32)
         flags[list(config.skip_layers)] = 1.0
         return {"skip_layers": self._write("skip_layers", flags),
                 "skip_scale": self._write("skip_scale", np.array([config.skip_scale], np.float32))}
@@ -799,9 +798,8 @@ class Pipeline:
             host = self.backend.download(loop.inputs[name])
             rows = layout_rows(layout, keep, b, host.shape[0])
             loop.inputs[name] = self._write(name, np.ascontiguousarray(host[rows]))
-        for name, buffer in loop.skip_rows.items():
-            host = self.backend.download(buffer)
-            loop.skip_rows[name] = self._write(f"{name}:skip", np.ascontiguousarray(host[layout_rows(CFG, keep, b, host.shape[0])]))
+        if loop.skip_rows:  # rebuilt from the kept rows
+            loop.skip_rows = self._skip_rows(loop.inputs, len(keep))
         if loop.step_noise is not None:
             loop.step_noise = np.ascontiguousarray(loop.step_noise[:, keep])
         return self._bind_loop(loop, state, start, n)
