@@ -72,13 +72,23 @@ class TextEncoder(nn.Module):
         return hidden, pooled * keep[:, None]
 
 
+EMPHASIS_MEAN_FLOOR = 1e-3  # |mean| below this share of mean|z|: the mean is rounding residue
+
+
 def emphasized(hidden: torch.Tensor, token_weights: torch.Tensor) -> torch.Tensor:
     """(M, T, C) states times their (M, T) token weights, rescaled to each row's unweighted mean (A1111's
-    "Original" emphasis), the means in fp32. Weights of 1 leave the states bit for bit as they were."""
+    "Original" emphasis), the means in fp32. Weights of 1 leave the states bit for bit as they were.
+
+    A row whose mean (or weighted mean) is ~0 against its mean magnitude keeps scale 1: states straight
+    out of a LayerNorm of weight 1 and bias 0 (a default-initialised CLIP) average 0 per token, and the
+    ratio would be rounding residue over rounding residue, different on every backend."""
     z = hidden.float()
     weighted = z * token_weights[..., None]
     mean, weighted_mean = z.mean((1, 2), keepdim=True), weighted.mean((1, 2), keepdim=True)
-    scale = torch.where(weighted_mean == 0, torch.ones_like(mean), mean / weighted_mean)
+    resolvable = (mean.abs() > EMPHASIS_MEAN_FLOOR * z.abs().mean((1, 2), keepdim=True)) & (
+        weighted_mean.abs() > EMPHASIS_MEAN_FLOOR * weighted.abs().mean((1, 2), keepdim=True))
+    scale = torch.where(resolvable, mean / torch.where(resolvable, weighted_mean, torch.ones_like(mean)),
+                        torch.ones_like(mean))
     return (weighted * scale).to(hidden.dtype)
 
 

@@ -479,8 +479,7 @@ def validate_component(name: str, path: Path, spec: ComponentSpec, args: tuple, 
                                   "inputs: the checkpoint's weights are broken; check the source model")
         if not np.all(np.isfinite(g)):
             raise ValidationError(f"{name}: output {t.name} has NaN/inf on ONNX Runtime ({spec.precision}): the "
-                                  "exported graph overflows or is numerically broken; try --precision fp32 "
-                                  "and report the model")
+                                  f"exported graph overflows or is numerically broken; {_fix(spec.precision)}")
         diff = float(np.abs(g - r.astype(np.float64)).max())
         err = diff if t.dtype == "uint8" else diff / max(float(np.abs(r).max()), 1e-12)
         report["outputs"][t.name] = {"max_abs": diff, "error": err}
@@ -488,5 +487,13 @@ def validate_component(name: str, path: Path, spec: ComponentSpec, args: tuple, 
     report["error"] = worst
     if worst > tolerance:
         raise ValidationError(f"{name}: error {worst:.3g} against PyTorch exceeds tolerance {tolerance:g}; "
-                              "the export is not trustworthy (try --precision fp32, or report the model)")
+                              f"the export is not trustworthy: {_fix(spec.precision)}")
     return report
+
+
+def _fix(precision: str) -> str:
+    """What a user can do about a component that fails validation in this precision."""
+    if precision == "fp16":
+        return "export with --precision fp32, and report the model"
+    return ("an fp32 graph should match PyTorch, so this is a bug in sdrt or the exporting libraries: report it "
+            "with the model's config.json files and the torch, transformers, onnx and onnxruntime versions")
