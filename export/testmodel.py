@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sdrt.errors import InputError
-from sdrt.export.bpe import BOS, EOS, write_clip_bpe
+from sdrt.export.bpe import BOS, EOS, real_clip_merges, write_clip_bpe, write_vocab_files
 
 # SD 3.5's scheduler_config.json.
 SD3_SCHEDULER_CONFIG: dict[str, Any] = {
@@ -87,6 +87,9 @@ class TestModelSpec:
     inpainting: bool = False  # a 9-channel U-Net in a StableDiffusion[XL]InpaintPipeline folder
     transformer: dict[str, Any] | None = None  # SD3: the SD3Transformer2DModel (instead of `unet`)
     t5: dict[str, Any] | None = None  # SD3: the T5EncoderModel; None: a folder without T5 (text_encoder_3=None)
+    real_vocab: bool = False  # CLIP's real 49,408-token BPE (ids 49406 / 49407 for BOS / EOS), else a small one
+    offset_states: bool = True  # CLIP states of non-zero mean (_offset_states); False: diffusers' default init
+    scheduler_as_saved: bool = False  # keep the config diffusers saves for the class (its own keys only)
 
 
 SPECS: dict[str, TestModelSpec] = {
@@ -113,6 +116,7 @@ SPECS["tiny-inpaint"] = TestModelSpec(**{**SPECS["tiny"].__dict__, "unet": {**SP
 SPECS |= {
     "sd15": TestModelSpec(
         family="sd1",
+        real_vocab=True,
         unet_parameters=859_520_964,
         unet=dict(
             sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
@@ -147,6 +151,7 @@ SPECS |= {
     ),
     "sdxl": TestModelSpec(
         family="sdxl",
+        real_vocab=True,
         unet_parameters=2_567_463_684,
         unet=dict(
             sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
@@ -171,6 +176,19 @@ TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, nu
                  max_position_embeddings=77, projection_dim=32, hidden_act="gelu")
 BIG_G = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
              max_position_embeddings=77, projection_dim=1280, hidden_act="gelu", vocab_size=49408)
+# Tiny models as a user builds them with diffusers: default-initialised encoders (states of mean ~0 after
+# the final LayerNorm), CLIP's real vocabulary and special ids, and the scheduler config diffusers writes
+# for the class it was saved from (no clip_sample key from an Euler or PNDM scheduler).
+PLAIN = dict(real_vocab=True, offset_states=False, scheduler_as_saved=True)
+SCALED_LINEAR = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+SPECS["tiny-plain"] = TestModelSpec(**{
+    **SPECS["tiny"].__dict__, **PLAIN,
+    "scheduler_config": {"_class_name": "PNDMScheduler", **SCALED_LINEAR, "skip_prk_steps": True},
+    "description": "tiny random SD 1.x as diffusers builds it: default init, CLIP's real vocabulary"})
+SPECS["tiny-sdxl-plain"] = TestModelSpec(**{
+    **SPECS["tiny-sdxl"].__dict__, **PLAIN,
+    "scheduler_config": {"_class_name": "EulerDiscreteScheduler", **SCALED_LINEAR, "timestep_spacing": "leading"},
+    "description": "tiny random SDXL as diffusers builds it: default init, CLIP's real vocabulary"})
 SPECS["tiny-sd3"] = TestModelSpec(
     family="sd3",
     unet={},
@@ -193,6 +211,7 @@ SPECS["tiny-sd3-no-t5"] = TestModelSpec(**{**SPECS["tiny-sd3"].__dict__, "t5": N
                                            "description": "tiny random SD 3.5 without T5 (text_encoder_3=None) for CI"})
 SPECS["sd35m"] = TestModelSpec(
     family="sd3",
+    real_vocab=True,
     unet={},
     unet_parameters=2_243_171_520,
     transformer=dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
@@ -267,7 +286,10 @@ def build_test_model(kind: str, out_dir: Path, seed: int = 0) -> Path:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        vocab_path, merges_path, vocab = write_clip_bpe(staging / "_bpe", spec.max_merges)
+        if spec.real_vocab:
+            vocab_path, merges_path, vocab = write_vocab_files(staging / "_bpe", real_clip_merges())
+        else:
+            vocab_path, merges_path, vocab = write_clip_bpe(staging / "_bpe", spec.max_merges)
         tokenizer = CLIPTokenizer.from_pretrained(staging / "_bpe", model_max_length=77)
 
         def text_config(config: dict[str, Any]) -> Any:
@@ -281,7 +303,8 @@ def build_test_model(kind: str, out_dir: Path, seed: int = 0) -> Path:
             count = sum(p.numel() for p in denoiser.parameters())
             assert count == spec.unet_parameters, f"{kind} denoiser has {count} parameters, not {spec.unet_parameters}"
         clip_l = (CLIPTextModelWithProjection if sd3 else CLIPTextModel)(text_config(spec.text_encoder))
-        parts: dict[str, Any] = dict(vae=AutoencoderKL(**spec.vae), text_encoder=_offset_states(clip_l),
+        offset = _offset_states if spec.offset_states else (lambda encoder: encoder)
+        parts: dict[str, Any] = dict(vae=AutoencoderKL(**spec.vae), text_encoder=offset(clip_l),
                                      tokenizer=tokenizer,
                                      scheduler=getattr(diffusers, spec.scheduler_config["_class_name"]).from_config(
                                          spec.scheduler_config))
@@ -291,13 +314,13 @@ def build_test_model(kind: str, out_dir: Path, seed: int = 0) -> Path:
             t5_tokenizer = t5_test_tokenizer()
             t5 = None if spec.t5 is None else T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), **spec.t5)).eval()
             parts.update(transformer=denoiser, text_encoder_3=t5, tokenizer_3=t5_tokenizer if t5 is not None else None,
-                         text_encoder_2=_offset_states(CLIPTextModelWithProjection(text_config(spec.text_encoder_2 or {}))),
+                         text_encoder_2=offset(CLIPTextModelWithProjection(text_config(spec.text_encoder_2 or {}))),
                          tokenizer_2=CLIPTokenizer.from_pretrained(staging / "_bpe", model_max_length=77, pad_token="!"))
             pipe = diffusers.StableDiffusion3Pipeline(**parts)
         elif spec.family == "sdxl":
             parts["unet"] = denoiser
             # SDXL's second tokenizer pads with "!" rather than the end token
-            parts.update(text_encoder_2=_offset_states(CLIPTextModelWithProjection(text_config(spec.text_encoder_2 or {}))),
+            parts.update(text_encoder_2=offset(CLIPTextModelWithProjection(text_config(spec.text_encoder_2 or {}))),
                          tokenizer_2=CLIPTokenizer.from_pretrained(staging / "_bpe", model_max_length=77, pad_token="!"))
             cls = diffusers.StableDiffusionXLInpaintPipeline if spec.inpainting else diffusers.StableDiffusionXLPipeline
             pipe = cls(**parts, add_watermarker=False)
@@ -306,9 +329,9 @@ def build_test_model(kind: str, out_dir: Path, seed: int = 0) -> Path:
             cls = diffusers.StableDiffusionInpaintPipeline if spec.inpainting else diffusers.StableDiffusionPipeline
             pipe = cls(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         pipe.save_pretrained(staging / "model", safe_serialization=True)
-        (staging / "model" / "scheduler" / "scheduler_config.json").write_text(
-            json.dumps(spec.scheduler_config, indent=2)
-        )
+        if not spec.scheduler_as_saved:
+            (staging / "model" / "scheduler" / "scheduler_config.json").write_text(
+                json.dumps(spec.scheduler_config, indent=2))
         for sub in ("tokenizer", "tokenizer_2"):  # keep the slow-tokenizer files beside tokenizer.json
             if (staging / "model" / sub).is_dir():
                 for name in ("vocab.json", "merges.txt"):

@@ -180,8 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("testmodel", help="write a random-weight diffusers folder, or single file (offline)")
-    p.add_argument("kind", choices=["tiny", "tiny-inpaint", "sd15", "tiny-sdxl", "sdxl", "tiny-sd3", "tiny-sd3-no-t5",
-                                    "sd35m"],
+    p.add_argument("kind", choices=["tiny", "tiny-inpaint", "tiny-plain", "sd15", "tiny-sdxl", "tiny-sdxl-plain", "sdxl",
+                                    "tiny-sd3", "tiny-sd3-no-t5", "sd35m"],
                    help="tiny*: seconds on a CPU; sd15, sdxl, sd35m (SD 3.5 Medium without T5): the real "
                         "architectures with random weights")
     p.add_argument("out_dir", help="a new folder, or FILE.safetensors for one checkpoint in the original layout")
@@ -241,7 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate images from an engine directory")
     p.add_argument("engines")
     p.add_argument("prompt")
-    p.add_argument("--negative", default="")
+    p.add_argument("--negative", default=None,
+                   help="negative prompt; left out: none (SDXL's zeros), as diffusers' negative_prompt=None; "
+                        "'' encodes the empty string")
     p.add_argument("--steps", type=int, default=None, help="default: the model family's (sd1 25, sdxl 30, sd3 28)")
     p.add_argument("--guidance", type=float, default=None,
                    help="default: the family's (sd1 7.5, sdxl 5, sd3 7); <= 1: no CFG")

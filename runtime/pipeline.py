@@ -60,7 +60,9 @@ class GenerationConfig:
     """Everything that decides an image; validated once, then passed down."""
 
     prompt: tuple[str, ...]
-    negative_prompt: tuple[str, ...]
+    # None: no negative prompt given (diffusers' negative_prompt=None): zeros where the family forces them
+    # (force_zeros_for_empty_prompt), else the encoded "". An explicit "" is always encoded.
+    negative_prompt: tuple[str | None, ...]
     steps: int = 25
     guidance: float = 7.5
     scheduler: str = "dpmpp_2m_karras"
@@ -346,16 +348,16 @@ class Pipeline:
         prompts = [prompt] * batch if isinstance(prompt, str) else list(prompt)
         if len(prompts) != batch or not all(isinstance(p, str) for p in prompts):
             raise InputError(f"prompt must be a string or a list of {batch} strings")
-        negative = negative_prompt if negative_prompt is not None else ""
-        negatives = [negative] * batch if isinstance(negative, str) else list(negative)
-        if len(negatives) != batch or not all(isinstance(p, str) for p in negatives):
+        given = negative_prompt is not None
+        negatives = [negative_prompt] * batch if not given or isinstance(negative_prompt, str) else list(negative_prompt)
+        if given and (len(negatives) != batch or not all(isinstance(p, str) for p in negatives)):
             raise InputError(f"negative_prompt must be a string or a list of {batch} strings")
-        for label, texts in (("prompt", prompts), ("negative_prompt", negatives)):
+        for label, texts in (("prompt", prompts), ("negative_prompt", negatives if given else [])):
             for text in texts:
                 check_text(text, label)
         loras = self.loras if loras is None else self._lora_index.check(loras)
         prompts, tagged = prompt_loras(prompts, self.lora_dir)
-        negatives = [TAG.sub("", n) for n in negatives]  # as A1111: a negative prompt's tags apply nothing
+        negatives = [None if n is None else TAG.sub("", n) for n in negatives]  # as A1111: a negative's tags apply nothing
         if tagged:
             loras += self._lora_index.check(tagged)
             named = [path for path, _ in loras]
@@ -369,7 +371,7 @@ class Pipeline:
             raise InputError(f"guidance must be finite, from -{MAX_GUIDANCE:g} to {MAX_GUIDANCE:g}, got {guidance}: "
                              "use e.g. 7.5 (≤ 1 disables CFG)")
         check_sampler(scheduler, steps, self.schedule)
-        chunks = self._chunks(prompts, negatives if guidance > 1.0 else [])
+        chunks = self._chunks(prompts, [n for n in negatives if n is not None] if guidance > 1.0 else [])
         clip_skip = self._clip_skip(clip_skip)
         sources = self._input_images(image, mask_image, batch)
         m = self.model.size_multiple  # pixels per latent cell (a transformer's: per patch)
@@ -645,10 +647,11 @@ class Pipeline:
     def _condition(self, config: GenerationConfig) -> dict[str, Any]:
         """Every conditioning input of the step, in device buffers: the text encoders run once on
         [negative; positive] prompts (positive alone without CFG), host conditioning is written."""
-        texts = list(config.negative_prompt + config.prompt) if config.cfg else list(config.prompt)
+        negatives = [negative or "" for negative in config.negative_prompt]
+        texts = negatives + list(config.prompt) if config.cfg else list(config.prompt)
         keep = np.ones(len(texts), np.float32)  # 0: the row's embeddings are zeros (force_zeros_for_empty_prompt)
         if config.cfg and self.model.zero_empty_negative:
-            keep[: config.batch] = [float(negative != "") for negative in config.negative_prompt]
+            keep[: config.batch] = [float(negative is not None) for negative in config.negative_prompt]
         keep_buffer = self._write("keep", keep)
         outputs: dict[str, Any] = {}
         for slot in self.model.text_encoders:

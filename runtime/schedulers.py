@@ -12,6 +12,7 @@ Scalars are fp64; the ᾱ table is built in fp32 as diffusers builds it.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from functools import cached_property
@@ -158,6 +159,14 @@ FLOW_UNSUPPORTED_SETTINGS: dict[str, tuple[Any, ...]] = {
     "stochastic_sampling": (False, None),
     "use_karras_sigmas": (False, None),
 }
+# Settings one sampler's diffusers class reads that sdrt runs at one value only. A key missing from
+# scheduler_config.json takes that class's default, so a config saved from another class (Euler's has no
+# clip_sample or skip_prk_steps) can ask for what sdrt does not run: that sampler is refused naming the key.
+# sampler -> (its diffusers class, {key: (the class's default, the value sdrt runs)})
+SAMPLER_SETTINGS: dict[str, tuple[str, dict[str, tuple[Any, Any]]]] = {
+    "ddim": ("DDIMScheduler", {"clip_sample": (True, False)}),  # True clamps x0 to [-1, 1]: not a linear update
+    "plms": ("PNDMScheduler", {"skip_prk_steps": (False, True)}),  # False: Runge-Kutta warm-up steps first
+}
 FLOW = "flow"
 
 
@@ -185,6 +194,8 @@ class NoiseSchedule:
     rescale_betas_zero_snr: bool = False  # Lin et al. 2023, Algorithm 1
     use_karras_sigmas: bool = False  # Euler and DPM++ 2M follow it, as diffusers' schedulers do
     shift: float = 1.0  # flow matching: σ -> shift·σ / (1 + (shift - 1)·σ) (Esser et al. 2024, eq. 23)
+    # the config's values of SAMPLER_SETTINGS keys (a key left out takes the sampler's class default)
+    sampler_settings: tuple[tuple[str, Any], ...] = ()
 
     @property
     def flow(self) -> bool:
@@ -200,8 +211,10 @@ class NoiseSchedule:
             if key in config and config[key] not in accepted:
                 raise InputError(f"scheduler_config.json sets {key}={config[key]!r}, which sdrt does not implement "
                                  f"(supported: {accepted[0]!r}); edit the model's scheduler config or report it")
-        known = {f for f in cls.__dataclass_fields__}
-        kwargs = {k: v for k, v in config.items() if k in known}
+        known = {f for f in cls.__dataclass_fields__} - {"sampler_settings"}
+        kwargs: dict[str, Any] = {k: v for k, v in config.items() if k in known}
+        keys = sorted({key for _, table in SAMPLER_SETTINGS.values() for key in table})
+        kwargs["sampler_settings"] = tuple((key, config[key]) for key in keys if key in config)
         if flow:
             if "prediction_type" in kwargs:
                 raise InputError("scheduler_config.json: a flow-matching scheduler with a prediction_type; "
@@ -603,9 +616,25 @@ def check_sampler(name: str, steps: int, schedule: NoiseSchedule | None = None) 
         raise InputError(f"unknown scheduler {name!r}: choose one of {', '.join(usable)}")
     if not is_integer(steps) or steps < 1:
         raise InputError(f"steps must be an integer ≥ 1, got {steps!r}")
+    if schedule is not None:
+        _check_sampler_settings(name, schedule)
     if schedule is not None and schedule.rescale_betas_zero_snr and name in WITHOUT_ZERO_SNR:
         usable = ", ".join(n for n in SAMPLERS if n not in WITHOUT_ZERO_SNR)
         raise InputError(f"{name} cannot sample a zero-terminal-SNR model (rescale_betas_zero_snr): use {usable}")
+
+
+def _check_sampler_settings(name: str, schedule: NoiseSchedule) -> None:
+    """Refuses a sampler whose diffusers class would read a setting (given, or its default) sdrt does not run."""
+    cls, table = SAMPLER_SETTINGS.get(name, ("", {}))
+    given = dict(schedule.sampler_settings)
+    for key, (default, runs) in table.items():
+        value = given.get(key, default)
+        if value != runs:
+            asks = (f"sets {key}={value!r}" if key in given else
+                    f"has no {key!r} key, so diffusers' {cls} takes its default {key}={default!r}")
+            raise InputError(f"sampler {name}: the model's scheduler_config.json {asks}, which sdrt does not "
+                             f"implement; set \"{key}\": {json.dumps(runs)} in the model's "
+                             "scheduler/scheduler_config.json and re-export it, or choose another sampler")
 
 
 def make_plan(name: str, schedule: NoiseSchedule, steps: int, strength: float = 1.0) -> SamplerPlan:

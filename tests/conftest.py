@@ -77,6 +77,28 @@ def tiny_sdxl_engines(tiny_sdxl_model: Path, tmp_path_factory: pytest.TempPathFa
 
 
 @pytest.fixture(scope="session")
+def tiny_plain_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny SD 1.x as diffusers builds it: default-initialised CLIP, CLIP's real vocabulary, PNDM's saved config."""
+    return _model("tiny-plain", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_plain_engines(tiny_plain_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _export(tiny_plain_model, tmp_path_factory.mktemp("engines") / "tiny-plain-fp32", "fp32")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_plain_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny SDXL as diffusers builds it: default-initialised encoders, CLIP's real vocabulary, Euler's saved config."""
+    return _model("tiny-sdxl-plain", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_plain_engines(tiny_sdxl_plain_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _export(tiny_sdxl_plain_model, tmp_path_factory.mktemp("engines") / "tiny-sdxl-plain-fp32", "fp32")
+
+
+@pytest.fixture(scope="session")
 def tiny_sd3_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny SD 3.5 folder: MMDiT, CLIP-L, bigG and T5."""
     return _model("tiny-sd3", tmp_path_factory)

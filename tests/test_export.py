@@ -410,3 +410,56 @@ def test_a_truncated_weights_file_fails_before_any_export(tiny_model, tmp_path):
     with pytest.raises(ModelError, match="not a readable safetensors file"):
         export(ExportConfig(folder, tmp_path / "e", precision="fp32"), progress=False)
     assert not (tmp_path / "e").exists() and not list(tmp_path.glob(".e*"))
+
+
+# --- encoders as diffusers initialises them: states of mean ~0 after the final LayerNorm ---------------
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_emphasis_keeps_scale_one_where_the_mean_is_rounding_residue(dtype):
+    import torch
+
+    from sdrt.export.components import emphasized
+
+    g = torch.Generator().manual_seed(0)
+    states = torch.nn.functional.layer_norm(torch.randn(2, 77, 768, generator=g), (768,)).to(getattr(torch, dtype))
+    weights = 0.5 + torch.rand(2, 77, generator=g)
+    assert float(states.float().mean().abs()) < 1e-6 * float(states.float().abs().mean())
+    got = emphasized(states, weights)
+    assert torch.equal(got, (states.float() * weights[..., None]).to(states.dtype))  # scale exactly 1
+    shifted = states + 0.5  # a trained encoder's states: A1111's rescale to the unweighted mean
+    z = shifted.float()
+    expected = z * weights[..., None] * (z.mean((1, 2), keepdim=True) / (z * weights[..., None]).mean((1, 2), keepdim=True))
+    assert torch.allclose(emphasized(shifted, weights).float(), expected, rtol=1e-3, atol=1e-3)
+    assert torch.equal(emphasized(shifted, torch.ones(2, 77)), shifted)  # weights of 1: bit for bit
+
+
+@pytest.mark.parametrize("kind", ["tiny-plain", "tiny-sdxl-plain"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_default_initialised_encoders_export_and_validate(kind, precision, tmp_path):
+    """CLIP's real vocabulary, diffusers' default init: the text encoders validate against torch on random
+    token weights, and weights ≠ 1 change the states (the check cannot pass on a constant)."""
+    import onnxruntime as ort
+
+    from sdrt.export.testmodel import build_test_model
+
+    model = build_test_model(kind, tmp_path / "model")
+    engines = tmp_path / "engines"
+    export(ExportConfig(model, engines, precision=precision), progress=False)
+    m = read_manifest(engines)
+    for slot in m.model.text_encoders:
+        report = m.validation[slot.component]
+        assert 0 < report["error"] <= report["tolerance"] == Tolerances().of(slot.component, precision)
+        assert np.isfinite(report["error"])
+        spec = m.components[slot.component]
+        session = ort.InferenceSession(str(engines / spec.onnx), providers=["CPUExecutionProvider"])
+        ids = np.full((1, 77), 49407, np.int64)
+        ids[0, :6] = [49406, 320, 1929, 3055, 525, 49407]  # <start> a red apple on <end>: CLIP's real ids
+        feeds = {"input_ids": ids, "token_weights": np.ones((1, 77), np.float32), "keep": np.ones(1, np.float32)}
+        if "clip_skip" in [t.name for t in spec.inputs]:
+            feeds["clip_skip"] = np.array([1], np.int64)
+        plain = session.run(None, feeds)[0].astype(np.float32)
+        feeds["token_weights"] = feeds["token_weights"].copy()
+        feeds["token_weights"][0, 2:4] = 1.4
+        weighted = session.run(None, feeds)[0].astype(np.float32)
+        assert np.all(np.isfinite(plain)) and np.all(np.isfinite(weighted))
+        assert np.abs(weighted - plain)[0, 2:4].max() > 0.1 * np.abs(plain[0, 2:4]).max()

@@ -3,6 +3,8 @@ same weights, scheduler and initial latents. fp32 engines: max pixel error ≤ 2
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -10,8 +12,10 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from sdrt.bench.stats import psnr  # noqa: E402
+from sdrt.errors import InputError  # noqa: E402
 from sdrt.export.reference import diffusers_scheduler  # noqa: E402
 from sdrt.pipeline import Pipeline  # noqa: E402
+from sdrt.schedulers import SAMPLER_SETTINGS  # noqa: E402
 
 MAX_PIXEL_ERROR = 2
 PARITY_SCHEDULERS = ("euler", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "plms")  # deterministic ones
@@ -37,8 +41,8 @@ def diffusers_images(model_dir, scheduler, prompt, negative, steps, guidance, la
 
 def sdrt_and_reference(model_dir, engines, scheduler, steps=4, guidance=7.5, size=None, batch=1,
                        prompts=None, negative="blurry", width=None, monkeypatch=None, **extra):
-    """The same request through sdrt and diffusers. An empty negative prompt is diffusers' default
-    (None), which SDXL encodes as zeros (force_zeros_for_empty_prompt)."""
+    """The same request through sdrt and diffusers, the negative prompt passed to both as a user would:
+    None (SDXL's zeros, force_zeros_for_empty_prompt), "" (the encoded empty string) or a text."""
     pipe = Pipeline.load(engines, backend="ort-cpu")
     config = pipe.make_config(prompts or ["a red apple on a table"] * batch, negative_prompt=negative,
                               steps=steps, guidance=guidance, scheduler=scheduler, seed=42, height=size,
@@ -47,7 +51,7 @@ def sdrt_and_reference(model_dir, engines, scheduler, steps=4, guidance=7.5, siz
 
     init, step_noise = pipe.initial_noise(config, make_plan(scheduler, pipe.schedule, steps))
     ours = pipe.generate(config).images
-    ref = diffusers_images(model_dir, scheduler, list(config.prompt), list(config.negative_prompt) if negative else None,
+    ref = diffusers_images(model_dir, scheduler, list(config.prompt), None if negative is None else [negative] * batch,
                            steps, guidance, init, config.height, config.width, step_noise, monkeypatch,
                            **diffusers_kwargs(extra))
     return ours, ref
@@ -123,7 +127,8 @@ def test_tiny_sdxl_fp32_matches_diffusers(tiny_sdxl_model, tiny_sdxl_engines, sc
 
 
 @pytest.mark.parametrize("case", [
-    dict(negative=""),  # force_zeros_for_empty_prompt: zeros, not the encoded empty string
+    dict(negative=None),  # force_zeros_for_empty_prompt: zeros, not the encoded empty string
+    dict(negative=""),  # an explicit "": the encoded empty string
     dict(guidance=1.0),  # no CFG half
     dict(size=64, width=80),  # non-square
     dict(batch=2, prompts=["a red apple on a table", "a blue car in the rain"]),
@@ -134,13 +139,16 @@ def test_tiny_sdxl_fp32_cases_match_diffusers(tiny_sdxl_model, tiny_sdxl_engines
     assert_parity(ours, ref, f"sdxl {case}")
 
 
-def test_sdxl_empty_negative_differs_from_encoded_empty_string(tiny_sdxl_engines):
-    """force_zeros_for_empty_prompt is honoured: the engines were told, and it changes the image."""
+def test_sdxl_no_negative_differs_from_encoded_empty_string(tiny_sdxl_engines):
+    """force_zeros_for_empty_prompt is honoured for no negative prompt: the engines were told, and it changes
+    the image; an explicit "" is encoded."""
     pipe = Pipeline.load(tiny_sdxl_engines, backend="ort-cpu")
     assert pipe.manifest.model.zero_empty_negative
-    zero = pipe.generate(pipe.make_config("a red apple", negative_prompt="", steps=3, seed=1)).images
+    zero = pipe.generate(pipe.make_config("a red apple", negative_prompt=None, steps=3, seed=1)).images
+    empty = pipe.generate(pipe.make_config("a red apple", negative_prompt="", steps=3, seed=1)).images
     space = pipe.generate(pipe.make_config("a red apple", negative_prompt=" ", steps=3, seed=1)).images
-    assert np.abs(zero.astype(int) - space.astype(int)).max() > 0
+    assert np.abs(zero.astype(int) - empty.astype(int)).max() > 0
+    assert np.array_equal(empty, space)  # CLIP's tokenizer reads " " as ""
 
 
 @pytest.mark.parametrize("guidance", [1.0, 0.5])
@@ -191,3 +199,63 @@ def zero_snr_model_and_engines(tiny_model, tmp_path_factory):
 def test_tiny_zero_snr_v_prediction_matches_diffusers(zero_snr_model_and_engines, scheduler):
     model, engines = zero_snr_model_and_engines
     assert_parity(*sdrt_and_reference(model, engines, scheduler), f"zero-SNR v {scheduler}")
+
+
+# --- models as a user builds them with diffusers: every sampler x {a negative, "", none} ---------------
+
+ALL_SAMPLERS = ("euler", "euler_karras", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "lcm", "plms", "ddim")
+NEGATIVES = {"text": "blurry, low quality", "empty": "", "none": None}
+
+
+@pytest.mark.parametrize("negative", NEGATIVES)
+@pytest.mark.parametrize("scheduler", ALL_SAMPLERS)
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_plain_models_match_diffusers_for_every_sampler_and_negative(request, family, scheduler, negative,
+                                                                     with_scheduler_settings, monkeypatch):
+    """Default-initialised encoders, CLIP's real vocabulary, the scheduler config diffusers saves for PNDM
+    (SD 1.x) or Euler (SDXL). DDIM and PLMS: that config has no clip_sample (skip_prk_steps), so diffusers'
+    DDIM clamps x0 (its PNDM runs Runge-Kutta steps) and sdrt refuses them naming the key; with the key
+    written in as sdrt runs it, they match."""
+    prefix = "tiny_plain" if family == "sd1" else "tiny_sdxl_plain"
+    model, engines = request.getfixturevalue(f"{prefix}_model"), request.getfixturevalue(f"{prefix}_engines")
+    saved = json.loads((model / "scheduler" / "scheduler_config.json").read_text())
+    table = SAMPLER_SETTINGS.get(scheduler, ("", {}))[1]
+    settings = {key: runs for key, (default, runs) in table.items() if saved.get(key, default) != runs}
+    if settings:
+        with pytest.raises(InputError, match=f"no '{next(iter(settings))}' key"):
+            Pipeline.load(engines, backend="ort-cpu").make_config("a red apple", scheduler=scheduler)
+        model, engines = with_scheduler_settings(model, **settings)
+    ours, ref = sdrt_and_reference(model, engines, scheduler, negative=NEGATIVES[negative],
+                                   monkeypatch=monkeypatch)
+    assert_parity(ours, ref, f"{family} {scheduler} negative={negative}")
+
+
+def test_plain_sdxl_no_negative_and_empty_negative_differ(tiny_sdxl_plain_engines):
+    pipe = Pipeline.load(tiny_sdxl_plain_engines, backend="ort-cpu")
+    none, empty = (pipe.generate(pipe.make_config("a red apple", negative_prompt=n, steps=3, seed=1)).images
+                   for n in (None, ""))
+    assert np.abs(none.astype(int) - empty.astype(int)).max() > 2 * MAX_PIXEL_ERROR
+
+
+@pytest.fixture(scope="module")
+def with_scheduler_settings(tmp_path_factory):
+    """(folder, settings) -> a copy of the folder with settings written into its scheduler config, and its
+    fp32 engines; each built once per module."""
+    import shutil
+
+    from sdrt.export.exporter import ExportConfig, export
+
+    built = {}
+
+    def make(model, **settings):
+        key = (str(model), tuple(sorted(settings.items())))
+        if key not in built:
+            root = tmp_path_factory.mktemp("scheduler-settings")
+            shutil.copytree(model, root / "model")
+            path = root / "model" / "scheduler" / "scheduler_config.json"
+            path.write_text(json.dumps({**json.loads(path.read_text()), **settings}))
+            export(ExportConfig(root / "model", root / "engines", precision="fp32"), progress=False)
+            built[key] = root / "model", root / "engines"
+        return built[key]
+
+    return make

@@ -18,8 +18,8 @@ from sdrt.export.reference import DIFFUSERS_SCHEDULERS, diffusers_scheduler  # n
 from sdrt.export.testmodel import SD15_SCHEDULER_CONFIG  # noqa: E402
 from sdrt.errors import InputError  # noqa: E402
 from sdrt.export.testmodel import SD3_SCHEDULER_CONFIG, SDXL_SCHEDULER_CONFIG  # noqa: E402
-from sdrt.schedulers import (A, B, C_IN, D, HISTORY, HO, HX, KA, KN, UNSUPPORTED_SETTINGS, WITHOUT_ZERO_SNR,  # noqa: E402
-                             NoiseSchedule, make_plan)
+from sdrt.schedulers import (SAMPLER_SETTINGS, A, B, C_IN, D, HISTORY, HO, HX, KA, KN, UNSUPPORTED_SETTINGS,  # noqa: E402
+                             WITHOUT_ZERO_SNR, NoiseSchedule, make_plan)
 
 REL_TOL = 1e-5
 # Zero terminal SNR starts at σ = 4096 (ᾱ = 2^-24): diffusers' own fp32 arithmetic there cancels to ~1e-4
@@ -245,3 +245,42 @@ def test_flow_models_refuse_noise_prediction_samplers_and_unimplemented_settings
             NoiseSchedule.from_config({**SD3_SCHEDULER_CONFIG, key: value})
     with pytest.raises(InputError, match="shift"):
         NoiseSchedule.from_config({**SD15_SCHEDULER_CONFIG, "shift": 3.0})
+
+
+# --- a key missing from the config takes the chosen sampler's diffusers class's default ----------
+
+@pytest.mark.parametrize("name", DIFFUSERS_SCHEDULERS)
+def test_sampler_settings_cover_every_unimplemented_default_of_diffusers(name):
+    """For each sampler's diffusers class, every unimplemented setting's default is one sdrt runs, or it is
+    listed in SAMPLER_SETTINGS with that very default (then refused where the config leaves the key out)."""
+    cls_name, extra = DIFFUSERS_SCHEDULERS[name]
+    params = inspect.signature(getattr(diffusers, cls_name).__init__).parameters
+    listed_cls, listed = SAMPLER_SETTINGS.get(name, (cls_name, {}))
+    assert listed_cls == cls_name
+    for key, (default, _) in listed.items():
+        assert params[key].default == default, f"{cls_name}.{key}"
+    for key, accepted in UNSUPPORTED_SETTINGS.items():
+        if key in params and key not in extra and key not in listed:
+            assert params[key].default in accepted, f"{cls_name}.{key}={params[key].default!r}"
+
+
+def _without(config, *keys):
+    return {k: v for k, v in config.items() if k not in keys}
+
+
+@pytest.mark.parametrize("name, key", [("ddim", "clip_sample"), ("plms", "skip_prk_steps")])
+def test_a_setting_left_to_the_class_default_sdrt_lacks_is_refused_naming_the_key(name, key):
+    """A config saved from Euler: diffusers' DDIM clamps x0 (clip_sample=True), its PNDM runs Runge-Kutta
+    warm-up steps (skip_prk_steps=False); sdrt refuses both samplers, runs the others, and runs them once
+    the key says what sdrt implements."""
+    saved = _without(SDXL_SCHEDULER_CONFIG, "clip_sample", "skip_prk_steps")
+    default, runs = SAMPLER_SETTINGS[name][1][key]
+    assert getattr(diffusers_scheduler(name, saved).config, key) == default  # what a user's scheduler does
+    schedule = NoiseSchedule.from_config(saved)
+    with pytest.raises(InputError, match=f"no '{key}' key.*{SAMPLER_SETTINGS[name][0]}.*\"{key}\": {str(runs).lower()}"):
+        make_plan(name, schedule, 4)
+    for other in set(DIFFUSERS_SCHEDULERS) - set(SAMPLER_SETTINGS):
+        assert len(make_plan(other, schedule, 4)) == 4
+    assert len(make_plan(name, NoiseSchedule.from_config({**saved, key: runs}), 4)) >= 4  # PLMS: 5 rows
+    with pytest.raises(InputError, match=f"sets {key}={default!r}"):
+        make_plan(name, NoiseSchedule.from_config({**saved, key: default}), 4)

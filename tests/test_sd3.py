@@ -48,7 +48,8 @@ def reference(model_dir, config, latents, t5: bool = True, loras=(), **extra) ->
         pipe.load_lora_weights(str(path))
         pipe.fuse_lora(lora_scale=weight)
         pipe.unload_lora_weights()  # the fused weights stay
-    negative = list(config.negative_prompt) if config.cfg else None
+    given = config.cfg and config.negative_prompt[0] is not None  # None: no negative, as the caller passed it
+    negative = list(config.negative_prompt) if given else None
     out = pipe(list(config.prompt), negative_prompt=negative, num_inference_steps=config.steps,
                guidance_scale=config.guidance, latents=torch.from_numpy(latents), height=config.height,
                width=config.width, output_type="np", **extra).images
@@ -58,6 +59,8 @@ def reference(model_dir, config, latents, t5: bool = True, loras=(), **extra) ->
 CASES = {
     "cfg-negative-batch2-nonsquare": dict(prompt=["a red apple on a table", "a blue dog"], negative_prompt="blurry",
                                           guidance=5.0, height=128, width=192),
+    "cfg-no-negative": dict(prompt="a red apple on a table", guidance=5.0, height=128, width=128),
+    "cfg-empty-negative": dict(prompt="a red apple on a table", negative_prompt="", guidance=5.0, height=128, width=128),
     # SD3.5 Large Turbo's settings: guidance 0, no CFG half (4 steps, as every case here)
     "turbo-no-cfg": dict(prompt="a cute cat sitting on a wooden table", guidance=0.0, height=256, width=256),
 }

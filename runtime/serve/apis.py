@@ -188,7 +188,7 @@ class ImagesRequest(MicroConditioning, SkipLayerGuidance):
     seed: Int | None = None
     steps: Int | None = None
     guidance_scale: float | None = None
-    negative_prompt: str = ""
+    negative_prompt: str | None = None  # diffusers' meaning: unset is no negative, "" the encoded empty string
     scheduler: str | None = None
 
 
@@ -251,7 +251,8 @@ def a1111_config(req: Txt2ImgRequest, pipe: Pipeline, cfg: ServeConfig, clip_ski
                          f"n_iter {-(-images // top)}")
     scheduler = sampler_for(req.sampler_name or req.sampler_index, req.scheduler,
                             _first(cfg.default_scheduler, pipe.model.defaults.sampler))
-    return pipe.make_config([req.prompt] * images, negative_prompt=req.negative_prompt, steps=steps,
+    # A1111 zeros an empty negative prompt where the model forces zeros (its sd_models_xl): diffusers' None
+    return pipe.make_config([req.prompt] * images, negative_prompt=req.negative_prompt or None, steps=steps,
                             guidance=req.cfg_scale, scheduler=scheduler, height=req.height, width=req.width,
                             seeds=_seeds(req.seed, images), **req.micro(), **req.images_in(),
                             **req.skip_layer_guidance(),
@@ -288,7 +289,7 @@ def a1111_info(req: Txt2ImgRequest, config: GenerationConfig, infotexts: list[st
     sampler, schedule_type = a1111_sampler(config.scheduler)
     return json.dumps({
         "prompt": req.prompt, "all_prompts": list(config.prompt), "negative_prompt": req.negative_prompt,
-        "all_negative_prompts": list(config.negative_prompt), "seed": config.row_seeds[0],
+        "all_negative_prompts": [n or "" for n in config.negative_prompt], "seed": config.row_seeds[0],
         "all_seeds": list(config.row_seeds), "subseed": -1, "all_subseeds": [-1] * config.batch,
         "subseed_strength": 0, "width": config.width, "height": config.height, "sampler_name": sampler,
         "scheduler": schedule_type, "cfg_scale": config.guidance, "steps": config.steps,
@@ -326,7 +327,7 @@ def openai_config(req: ImagesRequest, pipe: Pipeline, cfg: ServeConfig, **images
                          "use response_format='b64_json'")
     height, width = parse_size(req.size)
     steps = _first(req.steps, cfg.default_steps, pipe.model.defaults.steps)
-    _check_common(cfg, [req.prompt, req.negative_prompt], steps, req.n, height, width)
+    _check_common(cfg, [req.prompt, req.negative_prompt or ""], steps, req.n, height, width)
     scheduler = sampler_for(req.scheduler, None, _first(cfg.default_scheduler, pipe.model.defaults.sampler))
     return pipe.make_config([req.prompt] * req.n, negative_prompt=req.negative_prompt, steps=steps,
                             guidance=req.guidance_scale, scheduler=scheduler, height=height, width=width,
