@@ -87,8 +87,7 @@ def emphasized(hidden: torch.Tensor, token_weights: torch.Tensor) -> torch.Tenso
     mean, weighted_mean = z.mean((1, 2), keepdim=True), weighted.mean((1, 2), keepdim=True)
     resolvable = (mean.abs() > EMPHASIS_MEAN_FLOOR * z.abs().mean((1, 2), keepdim=True)) & (
         weighted_mean.abs() > EMPHASIS_MEAN_FLOOR * weighted.abs().mean((1, 2), keepdim=True))
-    scale = torch.where(resolvable, mean / torch.where(resolvable, weighted_mean, torch.ones_like(mean)),
-                        torch.ones_like(mean))
+    scale = torch.where(resolvable, mean / weighted_mean, torch.ones_like(mean))  # 0/0 is never selected
     return (weighted * scale).to(hidden.dtype)
 
 

@@ -167,6 +167,7 @@ SAMPLER_SETTINGS: dict[str, tuple[str, dict[str, tuple[Any, Any]]]] = {
     "ddim": ("DDIMScheduler", {"clip_sample": (True, False)}),  # True clamps x0 to [-1, 1]: not a linear update
     "plms": ("PNDMScheduler", {"skip_prk_steps": (False, True)}),  # False: Runge-Kutta warm-up steps first
 }
+SAMPLER_SETTING_KEYS = sorted({key for _, table in SAMPLER_SETTINGS.values() for key in table})
 FLOW = "flow"
 
 
@@ -213,8 +214,7 @@ class NoiseSchedule:
                                  f"(supported: {accepted[0]!r}); edit the model's scheduler config or report it")
         known = {f for f in cls.__dataclass_fields__} - {"sampler_settings"}
         kwargs: dict[str, Any] = {k: v for k, v in config.items() if k in known}
-        keys = sorted({key for _, table in SAMPLER_SETTINGS.values() for key in table})
-        kwargs["sampler_settings"] = tuple((key, config[key]) for key in keys if key in config)
+        kwargs["sampler_settings"] = tuple((key, config[key]) for key in SAMPLER_SETTING_KEYS if key in config)
         if flow:
             if "prediction_type" in kwargs:
                 raise InputError("scheduler_config.json: a flow-matching scheduler with a prediction_type; "
