@@ -104,9 +104,9 @@ def _generate(args: argparse.Namespace) -> None:
     paths = [out] if config.batch == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(config.batch)]
     for path, image, i in zip(paths, result.pil_images(), range(config.batch)):
         save_png(image, path, result.parameters(i))
-    strength = f" (strength {config.strength:g})" if config.images else ""
-    print(f"backend {pipe.backend.describe()} | {config.mode}{strength} | {config.width}x{config.height} | "
-          f"{config.scheduler} {config.steps} steps | seed {config.seed}")
+    strength = f" (strength {config.image.strength:g})" if config.image.images else ""
+    print(f"backend {pipe.backend.describe()} | {config.mode}{strength} | {config.size.width}x{config.size.height} | "
+          f"{config.sampler.scheduler} {config.sampler.steps} steps | seed {config.sampler.seed}")
     print(result.timings.line())
     for path in paths:
         print(f"wrote {path}")

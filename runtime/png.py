@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from sdrt import __version__
 from sdrt.paths import replacing
+from sdrt.request import GenerationConfig
 from sdrt.schedulers import A1111_SAMPLERS
 
 
@@ -14,31 +16,29 @@ def a1111_sampler(name: str) -> tuple[str, str]:
     return A1111_SAMPLERS.get(name, (name, "Automatic"))
 
 
-def a1111_parameters(config: Any, seed: int, index: int, model_name: str, model_hash: str = "") -> str:
+def a1111_parameters(config: GenerationConfig, seed: int, index: int, model_name: str, model_hash: str = "") -> str:
     """The infotext A1111 >= 1.9 writes, field for field (its PNG-info readers parse it)."""
-    from sdrt import __version__
-
     # the LoRAs as A1111 prompts carry them, so pasting the infotext back applies them again
-    tags = "".join(f" <lora:{Path(path).stem}:{weight:g}>" for path, weight in config.loras)
-    lines = [config.prompt[index] + tags]
-    if config.negative_prompt[index]:
-        lines.append(f"Negative prompt: {config.negative_prompt[index]}")
+    prompts, image, skip, sampler = config.prompts, config.image, config.skip, config.sampler
+    tags = "".join(f" <lora:{Path(path).stem}:{weight:g}>" for path, weight in prompts.loras)
+    lines = [prompts.prompt[index] + tags]
+    if prompts.negative_prompt[index]:
+        lines.append(f"Negative prompt: {prompts.negative_prompt[index]}")
     extra = ""
-    if config.images:  # A1111's img2img fields
-        extra = f"Denoising strength: {config.strength:g}, "
-        if config.masks:
-            extra += f"Mask blur: {config.mask_blur}, "
-    if config.clip_skip > 1:
-        extra += f"Clip skip: {config.clip_skip}, "
-    if config.skip_layers:  # SD 3.5's skip-layer guidance (no A1111 field: quoted, as its parser reads values)
-        layers = " ".join(map(str, config.skip_layers))
-        extra += (f'Skip layer guidance: "layers {layers}, scale {config.skip_scale:g}, '
-                  f'steps {config.skip_start:g}-{config.skip_stop:g}", ')
-    sampler, schedule_type = a1111_sampler(config.scheduler)
+    if image.images:  # A1111's img2img fields
+        extra = f"Denoising strength: {image.strength:g}, "
+        if image.masks:
+            extra += f"Mask blur: {image.mask_blur}, "
+    if prompts.clip_skip > 1:
+        extra += f"Clip skip: {prompts.clip_skip}, "
+    if skip.layers:  # SD 3.5's skip-layer guidance (no A1111 field: quoted, as its parser reads values)
+        layers = " ".join(map(str, skip.layers))
+        extra += f'Skip layer guidance: "layers {layers}, scale {skip.scale:g}, steps {skip.start:g}-{skip.stop:g}", '
+    name, schedule_type = a1111_sampler(sampler.scheduler)
     model = (f"Model hash: {model_hash}, " if model_hash else "") + f"Model: {model_name}, "
     lines.append(
-        f"Steps: {config.steps}, Sampler: {sampler}, Schedule type: {schedule_type}, CFG scale: {config.guidance:g}, "
-        f"Seed: {seed}, Size: {config.width}x{config.height}, {model}{extra}Version: sdrt {__version__}")
+        f"Steps: {sampler.steps}, Sampler: {name}, Schedule type: {schedule_type}, CFG scale: {config.guidance.scale:g}, "
+        f"Seed: {seed}, Size: {config.size.width}x{config.size.height}, {model}{extra}Version: sdrt {__version__}")
     return "\n".join(lines)
 
 

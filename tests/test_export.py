@@ -355,7 +355,7 @@ def test_vae_swap_matches_diffusers_with_that_vae(tiny_model, tiny_engines, tmp_
     assert manifest.source["vae"]["path"] == str(other.resolve()) and len(manifest.source["vae"]["sha256"]) == 64
     assert_parity(*sdrt_and_reference(swapped, tmp_path / "e", "euler"), "euler with the swapped VAE")
     assert not np.array_equal(_generate(tmp_path / "e"), _generate(tiny_engines))  # the swap did something
-    from sdrt.serve.apis import _vae_fields
+    from sdrt.serve.a1111_requests import vae_fields as _vae_fields
 
     assert _vae_fields(manifest) == {"sd_vae_name": "other-vae", "sd_vae_hash": manifest.source["vae"]["sha256"][:10]}
 

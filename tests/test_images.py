@@ -76,9 +76,9 @@ def test_sdxl_img2img_matches_diffusers(tiny_sdxl_model, tiny_sdxl_engines, sche
 def test_img2img_size_defaults_to_the_image_rounded_down_and_resizes_when_asked(tiny_engines):
     pipe = Pipeline.load(tiny_engines, backend="ort-cpu")
     config = pipe.make_config("x", image=picture_of(83, 70), steps=2)
-    assert (config.width, config.height) == (80, 64)
-    assert config.images[0].pixels.shape == (64, 80, 3)
-    assert pipe.make_config("x", image=picture_of(83, 70), width=64, height=72, steps=2).images[0].size == (64, 72)
+    assert (config.size.width, config.size.height) == (80, 64)
+    assert config.image.images[0].pixels.shape == (64, 80, 3)
+    assert pipe.make_config("x", image=picture_of(83, 70), width=64, height=72, steps=2).image.images[0].size == (64, 72)
 
 
 def test_img2img_batch_rows_equal_single_images(tiny_engines):

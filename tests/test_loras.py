@@ -32,9 +32,9 @@ def fused_reference(model_dir, loras, latents, config):
         pipe.load_lora_weights(str(path))
         pipe.fuse_lora(lora_scale=weight)
         pipe.unload_lora_weights()  # the fused weights stay
-    out = pipe(list(config.prompt), negative_prompt=list(config.negative_prompt), num_inference_steps=config.steps,
-               guidance_scale=config.guidance, latents=torch.from_numpy(latents), height=config.height,
-               width=config.width, output_type="np").images
+    out = pipe(list(config.prompts.prompt), negative_prompt=list(config.prompts.negative_prompt), num_inference_steps=config.sampler.steps,
+               guidance_scale=config.guidance.scale, latents=torch.from_numpy(latents), height=config.size.height,
+               width=config.size.width, output_type="np").images
     return (out * 255).round().astype(np.uint8)
 
 
@@ -124,7 +124,7 @@ def test_prompt_tags_resolve_in_the_lora_folder_as_a1111(tiny_engines, sd1_loras
     folder = sd1_loras[0].parent
     pipe = Pipeline.load(tiny_engines, backend="ort-cpu", lora_dir=folder)
     tagged = pipe.make_config("a red apple <lora:style:0.8>", **REQUEST)
-    assert tagged.prompt == ("a red apple ",) and tagged.loras == ((str(sd1_loras[0].resolve()), 0.8),)
+    assert tagged.prompts.prompt == ("a red apple ",) and tagged.prompts.loras == ((str(sd1_loras[0].resolve()), 0.8),)
     explicit = pipe.make_config("a red apple ", loras=[(sd1_loras[0], 0.8)], **REQUEST)
     assert np.array_equal(pipe.generate(tagged).images, pipe.generate(explicit).images)
     assert tagged.batch_key == explicit.batch_key != pipe.make_config("a red apple ", **REQUEST).batch_key

@@ -51,8 +51,8 @@ def sdrt_and_reference(model_dir, engines, scheduler, steps=4, guidance=7.5, siz
 
     init, step_noise = pipe.initial_noise(config, make_plan(scheduler, pipe.schedule, steps))
     ours = pipe.generate(config).images
-    ref = diffusers_images(model_dir, scheduler, list(config.prompt), None if negative is None else [negative] * batch,
-                           steps, guidance, init, config.height, config.width, step_noise, monkeypatch,
+    ref = diffusers_images(model_dir, scheduler, list(config.prompts.prompt), None if negative is None else [negative] * batch,
+                           steps, guidance, init, config.size.height, config.size.width, step_noise, monkeypatch,
                            **diffusers_kwargs(extra))
     return ours, ref
 
@@ -103,13 +103,13 @@ def test_long_weighted_prompt_matches_diffusers_on_reference_embeddings(request,
     pipe = Pipeline.load(engines, backend="ort-cpu")
     config = pipe.make_config(prompt, negative_prompt="blurry", steps=4, guidance=7.5, scheduler="euler", seed=42,
                               height=64, width=64)
-    assert config.chunks == 3
+    assert config.prompts.chunks == 3
     init, _ = pipe.initial_noise(config)
     ours = pipe.generate(config).images
     slots = pipe.model.text_encoders
     embeds = {}
     for key, text in (("prompt_embeds", pieces), ("negative_prompt_embeds", [("blurry", 1.0)])):
-        refs = [reference_embeddings(model_dir, s.component, s.tokenizer, s.layer, s.final_norm, text, config.chunks)
+        refs = [reference_embeddings(model_dir, s.component, s.tokenizer, s.layer, s.final_norm, text, config.prompts.chunks)
                 for s in slots]
         embeds[key] = torch.from_numpy(np.concatenate([hidden for hidden, _ in refs], axis=-1))[None]
         if family == "sdxl":

@@ -67,11 +67,11 @@ def test_sd1_fp16_embeddings_match_the_reference(tiny_engines_fp16, tiny_model, 
 
 def test_negative_is_padded_with_empty_chunks(sd1, tiny_model):
     config = sd1.make_config(LONG * 12, negative_prompt="blurry", guidance=7.5, height=64, width=64)
-    assert config.chunks >= 2
+    assert config.prompts.chunks >= 2
     embeddings = sd1.encode_prompt(config)["text_embeddings"]  # [negative; positive]
-    assert embeddings.shape[:2] == (2, 77 * config.chunks)
+    assert embeddings.shape[:2] == (2, 77 * config.prompts.chunks)
     ref, _ = reference_embeddings(tiny_model, "text_encoder", "tokenizer", 1, True, [("blurry", 1.0)],
-                                  chunks=config.chunks)
+                                  chunks=config.prompts.chunks)
     assert_close(embeddings[0], ref, "negative")
 
 
@@ -127,4 +127,4 @@ def test_weight_one_and_plain_text_give_the_same_image(sd1):
 def test_chunk_count_is_part_of_the_batch_key(sd1):
     short = sd1.make_config("a cat", height=64, width=64)
     long = sd1.make_config(LONG * 12, height=64, width=64)
-    assert short.chunks == 1 and long.chunks > 1 and short.batch_key != long.batch_key
+    assert short.prompts.chunks == 1 and long.prompts.chunks > 1 and short.batch_key != long.batch_key

@@ -208,7 +208,7 @@ def test_unknown_and_unavailable_backends(tiny_engines):
 def test_low_vram_keeps_one_engine_and_matches(tiny_engines, pipe):
     lean = Pipeline.load(tiny_engines, backend="ort-cpu", low_vram=True)
     a = lean.generate(lean.make_config("a cat", steps=2, seed=3)).images
-    assert len(lean._engines) == 1
+    assert len(lean.device.engines.loaded) == 1
     b = pipe.generate(pipe.make_config("a cat", steps=2, seed=3)).images
     np.testing.assert_array_equal(a, b)
 
@@ -242,7 +242,7 @@ def test_dropped_rows_leave_the_batch_and_the_rest_is_unchanged(pipe, scheduler,
     sizes = []
 
     def drop_middle(done, total):
-        sizes.append(pipe._buffers and max(k[1][0] for k in pipe._buffers if k[0] == "latents0"))
+        sizes.append(pipe.device.buffers.pool and max(k[1][0] for k in pipe.device.buffers.pool if k[0] == "latents0"))
         return [0, 2] if done >= drop_after else None
 
     result = pipe.generate(config, callback=drop_middle)
@@ -278,7 +278,7 @@ def test_low_vram_tiled_decode_is_close_to_the_full_decode(tiny_engines, pipe):
     full = pipe.generate(config).images
     tiled = lean.generate(config).images
     assert tiled.shape == full.shape == (1, 128, 192, 3)
-    assert any(k[0] == "tile_latents" for k in lean._buffers), "the image was not decoded in tiles"
+    assert any(k[0] == "tile_latents" for k in lean.device.buffers.pool), "the image was not decoded in tiles"
     from sdrt.bench.stats import psnr
 
     assert psnr(tiled, full) >= 25.0
@@ -295,7 +295,7 @@ def test_rows_are_not_compacted_below_the_engines_min_batch(tiny_engines, pipe):
     config = fixed.make_config(["a", "b", "c"], steps=3, seeds=[1, 2, 3])
     batches = []
     result = fixed.generate(config, callback=lambda done, total: batches.append(
-        max(k[1][0] for k in fixed._buffers if k[0] == "latents0")) or [0, 2])
+        max(k[1][0] for k in fixed.device.buffers.pool if k[0] == "latents0")) or [0, 2])
     assert set(batches) == {3} and result.rows == [0, 2]
     np.testing.assert_array_equal(result.images, pipe.generate(config).images[[0, 2]])
 
@@ -310,7 +310,7 @@ def test_a_batch_below_the_engines_min_batch_is_padded_and_trimmed(tiny_engines,
     for prompts, seeds in ((["a cat"], [5]), (["a cat", "a dog"], [5, 9])):
         config = fixed.make_config(prompts, steps=3, seeds=seeds, scheduler=scheduler)
         result = fixed.generate(config)
-        assert max(k[1][0] for k in fixed._buffers if k[0] == "latents0") == 3, "the engine ran at its batch"
+        assert max(k[1][0] for k in fixed.device.buffers.pool if k[0] == "latents0") == 3, "the engine ran at its batch"
         assert result.images.shape[0] == len(prompts) and result.rows == list(range(len(prompts)))
         assert result.seeds == seeds and result.config is config
         np.testing.assert_array_equal(result.images, pipe.generate(config).images)

@@ -48,11 +48,11 @@ def reference(model_dir, config, latents, t5: bool = True, loras=(), **extra) ->
         pipe.load_lora_weights(str(path))
         pipe.fuse_lora(lora_scale=weight)
         pipe.unload_lora_weights()  # the fused weights stay
-    given = config.cfg and config.negative_prompt[0] is not None  # None: no negative, as the caller passed it
-    negative = list(config.negative_prompt) if given else None
-    out = pipe(list(config.prompt), negative_prompt=negative, num_inference_steps=config.steps,
-               guidance_scale=config.guidance, latents=torch.from_numpy(latents), height=config.height,
-               width=config.width, output_type="np", **extra).images
+    given = config.cfg and config.prompts.negative_prompt[0] is not None  # None: no negative, as the caller passed it
+    negative = list(config.prompts.negative_prompt) if given else None
+    out = pipe(list(config.prompts.prompt), negative_prompt=negative, num_inference_steps=config.sampler.steps,
+               guidance_scale=config.guidance.scale, latents=torch.from_numpy(latents), height=config.size.height,
+               width=config.size.width, output_type="np", **extra).images
     return (out * 255).round().astype(np.uint8)
 
 
@@ -71,11 +71,11 @@ CASES = {
 def test_tiny_sd3_fp32_matches_diffusers(tiny_sd3_model, tiny_sd3_engines, no_t5_engines, t5, case):
     pipe = Pipeline.load(tiny_sd3_engines if t5 else no_t5_engines, backend="ort-cpu")
     config = pipe.make_config(**CASES[case], steps=4, seed=42)
-    assert config.scheduler == "euler" and pipe.schedule.flow
+    assert config.sampler.scheduler == "euler" and pipe.schedule.flow
     init, _ = pipe.initial_noise(config)
     ours = pipe.generate(config).images
     ref = reference(tiny_sd3_model, config, init, t5)
-    assert ours.shape == ref.shape == (config.batch, config.height, config.width, 3)
+    assert ours.shape == ref.shape == (config.batch, config.size.height, config.size.width, 3)
     assert ours.std() > 10, "a flat image would match anything"
     error = int(np.abs(ours.astype(int) - ref).max())
     assert error <= MAX_PIXEL_ERROR, f"{case} t5={t5}: max pixel error {error}/255"
@@ -113,7 +113,7 @@ def test_a_long_weighted_prompt_reaches_clip_chunks_and_t5(tiny_sd3_engines):
     pipe = Pipeline.load(tiny_sd3_engines, backend="ort-cpu")
     long = ", ".join(["a cute cat sitting on a wooden table"] * 12)
     config = pipe.make_config(long, steps=1, seed=0, height=64, width=64)
-    assert config.chunks == 2
+    assert config.prompts.chunks == 2
     plain = pipe.encode_prompt(pipe.make_config("a red apple", steps=1, height=64, width=64))
     same = pipe.encode_prompt(pipe.make_config("a (red:1.0) apple", steps=1, height=64, width=64))
     weighted = pipe.encode_prompt(pipe.make_config("a (red:1.5) apple", steps=1, height=64, width=64))
@@ -132,7 +132,7 @@ def test_skip_layer_guidance_matches_diffusers(tiny_sd3_model, tiny_sd3_engines,
     pipe = Pipeline.load(tiny_sd3_engines, backend="ort-cpu")
     request = dict(CASES["cfg-negative-batch2-nonsquare"], steps=5, seed=7)
     config = pipe.make_config(**request, skip_guidance_layers=layers, **SLG)
-    assert config.skip_steps(config.steps) == {1, 2}
+    assert config.skip.steps(config.sampler.steps) == {1, 2}
     init, _ = pipe.initial_noise(config)
     ours = pipe.generate(config).images
     ref = reference(tiny_sd3_model, config, init, skip_guidance_layers=layers, **SLG)

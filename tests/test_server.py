@@ -154,7 +154,7 @@ def test_a1111_long_weighted_prompt_and_clip_skip_from_override_settings(server,
     assert r.status_code == 200, r.text
     config = direct.make_config(prompt, negative_prompt="blurry", seed=4, steps=2, guidance=7.0, height=64, width=64,
                                 scheduler="dpmpp_2m_karras", clip_skip=2)
-    assert config.chunks > 1
+    assert config.prompts.chunks > 1
     got, info = decode(r.json()["images"][0])
     np.testing.assert_array_equal(got, direct.generate(config).images[0])
     assert "Clip skip: 2" in info["parameters"] and json.loads(r.json()["info"])["clip_skip"] == 2
@@ -181,19 +181,20 @@ def test_seeds_span_a1111s_range(server, direct):
     r = httpx.post(f"{server.url}/sdapi/v1/txt2img", headers=server.headers(), timeout=60,
                    json={"prompt": "x", "steps": 1, "width": 64, "height": 64, "seed": top, "batch_size": 2})
     assert r.status_code == 400 and f"from 0 to {top - 1}" in r.json()["detail"]
-    assert direct.make_config("x", seed=top).seed == top  # the same range in Python
+    assert direct.make_config("x", seed=top).sampler.seed == top  # the same range in Python
     with pytest.raises(InputError, match=f"from 0 to {top - 1}"):
         direct.make_config("x", seed=top, batch=2)
 
 
 def test_an_internal_error_is_a_json_500_with_an_id_and_the_connection_lives_on(server, monkeypatch, caplog):
-    import sdrt.serve.app as app_module
+    import sdrt.serve.a1111 as a1111_module
+    import sdrt.serve.openai_api as openai_module
 
     def broken(*args, **kwargs):
         raise RuntimeError("secret internal detail")
 
-    monkeypatch.setattr(app_module, "a1111_config", broken)
-    monkeypatch.setattr(app_module, "openai_config", broken)
+    monkeypatch.setattr(a1111_module, "a1111_config", broken)
+    monkeypatch.setattr(openai_module, "openai_config", broken)
     with httpx.Client(headers=server.headers(), timeout=30) as client:  # one keep-alive connection
         for path, message in (("/sdapi/v1/txt2img", lambda b: b["detail"]),
                               ("/v1/images/generations", lambda b: b["error"]["message"])):
@@ -220,7 +221,7 @@ def test_discovery_endpoints(server):
 
 
 def test_a1111_sampler_labels_old_and_new_and_schedule_types():
-    from sdrt.serve.apis import sampler_for
+    from sdrt.serve.a1111_requests import sampler_for
 
     assert sampler_for("DPM++ 2M", "Karras", "euler") == "dpmpp_2m_karras"
     assert sampler_for("DPM++ 2M Karras", None, "euler") == "dpmpp_2m_karras"  # the pre-1.9 label
@@ -680,13 +681,13 @@ class _EndlessPipeline:
 
 
 def test_drain_end_gives_the_queued_and_then_the_running_requests_a_503():
-    from sdrt.pipeline import GenerationConfig
+    from sdrt.request import GenerationConfig, Prompts, Sampler, Size
     from sdrt.serve.jobs import Job, Scheduler, ShuttingDown
 
     fake = _EndlessPipeline()
     scheduler = Scheduler(lambda: fake, max_queue=4, max_batch=1, window_s=0.0)
     scheduler.start()
-    config = GenerationConfig(("x",), ("",), steps=2, height=64, width=64)
+    config = GenerationConfig(Prompts(("x",), ("",)), Size(64, 64), Sampler(steps=2))
     running = scheduler.submit(Job(config, deadline=time.monotonic() + 600))
     assert fake.started.wait(30)
     queued = scheduler.submit(Job(config, deadline=time.monotonic() + 600))

@@ -19,7 +19,9 @@ from typing import Any, Callable
 import numpy as np
 
 from sdrt.errors import SdrtError
-from sdrt.pipeline import STOP, Cancelled, GenerationConfig, Pipeline
+from sdrt.loop import STOP, Cancelled
+from sdrt.pipeline import Pipeline
+from sdrt.request import GenerationConfig
 
 
 class QueueFull(SdrtError):

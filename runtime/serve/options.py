@@ -11,7 +11,7 @@ from typing import Any
 
 from sdrt.errors import InputError
 from sdrt.manifest import Manifest
-from sdrt.serve.apis import a1111_title
+from sdrt.serve.a1111_requests import a1111_title
 
 CLIP_SKIP = "CLIP_stop_at_last_layers"
 

@@ -15,10 +15,11 @@ from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from sdrt.serve.errors import error_body
+
 
 def _timeout_response(read_timeout_s: float) -> bytes:
-    from sdrt.serve.app import error_body  # the request line is not read yet: A1111's shape
-
+    # the request line is not read yet: A1111's shape
     body = json.dumps(error_body("/", 408, f"the request's headers took over {read_timeout_s:g} s")).encode()
     return (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
             b"content-length: %d\r\n\r\n" % len(body)) + body

@@ -25,8 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from starlette.responses import JSONResponse
+
 from sdrt.errors import InputError
+from sdrt.pipeline import Pipeline
+from sdrt.serve.app import create_app
 from sdrt.serve.config import ServeConfig
+from sdrt.serve.errors import error_body
 
 REPLICA_HEADER = "x-sdrt-replica"
 PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
@@ -70,10 +75,7 @@ def deployment_options(serve_config: ServeConfig, ray_config: RayConfig, gpus: b
 
 
 def build_app(serve_config: ServeConfig, ray_config: RayConfig, gpus: bool = False) -> Any:
-    from ray import serve
-
-    from sdrt.pipeline import Pipeline
-    from sdrt.serve.app import create_app
+    from ray import serve  # ray: optional (the `ray` extra), and only for --replicas
 
     @serve.ingress()
     class SdrtReplica:
@@ -169,10 +171,6 @@ class AnswerEveryRequest:
             if started:
                 raise
         if not started:
-            from starlette.responses import JSONResponse
-
-            from sdrt.serve.app import error_body
-
             response = JSONResponse(error_body(scope["path"], 503, "the replica serving this request stopped before "
                                                "answering; retry (the service restarts replicas)"),
                                     status_code=503, headers={"Retry-After": "1"})
