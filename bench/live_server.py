@@ -12,6 +12,7 @@ from dataclasses import replace
 from typing import Any
 
 from sdrt.serve.config import ServeConfig
+from sdrt.serve.app import create_app, uvicorn_config
 
 # where uvicorn and sdrt report failed requests, and where Python's warnings go once captured
 LOGGERS = {"uvicorn.error": logging.ERROR, "sdrt.serve": logging.ERROR, "py.warnings": logging.WARNING}
@@ -35,7 +36,6 @@ class LiveServer:
         import httpx
         import uvicorn
 
-        from sdrt.serve.app import create_app, uvicorn_config
 
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))

@@ -20,11 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from sdrt.bench.stats import summarize
+from sdrt.bench.machine import machine_info
+from sdrt.export.testmodel import write_test_lora
+from sdrt.loras import read_lora
+from sdrt.pipeline import Pipeline
+from sdrt.versions import package_versions
 
 
 def run(engines: Path, model_dir: Path, rank: int, rounds: int, size: int, steps: int, backend: str) -> dict[str, Any]:
-    from sdrt.export.testmodel import write_test_lora
-
     with tempfile.TemporaryDirectory(prefix="sdrt-loras-") as folder:  # two files of ~130 MB at rank 32
         files = [write_test_lora(model_dir, Path(folder) / f"{name}.safetensors", seed, rank=rank)
                  for seed, name in enumerate(("a", "b"))]
@@ -33,11 +36,6 @@ def run(engines: Path, model_dir: Path, rank: int, rounds: int, size: int, steps
 
 def _measure(engines: Path, files: list[Path], rank: int, rounds: int, size: int, steps: int,
              backend: str) -> dict[str, Any]:
-    from sdrt.bench.run import machine_info
-    from sdrt.loras import read_lora
-    from sdrt.pipeline import Pipeline
-    from sdrt.versions import package_versions
-
     start = time.perf_counter()
     layers = len(read_lora(files[0]).layers)
     parse_s = time.perf_counter() - start

@@ -10,11 +10,10 @@ import json
 import sys
 
 from sdrt.bench.stats import psnr
+from sdrt.pipeline import Pipeline
 
 
 def compare(fp32_dir: str, fp16_dir: str, size: int, steps: int, scheduler: str, seeds: list[int]) -> dict:
-    from sdrt.pipeline import Pipeline
-
     out: dict = {"psnr_db": {}, "max_pixel_error": {}}
     pipes = [Pipeline.load(d, backend="auto") for d in (fp32_dir, fp16_dir)]
     for seed in seeds:

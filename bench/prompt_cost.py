@@ -20,6 +20,9 @@ from typing import Any
 
 from sdrt.bench.stats import summarize
 from sdrt.prompts import CHUNK_LENGTH
+from sdrt.bench.machine import machine_info
+from sdrt.pipeline import Pipeline
+from sdrt.versions import package_versions
 
 SENTENCE = "a photograph of an astronaut riding a horse on the moon, highly detailed, sharp focus"
 
@@ -43,16 +46,12 @@ def prompt_of(chunks: int) -> str:
 def run_prompt_cost(config: PromptCostConfig) -> dict[str, Any]:
     from tqdm import tqdm
 
-    from sdrt.bench.run import machine_info
-    from sdrt.pipeline import Pipeline
-    from sdrt.versions import package_versions
-
     pipe = Pipeline.load(config.engines, backend=config.backend)
     configs = {k: pipe.make_config(prompt_of(k), negative_prompt=prompt_of(k), steps=config.steps, seed=0,
                                    height=config.size, width=config.size, scheduler=config.scheduler)
                for k in config.chunks}
     for k, c in configs.items():
-        assert c.chunks == k, f"the bench prompt of {k} chunks reads as {c.chunks}"
+        assert c.prompts.chunks == k, f"the bench prompt of {k} chunks reads as {c.prompts.chunks}"
     samples: dict[int, dict[str, list[float]]] = {k: {"text_encoder": [], "step": []} for k in config.chunks}
     order = list(config.chunks)
     for run in tqdm(range(config.warmup + config.runs), desc="prompt cost", unit="round"):

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 from typing import Any
+from sdrt.bench.machine import BENCH_PACKAGES, machine_info
+from sdrt.versions import package_versions
 
 STAGE_LABELS = {"text_encoder": "text enc", "step": "1 step", "steps": "all steps", "decode": "VAE decode",
                 "end_to_end": "end to end"}
@@ -110,9 +112,6 @@ def server_bench_parser(doc: str, requests: int, concurrency: int) -> Any:
 
 def server_report(module: str, argv: list[str] | None) -> dict[str, Any]:
     """The start of a server bench's report: the exact command, the machine, the versions."""
-    from sdrt.bench.run import BENCH_PACKAGES, machine_info
-    from sdrt.versions import package_versions
-
     args = argv if argv is not None else sys.argv[1:]
     return {"command": " ".join([f"python -m sdrt.bench.{module}", *args]), "machine": machine_info(),
             "versions": package_versions(BENCH_PACKAGES + ("fastapi", "uvicorn"))}

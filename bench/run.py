@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import platform
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,10 +17,15 @@ from typing import Any
 
 import numpy as np
 
+from sdrt.bench.machine import BENCH_PACKAGES, machine_info
 from sdrt.bench.stats import psnr, summarize
 from sdrt.bench.workers import Workload, worker_main
 from sdrt.errors import InputError
 from sdrt.versions import package_versions
+from sdrt.backends.onnxruntime import OrtBackend
+from sdrt.bench.report import markdown_table, plot_latency
+from sdrt.manifest import read_manifest
+from sdrt.pipeline import Pipeline
 
 BENCH_BACKENDS = ("torch", "torch-compile", "ort", "trt", "ort-low-vram", "trt-low-vram")
 STAGES = ("text_encoder", "step", "steps", "decode", "end_to_end")
@@ -74,26 +77,6 @@ class Worker:
                 self.process.kill()
 
 
-def machine_info() -> dict[str, Any]:
-    import os
-
-    info: dict[str, Any] = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                            "cpus": os.cpu_count(), "python": sys.version.split()[0]}
-    try:
-        with open("/proc/meminfo") as f:
-            info["memory_gb"] = round(int(f.readline().split()[1]) / 2**20, 1)
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        info["cpu_model"] = names[0] if names else None
-    except OSError:
-        pass
-    return info
-
-
-BENCH_PACKAGES = ("sdrt", "torch", "diffusers", "transformers", "onnxruntime", "onnxruntime-gpu", "tensorrt",
-                  "tensorrt-rtx", "numpy")
-
-
 def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
     from tqdm import tqdm
 
@@ -104,10 +87,6 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
         raise InputError("--runs must be ≥ 1, --warmup ≥ 0 and every --batch ≥ 1")
     if "torch" not in config.backends:
         raise InputError("the `torch` baseline must be among --backends: every ratio is taken against it")
-
-    from sdrt.backends.onnxruntime import OrtBackend
-    from sdrt.manifest import read_manifest
-    from sdrt.pipeline import Pipeline
 
     w = config.workload
     engines = Path(w.engines)
@@ -201,8 +180,6 @@ def _measure(config: BenchConfig, backends: list[str], latents: dict[int, np.nda
 
 
 def write_results(results: dict[str, Any], out_dir: Path) -> list[Path]:
-    from sdrt.bench.report import markdown_table, plot_latency
-
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = "bench-{h}x{w}-{s}steps".format(h=results["workload"]["height"], w=results["workload"]["width"],
                                            s=results["workload"]["steps"])

@@ -24,6 +24,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from sdrt.bench.live_server import LiveServer
+from sdrt.bench.report import emit, server_bench_parser, server_report
+from sdrt.serve.config import ServeConfig
 
 GENERATION_PATHS = ("/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/v1/images/generations", "/v1/images/edits")
 GET_PATHS = ("/sdapi/v1/progress", "/sdapi/v1/samplers", "/sdapi/v1/schedulers", "/sdapi/v1/options",
@@ -233,10 +236,6 @@ async def run_fuzz(config: FuzzConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sdrt.bench.live_server import LiveServer
-    from sdrt.bench.report import emit, server_bench_parser, server_report
-    from sdrt.serve.config import ServeConfig
-
     ap = server_bench_parser(__doc__, requests=2000, concurrency=8)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)

@@ -20,6 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from sdrt.bench.stats import summarize
+from sdrt.bench.live_server import LiveServer
+from sdrt.bench.report import emit, server_bench_parser, server_report
+from sdrt.serve.config import ServeConfig
+from sdrt.serve.ray import RayConfig, start
 
 
 @dataclass(frozen=True)
@@ -88,9 +92,6 @@ def _ray_load(a: argparse.Namespace, counts: list[int]) -> dict[str, dict]:
     import ray
     from ray import serve
 
-    from sdrt.serve.config import ServeConfig
-    from sdrt.serve.ray import RayConfig, start
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -109,10 +110,6 @@ def _ray_load(a: argparse.Namespace, counts: list[int]) -> dict[str, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sdrt.bench.live_server import LiveServer
-    from sdrt.bench.report import emit, server_bench_parser, server_report
-    from sdrt.serve.config import ServeConfig
-
     ap = server_bench_parser(__doc__, requests=200, concurrency=32)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--size", type=int, default=64)

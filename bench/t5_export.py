@@ -23,6 +23,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
+from sdrt.bench.machine import machine_info
+from sdrt.export.exporter import OPSET, dynamic_axes, text_encoder_spec, Tolerances, validate_component
+from sdrt.families import SD3
+from sdrt.versions import package_versions
 
 T5_XXL = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, relative_attention_num_buckets=32,
               relative_attention_max_distance=128, feed_forward_proj="gated-gelu", vocab_size=32128,
@@ -40,9 +44,7 @@ def run(tokens: int, work: Path, config: dict[str, Any] | None = None,
     import torch
     from transformers import T5Config, T5EncoderModel
 
-    from sdrt.export.exporter import OPSET, Tolerances, dynamic_axes, text_encoder_spec, validate_component
-    from sdrt.export.onnx_io import export_onnx
-    from sdrt.families import SD3
+    from sdrt.export.onnx_io import export_onnx  # torch: loaded when the check runs
 
     stages: dict[str, dict[str, float]] = {}
 
@@ -81,9 +83,6 @@ def run(tokens: int, work: Path, config: dict[str, Any] | None = None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sdrt.bench.run import machine_info
-    from sdrt.versions import package_versions
-
     parser = argparse.ArgumentParser(prog="python -m sdrt.bench.t5_export", description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=256, help="T5 sequence length (diffusers' default 256)")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()),

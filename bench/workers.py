@@ -16,6 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sdrt.export.components_io import model_index, present_slot
+from sdrt.export.reference import diffusers_scheduler
+from sdrt.families import DENOISER_FOLDERS, family_for
+from sdrt.pipeline import Pipeline
 
 
 @dataclass(frozen=True)
@@ -71,8 +75,6 @@ LOW_VRAM = "-low-vram"  # bench backend suffix: the same backend with Pipeline.l
 
 class SdrtRunner:
     def __init__(self, workload: Workload, backend: str):
-        from sdrt.pipeline import Pipeline
-
         self.w = workload
         low_vram = backend.endswith(LOW_VRAM)
         backend = backend.removesuffix(LOW_VRAM)
@@ -102,9 +104,6 @@ class TorchRunner:
         import diffusers
         import torch
 
-        from sdrt.export.components_io import model_index, present_slot
-        from sdrt.families import DENOISER_FOLDERS, family_for
-
         self.torch, self.w = torch, workload
         index = model_index(Path(workload.model_dir))
         family = family_for(index, workload.model_dir)
@@ -122,7 +121,6 @@ class TorchRunner:
             if not present_slot(index, Path(workload.model_dir), slot, ()):
                 extra.update({slot.component: None, slot.tokenizer: None})
         pipe = cls.from_pretrained(workload.model_dir, torch_dtype=self.dtype, **extra)
-        from sdrt.export.reference import diffusers_scheduler
 
         pipe.scheduler = diffusers_scheduler(workload.scheduler, pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)

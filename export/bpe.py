@@ -12,6 +12,7 @@ import collections
 import json
 import re
 from pathlib import Path
+from sdrt.errors import ModelError
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
@@ -117,7 +118,6 @@ def real_clip_merges() -> list[tuple[str, str]]:
     import gzip
     import importlib.util
 
-    from sdrt.errors import ModelError
 
     spec = importlib.util.find_spec("open_clip")
     path = Path(next(iter(spec.submodule_search_locations or []), "")) / "bpe_simple_vocab_16e6.txt.gz" if spec else None

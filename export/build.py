@@ -34,6 +34,7 @@ from sdrt.paths import write_atomic
 from sdrt.plans import check_io
 from sdrt.prompts import CHUNK_LENGTH
 from sdrt.tensorrt_lib import RTX_ARCHS, TensorRT, cache_path, import_tensorrt
+from sdrt.cuda import gpu_arch
 
 Dims = tuple[int, ...]
 
@@ -157,7 +158,6 @@ def resolve_archs(lib: TensorRT, requested: tuple[str, ...], gpu: str | None,
 
 def build(config: BuildConfig, progress: bool = True) -> Manifest:
     """Builds one plan per component; returns the updated manifest."""
-    from sdrt.cuda import gpu_arch
     from tqdm import tqdm
 
     engine_dir = Path(config.engine_dir)

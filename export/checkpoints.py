@@ -12,16 +12,20 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 from sdrt.errors import InputError, ModelError
+from sdrt.export.checkpoint_files import describe_keys, read_checkpoint
+from sdrt.export.components_io import (assemble_parts, load_strict, load_vae, model_index, text_encoder_class,
+                                       vae_from_original)
 from sdrt.export.original_layout import CLIP_PREFIXES, OPEN_CLIP_PREFIXES, UNET_PREFIX
-from sdrt.export.testmodel import CLIP_L, KL_F8, SD15_SCHEDULER_CONFIG, SDXL_SCHEDULER_CONFIG, SPECS
-from sdrt.families import UNET
+from sdrt.export.architectures import (BIG_G, CLIP_L, OPEN_CLIP_H, SD2_SCHEDULER_CONFIG, SD2_UNET, SD2_VAE,
+                                       SD15_SCHEDULER_CONFIG, SD15_UNET, SD15_VAE, SDXL_SCHEDULER_CONFIG, SDXL_UNET,
+                                       SDXL_VAE)
+from sdrt.families import UNET, family_for
 from sdrt.schedulers import NoiseSchedule
+from sdrt.export.bpe import BOS, EOS, real_clip_merges, write_vocab_files
 
-SAFETENSORS = (".safetensors",)
-PICKLES = (".ckpt", ".pt", ".pth", ".bin")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 UNET_KEY = f"{UNET_PREFIX}input_blocks.0.0.weight"
 
@@ -32,14 +36,6 @@ TEXT_ENCODER_PREFIXES: dict[str, tuple[tuple[str, str], ...]] = {
                      (CLIP_PREFIXES["sdxl"], "clip")),
     "text_encoder_2": ((OPEN_CLIP_PREFIXES["sdxl"], "open_clip"),),
 }
-
-# OpenCLIP ViT-H/14 text tower as SD 2.x uses it: 23 of its 24 layers (the penultimate's output)
-OPEN_CLIP_H = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=23,
-                   max_position_embeddings=77, projection_dim=512, hidden_act="gelu", vocab_size=49408)
-SD2_UNET = {**SPECS["sd15"].unet, "attention_head_dim": (5, 10, 20, 20), "cross_attention_dim": 1024,
-            "use_linear_projection": True, "sample_size": 96}
-SD2_SCHEDULER_CONFIG = {**SD15_SCHEDULER_CONFIG, "_class_name": "DDIMScheduler", "prediction_type": "v_prediction"}
-
 
 @dataclass(frozen=True)
 class CheckpointKind:
@@ -64,16 +60,15 @@ def _inpaint(kind: CheckpointKind, model_type: str, label: str, pipeline: str) -
                           kind.extra_index)
 
 
-_SD1 = CheckpointKind("v1", "SD 1.x", "StableDiffusionPipeline", SPECS["sd15"].unet,
-                      dict(sample_size=512, **KL_F8), SD15_SCHEDULER_CONFIG,
+_SD1 = CheckpointKind("v1", "SD 1.x", "StableDiffusionPipeline", SD15_UNET, SD15_VAE, SD15_SCHEDULER_CONFIG,
                       (("text_encoder", "CLIPTextModel", CLIP_L, "<|endoftext|>"),))
-_SD2 = CheckpointKind("v2", "SD 2.x", "StableDiffusionPipeline", SD2_UNET, dict(sample_size=768, **KL_F8),
+_SD2 = CheckpointKind("v2", "SD 2.x", "StableDiffusionPipeline", SD2_UNET, SD2_VAE,
                       SD2_SCHEDULER_CONFIG, (("text_encoder", "CLIPTextModel", OPEN_CLIP_H, "!"),),
                       probe_prediction=True)
-_SDXL = CheckpointKind("xl_base", "SDXL base", "StableDiffusionXLPipeline", SPECS["sdxl"].unet, SPECS["sdxl"].vae,
+_SDXL = CheckpointKind("xl_base", "SDXL base", "StableDiffusionXLPipeline", SDXL_UNET, SDXL_VAE,
                        SDXL_SCHEDULER_CONFIG,
                        (("text_encoder", "CLIPTextModel", CLIP_L, "<|endoftext|>"),
-                        ("text_encoder_2", "CLIPTextModelWithProjection", SPECS["sdxl"].text_encoder_2 or {}, "!")),
+                        ("text_encoder_2", "CLIPTextModelWithProjection", BIG_G, "!")),
                        {"force_zeros_for_empty_prompt": True})
 KINDS: dict[str, CheckpointKind] = {k.model_type: k for k in (
     _SD1, _inpaint(_SD1, "inpainting", "SD 1.x inpainting", "StableDiffusionInpaintPipeline"),
@@ -81,86 +76,6 @@ KINDS: dict[str, CheckpointKind] = {k.model_type: k for k in (
     _SDXL, _inpaint(_SDXL, "xl_inpaint", "SDXL inpainting", "StableDiffusionXLInpaintPipeline"),
 )}
 SUPPORTED = ", ".join(k.label for k in KINDS.values())
-
-
-class SafetensorsFile(Mapping[str, Any]):
-    """A .safetensors file's tensors, read from disk one at a time as they are asked for: converting
-    SDXL holds its fp32 modules, not also the whole file, in memory."""
-
-    def __init__(self, path: Path):
-        from safetensors import safe_open
-
-        self._file = safe_open(str(path), framework="pt")  # checks the header against the file's size
-        self._keys = dict.fromkeys(self._file.keys())  # ordered, and a set for `in`
-
-    def __getitem__(self, key: str) -> Any:
-        if key not in self._keys:
-            raise KeyError(key)
-        return self._file.get_tensor(key)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._keys
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-
-def read_checkpoint(path: Path, what: str = "checkpoint") -> Mapping[str, Any]:
-    """A single file's tensors, by key. Pickles are read weights-only; refused if they need code."""
-    import pickle
-
-    import torch
-
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{what} {path} does not exist")
-    suffix = path.suffix.lower()
-    try:
-        if suffix in SAFETENSORS:
-            return SafetensorsFile(path)
-        elif suffix in PICKLES:
-            import zipfile
-
-            # mmap (no copy of GBs in memory) works for torch's zip format only, not the legacy one
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-        else:
-            raise ModelError(f"{path}: unknown {what} format {suffix or '(no suffix)'!r}; sdrt reads "
-                             f"{', '.join(SAFETENSORS + PICKLES)} files or diffusers folders")
-    except pickle.UnpicklingError as e:
-        import re
-
-        called = re.search(r"GLOBAL (\S+)", str(e))
-        found = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:Check the documentation|$)", str(e), re.S)
-        what = (f"it calls {called.group(1)}" if called else
-                " ".join((found.group(1) if found else str(e)).split())[:200])
-        raise ModelError(f"{path}: refused, loading this pickle would run code ({what}). sdrt reads .ckpt files "
-                         "with torch's weights-only loader only; get the .safetensors release of the model, or "
-                         "convert the file in an environment you trust") from None
-    except ModelError:
-        raise
-    except Exception as e:  # safetensors' SafetensorError, zipfile/EOF errors of a cut-off .ckpt
-        raise ModelError(f"{path}: not a readable {suffix} file ({type(e).__name__}: {e}); it is truncated or "
-                         "damaged: download it again") from None
-    while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):  # Lightning checkpoints
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ModelError(f"{path} holds a {type(state).__name__}, not a state dict of tensors")
-    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-
-
-def describe_keys(checkpoint: Mapping[str, Any]) -> str:
-    """What a file that is not a full Stable Diffusion checkpoint looks like it is."""
-    keys = list(checkpoint)
-    if any(k.startswith(("lora_unet_", "lora_te", "unet.", "text_encoder.")) or ".lora_" in k for k in keys):
-        return "a LoRA adapter, not a model"
-    if any(k.startswith(("encoder.down.", "decoder.up.")) for k in keys):
-        return "a VAE alone: pass it to --vae with the model it belongs to"
-    if not keys:
-        return "an empty file"
-    return f"not a Stable Diffusion checkpoint (keys like {', '.join(sorted(keys)[:3])})"
 
 
 def kind_of(checkpoint: Mapping[str, Any], path: Path) -> CheckpointKind:
@@ -179,7 +94,6 @@ def write_config_folder(kind: CheckpointKind, out: Path) -> Path:
     tokenizers with CLIP's real vocabulary."""
     from transformers import CLIPTextConfig, CLIPTokenizer
 
-    from sdrt.export.bpe import BOS, EOS, real_clip_merges, write_vocab_files
 
     merges = real_clip_merges()
     index: dict[str, Any] = {"_class_name": kind.pipeline, "unet": ["diffusers", "UNet2DConditionModel"],
@@ -277,9 +191,6 @@ class SingleFile:
 
     @classmethod
     def open(cls, path: Path, config_dir: Path | None = None, prediction_type: str | None = None) -> "SingleFile":
-        from sdrt.export.components_io import model_index
-        from sdrt.families import family_for
-
         if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
             raise InputError(f"--prediction-type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
         checkpoint = read_checkpoint(path)
@@ -321,9 +232,6 @@ class SingleFile:
         from diffusers import UNet2DConditionModel
         from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
         from transformers import CLIPTokenizer
-
-        from sdrt.export.components_io import (assemble_parts, load_strict, load_vae, model_index,
-                                               text_encoder_class, vae_from_original)
 
         index = model_index(config_dir)
         hint = "" if self.config_dir else (". If the model has another architecture, pass --config DIR: a diffusers "

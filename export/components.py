@@ -20,6 +20,7 @@ from torch import nn
 from sdrt.families import BLEND, CONCAT, MMDIT, UNET, TextEncoderSlot
 from sdrt.prompts import CHUNK_LENGTH
 from sdrt.schedulers import A, B, C_IN, D, HISTORY, HO, HX, KA, KN
+from sdrt.export.original_layout import unet_module_name
 
 
 class TextEncoder(nn.Module):
@@ -145,8 +146,6 @@ class DenoiseStep(nn.Module):
         """The denoiser, and a module path's weight name and original-layout path: a U-Net's
         `unet.<path>.weight` and openaimodel path; a transformer's `transformer.<path>.weight` (diffusers'
         and PEFT's naming) and none (kohya's MMDiT naming fuses q, k and v: not read)."""
-        from sdrt.export.original_layout import unet_module_name
-
         if self.denoiser == MMDIT:
             return self.unet, lambda path: (f"transformer.{path}.weight", "")
         return self.unet, lambda path: (f"unet.{path}.weight", unet_module_name(path, self.unet))

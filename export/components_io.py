@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from sdrt.errors import ModelError
+from sdrt.export.checkpoint_files import read_checkpoint
 from sdrt.families import BLEND, CONCAT, DENOISER_FOLDERS, MMDIT, T5, UNET, Family, TextEncoderSlot
 
 # transformers classes a text-encoder slot may hold; a pooled slot needs the projection
@@ -156,8 +157,6 @@ def load_vae(override: Path | None, vae_dir: Path, variant: str | None) -> Any:
     if override.is_dir():
         return AutoencoderKL.from_pretrained(override, torch_dtype=torch.float32,
                                              variant=weights_variant(override)).eval()
-    from sdrt.export.checkpoints import read_checkpoint
-
     return vae_from_original(read_checkpoint(override, "VAE"), vae_dir, f"--vae {override}", "the model's AutoencoderKL")
 
 

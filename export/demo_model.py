@@ -28,7 +28,9 @@ import numpy as np
 
 from sdrt.errors import InputError
 from sdrt.export.bpe import BOS, EOS, write_clip_bpe
-from sdrt.export.testmodel import SD15_SCHEDULER_CONFIG
+from sdrt.export.architectures import SD15_SCHEDULER_CONFIG
+from sdrt.pipeline import Pipeline
+from sdrt.png import save_png
 
 SIZE = 64
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 60, 220), "yellow": (240, 210, 30)}
@@ -238,7 +240,6 @@ def picture_grid(engine_dir: Path, out: Path, seed: int = 1, backend: str = "aut
     """Every caption of the grammar once (rows: colours; columns: shapes on white, then on black)."""
     from PIL import Image
 
-    from sdrt.pipeline import Pipeline
 
     pipe = Pipeline.load(engine_dir, backend=backend)
     tiles = {}
@@ -246,7 +247,6 @@ def picture_grid(engine_dir: Path, out: Path, seed: int = 1, backend: str = "aut
         config = pipe.make_config(caption(colour, shape, background), seed=seed, steps=20)
         tiles[colour, shape, background] = pipe.generate(config).images[0]
     rows = [np.concatenate([tiles[c, s, b] for b in BACKGROUNDS for s in SHAPES], 1) for c in COLOURS]
-    from sdrt.png import save_png
 
     save_png(Image.fromarray(np.concatenate(rows, 0)), out, f"demo grid, seed {seed}, 20 steps, {engine_dir}")
 

@@ -28,6 +28,7 @@ from sdrt.manifest import (DECODER, ENCODER, STEP, ComponentSpec, Manifest, Mode
 from sdrt.prompts import CHUNK_LENGTH
 from sdrt.schedulers import HISTORY, N_COEFFS, NoiseSchedule
 from sdrt.versions import package_versions
+from sdrt.export.checkpoints import describe_keys, read_checkpoint, SingleFile
 
 PRECISIONS = ("fp16", "fp32")
 OPSET = 17
@@ -144,8 +145,6 @@ def check_vae(vae: Path) -> None:
     if not vae.exists():
         raise ModelError(f"--vae {vae} does not exist: pass a VAE file or a diffusers AutoencoderKL folder")
     if vae.is_file():
-        from sdrt.export.checkpoints import describe_keys, read_checkpoint
-
         keys = read_checkpoint(vae, "VAE")
         if not any(k.startswith(("encoder.down.", "first_stage_model.encoder.", "vae.encoder.")) for k in keys):
             raise ModelError(f"--vae {vae} is {describe_keys(keys)}; pass a VAE file (e.g. "
@@ -183,8 +182,6 @@ def export(config: ExportConfig, progress: bool = True) -> Manifest:
         raise InputError(f"max_chunks must be from 1 to {MAX_CHUNKS} (chunks of 75 prompt tokens), got {config.max_chunks}")
     single = None
     if model_dir.is_file():
-        from sdrt.export.checkpoints import SingleFile
-
         if config.variant:
             raise InputError("--variant picks weights files in a diffusers folder; a single file has one set of weights")
         single = SingleFile.open(model_dir, config.config_dir, config.prediction_type)
@@ -260,7 +257,7 @@ def _swap_into_place(staging: Path, out_dir: Path) -> None:
 def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any) -> dict[str, Any]:
     import torch
 
-    from sdrt.export.components import DenoiseStep, VaeDecoder, VaeEncoder
+    from sdrt.export.components import DenoiseStep, VaeDecoder, VaeEncoder  # torch: loaded when an export runs
     from sdrt.export.onnx_io import export_onnx
     from sdrt.export.weights import name_weights, weight_digests
 
@@ -434,7 +431,7 @@ def text_encoder_spec(slot: TextEncoderSlot, te_config: Any, precision: str) -> 
     """A text-encoder slot's graph contract and the module around its encoder. CLIP: S = 77 per prompt
     chunk, in the engines' precision. T5: one sequence of slot.max_length tokens, fp32 even in fp16 engines
     (T5 v1.1's feed-forward activations overflow fp16)."""
-    from sdrt.export.components import T5Encoder, TextEncoder
+    from sdrt.export.components import T5Encoder, TextEncoder  # torch: loaded when an export runs
 
     if slot.kind == T5:
         tokens, precision, width, wrap = slot.max_length, "fp32", te_config.d_model, partial(T5Encoder, slot=slot)

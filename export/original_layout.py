@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+from sdrt.families import family_for
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -160,7 +161,6 @@ def write_single_file(model_dir: Path, out: Path) -> Path:
     from safetensors.torch import save_file
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from sdrt.families import family_for
 
     family = family_for(json.loads((model_dir / "model_index.json").read_text()), str(model_dir))
     state = {**unet_state(UNet2DConditionModel.from_pretrained(model_dir / "unet")),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any, Mapping
+from sdrt.schedulers import is_flow_config
 
 DIFFUSERS_SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "ddim": ("DDIMScheduler", {}),
@@ -27,7 +28,6 @@ def diffusers_scheduler(name: str, config: Mapping[str, Any]) -> Any:
     """The diffusers scheduler of the same name, built from a scheduler_config as diffusers would."""
     import diffusers
 
-    from sdrt.schedulers import is_flow_config
 
     cls_name, extra = (FLOW_DIFFUSERS_SCHEDULERS if is_flow_config(config) else DIFFUSERS_SCHEDULERS)[name]
     return getattr(diffusers, cls_name).from_config({**config, **extra})

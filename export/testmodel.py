@@ -19,55 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from sdrt.errors import InputError
-from sdrt.export.bpe import BOS, EOS, real_clip_merges, write_clip_bpe, write_vocab_files
+from sdrt.export.architectures import (BIG_G, CLIP_L, SD3_SCHEDULER_CONFIG, SD15_SCHEDULER_CONFIG, SD15_UNET,
+                                       SD15_VAE, SD35M_TRANSFORMER, SD35M_VAE, SDXL_SCHEDULER_CONFIG, SDXL_UNET, SDXL_VAE)
+from sdrt.export.bpe import BOS, CORPUS, EOS, real_clip_merges, write_clip_bpe, write_vocab_files
+from sdrt.export.original_layout import unet_module_name, write_single_file
 
-# SD 3.5's scheduler_config.json.
-SD3_SCHEDULER_CONFIG: dict[str, Any] = {
-    "_class_name": "FlowMatchEulerDiscreteScheduler",
-    "_diffusers_version": "0.31.0.dev0",
-    "num_train_timesteps": 1000,
-    "shift": 3.0,
-}
-
-# SD 1.5's scheduler_config.json, as the original checkpoint ships it.
-SD15_SCHEDULER_CONFIG: dict[str, Any] = {
-    "_class_name": "PNDMScheduler",
-    "_diffusers_version": "0.6.0",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-}
-
-# SDXL base 1.0's scheduler_config.json.
-SDXL_SCHEDULER_CONFIG: dict[str, Any] = {
-    "_class_name": "EulerDiscreteScheduler",
-    "_diffusers_version": "0.19.0.dev0",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "interpolation_type": "linear",
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "sample_max_value": 1.0,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "trained_betas": None,
-    "use_karras_sigmas": False,
-}
-
-CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-              max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu", vocab_size=49408)
-KL_F8 = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
-             up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4)
 TINY_VAE = dict(sample_size=64, block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=8,
                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                 latent_channels=4)
@@ -118,13 +74,8 @@ SPECS |= {
         family="sd1",
         real_vocab=True,
         unet_parameters=859_520_964,
-        unet=dict(
-            sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            cross_attention_dim=768, attention_head_dim=8,
-        ),
-        vae=dict(sample_size=512, **KL_F8),
+        unet=SD15_UNET,
+        vae=SD15_VAE,
         text_encoder=CLIP_L,
         max_merges=2000,
         description="exact SD 1.5 architecture, random weights",
@@ -153,18 +104,10 @@ SPECS |= {
         family="sdxl",
         real_vocab=True,
         unet_parameters=2_567_463_684,
-        unet=dict(
-            sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            attention_head_dim=(5, 10, 20), cross_attention_dim=2048, transformer_layers_per_block=(1, 2, 10),
-            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-            projection_class_embeddings_input_dim=2816,
-        ),
-        vae=dict(sample_size=1024, scaling_factor=0.13025, force_upcast=True, **KL_F8),
+        unet=SDXL_UNET,
+        vae=SDXL_VAE,
         text_encoder=CLIP_L,
-        text_encoder_2=dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
-                            max_position_embeddings=77, projection_dim=1280, hidden_act="gelu", vocab_size=49408),
+        text_encoder_2=BIG_G,
         max_merges=2000,
         description="exact SDXL base 1.0 architecture, random weights",
         scheduler_config=SDXL_SCHEDULER_CONFIG,
@@ -174,8 +117,6 @@ SPECS |= {
 
 TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=3,
                  max_position_embeddings=77, projection_dim=32, hidden_act="gelu")
-BIG_G = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
-             max_position_embeddings=77, projection_dim=1280, hidden_act="gelu", vocab_size=49408)
 # Tiny models as a user builds them with diffusers: default-initialised encoders (states of mean ~0 after
 # the final LayerNorm), CLIP's real vocabulary and special ids, and the scheduler config diffusers writes
 # for the class it was saved from (no clip_sample key from an Euler or PNDM scheduler).
@@ -214,12 +155,8 @@ SPECS["sd35m"] = TestModelSpec(
     real_vocab=True,
     unet={},
     unet_parameters=2_243_171_520,
-    transformer=dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
-                     num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
-                     pooled_projection_dim=2048, pos_embed_max_size=384, dual_attention_layers=tuple(range(13)),
-                     qk_norm="rms_norm"),
-    vae=dict(sample_size=1024, **{**KL_F8, "latent_channels": 16}, scaling_factor=1.5305, shift_factor=0.0609,
-             use_quant_conv=False, use_post_quant_conv=False),
+    transformer=SD35M_TRANSFORMER,
+    vae=SD35M_VAE,
     text_encoder={**CLIP_L, "hidden_act": "quick_gelu"},
     text_encoder_2=BIG_G,
     max_merges=2000,
@@ -233,7 +170,6 @@ def t5_test_tokenizer() -> Any:
     their letters; `<pad>` 0, `</s>` 1, `<unk>` 2, as T5's."""
     from transformers import T5TokenizerFast
 
-    from sdrt.export.bpe import CORPUS
 
     words = sorted({w for w in CORPUS.lower().replace(",", " ").split()})
     chars = sorted(set("".join(words)) | set(",.!?'-0123456789"))
@@ -264,8 +200,6 @@ def build_test_model(kind: str, out_dir: Path, seed: int = 0) -> Path:
     """Writes a diffusers folder (safetensors, tokenizers, the family's scheduler config) to out_dir, or,
     where out_dir ends in .safetensors, one checkpoint file in the original Stable Diffusion layout."""
     if Path(out_dir).suffix == ".safetensors":
-        from sdrt.export.original_layout import write_single_file
-
         out = Path(out_dir)
         if out.exists():
             raise InputError(f"{out} exists: choose a new file name or remove it")
@@ -355,7 +289,6 @@ def write_test_lora(model_dir: Path, path: Path, seed: int, sgm: bool = False, r
     from safetensors.torch import save_file
     from transformers import CLIPTextModel
 
-    from sdrt.export.original_layout import unet_module_name
 
     g = torch.Generator().manual_seed(seed)
     state = {}

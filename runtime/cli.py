@@ -1,4 +1,5 @@
-"""`sdrt` command line. Each subcommand imports its module only when it runs, so `generate`
+"""`sdrt` command line. A subcommand that needs an optional dependency (export and bench: torch and
+diffusers; serve: FastAPI; --replicas: ray) imports its module only when it runs, so `generate`
 never loads torch."""
 
 from __future__ import annotations
@@ -8,19 +9,27 @@ import importlib
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
+from sdrt.backends import BACKENDS
 from sdrt.errors import InputError, SdrtError
+from sdrt.manifest import read_manifest
+from sdrt.pipeline import Pipeline
+from sdrt.png import save_png
+from sdrt.request import INPAINTING_FILLS, ImageInput, SkipLayers
+from sdrt.schedulers import SAMPLERS
+from sdrt.serve.config import ServeConfig
 
 
 def _testmodel(args: argparse.Namespace) -> None:
-    from sdrt.export.testmodel import build_test_model
+    from sdrt.export.testmodel import build_test_model  # sdrt.export: torch, diffusers (the export extra)
 
     out = build_test_model(args.kind, Path(args.out_dir), seed=args.seed)
     print(f"wrote {args.kind} test model to {out}")
 
 
 def _train_demo(args: argparse.Namespace) -> None:
-    from sdrt.export.demo_model import TrainConfig, train_demo
+    from sdrt.export.demo_model import TrainConfig, train_demo  # torch, diffusers (the export extra)
 
     given = {"seed": args.seed, "vae_steps": args.vae_steps, "unet_steps": args.unet_steps}
     config = TrainConfig(**{k: v for k, v in given.items() if v is not None})
@@ -28,7 +37,7 @@ def _train_demo(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from sdrt.export.exporter import ExportConfig, export
+    from sdrt.export.exporter import ExportConfig, export  # torch, diffusers (the export extra)
 
     config = ExportConfig(Path(args.model_dir), Path(args.output), precision=args.precision,
                           max_batch=args.max_batch, validate=not args.no_validate, force=args.force,
@@ -43,7 +52,7 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _build(args: argparse.Namespace) -> None:
-    from sdrt.export.build import BuildConfig, build
+    from sdrt.export.build import BuildConfig, build  # sdrt.export: only its subcommands import it
 
     archs = tuple(a for a in (args.arch or "").split(",") if a)
     manifest = build(BuildConfig(Path(args.engines), shapes=args.shapes, archs=archs, flavour=args.flavour,
@@ -77,8 +86,6 @@ def _int_list(text: str) -> list[int]:
 def _generate(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    from sdrt.pipeline import Pipeline
-    from sdrt.png import save_png
 
     image, mask = (_read_file(path, flag) for path, flag in ((args.image, "--image"), (args.mask, "--mask")))
     pipe = Pipeline.load(args.engines, backend=args.backend, low_vram=args.low_vram, lora_dir=args.lora_dir)
@@ -124,9 +131,8 @@ def _read_file(path: str | None, flag: str) -> bytes | None:
 def _bench(args: argparse.Namespace) -> None:
     import shlex
 
-    from sdrt.bench.run import BenchConfig, run_bench, write_results
+    from sdrt.bench.run import BenchConfig, run_bench, write_results  # sdrt.bench: torch, diffusers baselines
     from sdrt.bench.workers import Workload
-    from sdrt.manifest import read_manifest
 
     scheduler = args.scheduler or read_manifest(Path(args.engines)).model.defaults.sampler
     workload = Workload(model_dir=args.model_dir, engines=args.engines, height=args.height, width=args.width,
@@ -143,11 +149,9 @@ def _bench(args: argparse.Namespace) -> None:
 
 def _serve(args: argparse.Namespace) -> None:
     try:
-        from sdrt.serve.app import serve
+        from sdrt.serve.app import serve  # FastAPI, uvicorn (the serve extra)
     except ImportError as e:
         raise SdrtError(f"sdrt serve needs its extra: pip install 'sdrt[serve]' ({e})") from e
-    from sdrt.manifest import read_manifest
-    from sdrt.serve.config import ServeConfig
 
     read_manifest(Path(args.engines))  # a wrong path fails here, not after the server is up
     token = ServeConfig.resolve_token(args.token, args.no_auth, args.host)
@@ -164,7 +168,7 @@ def _serve(args: argparse.Namespace) -> None:
         raise InputError("--replicas is a fixed count: drop it to autoscale between --min-replicas and --max-replicas")
     try:
         importlib.import_module("ray.serve")
-        from sdrt.serve.ray import RayConfig, serve_forever
+        from sdrt.serve.ray import RayConfig, serve_forever  # ray (the ray extra)
     except ImportError as e:
         raise SdrtError(f"--replicas runs on Ray Serve: pip install 'sdrt[ray]' ({e})") from e
     low = args.min_replicas or 1
@@ -173,12 +177,14 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sdrt.backends import BACKENDS
-    from sdrt.schedulers import SAMPLERS
-
     parser = argparse.ArgumentParser(prog="sdrt", description="Stable Diffusion on exported engines")
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_testmodel, _add_train_demo, _add_export, _add_build, _add_generate, _add_serve, _add_bench):
+        add(sub)
+    return parser
 
+
+def _add_testmodel(sub: Any) -> None:
     p = sub.add_parser("testmodel", help="write a random-weight diffusers folder, or single file (offline)")
     p.add_argument("kind", choices=["tiny", "tiny-inpaint", "tiny-plain", "sd15", "tiny-sdxl", "tiny-sdxl-plain", "sdxl",
                                     "tiny-sd3", "tiny-sd3-no-t5", "sd35m"],
@@ -188,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_testmodel)
 
+
+def _add_train_demo(sub: Any) -> None:
     p = sub.add_parser("train-demo", help="train the demo model (shapes in colours, 64x64) on this CPU")
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=None, help="default 0")
@@ -195,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unet-steps", type=int, default=None, help="default 4000")
     p.set_defaults(func=_train_demo)
 
+
+def _add_export(sub: Any) -> None:
     p = sub.add_parser("export", help="export an SD 1.x / 2.x / XL diffusers folder or single file to ONNX engines")
     p.add_argument("model_dir", help="a diffusers folder, or a .safetensors / .ckpt checkpoint in the original layout")
     p.add_argument("-o", "--output", required=True, help="engine directory, e.g. engines/sd15")
@@ -220,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing engine directory")
     p.set_defaults(func=_export)
 
+
+def _add_build(sub: Any) -> None:
     p = sub.add_parser("build", help="build TensorRT plans from an exported engine directory")
     p.add_argument("engines", help="engine directory made by `sdrt export`")
     p.add_argument("--shapes", default=None,
@@ -238,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "TensorRT-RTX cannot build them without one)")
     p.set_defaults(func=_build)
 
+
+def _add_generate(sub: Any) -> None:
     p = sub.add_parser("generate", help="generate images from an engine directory")
     p.add_argument("engines")
     p.add_argument("prompt")
@@ -262,19 +276,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask", default=None, help="inpainting: white repaints, black keeps (needs --image)")
     p.add_argument("--strength", type=float, default=None,
                    help="share of the steps that run from the image, (0, 1] (default 0.75; 1 for inpainting models)")
-    p.add_argument("--mask-blur", type=int, default=4, help="pixels of blur where the original is put back")
-    p.add_argument("--inpainting-fill", choices=["original", "latent noise", "latent nothing"], default="original",
+    p.add_argument("--mask-blur", type=int, default=ImageInput.mask_blur, help="pixels of blur where the original is put back")
+    p.add_argument("--inpainting-fill", choices=list(INPAINTING_FILLS.values()),
+                   default=ImageInput.inpainting_fill,
                    help="what the masked area starts from")
     p.add_argument("--invert-mask", action="store_true", help="black repaints, white keeps")
     p.add_argument("--clip-skip", type=int, default=None,
                    help="A1111's clip skip: 2 conditions on CLIP's penultimate layer (SD 1.x/2.x; default 1)")
     p.add_argument("--skip-guidance-layers", type=_int_list, default=None, metavar="I,J,...",
                    help="SD 3.5's skip-layer guidance: transformer blocks to skip (Medium: 7,8,9); with CFG")
-    p.add_argument("--skip-layer-guidance-scale", type=float, default=2.8, help="its scale (default 2.8)")
-    p.add_argument("--skip-layer-guidance-start", type=float, default=0.01,
-                   help="the share of the steps where it starts (default 0.01)")
-    p.add_argument("--skip-layer-guidance-stop", type=float, default=0.2,
-                   help="the share of the steps where it stops (default 0.2)")
+    p.add_argument("--skip-layer-guidance-scale", type=float, default=SkipLayers.scale,
+                   help=f"its scale (default {SkipLayers.scale})")
+    p.add_argument("--skip-layer-guidance-start", type=float, default=SkipLayers.start,
+                   help=f"the share of the steps where it starts (default {SkipLayers.start})")
+    p.add_argument("--skip-layer-guidance-stop", type=float, default=SkipLayers.stop,
+                   help=f"the share of the steps where it stops (default {SkipLayers.stop})")
     p.add_argument("--backend", choices=list(BACKENDS), default="auto")
     p.add_argument("--low-vram", action="store_true", help="keep one engine resident at a time")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
@@ -284,22 +300,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="out.png")
     p.set_defaults(func=_generate)
 
+
+def _add_serve(sub: Any) -> None:
     p = sub.add_parser("serve", help="serve the A1111 and OpenAI image APIs over HTTP")
     p.add_argument("engines")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--host", default=ServeConfig.host, help="bind address (default loopback only)")
+    p.add_argument("--port", type=int, default=ServeConfig.port)
     p.add_argument("--token", default=None, help="require 'Authorization: Bearer TOKEN' (or env SDRT_TOKEN)")
     p.add_argument("--no-auth", action="store_true", help="serve without a token beyond loopback (never implied)")
     p.add_argument("--backend", choices=list(BACKENDS), default="auto")
-    p.add_argument("--max-queue", type=int, default=64, help="queued images before 429")
+    p.add_argument("--max-queue", type=int, default=ServeConfig.max_queue, help="queued images before 429")
     p.add_argument("--max-batch", type=int, default=None, help="images per engine call (1 disables batching)")
-    p.add_argument("--batch-window-ms", type=float, default=15.0, help="wait for requests to share a call")
-    p.add_argument("--timeout", type=float, default=300.0, help="per-request timeout in seconds (then 504)")
-    p.add_argument("--max-steps", type=int, default=150)
+    p.add_argument("--batch-window-ms", type=float, default=ServeConfig.batch_window_s * 1e3, help="wait for requests to share a call")
+    p.add_argument("--timeout", type=float, default=ServeConfig.request_timeout_s, help="per-request timeout in seconds (then 504)")
+    p.add_argument("--max-steps", type=int, default=ServeConfig.max_steps)
     p.add_argument("--max-size", type=int, default=None, help="cap on width/height below the engines' limit")
     p.add_argument("--lora-dir", type=Path, default=None,
                    help="folder of LoRA .safetensors files that prompts name as <lora:NAME:WEIGHT> (A1111's)")
-    p.add_argument("--drain", type=float, default=30.0,
+    p.add_argument("--drain", type=float, default=ServeConfig.shutdown_drain_s,
                    help="on SIGTERM/SIGINT, seconds queued work may still run; what is left then gets 503")
     p.add_argument("--replicas", type=int, default=None,
                    help="run N replicas on Ray Serve (sdrt[ray]), one GPU each where the cluster has GPUs")
@@ -309,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="join this Ray cluster ('auto', 'ray://HOST:10001'); default: start a local one")
     p.set_defaults(func=_serve)
 
+
+def _add_bench(sub: Any) -> None:
     p = sub.add_parser("bench", help="sdrt against the diffusers baselines, side by side")
     p.add_argument("model_dir", help="the diffusers folder the engines were exported from")
     p.add_argument("--engines", required=True, help="engine directory exported from model_dir")
@@ -329,7 +349,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SD 3.5: skip-layer guidance on these blocks at diffusers' defaults, every backend")
     p.add_argument("-o", "--output", default="bench/results/local")
     p.set_defaults(func=_bench)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,9 +15,9 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from sdrt.export.reference import DIFFUSERS_SCHEDULERS, diffusers_scheduler  # noqa: E402
-from sdrt.export.testmodel import SD15_SCHEDULER_CONFIG  # noqa: E402
+from sdrt.export.architectures import SD15_SCHEDULER_CONFIG  # noqa: E402
 from sdrt.errors import InputError  # noqa: E402
-from sdrt.export.testmodel import SD3_SCHEDULER_CONFIG, SDXL_SCHEDULER_CONFIG  # noqa: E402
+from sdrt.export.architectures import SD3_SCHEDULER_CONFIG, SDXL_SCHEDULER_CONFIG  # noqa: E402
 from sdrt.schedulers import (SAMPLER_SETTINGS, A, B, C_IN, D, HISTORY, HO, HX, KA, KN, UNSUPPORTED_SETTINGS,  # noqa: E402
                              WITHOUT_ZERO_SNR, NoiseSchedule, make_plan)
 

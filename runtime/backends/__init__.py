@@ -5,6 +5,10 @@ from __future__ import annotations
 from sdrt.backends.base import Backend, Engine
 from sdrt.errors import BackendError
 from sdrt.manifest import Manifest
+from sdrt.backends.onnxruntime import cuda_available, OrtBackend
+from sdrt.backends.tensorrt import TrtBackend
+from sdrt.cuda import gpu_arch
+from sdrt.tensorrt_lib import available_flavours
 
 BACKENDS = ("auto", "ort", "ort-cpu", "ort-cuda", "trt")
 
@@ -15,12 +19,9 @@ def select_backend(name: str = "auto", manifest: Manifest | None = None) -> Back
     if name not in BACKENDS:
         raise BackendError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
     if name == "trt" or (name == "auto" and manifest is not None and _plans_runnable(manifest)):
-        from sdrt.backends.tensorrt import TrtBackend
-
         plans = manifest.plans if manifest is not None else None
         return TrtBackend(plans.flavour if plans is not None else "auto")
 
-    from sdrt.backends.onnxruntime import OrtBackend, cuda_available
 
     if name in ("auto", "ort"):
         return OrtBackend("cuda" if cuda_available() else "cpu")
@@ -29,9 +30,6 @@ def select_backend(name: str = "auto", manifest: Manifest | None = None) -> Back
 
 def _plans_runnable(manifest: Manifest) -> bool:
     """Plans were built, their TensorRT flavour is importable and this machine has a GPU."""
-    from sdrt.cuda import gpu_arch
-    from sdrt.tensorrt_lib import available_flavours
-
     plans = manifest.plans
     return plans is not None and plans.flavour in available_flavours() and gpu_arch() in plans.archs
 

@@ -30,6 +30,7 @@ from sdrt.manifest import Manifest, ShapeLimits, verify_files
 from sdrt.paths import write_atomic
 from sdrt.plans import build_hint, check_io, check_plans
 from sdrt.tensorrt_lib import TensorRT, cache_path, import_tensorrt
+from sdrt.loras import base_weight
 
 MAX_GRAPHS = 512  # captured bindings kept per engine (a 50-step loop uses 50)
 
@@ -147,7 +148,6 @@ class TrtEngine(Engine):
             raise EngineError(f"{self.spec.onnx}'s plan was built without refittable weights (on a machine without a "
                               f"GPU, or --no-refit): {build_hint(self.backend.engine_dir, ' --refit')} on a GPU to "
                               "use LoRA on TensorRT, or use --backend ort")
-        from sdrt.loras import base_weight
 
         trt = self.backend.lib.module
         self.backend.synchronize()  # no run may read the weights while they change

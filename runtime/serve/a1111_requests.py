@@ -88,7 +88,7 @@ class Img2ImgRequest(Txt2ImgRequest):
     mask_blur: Int = ImageInput.mask_blur
     mask_blur_x: Int | None = None
     mask_blur_y: Int | None = None
-    inpainting_fill: Int = 1
+    inpainting_fill: Int = next(k for k, v in INPAINTING_FILLS.items() if v == ImageInput.inpainting_fill)
     inpaint_full_res: bool = False
     inpaint_full_res_padding: Int = 0
     inpainting_mask_invert: Int = 0
