@@ -36,7 +36,6 @@ class LiveServer:
         import httpx
         import uvicorn
 
-
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]

@@ -27,7 +27,7 @@ from sdrt.bench.report import markdown_table, plot_latency
 from sdrt.manifest import read_manifest
 from sdrt.pipeline import Pipeline
 
-BENCH_BACKENDS = ("torch", "torch-compile", "ort", "trt", "ort-low-vram", "trt-low-vram")
+BENCH_BACKENDS = ("torch", "torch-compile", "ort", "ort-plain", "trt", "ort-low-vram", "trt-low-vram")
 STAGES = ("text_encoder", "step", "steps", "decode", "end_to_end")
 
 

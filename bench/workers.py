@@ -71,15 +71,18 @@ class DeviceMemoryProbe:
 
 
 LOW_VRAM = "-low-vram"  # bench backend suffix: the same backend with Pipeline.load(low_vram=True)
+PLAIN = "-plain"  # bench backend suffix: ONNX Runtime on the exported graphs, not `sdrt optimize`'s
 
 
 class SdrtRunner:
     def __init__(self, workload: Workload, backend: str):
         self.w = workload
-        low_vram = backend.endswith(LOW_VRAM)
-        backend = backend.removesuffix(LOW_VRAM)
-        self.pipe = Pipeline.load(workload.engines, backend=backend, low_vram=low_vram)
-        self.name = self.pipe.backend.name + (" low-vram" if low_vram else "")
+        low_vram, plain = backend.endswith(LOW_VRAM), backend.endswith(PLAIN)
+        backend = backend.removesuffix(LOW_VRAM).removesuffix(PLAIN)
+        self.pipe = Pipeline.load(workload.engines, backend=backend, low_vram=low_vram, optimized=not plain)
+        optimized = getattr(self.pipe.backend, "optimized", False) and self.pipe.manifest.optimized.get(
+            getattr(self.pipe.backend, "device", ""))
+        self.name = self.pipe.backend.name + (" low-vram" if low_vram else "") + (" optimized" if optimized else "")
 
     def _config(self, batch: int) -> Any:
         w = self.w

@@ -118,7 +118,6 @@ def real_clip_merges() -> list[tuple[str, str]]:
     import gzip
     import importlib.util
 
-
     spec = importlib.util.find_spec("open_clip")
     path = Path(next(iter(spec.submodule_search_locations or []), "")) / "bpe_simple_vocab_16e6.txt.gz" if spec else None
     if path is None or not path.is_file():

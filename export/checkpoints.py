@@ -94,7 +94,6 @@ def write_config_folder(kind: CheckpointKind, out: Path) -> Path:
     tokenizers with CLIP's real vocabulary."""
     from transformers import CLIPTextConfig, CLIPTokenizer
 
-
     merges = real_clip_merges()
     index: dict[str, Any] = {"_class_name": kind.pipeline, "unet": ["diffusers", "UNet2DConditionModel"],
                              "vae": ["diffusers", "AutoencoderKL"],

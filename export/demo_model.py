@@ -240,7 +240,6 @@ def picture_grid(engine_dir: Path, out: Path, seed: int = 1, backend: str = "aut
     """Every caption of the grammar once (rows: colours; columns: shapes on white, then on black)."""
     from PIL import Image
 
-
     pipe = Pipeline.load(engine_dir, backend=backend)
     tiles = {}
     for colour, shape, background in captions():

@@ -161,7 +161,6 @@ def write_single_file(model_dir: Path, out: Path) -> Path:
     from safetensors.torch import save_file
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-
     family = family_for(json.loads((model_dir / "model_index.json").read_text()), str(model_dir))
     state = {**unet_state(UNet2DConditionModel.from_pretrained(model_dir / "unet")),
              **vae_state(AutoencoderKL.from_pretrained(model_dir / "vae")),

@@ -28,6 +28,5 @@ def diffusers_scheduler(name: str, config: Mapping[str, Any]) -> Any:
     """The diffusers scheduler of the same name, built from a scheduler_config as diffusers would."""
     import diffusers
 
-
     cls_name, extra = (FLOW_DIFFUSERS_SCHEDULERS if is_flow_config(config) else DIFFUSERS_SCHEDULERS)[name]
     return getattr(diffusers, cls_name).from_config({**config, **extra})

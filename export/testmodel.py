@@ -170,7 +170,6 @@ def t5_test_tokenizer() -> Any:
     their letters; `<pad>` 0, `</s>` 1, `<unk>` 2, as T5's."""
     from transformers import T5TokenizerFast
 
-
     words = sorted({w for w in CORPUS.lower().replace(",", " ").split()})
     chars = sorted(set("".join(words)) | set(",.!?'-0123456789"))
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
@@ -288,7 +287,6 @@ def write_test_lora(model_dir: Path, path: Path, seed: int, sgm: bool = False, r
     from diffusers import UNet2DConditionModel
     from safetensors.torch import save_file
     from transformers import CLIPTextModel
-
 
     g = torch.Generator().manual_seed(seed)
     state = {}

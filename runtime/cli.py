@@ -66,6 +66,18 @@ def _build(args: argparse.Namespace) -> None:
         print(f"  {name:15s} {record.bytes / 2**20:8.1f} MiB  {record.build_s:7.1f} s")
 
 
+def _optimize(args: argparse.Namespace) -> None:
+    from sdrt.export.optimize import OptimizeConfig, optimize  # onnx and onnxruntime's optimizer tools
+
+    manifest = optimize(OptimizeConfig(Path(args.engines), args.provider))
+    print(f"optimized {manifest.name} for ONNX Runtime's {args.provider} provider in {args.engines}")
+    for name, graph in manifest.optimized[args.provider].items():
+        fused = ", ".join(f"{op} {n}" for op, n in graph.fused.items()) or "nothing fused"
+        print(f"  {name:15s} {graph.onnx}: {fused}")
+        if graph.unfused_attention:
+            print(f"  {'':15s} attention left unfused: {', '.join(graph.unfused_attention)}")
+
+
 def _lora_arg(text: str) -> tuple[str, float]:
     """FILE[:WEIGHT] -> (FILE, WEIGHT); a colon not followed by a number belongs to the path."""
     path, _, weight = text.rpartition(":")
@@ -86,9 +98,9 @@ def _int_list(text: str) -> list[int]:
 def _generate(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-
     image, mask = (_read_file(path, flag) for path, flag in ((args.image, "--image"), (args.mask, "--mask")))
-    pipe = Pipeline.load(args.engines, backend=args.backend, low_vram=args.low_vram, lora_dir=args.lora_dir)
+    pipe = Pipeline.load(args.engines, backend=args.backend, low_vram=args.low_vram, lora_dir=args.lora_dir,
+                         optimized=not args.no_optimized)
     config = pipe.make_config(args.prompt, negative_prompt=args.negative, steps=args.steps,
                               guidance=args.guidance, scheduler=args.scheduler, seed=args.seed,
                               height=args.height, width=args.width, batch=args.batch,
@@ -179,7 +191,8 @@ def _serve(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdrt", description="Stable Diffusion on exported engines")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_testmodel, _add_train_demo, _add_export, _add_build, _add_generate, _add_serve, _add_bench):
+    for add in (_add_testmodel, _add_train_demo, _add_export, _add_build, _add_optimize, _add_generate, _add_serve,
+                _add_bench):
         add(sub)
     return parser
 
@@ -251,6 +264,14 @@ def _add_build(sub: Any) -> None:
     p.set_defaults(func=_build)
 
 
+def _add_optimize(sub: Any) -> None:
+    p = sub.add_parser("optimize", help="write ONNX Runtime-optimized graphs (fused attention, NHWC GroupNorm, ...)")
+    p.add_argument("engines", help="engine directory made by `sdrt export` (fp32 for now)")
+    p.add_argument("--provider", choices=["cuda", "cpu"], default="cuda",
+                   help="the execution provider the graphs are for: cuda adds the fusions with CUDA kernels only")
+    p.set_defaults(func=_optimize)
+
+
 def _add_generate(sub: Any) -> None:
     p = sub.add_parser("generate", help="generate images from an engine directory")
     p.add_argument("engines")
@@ -293,6 +314,8 @@ def _add_generate(sub: Any) -> None:
                    help=f"the share of the steps where it stops (default {SkipLayers.stop})")
     p.add_argument("--backend", choices=list(BACKENDS), default="auto")
     p.add_argument("--low-vram", action="store_true", help="keep one engine resident at a time")
+    p.add_argument("--no-optimized", action="store_true",
+                   help="ONNX Runtime: run the exported graphs even where `sdrt optimize` wrote optimized ones")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
                    help="apply a LoRA (.safetensors, kohya or diffusers) at WEIGHT (default 1); repeatable")
     p.add_argument("--lora-dir", type=Path, default=None,

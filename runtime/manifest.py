@@ -184,6 +184,17 @@ class PlanSet:
 
 
 @dataclass(frozen=True)
+class OptimizedGraph:
+    """One graph rewritten for an ONNX Runtime provider by `sdrt optimize` (sdrt.export.optimize)."""
+
+    onnx: str  # file name inside the engine directory (its weights: the same name + ".data")
+    model_type: str  # onnxruntime.transformers' name for the architecture
+    fused: dict[str, int]  # fused op -> nodes
+    unfused_attention: tuple[str, ...] = ()  # attention blocks (Softmax nodes) the optimizer left as they were
+    lora_weights: bool = True  # every weight a LoRA may change is still its own initializer
+
+
+@dataclass(frozen=True)
 class Manifest:
     name: str
     precision: str
@@ -196,6 +207,7 @@ class Manifest:
     versions: dict[str, str] = field(default_factory=dict)
     validation: dict[str, Any] = field(default_factory=dict)
     plans: PlanSet | None = None  # TensorRT plans, written by `sdrt build`
+    optimized: dict[str, dict[str, OptimizedGraph]] = field(default_factory=dict)  # provider -> component -> graph
 
     @property
     def model_hash(self) -> str:
@@ -232,6 +244,9 @@ class Manifest:
             scheduler_config=doc["scheduler_config"], files=doc["files"], source=doc.get("source", {}),
             versions=doc.get("versions", {}), validation=doc.get("validation", {}),
             plans=PlanSet.from_dict(plans) if plans else None,
+            optimized={provider: {name: OptimizedGraph(**{**g, "unfused_attention": tuple(g["unfused_attention"])})
+                                  for name, g in graphs.items()}
+                       for provider, graphs in doc.get("optimized", {}).items()},
         )
 
 

@@ -63,12 +63,14 @@ class Pipeline:
 
     @classmethod
     def load(cls, engine_dir: str | Path, backend: str | Backend = "auto", verify: bool = True,
-             low_vram: bool = False, vae_tile: int = 512, lora_dir: str | Path | None = None) -> "Pipeline":
+             low_vram: bool = False, vae_tile: int = 512, lora_dir: str | Path | None = None,
+             optimized: bool = True) -> "Pipeline":
         """low_vram: one engine resident at a time, and VAE decode in vae_tile-pixel tiles above that size;
-        lora_dir: the folder prompts' `<lora:NAME:WEIGHT>` tags name files in (A1111's)."""
+        lora_dir: the folder prompts' `<lora:NAME:WEIGHT>` tags name files in (A1111's); optimized: ONNX
+        Runtime runs the graphs `sdrt optimize` wrote for its device, where there are some."""
         engine_dir = Path(engine_dir)
         manifest = read_manifest(engine_dir)
-        chosen = select_backend(backend, manifest) if isinstance(backend, str) else backend
+        chosen = select_backend(backend, manifest, optimized) if isinstance(backend, str) else backend
         if verify:
             chosen.verify(engine_dir, manifest)
         pipe = cls(engine_dir, manifest, chosen, low_vram=low_vram, vae_tile=vae_tile, lora_dir=lora_dir)

@@ -174,3 +174,21 @@ def test_t5_export_command_writes_its_figures_with_machine_and_versions(tmp_path
     written = json.loads((tmp_path / "out" / "t5xxl-export.json").read_text())
     assert written["tokens"] == 8 and written["versions"]["torch"] and written["machine"]
     assert written["command"].startswith("python -m sdrt.bench.t5_export --tokens 8")
+
+
+def test_bench_runs_the_optimized_and_the_plain_graphs_side_by_side(tiny_model, tiny_engines, tmp_path):
+    import shutil
+
+    pytest.importorskip("onnxruntime.transformers")
+    from sdrt.export.optimize import OptimizeConfig, optimize
+
+    engines = tmp_path / "e"
+    shutil.copytree(tiny_engines, engines)
+    optimize(OptimizeConfig(engines, "cpu"), progress=False)
+    w = Workload(str(tiny_model), str(engines), 64, 64, steps=3, guidance=7.5, scheduler="euler", seed=1)
+    results = run_bench(BenchConfig(w, ("torch", "ort", "ort-plain"), batches=(1,), runs=1, warmup=0,
+                                    output=tmp_path, command="test"), progress=False)
+    names = {k: v["name"] for k, v in results["backends"].items()}
+    assert names == {"torch": names["torch"], "ort": "ort-cpu optimized", "ort-plain": "ort-cpu"}
+    for backend in ("ort", "ort-plain"):
+        assert results["backends"][backend]["batches"]["1"]["psnr_vs_torch_db"] >= 40

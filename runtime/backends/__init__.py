@@ -13,19 +13,18 @@ from sdrt.tensorrt_lib import available_flavours
 BACKENDS = ("auto", "ort", "ort-cpu", "ort-cuda", "trt")
 
 
-def select_backend(name: str = "auto", manifest: Manifest | None = None) -> Backend:
+def select_backend(name: str = "auto", manifest: Manifest | None = None, optimized: bool = True) -> Backend:
     """auto: TensorRT where the engine directory has plans this machine can run, else ONNX Runtime
-    CUDA, else ONNX Runtime CPU. ort: the best ONNX Runtime (CUDA, else CPU), never TensorRT."""
+    CUDA, else ONNX Runtime CPU. ort: the best ONNX Runtime (CUDA, else CPU), never TensorRT.
+    optimized: ONNX Runtime runs `sdrt optimize`'s graphs for its device where there are some."""
     if name not in BACKENDS:
         raise BackendError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
     if name == "trt" or (name == "auto" and manifest is not None and _plans_runnable(manifest)):
         plans = manifest.plans if manifest is not None else None
         return TrtBackend(plans.flavour if plans is not None else "auto")
-
-
     if name in ("auto", "ort"):
-        return OrtBackend("cuda" if cuda_available() else "cpu")
-    return OrtBackend(name.removeprefix("ort-"))
+        return OrtBackend("cuda" if cuda_available() else "cpu", optimized=optimized)
+    return OrtBackend(name.removeprefix("ort-"), optimized=optimized)
 
 
 def _plans_runnable(manifest: Manifest) -> bool:

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from sdrt.backends.base import Backend, Engine
 from sdrt.errors import BackendError, EngineError
-from sdrt.manifest import ComponentSpec, Manifest
+from sdrt.manifest import ComponentSpec, Manifest, OptimizedGraph
 
 _ELEMENT_TYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "uint8": np.uint8,
                   "int32": np.int32}
@@ -112,7 +112,10 @@ def _numpy_name(ort_type: str) -> str:
 
 
 class OrtBackend(Backend):
-    def __init__(self, device: str = "cpu", threads: int | None = None):
+    """optimized: run the graphs `sdrt optimize --provider DEVICE` wrote where the manifest has them
+    (False: the plain exported graphs, for comparison)."""
+
+    def __init__(self, device: str = "cpu", threads: int | None = None, optimized: bool = True):
         import onnxruntime as ort
 
         if device not in ("cpu", "cuda"):
@@ -128,15 +131,32 @@ class OrtBackend(Backend):
         self.device = device
         self.name = f"ort-{device}"
         self.threads = threads
+        self.optimized = optimized
+        self.graphs: dict[str, str] = {}  # component -> the file loaded
 
     def describe(self) -> str:
-        return f"{self.name} (onnxruntime {self.ort.__version__})"
+        optimized = sorted(c for c, f in self.graphs.items() if f".{self.device}.onnx" in f)
+        which = f", optimized graphs: {', '.join(optimized)}" if optimized else ""
+        return f"{self.name} (onnxruntime {self.ort.__version__}{which})"
+
+    def graph(self, manifest: Manifest, component: str) -> OptimizedGraph | None:
+        """The optimized graph this backend runs for component, or None for the plain one."""
+        return manifest.optimized.get(self.device, {}).get(component) if self.optimized else None
 
     def load(self, engine_dir: Path, manifest: Manifest, component: str,
              weights: Mapping[str, np.ndarray] | None = None) -> Engine:
         spec = manifest.components[component]
-        path = Path(engine_dir) / spec.onnx
-        return OrtEngine(lambda w: self._session(path, spec, w), spec, self.device, weights)
+        graph = self.graph(manifest, component)
+
+        def session(w: Mapping[str, np.ndarray]) -> tuple[Any, list[Any]]:
+            # a LoRA's weights are the plain graph's initializers: where the optimized graph packed some
+            # (self-attention's q, k, v), the LoRA runs on the plain graph until the LoRAs are cleared
+            use = graph if graph is not None and (graph.lora_weights or not w) else None
+            path = Path(engine_dir) / (use.onnx if use is not None else spec.onnx)
+            self.graphs[component] = path.name
+            return self._session(path, spec, w)
+
+        return OrtEngine(session, spec, self.device, weights)
 
     def _session(self, path: Path, spec: ComponentSpec, weights: Mapping[str, np.ndarray]) -> tuple[Any, list[Any]]:
         options = self.ort.SessionOptions()
@@ -151,8 +171,11 @@ class OrtBackend(Backend):
             options.add_external_initializers(list(weights), held)
         providers: list[Any] = ["CPUExecutionProvider"]
         if self.device == "cuda":
+            # NHWC kernels where the EP has them (the optimized graphs' convolutions are NHWC already), cuDNN's
+            # exhaustive search for the fastest convolution (once per shape, at the first run)
             providers = [("CUDAExecutionProvider", {"device_id": 0, "arena_extend_strategy": "kSameAsRequested",
-                                                    "cudnn_conv_use_max_workspace": "1"}), "CPUExecutionProvider"]
+                                                    "cudnn_conv_use_max_workspace": "1", "prefer_nhwc": "1",
+                                                    "cudnn_conv_algo_search": "EXHAUSTIVE"}), "CPUExecutionProvider"]
         try:
             session = self.ort.InferenceSession(str(path), options, providers=providers)
         except Exception as e:  # ORT raises its own exception types
