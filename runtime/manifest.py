@@ -81,7 +81,7 @@ class ShapeRange:
 @dataclass(frozen=True)
 class ShapeLimits:
     """What a set of engines accepts: (min, opt, max) of height and width in pixels and of the batch,
-    and the most prompt chunks (75 tokens each).
+    and the most prompt chunks (75 tokens each; None: any number, memory permitting).
 
     `static` plans accept exactly one size and batch; the ONNX and `dynamic` plans a range.
     """
@@ -90,12 +90,13 @@ class ShapeLimits:
     height: tuple[int, int, int]
     width: tuple[int, int, int]
     batch: tuple[int, int, int]
-    max_chunks: int
+    max_chunks: int | None
 
     @classmethod
     def of_onnx(cls, shapes: ShapeRange) -> ShapeLimits:
+        """The graphs' sequence axis is dynamic: any number of chunks (shapes.max_chunks sizes the plans)."""
         size = (shapes.min_size, shapes.default_size, shapes.max_size)
-        return cls("onnx", size, size, (1, 1, shapes.max_batch), shapes.max_chunks)
+        return cls("onnx", size, size, (1, 1, shapes.max_batch), None)
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> ShapeLimits:

@@ -51,12 +51,13 @@ class ClipTokenizer(_Tokenizer):
         self.comma = self._tok.token_to_id(",</w>")
         self.chunks = lru_cache(maxsize=CACHED_PROMPTS)(self._chunks)
 
-    def check(self, prompt: str, label: str, limit: int) -> int:
-        """The chunks the prompt takes; an InputError above `limit`, naming the fix."""
+    def check(self, prompt: str, label: str, limit: int | None) -> int:
+        """The chunks the prompt takes; an InputError above `limit` (None: no limit), naming the fix."""
         chunks = len(self.chunks(prompt))
-        if chunks > limit:
-            raise InputError(f"{label} is {self.tokens(prompt)} tokens ({chunks} chunks of 75); these engines take at "
-                             f"most {limit * 75}: shorten it, or re-export with `sdrt export --max-chunks {chunks}`")
+        if limit is not None and chunks > limit:
+            raise InputError(f"{label} is {self.tokens(prompt)} tokens ({chunks} chunks of 75); these TensorRT plans "
+                             f"take at most {limit * 75}: shorten it, rebuild them after `sdrt export --max-chunks "
+                             f"{chunks}`, or run ONNX Runtime (--backend ort), which takes any length")
         return chunks
 
     def _chunks(self, prompt: str) -> tuple[Chunk, ...]:
@@ -110,7 +111,7 @@ class T5Tokenizer(_Tokenizer):
     def tokens(self, prompt: str) -> int:
         return len(self.pieces(prompt)[0])
 
-    def check(self, prompt: str, label: str, limit: int) -> int:
+    def check(self, prompt: str, label: str, limit: int | None) -> int:
         """1 (T5 takes no chunks); an InputError when the prompt does not fit the sequence."""
         count = self.tokens(prompt)
         if count > self.max_length - 1:

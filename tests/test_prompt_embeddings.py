@@ -98,13 +98,53 @@ def test_clip_skip_outside_the_layers_is_refused(sd1, bad):
         sd1.make_config("a cat", clip_skip=bad)
 
 
-def test_over_the_limit_is_refused_with_the_limit_and_the_fix(sd1):
-    limit = sd1.limits.max_chunks
+def _plans_of(pipe, max_chunks=4):
+    """What TensorRT plans profiled for max_chunks chunks accept (their sequence axis is fixed)."""
+    from dataclasses import replace
+
+    from sdrt.validation import build_request
+
+    accepts = replace(pipe.accepts, limits=replace(pipe.limits, kind="dynamic", max_chunks=max_chunks))
+    return lambda prompt, **kwargs: build_request(accepts, prompt, **kwargs)
+
+
+def test_over_the_plans_limit_is_refused_with_the_limit_and_the_fix(sd1):
+    limit = 4
+    make_config = _plans_of(sd1, limit)
     with pytest.raises(InputError, match=rf"prompt is \d+ tokens .*at most {limit * 75}.*--max-chunks"):
-        sd1.make_config(LONG * 40)
+        make_config(LONG * 40)
     with pytest.raises(InputError, match="negative_prompt is"):
-        sd1.make_config("a cat", negative_prompt=LONG * 40)
-    sd1.make_config("a cat", negative_prompt=LONG * 40, guidance=1.0)  # no CFG: the negative is not encoded
+        make_config("a cat", negative_prompt=LONG * 40)
+    make_config("a cat", negative_prompt=LONG * 40, guidance=1.0)  # no CFG: the negative is not encoded
+
+
+def test_onnx_runtime_takes_any_length_and_encodes_it_as_the_reference(sd1, tiny_model):
+    """A1111 takes prompts of any length; the ONNX graphs' sequence axis is dynamic (export profiled 4 chunks)."""
+    assert sd1.limits.max_chunks is None and sd1.manifest.shapes.max_chunks == 4
+    prompt = LONG * 8 + "(bright blue sky:1.3)" + LONG * 40
+    config = sd1.make_config(prompt, negative_prompt=LONG * 30, guidance=7.5, height=64, width=64, steps=2)
+    assert config.prompts.chunks >= 10  # the export profiled 4
+    embeddings = sd1.encode_prompt(config)["text_embeddings"]
+    assert embeddings.shape[:2] == (2, 77 * config.prompts.chunks)
+    ref, _ = reference_embeddings(tiny_model, "text_encoder", "tokenizer", 1, True,
+                                  [(LONG * 8, 1.0), ("bright blue sky", 1.3), (LONG * 40, 1.0)])
+    assert_close(embeddings[1], ref, f"{config.prompts.chunks}-chunk prompt")
+    images = sd1.generate(config).images
+    assert np.isfinite(images).all() and images.std() > 0
+
+
+def test_an_out_of_memory_run_names_the_fix(sd1, monkeypatch):
+    from sdrt.errors import BackendError
+    from sdrt.manifest import STEP
+
+    engine = sd1.device.engines[STEP]
+
+    def exhausted(binding):
+        raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory for requested buffer")
+
+    monkeypatch.setattr(engine.session, "run_with_iobinding", exhausted, raising=False)
+    with pytest.raises(BackendError, match="not enough memory to run denoise_step.onnx.*shorter prompts"):
+        sd1.generate(sd1.make_config("a cat", steps=1, height=64, width=64))
 
 
 def image(pipe, prompt, **kwargs):

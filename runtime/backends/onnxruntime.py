@@ -76,7 +76,13 @@ class OrtEngine(Engine):
         for name, value in outputs.items():
             self._bind(name, value, False)
         start = time.perf_counter()
-        self.session.run_with_iobinding(self.binding)
+        try:
+            self.session.run_with_iobinding(self.binding)
+        except Exception as e:  # ORT raises its own exception types
+            if any(marker in str(e).lower() for marker in _OUT_OF_MEMORY):
+                raise BackendError(f"not enough memory to run {self.spec.onnx} at these shapes: shorter prompts, a "
+                                   f"smaller size or batch, or --low-vram ({e})") from e
+            raise
         if self._run_times is not None:
             self._run_times.append(time.perf_counter() - start)
 
