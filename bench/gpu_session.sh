@@ -14,20 +14,27 @@
 #                                   steps; sd35m 1024², 28 steps (no T5); SCHEDULER: the family's default;
 #                                   BACKENDS=torch,ort,... to leave some out (torch.compile compiles per batch);
 #                                   SKIP_LAYERS=7,8,9: sd35m with skip-layer guidance (Medium's recommended)
+#   on the GPU, carrying .whl:  bench/gpu_session.sh proof   sd15 fp32 export, `sdrt optimize --provider cuda`,
+#                                   then torch / torch-compile / ort-cuda plain / ort-cuda optimized side by side
+#                                   at 512², 50 steps, batch 1 and 4 (BACKENDS, BATCHES, RUNS trim it)
+#   here, before any device call: bench/gpu_session.sh dry-run   the proof's stages on this CPU with the tiny
+#                                   model, the CPU providers and torch on the CPU (tests/test_bench.py runs it)
+# A session: `prepare` here; on the GPU one `stash` call per part of onnxruntime-gpu (5 of <= 60 MB), then
+# `proof`, then `check` (pytest -m gpu): 7 calls.
 # Each stage writes its logs and JSON to $OUT (the device tool brings them back); keep them under
 # bench/results/<gpu>/ with the command. A stage reuses what an earlier one left in /tmp while the
 # machine stays warm, and rebuilds it otherwise.
 set -euo pipefail
 shopt -s nullglob
 
-stage=${1:?usage: bench/gpu_session.sh prepare|stash|check|sd15|bench}
+stage=${1:?usage: bench/gpu_session.sh prepare|stash|check|sd15|bench|proof|dry-run}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 PYTHON=${PYTHON:-python3}
 ORT_GPU=${ORT_GPU:-onnxruntime-gpu==1.31.1}
 parts=${SDRT_PARTS:-/root/parts}  # where `stash` keeps the parts between calls
 site=/tmp/sdrt-site
-work=/tmp/sdrt-gpu
+work=${SDRT_WORK:-/tmp/sdrt-gpu}
 out=${OUT:-$work/out}
 
 prepare() {
@@ -103,7 +110,8 @@ check() {
         | tee "$out/tiny-trt.txt"
     sdrt generate "$work/tiny-fp16" "a cat" --backend ort-cuda --steps 8 --seed 1 -o "$out/tiny-ort-cuda.png" 2>&1 \
         | tee "$out/tiny-ort-cuda.txt"
-    $PYTHON -m pytest -m "gpu and not slow" -p no:cacheprovider -q tests/test_build.py 2>&1 | tee "$out/pytest-gpu.txt"
+    $PYTHON -m pytest -m "gpu and not slow" -p no:cacheprovider -q tests/test_build.py tests/test_optimize.py 2>&1 \
+        | tee "$out/pytest-gpu.txt"
     $PYTHON -m pytest -p no:cacheprovider -q tests/test_runtime.py tests/test_parity.py 2>&1 | tail -5 \
         | tee -a "$out/pytest-gpu.txt"
 }
@@ -142,9 +150,32 @@ bench() {  # [KIND [SCHEDULER]]: issue 19's workload for the family
         | tee "$out/bench-$kind${scheduler:+-$scheduler}${SKIP_LAYERS:+-slg}.txt"
 }
 
+timed() {  # GNU time's wall and peak RSS where the machine has it
+    if [[ -x /usr/bin/time ]]; then /usr/bin/time -v "$@"; else "$@"; fi
+}
+
+proof() {  # the ONNX Runtime fast path against torch: KIND (sd15) fp32, optimized for PROVIDER (cuda)
+    local kind=${KIND:-sd15} size=${SIZE:-512} steps=${STEPS:-50} provider=${PROVIDER:-cuda}
+    local sdrt=${SDRT:-sdrt}
+    if [[ ! -d $work/$kind ]]; then $sdrt testmodel "$kind" "$work/$kind"; fi
+    if [[ ! -d $work/$kind-fp32 ]]; then
+        $sdrt export "$work/$kind" -o "$work/$kind-fp32" --precision fp32 --max-batch 4 --max-size "$size"
+    fi
+    timed $sdrt optimize "$work/$kind-fp32" --provider "$provider" 2>&1 | tee "$out/optimize-$kind.txt"
+    $sdrt bench "$work/$kind" --engines "$work/$kind-fp32" --backends "${BACKENDS:-torch,torch-compile,ort-plain,ort}" \
+        --height "$size" --width "$size" --steps "$steps" --guidance 7.5 --scheduler dpmpp_2m_karras \
+        --batch "${BATCHES:-1,4}" --runs "${RUNS:-3}" --warmup 1 -o "$out/proof-$kind" 2>&1 | tee "$out/proof-$kind.txt"
+}
+
+dry_run() {  # here: the proof on the CPU with the tiny model, in this checkout's venv
+    SDRT=${SDRT:-$repo/.venv/bin/sdrt} KIND=tiny SIZE=64 STEPS=3 PROVIDER=cpu BACKENDS=torch,ort-plain,ort \
+        BATCHES=1 RUNS=1 proof
+}
+
 case $stage in
     prepare) prepare ;;
     stash) stash ;;
-    check | sd15 | bench) install && environment && "$stage" "${@:2}" ;;
-    *) echo "unknown stage $stage: prepare, stash, check, sd15 or bench" >&2; exit 2 ;;
+    check | sd15 | bench | proof) install && environment && "$stage" "${@:2}" ;;
+    dry-run) mkdir -p "$out" "$work" && dry_run ;;
+    *) echo "unknown stage $stage: prepare, stash, check, sd15, bench, proof or dry-run" >&2; exit 2 ;;
 esac

@@ -192,3 +192,24 @@ def test_bench_runs_the_optimized_and_the_plain_graphs_side_by_side(tiny_model, 
     assert names == {"torch": names["torch"], "ort": "ort-cpu optimized", "ort-plain": "ort-cpu"}
     for backend in ("ort", "ort-plain"):
         assert results["backends"][backend]["batches"]["1"]["psnr_vs_torch_db"] >= 40
+
+
+def test_the_gpu_sessions_proof_runs_here_on_the_cpu(tmp_path):
+    """bench/gpu_session.sh dry-run: the proof's stages (test model, export, optimize, bench) with the
+    tiny model on the CPU, so a lent GPU's few minutes are never lost to a broken script."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("onnxruntime.transformers")
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_session.sh"
+    env = {**os.environ, "SDRT_WORK": str(tmp_path / "work"), "OUT": str(tmp_path / "out"),
+           "SDRT": f"{sys.executable} -m sdrt.cli"}
+    r = subprocess.run(["bash", str(script), "dry-run"], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    results = json.loads(next((tmp_path / "out" / "proof-tiny").glob("*.json")).read_text())
+    assert {v["name"] for v in results["backends"].values()} >= {"ort-cpu", "ort-cpu optimized"}
+    assert "MultiHeadAttention" in (tmp_path / "out" / "optimize-tiny.txt").read_text()
+    bad = subprocess.run(["bash", str(script), "nonsense"], env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "dry-run" in bad.stderr
