@@ -577,12 +577,22 @@ A1111_SAMPLERS: dict[str, tuple[str, str]] = {
 A1111_SCHEDULE_TYPES = ("Automatic", "Karras")
 
 
-def a1111_labels() -> dict[str, list[str]]:
-    """A1111 sampler label -> the sdrt samplers under it (one per schedule type), in table order."""
+def a1111_labels(schedule: NoiseSchedule | None = None) -> dict[str, list[str]]:
+    """A1111 sampler label -> the sdrt samplers under it (one per schedule type), in table order; with
+    a schedule, only those the model can run (check_sampler)."""
     labels: dict[str, list[str]] = {}
     for name, (label, _) in A1111_SAMPLERS.items():
-        labels.setdefault(label, []).append(name)
+        if schedule is None or _runs(name, schedule):
+            labels.setdefault(label, []).append(name)
     return labels
+
+
+def _runs(name: str, schedule: NoiseSchedule) -> bool:
+    try:
+        check_sampler(name, 1, schedule)
+    except InputError:
+        return False
+    return True
 
 
 def from_a1111(sampler: str, schedule_type: str | None) -> str | None:

@@ -284,3 +284,16 @@ def test_a_setting_left_to_the_class_default_sdrt_lacks_is_refused_naming_the_ke
     assert len(make_plan(name, NoiseSchedule.from_config({**saved, key: runs}), 4)) >= 4  # PLMS: 5 rows
     with pytest.raises(InputError, match=f"sets {key}={default!r}"):
         make_plan(name, NoiseSchedule.from_config({**saved, key: default}), 4)
+
+
+def test_the_a1111_sampler_list_holds_what_the_model_runs():
+    from sdrt.schedulers import NoiseSchedule, a1111_labels
+
+    everything = a1111_labels()
+    assert a1111_labels(NoiseSchedule.from_config(SD15_SCHEDULER_CONFIG)) == everything
+    plain = NoiseSchedule.from_config({"_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085,
+                                       "beta_end": 0.012, "beta_schedule": "scaled_linear"})
+    runs = a1111_labels(plain)  # no clip_sample / skip_prk_steps keys: DDIM and PLMS would differ from diffusers
+    assert "DDIM" in everything and "PLMS" in everything and "DDIM" not in runs and "PLMS" not in runs
+    assert "Euler a" in runs and runs["DPM++ 2M"] == everything["DPM++ 2M"]
+    assert list(a1111_labels(NoiseSchedule.from_config(SD3_SCHEDULER_CONFIG))) == ["Euler"]

@@ -46,7 +46,9 @@ def _generation(router: APIRouter, server: Server) -> None:
 def _discovery(router: APIRouter, server: Server) -> None:
     @router.get("/samplers")
     async def samplers() -> list[dict]:
-        return [{"name": label, "aliases": names, "options": {}} for label, names in a1111_labels().items()]
+        """The samplers these engines run (all of sdrt's while they load)."""
+        schedule = server.pipeline.schedule if server.scheduler.ready.is_set() else None
+        return [{"name": label, "aliases": names, "options": {}} for label, names in a1111_labels(schedule).items()]
 
     @router.get("/schedulers")
     async def schedulers() -> list[dict]:
