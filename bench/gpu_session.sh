@@ -14,7 +14,7 @@
 #                                   steps; sd35m 1024², 28 steps (no T5); SCHEDULER: the family's default;
 #                                   BACKENDS=torch,ort,... to leave some out (torch.compile compiles per batch);
 #                                   SKIP_LAYERS=7,8,9: sd35m with skip-layer guidance (Medium's recommended)
-#   on the GPU, carrying .whl:  bench/gpu_session.sh proof   sd15 fp32 export, `sdrt optimize --provider cuda`,
+#   on the GPU, carrying .whl:  bench/gpu_session.sh proof   sd15 fp16 export, `sdrt optimize --provider cuda`,
 #                                   then torch / torch-compile / ort-cuda plain / ort-cuda optimized side by side
 #                                   at 512², 50 steps, batch 1 and 4 (BACKENDS, BATCHES, RUNS trim it)
 #   here, before any device call: bench/gpu_session.sh dry-run   the proof's stages on this CPU with the tiny
@@ -154,21 +154,22 @@ timed() {  # GNU time's wall and peak RSS where the machine has it
     if [[ -x /usr/bin/time ]]; then /usr/bin/time -v "$@"; else "$@"; fi
 }
 
-proof() {  # the ONNX Runtime fast path against torch: KIND (sd15) fp32, optimized for PROVIDER (cuda)
+proof() {  # the ONNX Runtime fast path against torch: KIND (sd15) PRECISION (fp16), optimized for PROVIDER (cuda)
     local kind=${KIND:-sd15} size=${SIZE:-512} steps=${STEPS:-50} provider=${PROVIDER:-cuda}
-    local sdrt=${SDRT:-sdrt}
+    local precision=${PRECISION:-fp16} sdrt=${SDRT:-sdrt}
+    local engines=$work/$kind-$precision
     if [[ ! -d $work/$kind ]]; then $sdrt testmodel "$kind" "$work/$kind"; fi
-    if [[ ! -d $work/$kind-fp32 ]]; then
-        $sdrt export "$work/$kind" -o "$work/$kind-fp32" --precision fp32 --max-batch 4 --max-size "$size"
+    if [[ ! -d $engines ]]; then
+        $sdrt export "$work/$kind" -o "$engines" --precision "$precision" --max-batch 4 --max-size "$size"
     fi
-    timed $sdrt optimize "$work/$kind-fp32" --provider "$provider" 2>&1 | tee "$out/optimize-$kind.txt"
-    $sdrt bench "$work/$kind" --engines "$work/$kind-fp32" --backends "${BACKENDS:-torch,torch-compile,ort-plain,ort}" \
+    timed $sdrt optimize "$engines" --provider "$provider" 2>&1 | tee "$out/optimize-$kind.txt"
+    $sdrt bench "$work/$kind" --engines "$engines" --backends "${BACKENDS:-torch,torch-compile,ort-plain,ort}" \
         --height "$size" --width "$size" --steps "$steps" --guidance 7.5 --scheduler dpmpp_2m_karras \
         --batch "${BATCHES:-1,4}" --runs "${RUNS:-3}" --warmup 1 -o "$out/proof-$kind" 2>&1 | tee "$out/proof-$kind.txt"
 }
 
 dry_run() {  # here: the proof on the CPU with the tiny model, in this checkout's venv
-    SDRT=${SDRT:-$repo/.venv/bin/sdrt} KIND=tiny SIZE=64 STEPS=3 PROVIDER=cpu BACKENDS=torch,ort-plain,ort \
+    SDRT=${SDRT:-$repo/.venv/bin/sdrt} KIND=tiny SIZE=64 STEPS=3 PROVIDER=cpu PRECISION=fp32 BACKENDS=torch,ort-plain,ort \
         BATCHES=1 RUNS=1 proof
 }
 

@@ -61,11 +61,10 @@ def optimize(config: OptimizeConfig, progress: bool = True) -> Manifest:
     manifest = read_manifest(engine_dir)
     fp16 = [name for name in manifest.model.components
             if (manifest.components[name].precision or manifest.precision) == "fp16"]
-    if fp16:
+    if fp16 and config.provider == "cpu":
         raise NotImplementedError(
-            f"sdrt optimize takes fp32 graphs for now ({', '.join(fp16)} are fp16): onnxruntime's fusions match "
-            "fp32 patterns, and converting the fused graph to fp16 with the export's fp32 islands kept is not "
-            "written yet. Optimize an fp32 export (`sdrt export MODEL -o DIR --precision fp32`)")
+            f"sdrt optimize --provider cpu takes fp32 graphs ({', '.join(fp16)} are fp16): the fused ops' CPU "
+            "kernels are fp32 only. On a CPU, optimize an fp32 export (`sdrt export MODEL -o DIR --precision fp32`)")
     verify_files(engine_dir, manifest, [rel for rel in manifest.files if rel.endswith((".onnx", ".onnx.data"))])
     staging = engine_dir / f".optimize-{config.provider}-{os.getpid()}"
     staging.mkdir()
@@ -88,10 +87,11 @@ def optimize(config: OptimizeConfig, progress: bool = True) -> Manifest:
 
 def _optimize_component(manifest: Manifest, engine_dir: Path, staging: Path, name: str,
                         provider: str) -> OptimizedGraph:
-    from onnxruntime.transformers.fusion_options import FusionOptions  # onnx and onnxruntime's tools
+    import onnx  # onnx and onnxruntime's tools: the export extra
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
-    _patch_num_heads()
+    _patch_onnxruntime_fusions()
     spec = manifest.components[name]
     model_type = optimizer_model_type(manifest, name)
     options = FusionOptions(model_type)
@@ -99,9 +99,12 @@ def _optimize_component(manifest: Manifest, engine_dir: Path, staging: Path, nam
         for flag in CUDA_ONLY_FUSIONS:
             setattr(options, flag, False)
     else:  # packed Q, K, V pay off in fp16 (onnxruntime's own SD pipeline packs them only then)
-        options.enable_packed_qkv = options.enable_packed_kv = False
-    model = optimize_model(str(engine_dir / spec.onnx), model_type=model_type, num_heads=0, hidden_size=0,
-                           opt_level=0, optimization_options=options, use_gpu=provider == "cuda")
+        options.enable_packed_qkv = options.enable_packed_kv = (spec.precision or manifest.precision) == "fp16"
+    source = onnx.load(str(engine_dir / spec.onnx))
+    if (spec.precision or manifest.precision) == "fp16":
+        fp16_attention_scale(source.graph)
+    model = optimize_model(source, model_type=model_type, num_heads=0, hidden_size=0, opt_level=0,
+                           optimization_options=options, use_gpu=provider == "cuda")
     graph = model.model.graph
     _check_io(graph, spec, name)
     ops = collections.Counter(node.op_type for node in graph.node)
@@ -125,11 +128,65 @@ def _check_io(graph: Any, spec: Any, name: str) -> None:
                            "report it with `sdrt --version` and the onnxruntime version")
 
 
-def _patch_num_heads() -> None:
-    """onnxruntime's U-Net attention fusion reads the head count with int() on a shape-(1,) array, an
-    error since numpy 2.4 (it was deprecated): read it with .item() instead. Its fusion modules load
-    both as top-level modules (its tools add their folder to sys.path) and as package modules."""
+def fp16_attention_scale(graph: Any) -> int:
+    """Rewrites, in place, each SDPA scale of an fp16 export into the form the U-Net attention fusion
+    matches; returns how many. torch exports the scale sqrt(1 / sqrt(head_size)) of an fp16 graph as
+    Cast16(Div(1, Cast32(Sqrt(Cast16(head_size))))) before the outer Sqrt; the fusion looks for
+    Sqrt(Div(1, Sqrt(Cast(head_size)))), which fp32 graphs are once their no-op Casts are removed. The
+    rewrite computes the scale in fp16 (exact for head sizes this small; the fused op recomputes it)."""
+    from onnx import TensorProto, numpy_helper
+
+    producer = {out: node for node in graph.node for out in node.output}
+    users: dict[str, list[Any]] = collections.defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            users[name].append(node)
+
+    def constant(name: str) -> np.ndarray | None:
+        found = next((t for t in graph.initializer if t.name == name), None)
+        if found is not None:
+            return numpy_helper.to_array(found)
+        node = producer.get(name)
+        return numpy_helper.to_array(node.attribute[0].t) if node is not None and node.op_type == "Constant" else None
+
+    def cast_to(node: Any, dtype: int) -> bool:
+        return node is not None and node.op_type == "Cast" and node.attribute[0].i == dtype
+
+    rewritten = 0
+    for to_half in [n for n in graph.node if cast_to(n, TensorProto.FLOAT16)]:
+        div = producer.get(to_half.input[0])
+        to_float = producer.get(div.input[1]) if div is not None and div.op_type == "Div" else None
+        sqrt = producer.get(to_float.input[0]) if cast_to(to_float, TensorProto.FLOAT) else None
+        one = constant(div.input[0]) if sqrt is not None and sqrt.op_type == "Sqrt" else None
+        if one is None or one.size != 1:
+            continue
+        graph.initializer.append(numpy_helper.from_array(one.astype(np.float16), f"{div.name}/numerator_fp16"))
+        div.input[0], div.input[1] = f"{div.name}/numerator_fp16", sqrt.output[0]
+        for user in users[to_half.output[0]]:
+            user.input[:] = [div.output[0] if i == to_half.output[0] else i for i in user.input]
+        graph.node.remove(to_half)
+        if all(user is div for user in users[to_float.output[0]]):
+            graph.node.remove(to_float)
+        rewritten += 1
+    stale = {div_out for node in graph.node if node.op_type == "Div" for div_out in node.output}
+    kept = [v for v in graph.value_info if v.name not in stale]  # their recorded dtype was fp32
+    del graph.value_info[:]
+    graph.value_info.extend(kept)
+    return rewritten
+
+
+def _patch_onnxruntime_fusions() -> None:
+    """Two fixes to onnxruntime's fusions, which assume fp32 graphs and a numpy it predates. Its fusion
+    modules load both as top-level modules (its tools add their folder to sys.path) and as package ones.
+
+    - The U-Net attention fusion reads the head count with int() on a shape-(1,) array, an error since
+      numpy 2.4 (it was deprecated): read it with .item() instead.
+    - Fusions write new initializers as raw bytes of whatever array they computed under the dtype they
+      name: an fp16 graph's attention bias (fp32 zeros named fp16) or GroupNorm's gamma (fp16 named
+      fp32, as the op takes it) come out the wrong size. Cast the array to the named dtype first."""
     import sys
+
+    from onnx import helper
 
     def num_heads(self: Any, reshape_q: Any, is_torch2: bool = False) -> int:
         if is_torch2:  # the reshape's shape is Concat(0, 0, heads, head_size)
@@ -146,3 +203,17 @@ def _patch_num_heads() -> None:
     for module in ("fusion_attention_unet", "onnxruntime.transformers.fusion_attention_unet"):
         if module in sys.modules:
             sys.modules[module].FusionAttentionUnet.get_num_heads = num_heads
+    for module in ("fusion_base", "onnxruntime.transformers.fusion_base"):
+        fusion = sys.modules[module].Fusion if module in sys.modules else None
+        if fusion is None or getattr(fusion.add_initializer, "sdrt_typed", False):
+            continue
+        original = fusion.add_initializer
+
+        def add_initializer(self: Any, name: str, data_type: int, dims: Any, vals: Any, raw: bool = True,
+                            _original: Any = original) -> Any:
+            if raw and isinstance(vals, np.ndarray):
+                vals = vals.astype(helper.tensor_dtype_to_np_dtype(data_type))
+            return _original(self, name, data_type, dims, vals, raw)
+
+        add_initializer.sdrt_typed = True  # type: ignore[attr-defined]
+        fusion.add_initializer = add_initializer

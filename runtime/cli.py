@@ -266,7 +266,7 @@ def _add_build(sub: Any) -> None:
 
 def _add_optimize(sub: Any) -> None:
     p = sub.add_parser("optimize", help="write ONNX Runtime-optimized graphs (fused attention, NHWC GroupNorm, ...)")
-    p.add_argument("engines", help="engine directory made by `sdrt export` (fp32 for now)")
+    p.add_argument("engines", help="engine directory made by `sdrt export` (fp16 ones for cuda only)")
     p.add_argument("--provider", choices=["cuda", "cpu"], default="cuda",
                    help="the execution provider the graphs are for: cuda adds the fusions with CUDA kernels only")
     p.set_defaults(func=_optimize)

@@ -106,14 +106,60 @@ def test_the_optimized_files_are_checksummed_and_a_damaged_one_is_refused(optimi
         Pipeline.load(engines, backend="ort-cpu")
 
 
-def test_fp16_engines_are_refused_naming_the_fix(tiny_engines_fp16, tmp_path):
+def test_fp16_engines_are_refused_for_the_cpu_naming_the_fix(tiny_engines_fp16, tmp_path):
     engines = tmp_path / "e"
     shutil.copytree(tiny_engines_fp16, engines)
     before = (engines / "manifest.json").read_text()
     with pytest.raises(NotImplementedError, match="--precision fp32"):
-        optimize(OptimizeConfig(engines, "cuda"), progress=False)
+        optimize(OptimizeConfig(engines, "cpu"), progress=False)
     assert (engines / "manifest.json").read_text() == before
-    assert not [p for p in engines.iterdir() if ".cuda." in p.name or p.name.startswith(".optimize")]
+    assert not [p for p in engines.iterdir() if ".cpu." in p.name or p.name.startswith(".optimize")]
+
+
+@pytest.fixture(scope="module", params=["tiny_engines_fp16", "tiny_sdxl_engines_fp16", "tiny_sd3_engines_fp16"])
+def fp16_engines(request, tmp_path_factory):
+    if request.param == "tiny_engines_fp16":
+        return request.getfixturevalue(request.param)
+    from sdrt.export.exporter import ExportConfig, export
+
+    model = request.getfixturevalue(request.param.replace("_engines_fp16", "_model"))
+    out = tmp_path_factory.mktemp("fp16") / request.param
+    export(ExportConfig(model, out, precision="fp16"), progress=False)
+    return out
+
+
+def test_fp16_cuda_graphs_fuse_every_denoise_attention_and_pass_the_checker(fp16_engines, tmp_path):
+    engines = tmp_path / "e"
+    shutil.copytree(fp16_engines, engines)
+    manifest = optimize(OptimizeConfig(engines, "cuda"), progress=False)
+    step = manifest.optimized["cuda"][STEP]
+    plain = onnx.load(str(engines / manifest.components[STEP].onnx), load_external_data=False)
+    blocks = sum(n.op_type == "Softmax" for n in plain.graph.node)
+    assert blocks and not step.unfused_attention
+    assert step.fused.get("MultiHeadAttention", 0) + step.fused.get("Attention", 0) == blocks
+    for graph in manifest.optimized["cuda"].values():
+        _check(onnx.load(str(engines / graph.onnx)))
+
+
+def test_the_fp16_scale_rewrite_keeps_the_images(tiny_engines_fp16, tmp_path):
+    """The fusion needs fp16 exports' attention scale rewritten (export.optimize.fp16_attention_scale);
+    the rewritten, unfused graph must give the exported graph's images on the CPU."""
+    from sdrt.export.optimize import fp16_attention_scale
+
+    engines = tmp_path / "e"
+    shutil.copytree(tiny_engines_fp16, engines)
+    path = engines / "denoise_step.onnx"
+    model = onnx.load(str(path))
+    blocks = sum(n.op_type == "Softmax" for n in model.graph.node)
+    assert fp16_attention_scale(model.graph) == blocks
+    (engines / "denoise_step.onnx.data").unlink()
+    onnx.save(model, str(path))  # weights inside: the tiny model is small
+    config = dict(negative_prompt="blurry", steps=4, seed=3, height=64, width=64, scheduler="euler_a")
+    want = Pipeline.load(tiny_engines_fp16, backend="ort-cpu")
+    got = Pipeline.load(engines, backend="ort-cpu", verify=False)
+    a = got.generate(got.make_config(["a red cube", "a cat"], **config)).images
+    b = want.generate(want.make_config(["a red cube", "a cat"], **config)).images
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= MAX_PIXEL_ERROR
 
 
 def test_a_lora_runs_on_the_plain_graph_where_the_optimized_one_packed_its_weights(tiny_model, tiny_engines,
@@ -152,6 +198,23 @@ def test_cli_optimize_and_generate_with_and_without_the_optimized_graphs(tiny_en
     r = subprocess.run([sys.executable, "-m", "sdrt.cli", "optimize", str(engines), "--provider", "tpu"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+@pytest.mark.gpu
+def test_fp16_cuda_graphs_are_close_to_the_plain_fp16_graphs_on_a_gpu(tiny_engines_fp16, tmp_path):
+    from sdrt.backends.onnxruntime import cuda_available
+    from sdrt.bench.stats import psnr
+
+    if not cuda_available():
+        pytest.skip("onnxruntime-gpu is not installed")
+    engines = tmp_path / "e"
+    shutil.copytree(tiny_engines_fp16, engines)
+    optimize(OptimizeConfig(engines, "cuda"), progress=False)
+    pipe = Pipeline.load(engines, backend="ort-cuda", optimized=False)
+    config = pipe.make_config("a red cube", steps=4, seed=3, scheduler="euler")
+    plain = pipe.generate(config).images
+    fused = Pipeline.load(engines, backend="ort-cuda").generate(config).images
+    assert np.isfinite(fused).all() and psnr(fused, plain) >= 30
 
 
 @pytest.mark.gpu
