@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sdrt.backends.onnxruntime import OrtBackend
 from sdrt.export.components_io import model_index, present_slot
 from sdrt.export.reference import diffusers_scheduler
 from sdrt.families import DENOISER_FOLDERS, family_for
+from sdrt.manifest import STEP
 from sdrt.pipeline import Pipeline
 
 
@@ -80,9 +82,9 @@ class SdrtRunner:
         low_vram, plain = backend.endswith(LOW_VRAM), backend.endswith(PLAIN)
         backend = backend.removesuffix(LOW_VRAM).removesuffix(PLAIN)
         self.pipe = Pipeline.load(workload.engines, backend=backend, low_vram=low_vram, optimized=not plain)
-        optimized = getattr(self.pipe.backend, "optimized", False) and self.pipe.manifest.optimized.get(
-            getattr(self.pipe.backend, "device", ""))
-        self.name = self.pipe.backend.name + (" low-vram" if low_vram else "") + (" optimized" if optimized else "")
+        backend = self.pipe.backend
+        optimized = isinstance(backend, OrtBackend) and backend.graph(self.pipe.manifest, STEP) is not None
+        self.name = backend.name + (" low-vram" if low_vram else "") + (" optimized" if optimized else "")
 
     def _config(self, batch: int) -> Any:
         w = self.w

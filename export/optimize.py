@@ -66,6 +66,7 @@ def optimize(config: OptimizeConfig, progress: bool = True) -> Manifest:
             f"sdrt optimize --provider cpu takes fp32 graphs ({', '.join(fp16)} are fp16): the fused ops' CPU "
             "kernels are fp32 only. On a CPU, optimize an fp32 export (`sdrt export MODEL -o DIR --precision fp32`)")
     verify_files(engine_dir, manifest, [rel for rel in manifest.files if rel.endswith((".onnx", ".onnx.data"))])
+    _patch_onnxruntime_fusions()
     staging = engine_dir / f".optimize-{config.provider}-{os.getpid()}"
     staging.mkdir()
     records: dict[str, OptimizedGraph] = {}
@@ -91,7 +92,6 @@ def _optimize_component(manifest: Manifest, engine_dir: Path, staging: Path, nam
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
-    _patch_onnxruntime_fusions()
     spec = manifest.components[name]
     model_type = optimizer_model_type(manifest, name)
     options = FusionOptions(model_type)
@@ -152,7 +152,7 @@ def fp16_attention_scale(graph: Any) -> int:
     def cast_to(node: Any, dtype: int) -> bool:
         return node is not None and node.op_type == "Cast" and node.attribute[0].i == dtype
 
-    rewritten = 0
+    rewritten: set[str] = set()  # the Divs' outputs, fp16 now
     for to_half in [n for n in graph.node if cast_to(n, TensorProto.FLOAT16)]:
         div = producer.get(to_half.input[0])
         to_float = producer.get(div.input[1]) if div is not None and div.op_type == "Div" else None
@@ -167,12 +167,11 @@ def fp16_attention_scale(graph: Any) -> int:
         graph.node.remove(to_half)
         if all(user is div for user in users[to_float.output[0]]):
             graph.node.remove(to_float)
-        rewritten += 1
-    stale = {div_out for node in graph.node if node.op_type == "Div" for div_out in node.output}
-    kept = [v for v in graph.value_info if v.name not in stale]  # their recorded dtype was fp32
+        rewritten.add(div.output[0])
+    kept = [v for v in graph.value_info if v.name not in rewritten]  # their recorded dtype was fp32
     del graph.value_info[:]
     graph.value_info.extend(kept)
-    return rewritten
+    return len(rewritten)
 
 
 def _patch_onnxruntime_fusions() -> None:
@@ -186,6 +185,7 @@ def _patch_onnxruntime_fusions() -> None:
       fp32, as the op takes it) come out the wrong size. Cast the array to the named dtype first."""
     import sys
 
+    import onnxruntime.transformers.optimizer  # noqa: F401  (loads the fusion modules patched below)
     from onnx import helper
 
     def num_heads(self: Any, reshape_q: Any, is_torch2: bool = False) -> int:

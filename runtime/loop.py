@@ -57,16 +57,16 @@ class LoopEnd:
     step_engine_s: list[float]
 
 
-def denoise(device: Device, loop: LoopInputs, latents: np.ndarray, history: int, batch: int, wanted_rows: int,
-            min_batch: int, callback: Callback | None = None) -> LoopEnd:
-    """Runs the plan's n steps from (batch, 4, h, w) latents with `history` sampler history slots.
+def denoise(device: Device, loop: LoopInputs, latents: np.ndarray, wanted_rows: int, min_batch: int,
+            callback: Callback | None = None) -> LoopEnd:
+    """Runs the plan's n steps from (B, 4, h, w) latents, with the model's sampler history slots.
     wanted_rows: the rows the caller asked for (the rest pad a static batch); rows are compacted only
     while at least min_batch stay (a static plan takes one batch size: there dropped rows run on)."""
     n = len(loop.timesteps)
-    zeros = np.zeros((history,) + latents.shape, np.float32)  # 0 * uninitialized memory could be NaN
+    zeros = np.zeros((device.model.history,) + latents.shape, np.float32)  # 0 * uninitialized memory could be NaN
     sets, feeds = bind(device, loop, {"latents": latents, "x_history": zeros, "out_history": zeros}, 0, n)
     step = device.engines[STEP]
-    in_batch = list(range(batch))
+    in_batch = list(range(latents.shape[0]))
     alive = list(range(wanted_rows))
     step.start_timing()
     loop_start = time.perf_counter()

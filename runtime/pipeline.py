@@ -102,7 +102,7 @@ class Pipeline:
 
     @property
     def accepts(self) -> Accepts:
-        """What these engines accept, for sdrt.validation."""
+        """What these engines accept, for sdrt.validation (read anew: limits and LoRAs may be set after load)."""
         step_rows = None
         if self.limits.kind != "onnx":  # the step plan's CFG conditioning profile
             name = next(c.name for c in self.model.conditioning if c.layout == CFG)
@@ -175,7 +175,7 @@ class Pipeline:
 
         t0 = time.perf_counter()
         end = denoise(self.device, self._loop_inputs(config, first.plan, inputs | first.image_inputs, first.step_noise),
-                      first.latents, self.model.history, config.batch, requested.batch, self.limits.batch[0], callback)
+                      first.latents, requested.batch, self.limits.batch[0], callback)
         timings.loop_s, timings.step_engine_s = end.loop_s, end.step_engine_s
         timings.steps_s = time.perf_counter() - t0
 

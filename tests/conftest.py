@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,11 +32,6 @@ def _model(kind: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_test_model(kind, tmp_path_factory.mktemp("models") / kind)
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _model("tiny", tmp_path_factory)
-
-
 def _export(model: Path, out: Path, precision: str) -> Path:
     from sdrt.export.exporter import ExportConfig, export
 
@@ -43,74 +39,50 @@ def _export(model: Path, out: Path, precision: str) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def tiny_engines(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """fp32 ONNX engines of the tiny model."""
-    return _export(tiny_model, tmp_path_factory.mktemp("engines") / "tiny-fp32", "fp32")
+def _name(kind: str, what: str) -> str:
+    """tiny-sdxl, engines -> tiny_sdxl_engines."""
+    return f"{kind.replace('-', '_')}_{what}"
 
 
-@pytest.fixture(scope="session")
-def tiny_engines_fp16(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _export(tiny_model, tmp_path_factory.mktemp("engines") / "tiny-fp16", "fp16")
+def _model_fixture(kind: str, doc: str) -> Any:
+    """A session fixture `<kind>_model`: the random-weight test model `sdrt testmodel KIND` writes."""
+    def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+        return _model(kind, tmp_path_factory)
+
+    model.__doc__ = doc
+    return pytest.fixture(scope="session", name=_name(kind, "model"))(model)
 
 
-@pytest.fixture(scope="session")
-def tiny_inpaint_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model with a 9-channel (inpainting) U-Net, as a StableDiffusionInpaintPipeline folder."""
-    return _model("tiny-inpaint", tmp_path_factory)
+def _engines_fixture(kind: str, precision: str = "fp32") -> Any:
+    """A session fixture `<kind>_engines` (fp32) or `<kind>_engines_fp16`: the model's ONNX engines."""
+    def engines(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+        model = request.getfixturevalue(_name(kind, "model"))
+        return _export(model, tmp_path_factory.mktemp("engines") / f"{kind}-{precision}", precision)
+
+    engines.__doc__ = f"{precision} ONNX engines of the {kind} test model."
+    suffix = "" if precision == "fp32" else f"_{precision}"
+    return pytest.fixture(scope="session", name=_name(kind, "engines") + suffix)(engines)
 
 
-@pytest.fixture(scope="session")
-def tiny_inpaint_engines(tiny_inpaint_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _export(tiny_inpaint_model, tmp_path_factory.mktemp("engines") / "tiny-inpaint-fp32", "fp32")
-
-
-@pytest.fixture(scope="session")
-def tiny_sdxl_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _model("tiny-sdxl", tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def tiny_sdxl_engines(tiny_sdxl_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """fp32 ONNX engines of the tiny SDXL model."""
-    return _export(tiny_sdxl_model, tmp_path_factory.mktemp("engines") / "tiny-sdxl-fp32", "fp32")
-
-
-@pytest.fixture(scope="session")
-def tiny_plain_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Tiny SD 1.x as diffusers builds it: default-initialised CLIP, CLIP's real vocabulary, PNDM's saved config."""
-    return _model("tiny-plain", tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def tiny_plain_engines(tiny_plain_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _export(tiny_plain_model, tmp_path_factory.mktemp("engines") / "tiny-plain-fp32", "fp32")
-
-
-@pytest.fixture(scope="session")
-def tiny_sdxl_plain_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Tiny SDXL as diffusers builds it: default-initialised encoders, CLIP's real vocabulary, Euler's saved config."""
-    return _model("tiny-sdxl-plain", tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def tiny_sdxl_plain_engines(tiny_sdxl_plain_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _export(tiny_sdxl_plain_model, tmp_path_factory.mktemp("engines") / "tiny-sdxl-plain-fp32", "fp32")
-
-
-@pytest.fixture(scope="session")
-def tiny_sd3_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny SD 3.5 folder: MMDiT, CLIP-L, bigG and T5."""
-    return _model("tiny-sd3", tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def tiny_sd3_engines(tiny_sd3_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """fp32 ONNX engines of the tiny SD3 model, T5 included."""
-    return _export(tiny_sd3_model, tmp_path_factory.mktemp("engines") / "tiny-sd3-fp32", "fp32")
-
-
-@pytest.fixture(scope="session")
-def sd15_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The exact SD 1.5 architecture with random weights (~4.3 GB on disk); slow tests only."""
-    return _model("sd15", tmp_path_factory)
+tiny_model = _model_fixture("tiny", "Tiny random SD 1.x.")
+tiny_engines = _engines_fixture("tiny")
+tiny_engines_fp16 = _engines_fixture("tiny", "fp16")
+tiny_inpaint_model = _model_fixture(
+    "tiny-inpaint", "The tiny model with a 9-channel (inpainting) U-Net, as a StableDiffusionInpaintPipeline folder.")
+tiny_inpaint_engines = _engines_fixture("tiny-inpaint")
+tiny_sdxl_model = _model_fixture("tiny-sdxl", "Tiny random SDXL: two text encoders, text-time embedding.")
+tiny_sdxl_engines = _engines_fixture("tiny-sdxl")
+tiny_sdxl_engines_fp16 = _engines_fixture("tiny-sdxl", "fp16")
+tiny_plain_model = _model_fixture(
+    "tiny-plain", "Tiny SD 1.x as diffusers builds it: default-initialised CLIP, CLIP's real vocabulary, PNDM's "
+    "saved config.")
+tiny_plain_engines = _engines_fixture("tiny-plain")
+tiny_sdxl_plain_model = _model_fixture(
+    "tiny-sdxl-plain", "Tiny SDXL as diffusers builds it: default-initialised encoders, CLIP's real vocabulary, "
+    "Euler's saved config.")
+tiny_sdxl_plain_engines = _engines_fixture("tiny-sdxl-plain")
+tiny_sd3_model = _model_fixture("tiny-sd3", "A tiny SD 3.5 folder: MMDiT, CLIP-L, bigG and T5.")
+tiny_sd3_engines = _engines_fixture("tiny-sd3")
+tiny_sd3_engines_fp16 = _engines_fixture("tiny-sd3", "fp16")
+sd15_model = _model_fixture("sd15", "The exact SD 1.5 architecture with random weights (~4.3 GB on disk); slow "
+                            "tests only.")

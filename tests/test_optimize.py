@@ -116,16 +116,9 @@ def test_fp16_engines_are_refused_for_the_cpu_naming_the_fix(tiny_engines_fp16, 
     assert not [p for p in engines.iterdir() if ".cpu." in p.name or p.name.startswith(".optimize")]
 
 
-@pytest.fixture(scope="module", params=["tiny_engines_fp16", "tiny_sdxl_engines_fp16", "tiny_sd3_engines_fp16"])
-def fp16_engines(request, tmp_path_factory):
-    if request.param == "tiny_engines_fp16":
-        return request.getfixturevalue(request.param)
-    from sdrt.export.exporter import ExportConfig, export
-
-    model = request.getfixturevalue(request.param.replace("_engines_fp16", "_model"))
-    out = tmp_path_factory.mktemp("fp16") / request.param
-    export(ExportConfig(model, out, precision="fp16"), progress=False)
-    return out
+@pytest.fixture(params=["tiny_engines_fp16", "tiny_sdxl_engines_fp16", "tiny_sd3_engines_fp16"])
+def fp16_engines(request):
+    return request.getfixturevalue(request.param)
 
 
 def test_fp16_cuda_graphs_fuse_every_denoise_attention_and_pass_the_checker(fp16_engines, tmp_path):

@@ -32,13 +32,6 @@ def no_t5_engines(tiny_sd3_model, tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def fp16_engines(tiny_sd3_model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("engines") / "tiny-sd3-fp16"
-    export(ExportConfig(tiny_sd3_model, out, precision="fp16"), progress=False)
-    return out
-
-
 def reference(model_dir, config, latents, t5: bool = True, loras=(), **extra) -> np.ndarray:
     """diffusers' StableDiffusion3Pipeline on the config's prompts and the same initial latents, with each
     LoRA (path, weight) loaded and fused at its weight; extra: more of the pipeline's arguments."""
@@ -92,13 +85,14 @@ def test_t5_changes_the_image_and_zeros_stand_in_without_it(tiny_sd3_engines, no
     assert np.abs(np.asarray(images[0], int) - np.asarray(images[1], int)).max() > 10
 
 
-def test_fp16_engines_keep_t5_in_fp32_and_stay_close_to_fp32_with_and_without_images_in(tiny_sd3_engines, fp16_engines):
-    manifest = read_manifest(fp16_engines)
+def test_fp16_engines_keep_t5_in_fp32_and_stay_close_to_fp32_with_and_without_images_in(tiny_sd3_engines,
+                                                                                      tiny_sd3_engines_fp16):
+    manifest = read_manifest(tiny_sd3_engines_fp16)
     assert manifest.components["text_encoder_3"].precision == "fp32"  # T5 v1.1 overflows fp16
     assert manifest.components["denoise_step"].precision == "fp16"
     assert all(report["error"] <= report["tolerance"] for report in manifest.validation.values())
     kwargs = dict(prompt="a red apple on a table", negative_prompt="blurry", steps=4, seed=3, height=128, width=128)
-    fp32, fp16 = (Pipeline.load(e, backend="ort-cpu") for e in (tiny_sd3_engines, fp16_engines))
+    fp32, fp16 = (Pipeline.load(e, backend="ort-cpu") for e in (tiny_sd3_engines, tiny_sd3_engines_fp16))
     from tests.pictures import box_mask, smooth_picture
 
     for images in ({}, dict(image=smooth_picture(128, 128), strength=0.6),
@@ -322,9 +316,10 @@ def test_peft_lora_on_transformer_and_clip_encoders_matches_diffusers_fused(tiny
     assert int(np.abs(ref.astype(int) - base).max()) > 8, "the LoRA barely changes the image: the comparison proves nothing"
 
 
-def test_a_lora_switches_back_exactly_and_fp16_engines_apply_it_as_fp32_ones(tiny_sd3_engines, fp16_engines, sd3_loras):
+def test_a_lora_switches_back_exactly_and_fp16_engines_apply_it_as_fp32_ones(tiny_sd3_engines, tiny_sd3_engines_fp16,
+                                                                             sd3_loras):
     images = []
-    for engines in (tiny_sd3_engines, fp16_engines):
+    for engines in (tiny_sd3_engines, tiny_sd3_engines_fp16):
         pipe = Pipeline.load(engines, backend="ort-cpu")
         base = pipe.generate(pipe.make_config(**LORA_REQUEST)).images
         pipe.set_loras([(sd3_loras[0], 0.8)])
