@@ -73,10 +73,19 @@ class SamplerPlan:
     init_noise_sigma: float  # text-to-image start: latents = init_noise_sigma * noise
     # image-to-image start, the scheduler's add_noise at the first step: latents = α * image + σ * noise
     start_level: tuple[float, float] = (0.0, 1.0)
+    # (n, n) lower-triangular: the noise call i uses is Σ_j noise_mix[i, j] z_j over independent normal draws z
+    # (DPM++ SDE's two calls per step read overlapping Brownian increments); None: call i uses z_i
+    noise_mix: np.ndarray | None = None
 
     @property
     def uses_noise(self) -> bool:
         return bool(np.any(self.coeffs[:, D] != 0))
+
+    def mix_noise(self, draws: np.ndarray) -> np.ndarray:
+        """(n, ...) independent standard normals -> the (n, ...) noise the calls use."""
+        if self.noise_mix is None:
+            return draws
+        return np.tensordot(self.noise_mix, draws, axes=1).astype(np.float32)
 
     def __len__(self) -> int:
         return len(self.timesteps)
@@ -87,6 +96,8 @@ def _row(x_next: Lin, step: int, c_in: float) -> np.ndarray:
     row[C_IN] = c_in
     for (kind, j), c in x_next.terms.items():
         lag = step - j
+        if c == 0:  # a term that cancelled exactly (UniPC's substituted corrector)
+            continue
         if kind == "noise" and lag == 0:
             row[D] += c
         elif lag == 0:
@@ -99,13 +110,15 @@ def _row(x_next: Lin, step: int, c_in: float) -> np.ndarray:
 
 
 def _plan(name: str, timesteps: np.ndarray, rows: list[np.ndarray], init_noise_sigma: float,
-          levels: list[tuple[float, float]], start: int) -> SamplerPlan:
-    """The plan of steps start..n-1 of an n-step grid. rows: their coefficients; levels[j]: the (α, σ)
-    of the scheduler's add_noise at grid step j (the noised image there is α * image + σ * noise)."""
+          levels: list[tuple[float, float]], start: int, noise_mix: np.ndarray | None = None) -> SamplerPlan:
+    """The plan of calls start..n-1 of an n-call grid. rows: their coefficients; levels[j]: the (α, σ)
+    of the scheduler's add_noise at grid call j (the noised image there is α * image + σ * noise)."""
     n = len(timesteps)
     coeffs = np.array(rows, dtype=np.float64).reshape(n - start, N_COEFFS)
     coeffs[:, [KA, KN]] = [levels[j + 1] if j + 1 < n else (1.0, 0.0) for j in range(start, n)]  # clean at the end
-    return SamplerPlan(name, np.asarray(timesteps, np.float64)[start:], coeffs, init_noise_sigma, tuple(levels[start]))
+    mix = None if noise_mix is None else noise_mix[start:, start:]
+    return SamplerPlan(name, np.asarray(timesteps, np.float64)[start:], coeffs, init_noise_sigma, tuple(levels[start]),
+                       mix)
 
 
 def _vp_level(alpha_bar: float) -> tuple[float, float]:
@@ -397,7 +410,9 @@ def plms(schedule: NoiseSchedule, n: int, start: int = 0) -> SamplerPlan:
     return _plan("plms", ts, rows, 1.0, [_vp_level(acp[t]) for t in ts], start)
 
 
-def _euler_grid(schedule: NoiseSchedule, n: int, karras: bool) -> tuple[np.ndarray, np.ndarray, float]:
+def _euler_grid(schedule: NoiseSchedule, n: int, karras: bool,
+                round_karras: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
+    """k-diffusion's σ grid of diffusers' σ schedulers: (n,) timesteps, (n + 1,) σ ending in 0, init σ."""
     spacing = schedule.spacing("linspace")
     T = schedule.num_train_timesteps
     if spacing == "linspace":
@@ -409,6 +424,7 @@ def _euler_grid(schedule: NoiseSchedule, n: int, karras: bool) -> tuple[np.ndarr
         log_sigmas = np.log(schedule.sigmas().astype(np.float32)).astype(np.float64)  # fp32 log, as diffusers
         sigmas = karras_sigmas(n, sigmas[-2], sigmas[0])
         ts = np.array([_sigma_to_t(s, log_sigmas) for s in sigmas])
+        ts = ts.round() if round_karras else ts
         sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32).astype(np.float64)
     sigma_max = float(sigmas.max())
     init = sigma_max if spacing in ("linspace", "trailing") else math.sqrt(sigma_max**2 + 1)
@@ -448,9 +464,156 @@ def euler_ancestral(schedule: NoiseSchedule, n: int, start: int = 0) -> SamplerP
     return _plan("euler_a", ts, rows, init, [_sigma_level(s) for s in sigmas], start)
 
 
-def dpmpp_2m(schedule: NoiseSchedule, n: int, start: int = 0, karras: bool = False) -> SamplerPlan:
-    """Lu et al. 2022, DPM-Solver++(2M), midpoint, lower order at the end
-    (diffusers DPMSolverMultistepScheduler, algorithm_type dpmsolver++, solver_order 2)."""
+def _lms_coefficient(sigmas: np.ndarray, i: int, order: int, j: int) -> float:
+    """∫ from σ_i to σ_{i+1} of the Lagrange basis polynomial of σ_{i-j} over σ_i..σ_{i-order+1}: exact (diffusers
+    integrates the same polynomial numerically, scipy's quad)."""
+    basis = np.polynomial.Polynomial([1.0])
+    for k in range(order):
+        if k != j:
+            basis = basis * np.polynomial.Polynomial([-sigmas[i - k], 1.0]) / (sigmas[i - j] - sigmas[i - k])
+    antiderivative = basis.integ()
+    return float(antiderivative(sigmas[i + 1]) - antiderivative(sigmas[i]))
+
+
+def lms(schedule: NoiseSchedule, n: int, start: int = 0, karras: bool = False, max_order: int = 4) -> SamplerPlan:
+    """Linear multistep on the probability-flow ODE in σ, order 4 (Karras et al. 2022 §3; diffusers
+    LMSDiscreteScheduler): x_next = x + Σ_j c_j d_{i-j}, the c_j integrals of Lagrange polynomials."""
+    ts, sigmas, init = _euler_grid(schedule, n, karras)
+    rows, derivatives = [], []  # newest last
+    for i in range(start, n):
+        x, out = Lin.var("x", i), Lin.var("out", i)
+        derivatives = (derivatives + [(x - _k_denoised(x, out, sigmas[i], schedule.prediction_type)) / sigmas[i]])
+        derivatives = derivatives[-max_order:]
+        # diffusers' order counts grid steps, not the steps run: image-to-image's first step takes the order-4
+        # coefficient of its one derivative (the others are zipped away), as there
+        order = min(i + 1, max_order)
+        x_next = x
+        for j, d in zip(range(order), reversed(derivatives)):
+            x_next = x_next + _lms_coefficient(sigmas, i, order, j) * d
+        rows.append(_row(x_next, i, 1 / math.sqrt(sigmas[i] ** 2 + 1)))
+    return _plan("lms_karras" if karras else "lms", ts, rows, init, [_sigma_level(s) for s in sigmas], start)
+
+
+# --- two model calls a step: the plan's calls interleave a first-order move and its correction ----------------
+# k-diffusion's second-order samplers evaluate the model twice per step but the last: n steps are 2n - 1 calls,
+# each one engine call with its own row (diffusers' interleaved timesteps). Image-to-image skips 2 × start calls.
+
+def _interleaved(values: np.ndarray) -> np.ndarray:
+    """[v0, v1, v1, v2, v2, ...]: diffusers' layout of a per-step table over the 2n - 1 calls."""
+    return np.concatenate([values[:1], np.repeat(values[1:], 2)])
+
+
+def heun(schedule: NoiseSchedule, n: int, start: int = 0, karras: bool = False) -> SamplerPlan:
+    """Karras et al. 2022, Algorithm 1 without churn (diffusers HeunDiscreteScheduler): an Euler move to σ_{j+1},
+    then the trapezoid of both slopes from x_j."""
+    ts, sigmas, init = _euler_grid(schedule, n, karras)
+    pt = schedule.prediction_type
+    rows = []
+    for k in range(2 * start, 2 * n - 1):
+        x, out = Lin.var("x", k), Lin.var("out", k)
+        j = k // 2
+        if k % 2 == 0:  # to σ_{j+1} (the last step: to 0, done)
+            sigma = sigmas[j]
+            x_next = x + (x - _k_denoised(x, out, sigma, pt)) / sigma * (sigmas[j + 1] - sigma)
+        else:  # from x_j with the mean slope
+            sigma, x_j, out_j = sigmas[j + 1], Lin.var("x", k - 1), Lin.var("out", k - 1)
+            d_j = (x_j - _k_denoised(x_j, out_j, sigmas[j], pt)) / sigmas[j]
+            d = (x - _k_denoised(x, out, sigma, pt)) / sigma
+            x_next = x_j + (d_j + d) / 2 * (sigma - sigmas[j])
+        rows.append(_row(x_next, k, 1 / math.sqrt(sigma**2 + 1)))
+    calls = _interleaved(sigmas[:-1])
+    return _plan("heun", _interleaved(ts), rows, init, [_sigma_level(s) for s in list(calls) + [0.0]], 2 * start)
+
+
+def _log_midpoint(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """exp((log a + log b) / 2) in fp32, as diffusers' lerp of log σ; 0 where either is 0."""
+    with np.errstate(divide="ignore"):
+        mid = np.exp((np.log(a.astype(np.float32)) + np.log(b.astype(np.float32))) / 2).astype(np.float32)
+    return mid.astype(np.float64)
+
+
+def _t_of(sigmas: np.ndarray, schedule: NoiseSchedule) -> np.ndarray:
+    log_sigmas = np.log(schedule.sigmas().astype(np.float32)).astype(np.float64)
+    return np.array([_sigma_to_t(s, log_sigmas) for s in sigmas])
+
+
+def dpm2(schedule: NoiseSchedule, n: int, start: int = 0, ancestral: bool = False,
+         karras: bool = False) -> SamplerPlan:
+    """Karras et al. 2022, the DPM-Solver-2 step (diffusers KDPM2DiscreteScheduler): an Euler move to the
+    log-midpoint σ_mid, the slope there carries x_j to σ_{j+1}. ancestral (KDPM2AncestralDiscreteScheduler):
+    to σ_down, then σ_up of fresh noise (η = 1)."""
+    ts, sigmas, init = _euler_grid(schedule, n, karras, round_karras=True)
+    pt = schedule.prediction_type
+    target = sigmas[1:]  # where step j lands: σ_{j+1}, or σ_down_j
+    up = np.zeros(n)
+    if ancestral:  # in fp32 as diffusers: σ_down = sqrt(σ_next² - σ_up²) cancels, and its midpoint is σ_{j+1}
+        s, s_next = sigmas[:-1].astype(np.float32), sigmas[1:].astype(np.float32)
+        up32 = (s_next**2 * (s**2 - s_next**2) / s**2) ** 0.5
+        down32 = (s_next**2 - up32**2) ** 0.5
+        # at a capped cosine's σ ~ 1e4 it cancels to 0 (diffusers' midpoint is NaN there): the closed form σ_next²/σ
+        down32 = np.where((down32 == 0) & (s_next > 0), s_next**2 / s, down32)
+        up, target = up32.astype(np.float64), down32.astype(np.float64)
+    mids = _log_midpoint(sigmas[:-1], target)  # 0 at the last step: its first call lands on x0
+    rows = []
+    for k in range(2 * start, 2 * n - 1):
+        x, out, noise = Lin.var("x", k), Lin.var("out", k), Lin.var("noise", k)
+        j = k // 2
+        if k % 2 == 0:
+            sigma = sigmas[j]
+            x_next = x + (x - _k_denoised(x, out, sigma, pt)) / sigma * (mids[j] - sigma)
+        else:
+            sigma, x_j = mids[j], Lin.var("x", k - 1)
+            x_next = x_j + (x - _k_denoised(x, out, sigma, pt)) / sigma * (target[j] - sigmas[j]) + up[j] * noise
+        rows.append(_row(x_next, k, 1 / math.sqrt(sigma**2 + 1)))
+    call_ts = np.empty(2 * n - 1)
+    call_ts[0::2], call_ts[1::2] = ts, _t_of(mids[:-1], schedule)
+    levels = [_sigma_level(s) for s in _interleaved(sigmas)]  # diffusers' add_noise reads σ_{j+1} at a midpoint
+    return _plan("dpm2_a" if ancestral else "dpm2", call_ts, rows, init, levels, 2 * start)
+
+
+def dpmpp_sde(schedule: NoiseSchedule, n: int, start: int = 0, karras: bool = False) -> SamplerPlan:
+    """Lu et al. 2022, DPM-Solver++ (2S) with ancestral noise, r = 1/2 (k-diffusion sample_dpmpp_sde; diffusers
+    DPMSolverSDEScheduler): to the log-midpoint σ_mid, then from x_j with the data prediction there. Both calls
+    add noise over Brownian increments that overlap ([σ_mid, σ_j] within [σ_{j+1}, σ_j]): noise_mix correlates
+    them as the Brownian tree does."""
+    ts, sigmas, init = _euler_grid(schedule, n, karras)
+    pt = schedule.prediction_type
+    mids = _log_midpoint(sigmas[:-1], sigmas[1:])
+    calls = 2 * n - 1
+    mix = np.eye(calls)
+    rows = []
+
+    def ancestral(x: Lin, x0: Lin, s_from: float, s_to: float, noise: Lin) -> Lin:
+        s_up = min(s_to, math.sqrt(s_to**2 * (s_from**2 - s_to**2) / s_from**2))
+        s_down = math.sqrt(s_to**2 - s_up**2)
+        return (s_down / s_from) * x - (s_down / s_from - 1) * x0 + s_up * noise
+
+    for k in range(2 * start, calls):
+        x, out, noise = Lin.var("x", k), Lin.var("out", k), Lin.var("noise", k)
+        j = k // 2
+        if k == calls - 1:  # to σ = 0: an Euler move lands on x0
+            sigma = sigmas[j]
+            x_next = _k_denoised(x, out, sigma, pt)
+        elif k % 2 == 0:
+            sigma = sigmas[j]
+            x_next = ancestral(x, _k_denoised(x, out, sigma, pt), sigma, mids[j], noise)
+        else:
+            sigma = mids[j]
+            x_next = ancestral(Lin.var("x", k - 1), _k_denoised(x, out, sigma, pt), sigmas[j], sigmas[j + 1], noise)
+            span = sigmas[j] - sigmas[j + 1]
+            mix[k, k - 1] = math.sqrt((sigmas[j] - mids[j]) / span)
+            mix[k, k] = math.sqrt((mids[j] - sigmas[j + 1]) / span)
+        rows.append(_row(x_next, k, 1 / math.sqrt(sigma**2 + 1)))
+    call_ts = np.empty(calls)
+    call_ts[0::2], call_ts[1::2] = ts, _t_of(mids[:-1], schedule)
+    name = "dpmpp_sde_karras" if karras else "dpmpp_sde"
+    return _plan(name, call_ts, rows, init, [_sigma_level(s) for s in _interleaved(sigmas[:-1])] + [_sigma_level(0.0)],
+                 2 * start, mix)
+
+
+def _dpm_grid(schedule: NoiseSchedule, n: int, karras: bool) -> tuple[np.ndarray, np.ndarray]:
+    """DPM-Solver's grid (diffusers DPMSolverMultistepScheduler and UniPCMultistepScheduler): (n,) integer
+    timesteps and (n + 1,) σ ending in 0."""
     T = schedule.num_train_timesteps
     spacing = schedule.spacing("linspace")
     if spacing == "linspace":
@@ -459,43 +622,121 @@ def dpmpp_2m(schedule: NoiseSchedule, n: int, start: int = 0, karras: bool = Fal
         ts = (np.arange(0, n + 1) * (T // (n + 1))).round()[::-1][:-1].astype(np.int64) + schedule.steps_offset
     else:
         ts = _discrete_timesteps(schedule, n, spacing)
-    if karras:
-        all_sigmas = schedule.sigmas()
-        log_sigmas = np.log(all_sigmas.astype(np.float32)).astype(np.float64)  # fp32 log, as diffusers
-        sigmas = karras_sigmas(n, all_sigmas[0], all_sigmas[-1])
-        ts = np.array([_sigma_to_t(s, log_sigmas) for s in sigmas]).round()
-        sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32).astype(np.float64)
-    else:
-        sigmas = _sigma_grid(schedule, ts.astype(np.float64))
+    if not karras:
+        return ts, _sigma_grid(schedule, ts.astype(np.float64))
+    all_sigmas = schedule.sigmas()
+    log_sigmas = np.log(all_sigmas.astype(np.float32)).astype(np.float64)  # fp32 log, as diffusers
+    sigmas = karras_sigmas(n, all_sigmas[0], all_sigmas[-1])
+    ts = np.array([_sigma_to_t(s, log_sigmas) for s in sigmas]).round()
+    return ts, np.concatenate([sigmas, [0.0]]).astype(np.float32).astype(np.float64)
 
-    vp = _dpm_level  # (α_t, σ_t) of the VP process
 
-    def lam(sigma: float) -> float:  # half log-SNR λ = log α - log σ
-        alpha, s = vp(sigma)
-        return math.log(alpha) - math.log(s)
+def _half_log_snr(sigma: float) -> float:
+    """λ = log α_t - log σ_t of a k-diffusion σ (∞ at σ = 0)."""
+    alpha, s = _dpm_level(sigma)
+    return math.inf if s == 0 else math.log(alpha) - math.log(s)
 
+
+def _dpm_x0(x: Lin, out: Lin, sigma: float, prediction_type: str) -> Lin:
+    """The data prediction DPM-Solver++ and UniPC convert the model output to, in VP variables."""
+    alpha_s, sigma_s = _dpm_level(sigma)
+    if prediction_type == "v_prediction":
+        return alpha_s * x - sigma_s * out
+    return (x - sigma_s * out) / alpha_s
+
+
+def dpmpp_2m(schedule: NoiseSchedule, n: int, start: int = 0, karras: bool = False, sde: bool = False) -> SamplerPlan:
+    """Lu et al. 2022, DPM-Solver++(2M), midpoint, lower order at the end (diffusers DPMSolverMultistepScheduler,
+    algorithm_type dpmsolver++, solver_order 2); sde: its stochastic form (algorithm_type sde-dpmsolver++)."""
+    ts, sigmas = _dpm_grid(schedule, n, karras)
     rows, x0_prev = [], None
     for i in range(start, n):
-        x, out = Lin.var("x", i), Lin.var("out", i)
-        alpha_s, sigma_s = vp(sigmas[i])
-        if schedule.prediction_type == "v_prediction":
-            x0 = alpha_s * x - sigma_s * out
-        else:
-            x0 = (x - sigma_s * out) / alpha_s
-        alpha_t, sigma_t = vp(sigmas[i + 1])
+        x, noise = Lin.var("x", i), Lin.var("noise", i)
+        x0 = _dpm_x0(x, Lin.var("out", i), sigmas[i], schedule.prediction_type)
+        alpha_t, sigma_t = _dpm_level(sigmas[i + 1])
+        sigma_s = _dpm_level(sigmas[i])[1]
         if sigmas[i + 1] == 0:  # λ = ∞: the update lands on x0
             x_next = x0
         else:
-            h = lam(sigmas[i + 1]) - lam(sigmas[i])
-            phi = alpha_t * math.expm1(-h)
-            x_next = (sigma_t / sigma_s) * x - phi * x0
+            h = _half_log_snr(sigmas[i + 1]) - _half_log_snr(sigmas[i])
+            # ODE: x_t = σ_t/σ_s x + α_t(1 - e^-h) D; SDE: σ_t/σ_s e^-h x + α_t(1 - e^-2h) D + σ_t sqrt(1 - e^-2h) z
+            phi = -alpha_t * (-math.expm1(-2 * h) if sde else -math.expm1(-h))
+            x_next = (sigma_t / sigma_s * (math.exp(-h) if sde else 1.0)) * x - phi * x0
             if x0_prev is not None and i != n - 1:
-                r0 = (lam(sigmas[i]) - lam(sigmas[i - 1])) / h
+                r0 = (_half_log_snr(sigmas[i]) - _half_log_snr(sigmas[i - 1])) / h
                 x_next = x_next - 0.5 * phi * ((x0 - x0_prev) / r0)
+            if sde:
+                x_next = x_next + (sigma_t * math.sqrt(-math.expm1(-2 * h))) * noise
         rows.append(_row(x_next, i, 1.0))
         x0_prev = x0
-    name = "dpmpp_2m_karras" if karras else "dpmpp_2m"
-    return _plan(name, ts, rows, 1.0, [vp(s) for s in sigmas], start)
+    name = "dpmpp_2m" + ("_sde" if sde else "") + ("_karras" if karras else "")
+    return _plan(name, ts, rows, 1.0, [_dpm_level(s) for s in sigmas], start)
+
+
+def _unipc_coefficients(h: float, rks: list[float], corrector: bool) -> list[float]:
+    """Zhao et al. 2023, UniPC's ρ for the B(h) = e^h - 1 variant (bh2), data prediction: diffusers'
+    multistep_uni_p/c_bh_update. rks: the ratios r_k of the earlier steps' λ gaps to h, then 1."""
+    hh = -h
+    h_phi_k, factorial = math.expm1(hh) / hh - 1, 1
+    rows, b = [], []
+    for k in range(1, len(rks) + 1):
+        rows.append([r ** (k - 1) for r in rks])
+        b.append(h_phi_k * factorial / math.expm1(hh))
+        factorial *= k + 1
+        h_phi_k = h_phi_k / hh - 1 / factorial
+    if corrector:
+        return [0.5] if len(rks) == 1 else list(np.linalg.solve(np.array(rows), np.array(b)))
+    return [0.5] if len(rks) == 2 else []  # the predictor: order 2 -> ρ = 1/2, order 1 -> none
+
+
+def _unipc_update(x: Lin, sigma_s: float, sigma_t: float, m0: Lin, earlier: list[tuple[Lin, float]],
+                  model_t: Lin | None) -> Lin:
+    """UniPC's x_t from x at σ_s: m0, the data prediction at σ_s; earlier: (prediction, σ) of the steps
+    before; model_t: the prediction at σ_t (the corrector) or None (the predictor)."""
+    alpha_t, s_t = _dpm_level(sigma_t)
+    lam_s = _half_log_snr(sigma_s)
+    h = _half_log_snr(sigma_t) - lam_s
+    if math.isinf(h):  # σ_t = 0: λ = ∞, the update lands on m0 (the last step is first order)
+        return m0
+    rks = [(_half_log_snr(s) - lam_s) / h for _, s in earlier] + [1.0]
+    d1s = [(m - m0) / r for (m, _), r in zip(earlier, rks)]
+    rhos = _unipc_coefficients(h, rks, corrector=model_t is not None)
+    b_h = math.expm1(-h)
+    x_t = (s_t / _dpm_level(sigma_s)[1]) * x - (alpha_t * math.expm1(-h)) * m0
+    residual = Lin({})
+    for rho, d1 in zip(rhos, d1s):
+        residual = residual + rho * d1
+    if model_t is not None:
+        residual = residual + rhos[-1] * (model_t - m0)
+    return x_t - (alpha_t * b_h) * residual
+
+
+def unipc(schedule: NoiseSchedule, n: int, start: int = 0, karras: bool = False) -> SamplerPlan:
+    """Zhao et al. 2023, UniPC: bh2, order 2, the corrector on every step but the first, lower order at the end
+    (diffusers UniPCMultistepScheduler's defaults). The corrector refines the previous step's sample with this
+    step's model output; the model saw the uncorrected one, which the graph holds. So the corrected sample of
+    step i - 1 is rewritten in terms of x_i (the predictor's output): it stays within the graph's history."""
+    ts, sigmas = _dpm_grid(schedule, n, karras)
+    rows: list[np.ndarray] = []
+    outputs: list[Lin] = []  # data predictions, newest last
+    last_sample: Lin | None = None
+    order = 0
+    for i in range(start, n):
+        x = Lin.var("x", i)
+        m = _dpm_x0(x, Lin.var("out", i), sigmas[i], schedule.prediction_type)
+        sample = x
+        if last_sample is not None:  # order: the previous step's
+            earlier = [(outputs[-2], sigmas[i - 2])] if order == 2 else []
+            sample = _unipc_update(last_sample, sigmas[i - 1], sigmas[i], outputs[-1], earlier, m)
+        outputs = (outputs + [m])[-2:]
+        order = min(2, n - i, len(outputs))  # lower_order_final; a warm-up of one step
+        earlier = [(outputs[-2], sigmas[i - 1])] if order == 2 else []
+        x_next = _unipc_update(sample, sigmas[i], sigmas[i + 1], m, earlier, None)
+        rows.append(_row(x_next, i, 1.0))
+        if sigmas[i + 1] != 0:  # the corrected sample, from x_next = c * sample + rest
+            c = _dpm_level(sigmas[i + 1])[1] / _dpm_level(sigmas[i])[1]
+            last_sample = (Lin.var("x", i + 1) - (x_next - c * sample)) / c
+    return _plan("unipc_karras" if karras else "unipc", ts, rows, 1.0, [_dpm_level(s) for s in sigmas], start)
 
 
 def lcm(schedule: NoiseSchedule, n: int, start: int = 0, original_steps: int = 50,
@@ -561,7 +802,19 @@ SAMPLERS: dict[str, Callable[[NoiseSchedule, int, int], SamplerPlan]] = {
     "dpmpp_2m_karras": lambda s, n, start: dpmpp_2m(s, n, start, karras=True),
     "lcm": lcm,
     "plms": plms,
+    "unipc": lambda s, n, start: unipc(s, n, start, karras=s.use_karras_sigmas),
+    "heun": lambda s, n, start: heun(s, n, start, karras=s.use_karras_sigmas),
+    "lms": lambda s, n, start: lms(s, n, start, karras=s.use_karras_sigmas),
+    "lms_karras": lambda s, n, start: lms(s, n, start, karras=True),
+    "dpm2": lambda s, n, start: dpm2(s, n, start, karras=s.use_karras_sigmas),
+    "dpm2_a": lambda s, n, start: dpm2(s, n, start, ancestral=True, karras=s.use_karras_sigmas),
+    "dpmpp_sde": lambda s, n, start: dpmpp_sde(s, n, start, karras=s.use_karras_sigmas),
+    "dpmpp_sde_karras": lambda s, n, start: dpmpp_sde(s, n, start, karras=True),
+    "dpmpp_2m_sde": lambda s, n, start: dpmpp_2m(s, n, start, karras=s.use_karras_sigmas, sde=True),
+    "dpmpp_2m_sde_karras": lambda s, n, start: dpmpp_2m(s, n, start, karras=True, sde=True),
 }
+# The samplers that call the model twice a step (all steps but the last): n steps are 2n - 1 engine calls.
+TWO_CALLS_A_STEP = ("heun", "dpm2", "dpm2_a", "dpmpp_sde", "dpmpp_sde_karras")
 
 # sdrt sampler -> (AUTOMATIC1111's sampler label, its schedule type), as A1111 >= 1.9 names them
 A1111_SAMPLERS: dict[str, tuple[str, str]] = {
@@ -573,6 +826,16 @@ A1111_SAMPLERS: dict[str, tuple[str, str]] = {
     "dpmpp_2m_karras": ("DPM++ 2M", "Karras"),
     "lcm": ("LCM", "Automatic"),
     "plms": ("PLMS", "Automatic"),
+    "unipc": ("UniPC", "Automatic"),
+    "heun": ("Heun", "Automatic"),
+    "lms": ("LMS", "Automatic"),
+    "lms_karras": ("LMS", "Karras"),
+    "dpm2": ("DPM2", "Automatic"),
+    "dpm2_a": ("DPM2 a", "Automatic"),
+    "dpmpp_sde": ("DPM++ SDE", "Automatic"),
+    "dpmpp_sde_karras": ("DPM++ SDE", "Karras"),
+    "dpmpp_2m_sde": ("DPM++ 2M SDE", "Automatic"),
+    "dpmpp_2m_sde_karras": ("DPM++ 2M SDE", "Karras"),
 }
 A1111_SCHEDULE_TYPES = ("Automatic", "Karras")
 
@@ -608,8 +871,8 @@ def from_a1111(sampler: str, schedule_type: str | None) -> str | None:
     return None
 
 
-# Samplers whose diffusers scheduler has no zero-terminal-SNR rescaling (PNDMScheduler ignores the key).
-WITHOUT_ZERO_SNR = ("plms",)
+# Samplers whose diffusers scheduler has no zero-terminal-SNR rescaling (their classes ignore the key).
+WITHOUT_ZERO_SNR = ("plms", "heun", "lms", "lms_karras", "dpm2", "dpm2_a", "dpmpp_sde", "dpmpp_sde_karras")
 
 
 def samplers_of(schedule: NoiseSchedule | None) -> dict[str, Callable[[NoiseSchedule, int, int], SamplerPlan]]:

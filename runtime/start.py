@@ -53,7 +53,7 @@ def initial_noise(model: ModelInfo, config: GenerationConfig, plan: SamplerPlan)
         rng = np.random.Generator(np.random.PCG64(seed))
         init.append(rng.standard_normal(shape, dtype=np.float32))
         if plan.uses_noise:
-            step_noise.append(rng.standard_normal((len(plan),) + shape, dtype=np.float32))
+            step_noise.append(plan.mix_noise(rng.standard_normal((len(plan),) + shape, dtype=np.float32)))
     noise = np.stack(step_noise, axis=1) if plan.uses_noise else None
     return np.stack(init), noise
 

@@ -4,6 +4,7 @@ same weights, scheduler and initial latents. fp32 engines: max pixel error ≤ 2
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from sdrt.bench.stats import psnr  # noqa: E402
 from sdrt.errors import InputError  # noqa: E402
 from sdrt.export.reference import diffusers_scheduler  # noqa: E402
 from sdrt.pipeline import Pipeline  # noqa: E402
-from sdrt.schedulers import SAMPLER_SETTINGS  # noqa: E402
+from sdrt.schedulers import SAMPLER_SETTINGS, SAMPLERS  # noqa: E402
 
 MAX_PIXEL_ERROR = 2
 PARITY_SCHEDULERS = ("euler", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "plms")  # deterministic ones
@@ -31,12 +32,24 @@ def diffusers_images(model_dir, scheduler, prompt, negative, steps, guidance, la
     if not hasattr(pipe.text_encoder, "text_model"):  # diffusers' clip_skip reads text_model.final_layer_norm,
         object.__setattr__(pipe.text_encoder, "text_model", pipe.text_encoder)  # which transformers 5 flattened
     if step_noise is not None:
-        draws = iter(torch.from_numpy(step_noise))
-        module = __import__(type(pipe.scheduler).__module__, fromlist=["randn_tensor"])
-        monkeypatch.setattr(module, "randn_tensor", lambda shape, **kw: next(draws).reshape(shape))
+        inject_step_noise(pipe.scheduler, step_noise, monkeypatch)
     out = pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
                latents=torch.from_numpy(latents), height=height, width=width, output_type="np", **extra).images
     return (out * 255).round().astype(np.uint8)
+
+
+def inject_step_noise(scheduler, step_noise, monkeypatch):
+    """The scheduler's noise at call i (its step index from where it began) is step_noise[i]: its own draws
+    (randn_tensor), or DPMSolverSDEScheduler's Brownian tree."""
+    module = sys.modules[type(scheduler).__module__]
+
+    def noise(*args, **kwargs):
+        return torch.from_numpy(step_noise[scheduler.step_index - (scheduler.begin_index or 0)])
+
+    if hasattr(module, "randn_tensor"):
+        monkeypatch.setattr(module, "randn_tensor", lambda shape, **kw: noise().reshape(shape))
+    if hasattr(module, "BrownianTreeNoiseSampler"):
+        monkeypatch.setattr(module, "BrownianTreeNoiseSampler", lambda *args, **kwargs: noise)
 
 
 def sdrt_and_reference(model_dir, engines, scheduler, steps=4, guidance=7.5, size=None, batch=1,
@@ -203,7 +216,7 @@ def test_tiny_zero_snr_v_prediction_matches_diffusers(zero_snr_model_and_engines
 
 # --- models as a user builds them with diffusers: every sampler x {a negative, "", none} ---------------
 
-ALL_SAMPLERS = ("euler", "euler_karras", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "lcm", "plms", "ddim")
+ALL_SAMPLERS = tuple(SAMPLERS)
 NEGATIVES = {"text": "blurry, low quality", "empty": "", "none": None}
 
 

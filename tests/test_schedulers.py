@@ -19,7 +19,7 @@ from sdrt.export.architectures import SD15_SCHEDULER_CONFIG  # noqa: E402
 from sdrt.errors import InputError  # noqa: E402
 from sdrt.export.architectures import SD3_SCHEDULER_CONFIG, SDXL_SCHEDULER_CONFIG  # noqa: E402
 from sdrt.schedulers import (SAMPLER_SETTINGS, A, B, C_IN, D, HISTORY, HO, HX, KA, KN, UNSUPPORTED_SETTINGS,  # noqa: E402
-                             WITHOUT_ZERO_SNR, NoiseSchedule, make_plan)
+                             TWO_CALLS_A_STEP, WITHOUT_ZERO_SNR, NoiseSchedule, make_plan)
 
 REL_TOL = 1e-5
 # Zero terminal SNR starts at σ = 4096 (ᾱ = 2^-24): diffusers' own fp32 arithmetic there cancels to ~1e-4
@@ -28,7 +28,11 @@ REL_TOL_OF = {"v_zero_snr": 2e-4}
 KNOWN_TOL_OF = {"v_zero_snr": 5e-4}
 # diffusers' results that are not a reference: its fp32 σ -> t rounds the capped cosine end to 998, not 999,
 # and its Euler a overflows to NaN on it (ours stays finite)
-NOT_A_REFERENCE = {("dpmpp_2m_karras", "cosine"), ("euler_a", "cosine")}
+NOT_A_REFERENCE = {("dpmpp_2m_karras", "cosine"), ("euler_a", "cosine"), ("dpmpp_2m_sde_karras", "cosine"),
+                   ("dpmpp_sde_karras", "cosine"), ("dpm2_a", "cosine")}  # the last: NaN σ_mid there
+# diffusers' fp32 tensors cancel on the capped cosine's σ ~ 1e4 (Heun's trapezoid, 1.5e-4): its arithmetic in
+# float64 (the same fp32 tables) is the reference there
+IN_FLOAT64 = {("heun", "cosine")}
 
 V_TRAILING = {**SD15_SCHEDULER_CONFIG, "prediction_type": "v_prediction", "timestep_spacing": "trailing"}
 CONFIGS = {
@@ -109,20 +113,26 @@ def check_against_diffusers(name, config, steps, strength):
         assert rel_err(noised(plan.start_level), x) <= REL_TOL, "img2img start latents"
     else:
         x = (rng.standard_normal(shape) * plan.init_noise_sigma).astype(np.float32)
-    ref_x = torch.from_numpy(x.copy())
+    dtype = torch.float64 if (name, config) in IN_FLOAT64 else torch.float32
+    ref_x = torch.from_numpy(x.copy()).to(dtype)
     x_hist = [np.zeros(shape, np.float32)] * HISTORY
     out_hist = [np.zeros(shape, np.float32)] * HISTORY
     takes_generator = "generator" in inspect.signature(ref.step).parameters
-    for i, t in enumerate(timesteps):
+    # the independent draws the calls' noise mixes (seeded per call as diffusers' generator is), then the mix
+    draws = np.stack([torch.randn(shape, generator=torch.Generator().manual_seed(1000 + i)).numpy()
+                      for i in range(len(timesteps))])
+    noises = plan.mix_noise(draws)
+    if hasattr(ref, "noise_sampler"):  # DPMSolverSDEScheduler's Brownian tree: handed the same noise
+        ref.noise_sampler = lambda sigma, sigma_next: torch.from_numpy(noises[call])
+    for call, t in enumerate(timesteps):
+        i = call
         c_in_ref = float((ref.scale_model_input(ref_x, t) / ref_x).flatten()[0])
         assert plan.coeffs[i, C_IN] == pytest.approx(c_in_ref, rel=1e-6)
         out = rng.standard_normal(shape).astype(np.float32)
-        seed = 1000 + i
-        noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).numpy()
-        kwargs = {"generator": torch.Generator().manual_seed(seed)} if takes_generator else {}
-        ref_x = ref.step(torch.from_numpy(out), t, ref_x, **kwargs).prev_sample
-        ours = apply_row(plan.coeffs[i], x, out, x_hist, out_hist, noise)
-        err = rel_err(ours, ref_x.numpy())
+        kwargs = {"generator": torch.Generator().manual_seed(1000 + i)} if takes_generator else {}
+        ref_x = ref.step(torch.from_numpy(out).to(dtype), t, ref_x, **kwargs).prev_sample
+        ours = apply_row(plan.coeffs[i], x, out, x_hist, out_hist, noises[i])
+        err = rel_err(ours, ref_x.numpy().astype(np.float32))
         assert err <= REL_TOL_OF.get(config, REL_TOL), f"{name} step {i}: rel err {err:.2e}"
         # legacy inpainting re-noises the known region to the next step's level (diffusers' add_noise)
         known = plan.coeffs[i, [KA, KN]]
@@ -154,7 +164,7 @@ def test_unknown_scheduler_and_bad_steps():
 
     schedule = NoiseSchedule.from_config(SD15_SCHEDULER_CONFIG)
     with pytest.raises(InputError, match="choose one of"):
-        make_plan("heun", schedule, 10)
+        make_plan("dpm_adaptive", schedule, 10)
     for bad in (0, -1, 2.5, True):
         with pytest.raises(InputError, match="steps"):
             make_plan("euler", schedule, bad)
@@ -280,7 +290,7 @@ def test_a_setting_left_to_the_class_default_sdrt_lacks_is_refused_naming_the_ke
     with pytest.raises(InputError, match=f"no '{key}' key.*{SAMPLER_SETTINGS[name][0]}.*\"{key}\": {str(runs).lower()}"):
         make_plan(name, schedule, 4)
     for other in set(DIFFUSERS_SCHEDULERS) - set(SAMPLER_SETTINGS):
-        assert len(make_plan(other, schedule, 4)) == 4
+        assert len(make_plan(other, schedule, 4)) == (7 if other in TWO_CALLS_A_STEP else 4)
     assert len(make_plan(name, NoiseSchedule.from_config({**saved, key: runs}), 4)) >= 4  # PLMS: 5 rows
     with pytest.raises(InputError, match=f"sets {key}={default!r}"):
         make_plan(name, NoiseSchedule.from_config({**saved, key: default}), 4)
@@ -297,3 +307,26 @@ def test_the_a1111_sampler_list_holds_what_the_model_runs():
     assert "DDIM" in everything and "PLMS" in everything and "DDIM" not in runs and "PLMS" not in runs
     assert "Euler a" in runs and runs["DPM++ 2M"] == everything["DPM++ 2M"]
     assert list(a1111_labels(NoiseSchedule.from_config(SD3_SCHEDULER_CONFIG))) == ["Euler"]
+
+
+@pytest.mark.parametrize("name", ["dpmpp_sde", "dpmpp_sde_karras"])
+def test_dpmpp_sde_noise_correlates_its_two_calls_as_the_brownian_tree_does(name):
+    """DPM++ SDE's calls of one step draw Brownian increments over [σ_mid, σ_j] and [σ_{j+1}, σ_j], which overlap:
+    the plan's noise_mix must give them the correlation diffusers' Brownian tree (torchsde) gives, and none
+    across steps. 40,000 independent scalars: the estimate's standard error is 0.005."""
+    from diffusers.schedulers.scheduling_dpmsolver_sde import BrownianTreeNoiseSampler
+
+    plan = make_plan(name, NoiseSchedule.from_config(SD15_SCHEDULER_CONFIG), 4)
+    sigma = np.sqrt(1 / plan.coeffs[:, C_IN] ** 2 - 1)  # the σ each call sees: σ_0, σ_mid0, σ_1, σ_mid1, ...
+    tree = BrownianTreeNoiseSampler(torch.zeros(40_000), float(sigma[-1]), float(sigma[0]), seed=0)
+    mix = plan.noise_mix
+    np.testing.assert_allclose((mix**2).sum(axis=1), 1.0, rtol=1e-12)  # each call's noise is a standard normal
+    previous = None
+    for j in range(len(plan) // 2):
+        s, s_mid, s_next = (float(v) for v in sigma[2 * j: 2 * j + 3])
+        first, second = tree(s, s_mid).numpy(), tree(s, s_next).numpy()
+        assert float(np.mean(first * second)) == pytest.approx(mix[2 * j + 1, 2 * j], abs=0.025)
+        assert 0.3 < mix[2 * j + 1, 2 * j] < 0.95, "the two calls' noise is neither independent nor the same"
+        if previous is not None:
+            assert abs(float(np.mean(previous * first))) < 0.025 and not mix[2 * j, : 2 * j].any()
+        previous = second

@@ -21,6 +21,7 @@ import httpx  # noqa: E402
 from sdrt.bench.live_server import LiveServer  # noqa: E402
 from sdrt.errors import InputError  # noqa: E402
 from sdrt.pipeline import Pipeline  # noqa: E402
+from sdrt.schedulers import A1111_SAMPLERS  # noqa: E402
 from sdrt.serve.config import ServeConfig  # noqa: E402
 
 TOKEN = "s3cret"
@@ -116,8 +117,7 @@ def test_a_2000_character_prompt_runs_on_onnx_runtime_as_in_python(server, direc
     want = direct.generate(config).images[0]
     from PIL import Image
 
-    got = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB"))
-    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(decode(r.json()["images"][0])[0], want)
 
 
 def test_micro_conditioning_is_refused_by_engines_without_it(server):
@@ -147,6 +147,22 @@ def test_webuiapi_client_images_match_the_pipeline(server, direct):
     assert "Negative prompt: blurry" in infotext and "Seed: 13" in infotext
     assert "Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 5," in infotext
     assert f"Model hash: {result.info['sd_model_hash']}, Model: tiny-fp32, " in infotext
+
+
+@pytest.mark.parametrize("sampler, scheduler, name", [("DPM++ SDE", "Karras", "dpmpp_sde_karras"),
+                                                     ("UniPC", None, "unipc"), ("Heun", "Automatic", "heun")])
+def test_a1111_samplers_by_label_match_the_pipeline_and_write_their_infotext(server, direct, sampler, scheduler, name):
+    body = {"prompt": "a dog", "negative_prompt": "blurry", "seed": 3, "steps": 3, "cfg_scale": 5, "width": 64,
+            "height": 64, "sampler_name": sampler, "scheduler": scheduler}
+    r = httpx.post(f"{server.url}/sdapi/v1/txt2img", json=body, headers=server.headers(), timeout=120)
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    label, kind = A1111_SAMPLERS[name]
+    assert (info["sampler_name"], info["scheduler"]) == (label, kind)
+    assert f"Sampler: {label}, Schedule type: {kind}," in info["infotexts"][0]
+    want = direct.generate(direct.make_config("a dog", negative_prompt="blurry", steps=3, guidance=5, seed=3, height=64,
+                                              width=64, scheduler=name)).images[0]
+    np.testing.assert_array_equal(decode(r.json()["images"][0])[0], want)
 
 
 def test_a1111_n_iter_batches_send_images_and_the_batch_limit(server):
@@ -248,8 +264,13 @@ def test_a1111_sampler_labels_old_and_new_and_schedule_types():
     assert sampler_for("euler_a", None, "ddim") == "euler_a"  # sdrt's own names
     with pytest.raises(InputError, match="'Exponential' is not available with 'Euler a': use Automatic"):
         sampler_for("Euler a", "Exponential", "ddim")
-    with pytest.raises(InputError, match="sampler 'Heun' is not available: choose one of DDIM, Euler, Euler a"):
-        sampler_for("Heun", None, "ddim")
+    assert sampler_for("DPM++ SDE", "Karras", "euler") == "dpmpp_sde_karras"
+    assert sampler_for("DPM++ 2M SDE Karras", None, "euler") == "dpmpp_2m_sde_karras"
+    assert [sampler_for(label, None, "euler") for label in ("UniPC", "Heun", "LMS", "DPM2", "DPM2 a")] == [
+        "unipc", "heun", "lms", "dpm2", "dpm2_a"]
+    assert sampler_for("LMS", "Karras", "euler") == "lms_karras"
+    with pytest.raises(InputError, match="sampler 'DPM adaptive' is not available: choose one of DDIM, Euler, Euler a"):
+        sampler_for("DPM adaptive", None, "ddim")
 
 
 def test_a1111_options_read_write_and_refuse_what_sdrt_cannot_do(server, direct):
@@ -287,7 +308,7 @@ def test_a1111_options_read_write_and_refuse_what_sdrt_cannot_do(server, direct)
     ("/sdapi/v1/txt2img", {"prompt": "x", "width": 65, "height": 64, "steps": 2}, 400, "multiple of 8"),
     ("/sdapi/v1/txt2img", {"prompt": "x", "steps": 0}, 400, "steps must be"),
     ("/sdapi/v1/txt2img", {"prompt": "x", "steps": 10**6}, 400, "steps must be"),
-    ("/sdapi/v1/txt2img", {"prompt": "x", "sampler_name": "Heun"}, 400, "not available"),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "sampler_name": "DPM adaptive"}, 400, "not available"),
     ("/sdapi/v1/txt2img", {"prompt": "x", "enable_hr": True}, 400, "enable_hr"),
     ("/sdapi/v1/txt2img", {"prompt": "x", "seed": 2**40}, 400, "seed must be"),
     ("/sdapi/v1/txt2img", {"prompt": "x", "batch_size": 999}, 400, "1 to 16 images"),
