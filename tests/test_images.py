@@ -48,7 +48,7 @@ def sdrt_run(engines, scheduler, steps, **kwargs):
 # --- img2img ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("strength", [0.3, 0.8])
-@pytest.mark.parametrize("scheduler", ["euler", "ddim", "dpmpp_2m_karras"])
+@pytest.mark.parametrize("scheduler", ["euler", "ddim", "dpmpp_2m_karras", "heun", "unipc", "lms"])
 def test_img2img_matches_diffusers(tiny_model, tiny_engines, scheduler, strength, monkeypatch):
     image = picture_of()
     ours, noise, _ = sdrt_run(tiny_engines, scheduler, 10, image=image, strength=strength)
@@ -57,11 +57,13 @@ def test_img2img_matches_diffusers(tiny_model, tiny_engines, scheduler, strength
     assert_parity(ours, ref, f"img2img {scheduler} strength {strength}")
 
 
+@pytest.mark.parametrize("scheduler,calls_a_step", [("euler", 1), ("heun", 2)])
 @pytest.mark.parametrize("strength,runs", [(0.3, 3), (0.75, 7), (1.0, 10)])
-def test_img2img_runs_the_last_steps_times_strength(tiny_engines, strength, runs):
+def test_img2img_runs_the_last_steps_times_strength(tiny_engines, strength, runs, scheduler, calls_a_step):
+    """A two-call sampler's last step is one call: 2 × runs - 1 engine calls."""
     pipe = Pipeline.load(tiny_engines, backend="ort-cpu")
-    result = pipe.generate(pipe.make_config("x", image=picture_of(), strength=strength, steps=10))
-    assert len(result.timings.step_engine_s) == runs
+    result = pipe.generate(pipe.make_config("x", image=picture_of(), strength=strength, steps=10, scheduler=scheduler))
+    assert len(result.timings.step_engine_s) == calls_a_step * runs - (calls_a_step - 1)
 
 
 @pytest.mark.parametrize("scheduler", ["euler", "dpmpp_2m_karras"])
