@@ -28,6 +28,7 @@ from sdrt.decode import decode, finish, tiles_decode
 from sdrt.device import Device
 from sdrt.errors import InputError
 from sdrt.families import CFG
+from sdrt.hires import run_hires
 from sdrt.loop import STOP, Callback, Cancelled, LoopInputs, denoise
 from sdrt.loras import LoraIndex
 from sdrt.manifest import ENCODER, STEP, Manifest, read_manifest
@@ -148,14 +149,17 @@ class Pipeline:
                 for name, buffer in condition(self.device, self.tokenizers, config).items()}
 
     def generate(self, config: GenerationConfig, latents: np.ndarray | None = None,
-                 callback: Callback | None = None) -> Result:
-        """Runs one generation. latents: optional (B, 4, h, w) initial noise (before σ_max scaling).
+                 callback: Callback | None = None, keep_latents: bool = False) -> Result:
+        """Runs one generation (hires fix: both passes). latents: optional (B, 4, h, w) initial noise (before σ_max
+        scaling). keep_latents: the result carries the final latents too (one download).
 
         callback(done, total) runs after every step; it may return the batch rows still wanted
         (indices into config's rows): the others are dropped before the next step, and when none
         is left the generation stops with `Cancelled`. It may return STOP: the loop ends there and
         the latents are decoded as they are (A1111's interrupt and skip; the images stay noisy).
         """
+        if config.hires.enabled:
+            return run_hires(self, config, latents, callback)
         started, timings, requested = time.perf_counter(), Timings(), config
         top = self.engine_batch(config)
         if config.batch > top:
@@ -187,7 +191,8 @@ class Pipeline:
         timings.decode_s = time.perf_counter() - t0
         timings.total_s = time.perf_counter() - started
         seeds = [config.row_seeds[row] for row in end.alive]
-        return Result(images, requested, seeds, timings, self.manifest.name, self.manifest.model_hash, end.alive)
+        kept = self.backend.download(end.latents)[[end.in_batch.index(r) for r in end.alive]] if keep_latents else None
+        return Result(images, requested, seeds, timings, self.manifest.name, self.manifest.model_hash, end.alive, kept)
 
     def _loop_inputs(self, config: GenerationConfig, plan: SamplerPlan, inputs: dict[str, Any],
                      step_noise: np.ndarray | None) -> LoopInputs:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,8 @@ def a1111_parameters(config: GenerationConfig, seed: int, index: int, model_name
         extra = f"Denoising strength: {image.strength:g}, "
         if image.masks:
             extra += f"Mask blur: {image.mask_blur}, "
+    if config.hires.enabled:
+        extra += hires_fields(config)
     if prompts.clip_skip > 1:
         extra += f"Clip skip: {prompts.clip_skip}, "
     if skip.layers:  # SD 3.5's skip-layer guidance (no A1111 field: quoted, as its parser reads values)
@@ -40,6 +43,28 @@ def a1111_parameters(config: GenerationConfig, seed: int, index: int, model_name
         f"Steps: {sampler.steps}, Sampler: {name}, Schedule type: {schedule_type}, CFG scale: {config.guidance.scale:g}, "
         f"Seed: {seed}, Size: {config.size.width}x{config.size.height}, {model}{extra}Version: sdrt {__version__}")
     return "\n".join(lines)
+
+
+def _quoted(text: str) -> str:
+    """A value as A1111's infotext quotes one holding a comma, colon or quote (its `quote`)."""
+    return text if not any(c in text for c in ',:"\n') else json.dumps(text, ensure_ascii=False)
+
+
+def hires_fields(config: GenerationConfig) -> str:
+    """A1111's hires fix fields, in its order."""
+    hires = config.hires
+    size = f"Hires resize: {hires.size.width}x{hires.size.height}, " if not hires.scale else f"Hires upscale: {hires.scale:g}, "
+    out = f"Denoising strength: {hires.strength:g}, {size}"
+    out += f"Hires steps: {hires.steps}, " if hires.steps else ""
+    out += f"Hires upscaler: {hires.upscaler}, "
+    if hires.prompt:
+        out += f"Hires prompt: {_quoted(hires.prompt)}, "
+    if hires.negative_prompt:
+        out += f"Hires negative prompt: {_quoted(hires.negative_prompt)}, "
+    if hires.scheduler and hires.scheduler != config.sampler.scheduler:
+        name, schedule_type = a1111_sampler(hires.scheduler)
+        out += f"Hires sampler: {name}, Hires schedule type: {schedule_type}, "
+    return out
 
 
 def save_png(image: Any, path: str | Path, parameters: str | None = None) -> None:

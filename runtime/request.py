@@ -72,6 +72,8 @@ class ImageInput:
     """image-to-image and inpainting; images and masks both empty: text-to-image."""
 
     images: tuple[Picture, ...] = ()  # one per row, already resized to width x height
+    # one (C, h, w) f32 array per row instead of images: img2img from latents (hires fix's Latent upscalers)
+    latents: tuple[Any, ...] = ()
     masks: tuple[Picture, ...] = ()  # one per row (inpainting), 255 = repaint, 0 = keep; empty: img2img
     strength: float = 1.0  # diffusers' strength, A1111's denoising strength: the last ⌊steps × strength⌋ run
     mask_blur: int = 4  # pixels of Gaussian blur where the original is composited back (A1111's mask_blur)
@@ -79,7 +81,7 @@ class ImageInput:
 
     @property
     def mode(self) -> str:
-        return "inpaint" if self.masks else "img2img" if self.images else "txt2img"
+        return "inpaint" if self.masks else "img2img" if self.images or self.latents else "txt2img"
 
 
 @dataclass(frozen=True)
@@ -108,9 +110,25 @@ class SkipLayers:
         return frozenset(i for i in range(n) if n * self.start < i < n * self.stop)
 
 
+@dataclass(frozen=True)
+class Hires:
+    """A1111's hires fix: text-to-image at the request's size, the upscale, then image-to-image at `size`
+    with `strength` (A1111's denoising strength) over `steps` (0: the first pass's), in one request."""
+
+    enabled: bool = False
+    size: Size = field(default_factory=Size)  # the second pass's
+    scale: float = 2.0  # A1111's hr_scale, for the infotext (size is what runs); 0: sized by hr_resize_x / _y
+    upscaler: str = "Latent"  # a name of sdrt.upscale.UPSCALERS
+    steps: int = 0
+    strength: float = 0.7  # A1111's denoising_strength default for hires fix
+    prompt: str | None = None  # None: the first pass's (A1111's empty hr_prompt)
+    negative_prompt: str | None = None
+    scheduler: str | None = None  # None: the first pass's
+
+
 # (group, field) of each field with one entry per row
 ROW_FIELDS = (("prompts", "prompt"), ("prompts", "negative_prompt"), ("sampler", "seeds"), ("image", "images"),
-              ("image", "masks"))
+              ("image", "masks"), ("image", "latents"))
 _NOT_SHARED = set(ROW_FIELDS) | {("sampler", "seed")}  # seed: row 0's, so a row of its own too
 
 
@@ -125,6 +143,7 @@ class GenerationConfig:
     image: ImageInput = field(default_factory=ImageInput)
     micro: MicroConditioning = field(default_factory=MicroConditioning)
     skip: SkipLayers = field(default_factory=SkipLayers)
+    hires: Hires = field(default_factory=Hires)
 
     @property
     def row_seeds(self) -> tuple[int, ...]:

@@ -44,6 +44,7 @@ class Result:
     model_name: str
     model_hash: str  # A1111's 10-hex short hash (Manifest.model_hash)
     rows: list[int]  # the config row of each image (all rows, unless some were dropped)
+    latents: np.ndarray | None = None  # (B, C, h, w) f32 of the images, when generate() was asked to keep them
 
     def parameters(self, index: int) -> str:
         return a1111_parameters(self.config, self.seeds[index], self.rows[index], self.model_name, self.model_hash)

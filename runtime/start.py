@@ -78,14 +78,18 @@ def image_inputs(device: Device, config: GenerationConfig, plan: SamplerPlan,
     """The start latents (B, 4, h, w) on the host and the step's image inputs on the device."""
     f32, model, buffers, image = np.float32, device.model, device.buffers, config.image
     mask_shape = (noise.shape[0], 1) + noise.shape[2:]
-    if not image.images:  # a mask of ones (and zero image latents and noise): the blend is an exact no-op
+    if not (image.images or image.latents):  # a mask of ones (and zero image latents and noise): the blend is a no-op
         return noise * f32(plan.init_noise_sigma), {
             name: buffers.constant("repaint_all", mask_shape, 1.0) if name == "mask"
             else buffers.constant("zero_latents", noise.shape, 0.0) for name in model.image_inputs}
-    pixels = np.stack([p.pixels for p in image.images])
-    latents_buffer = encode(device, "image_latents", pixels,
-                            buffers.constant("zero_pixel_mask", pixels.shape[:3] + (1,), 0.0))
-    encoded = buffers.download(latents_buffer).astype(f32)
+    if image.latents:  # given (hires fix's latent upscale): no VAE encoder
+        encoded = np.stack(image.latents).astype(f32)
+        latents_buffer = buffers.write("image_latents", encoded)
+    else:
+        pixels = np.stack([p.pixels for p in image.images])
+        latents_buffer = encode(device, "image_latents", pixels,
+                                buffers.constant("zero_pixel_mask", pixels.shape[:3] + (1,), 0.0))
+        encoded = buffers.download(latents_buffer).astype(f32)
     start_image = encoded
     if image.masks:
         mask = latent_mask(image.masks, model.vae_scale_factor)

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from sdrt.errors import InputError, check_text, is_integer
+from sdrt.families import CONCAT
+from sdrt.hires_request import HIRES_KEYWORDS, build_hires, check_latents
 from sdrt.images import mask_picture, picture, read_image, read_mask, resized
 from sdrt.loras import TAG, LoraIndex, prompt_loras
 from sdrt.manifest import ModelInfo, ShapeLimits
@@ -67,7 +69,8 @@ def build_request(accepts: Accepts, prompt: str | list[str], negative_prompt: st
                   loras: Sequence[tuple[str | Path, float]] | None = None, max_rows: int | None = None,
                   skip_guidance_layers: Sequence[int] | None = None, skip_layer_guidance_scale: float | None = None,
                   skip_layer_guidance_start: float | None = None,
-                  skip_layer_guidance_stop: float | None = None) -> GenerationConfig:
+                  skip_layer_guidance_stop: float | None = None, image_latents: Any = None,
+                  **hires: Any) -> GenerationConfig:
     """The request, checked group by group (the order decides which error a request with several gets)."""
     defaults = accepts.model.defaults
     steps = defaults.steps if steps is None else steps
@@ -82,13 +85,26 @@ def build_request(accepts: Accepts, prompt: str | list[str], negative_prompt: st
     size = _size(accepts, height, width, sources)
     sampler = _sampler(int(steps), scheduler, seed, seeds, len(prompts))
     micro = _micro(accepts, original_size=original_size, crop_top_left=crop_top_left, target_size=target_size)
+    latents = () if image_latents is None else _latents(accepts, image_latents, size, len(prompts), sources)
     images = _image_input(accepts, sources, size, strength, mask_blur, inpainting_fill, inpainting_mask_invert,
-                          sampler.steps)
+                          sampler.steps, latents)
     # one engine call's images: the server's successive calls (max_rows) take one row at least; plans pad to theirs
     call = max(1 if max_rows else len(prompts), accepts.limits.batch[0])
     skip = _skip_layers(accepts, skip_guidance_layers, skip_layer_guidance_scale, skip_layer_guidance_start,
                         skip_layer_guidance_stop, guided, call)
-    return GenerationConfig(prompt_group, size, sampler, guided, images, micro, skip)
+    unknown = set(hires) - HIRES_KEYWORDS
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+    hires_fix = build_hires(size, sampler.steps, accepts.schedule, accepts.model.needs_image or images.mode != "txt2img",
+                            accepts.model.size_multiple, lambda s: _size(accepts, s.height, s.width, []), **hires)
+    return GenerationConfig(prompt_group, size, sampler, guided, images, micro, skip, hires_fix)
+
+
+def _latents(accepts: Accepts, latents: Any, size: Size, batch: int, sources: list) -> tuple:
+    if accepts.model.image_input == CONCAT:
+        raise InputError("image_latents: these inpainting engines also encode the masked image's pixels; pass image")
+    return check_latents(latents, size, accepts.model.latent_channels, accepts.model.vae_scale_factor, batch,
+                         bool(sources))
 
 
 def _rows(accepts: Accepts, prompt: Any, negative_prompt: Any, batch: int | None,
@@ -239,13 +255,13 @@ def _micro(accepts: Accepts, **given: Any) -> MicroConditioning:
 
 
 def _image_input(accepts: Accepts, sources: list[tuple[Any, Any]], size: Size, strength: Any, mask_blur: Any,
-                 fill: Any, invert: bool, steps: int) -> ImageInput:
-    """The images and masks resized to the request's size, and how they are used."""
+                 fill: Any, invert: bool, steps: int, latents: tuple = ()) -> ImageInput:
+    """The images and masks resized to the request's size (or the latents given instead), and how they are used."""
     images = tuple(picture(resized(im, size.width, size.height)) for im, _ in sources)
     masks = tuple(mask_picture(resized(m, size.width, size.height), bool(invert)) for _, m in sources if m is not None)
     if strength is None:
-        strength = 1.0 if accepts.model.needs_image or not images else IMG2IMG_STRENGTH
-    if not images and strength != 1.0:
+        strength = 1.0 if accepts.model.needs_image or not (images or latents) else IMG2IMG_STRENGTH
+    if not (images or latents) and strength != 1.0:
         raise InputError("strength applies to img2img and inpainting: pass an image, or leave strength out")
     strength_start(steps, strength, accepts.schedule.flow)  # refuses a strength outside (0, 1] or one that runs no step
     mask_blur = ImageInput.mask_blur if mask_blur is None else mask_blur
@@ -254,7 +270,7 @@ def _image_input(accepts: Accepts, sources: list[tuple[Any, Any]], size: Size, s
     fill = ImageInput.inpainting_fill if fill is None else fill
     if fill not in INPAINTING_FILLS.values():
         raise InputError(f"inpainting_fill must be one of {', '.join(INPAINTING_FILLS.values())}, got {fill!r}")
-    return ImageInput(images, masks, float(strength), int(mask_blur), fill)
+    return ImageInput(images, latents, masks, float(strength), int(mask_blur), fill)
 
 
 def _skip_layers(accepts: Accepts, layers: Sequence[int] | None, scale: Any, start: Any, stop: Any,
