@@ -165,6 +165,29 @@ def test_a1111_samplers_by_label_match_the_pipeline_and_write_their_infotext(ser
     np.testing.assert_array_equal(decode(r.json()["images"][0])[0], want)
 
 
+def test_a1111_hires_fix_matches_the_pipeline_and_writes_its_infotext(server, direct):
+    body = {"prompt": "a dog", "negative_prompt": "blurry", "seed": 3, "steps": 3, "cfg_scale": 5, "width": 64,
+            "height": 64, "enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Latent (nearest-exact)",
+            "denoising_strength": 0.6, "hr_sampler_name": "Euler", "hr_second_pass_steps": 4}
+    h = server.headers()
+    r = httpx.post(f"{server.url}/sdapi/v1/txt2img", json=body, headers=h, timeout=120)
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    assert info["denoising_strength"] == 0.6 and (info["width"], info["height"]) == (64, 64)
+    assert ("Denoising strength: 0.6, Hires upscale: 1.5, Hires steps: 4, Hires upscaler: Latent (nearest-exact), "
+            "Hires sampler: Euler, Hires schedule type: Automatic, ") in info["infotexts"][0]
+    want = direct.generate(direct.make_config(
+        "a dog", negative_prompt="blurry", steps=3, guidance=5, seed=3, height=64, width=64, enable_hr=True,
+        hr_scale=1.5, hr_upscaler="Latent (nearest-exact)", denoising_strength=0.6, hr_sampler="euler",
+        hr_second_pass_steps=4)).images[0]
+    got = decode(r.json()["images"][0])[0]
+    assert got.shape == (96, 96, 3)
+    np.testing.assert_array_equal(got, want)
+    assert [u["name"] for u in httpx.get(f"{server.url}/sdapi/v1/upscalers", headers=h).json()] == ["Lanczos", "Nearest"]
+    modes = [m["name"] for m in httpx.get(f"{server.url}/sdapi/v1/latent-upscale-modes", headers=h).json()]
+    assert modes[0] == "Latent" and "Latent (bicubic antialiased)" in modes
+
+
 def test_a1111_n_iter_batches_send_images_and_the_batch_limit(server):
     url, h = f"{server.url}/sdapi/v1/txt2img", server.headers()
     body = {"prompt": "x", "seed": 5, "steps": 1, "width": 64, "height": 64}
@@ -309,7 +332,9 @@ def test_a1111_options_read_write_and_refuse_what_sdrt_cannot_do(server, direct)
     ("/sdapi/v1/txt2img", {"prompt": "x", "steps": 0}, 400, "steps must be"),
     ("/sdapi/v1/txt2img", {"prompt": "x", "steps": 10**6}, 400, "steps must be"),
     ("/sdapi/v1/txt2img", {"prompt": "x", "sampler_name": "DPM adaptive"}, 400, "not available"),
-    ("/sdapi/v1/txt2img", {"prompt": "x", "enable_hr": True}, 400, "enable_hr"),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"}, 400,
+     "hr_upscaler 'R-ESRGAN 4x+' is not available"),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "enable_hr": True, "hr_resize_x": 4096}, 400, "second pass is 4096x"),
     ("/sdapi/v1/txt2img", {"prompt": "x", "seed": 2**40}, 400, "seed must be"),
     ("/sdapi/v1/txt2img", {"prompt": "x", "batch_size": 999}, 400, "1 to 16 images"),
     ("/sdapi/v1/txt2img", {"prompt": "x", "cfg_scale": "NaN", "steps": 2, "width": 64, "height": 64}, 400, "finite"),

@@ -1,5 +1,5 @@
 """AUTOMATIC1111's API (`/sdapi/v1/...`): generation, and the discovery and control endpoints its
-clients call (samplers, schedulers, models, LoRAs, options, interrupt, skip, scripts)."""
+clients call (samplers, schedulers, upscalers, models, LoRAs, options, interrupt, skip, scripts)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from sdrt.serve.a1111_requests import Img2ImgRequest, Txt2ImgRequest, a1111_conf
 from sdrt.serve.context import Server
 from sdrt.serve.errors import error_response
 from sdrt.serve.request_fields import check_strings
+from sdrt.upscale import LATENT_UPSCALERS, PIXEL_UPSCALERS
 
 
 def a1111_router(server: Server) -> APIRouter:
@@ -54,6 +55,16 @@ def _discovery(router: APIRouter, server: Server) -> None:
     async def schedulers() -> list[dict]:
         return [{"name": kind.lower(), "label": kind, "aliases": None, "default_rho": 7.0 if kind == "Karras" else -1,
                  "need_inner_model": False} for kind in A1111_SCHEDULE_TYPES]
+
+    @router.get("/upscalers")
+    async def upscalers() -> list[dict]:
+        """The pixel upscalers hires fix takes (A1111's shape; its ESRGAN-style models are not in sdrt)."""
+        return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+                for name in PIXEL_UPSCALERS]
+
+    @router.get("/latent-upscale-modes")
+    async def latent_upscale_modes() -> list[dict]:
+        return [{"name": name} for name in LATENT_UPSCALERS]
 
     @router.get("/sd-models")
     async def sd_models(request: Request) -> Any:

@@ -43,9 +43,20 @@ class Txt2ImgRequest(MicroConditioning, SkipLayerGuidance):
     batch_size: Int = 1
     n_iter: Int = 1
     send_images: bool = True  # false: the answer carries info and parameters, no images
+    # hires fix (txt2img): the first pass at width x height, the upscale, then img2img at the hires size
+    enable_hr: bool = False
+    hr_scale: float = 2.0
+    hr_resize_x: Int = 0
+    hr_resize_y: Int = 0
+    hr_upscaler: str | None = None  # None: "Latent"
+    hr_second_pass_steps: Int = 0
+    denoising_strength: float | None = None  # None: 0.7, A1111's hires default
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
+    hr_sampler_name: str | None = None  # None: the first pass's
+    hr_scheduler: str | None = None
     # accepted at their defaults, refused when turned on
     save_images: bool = False
-    enable_hr: bool = False
     restore_faces: bool | None = False
     tiling: bool | None = False
     subseed_strength: float = 0.0
@@ -63,13 +74,25 @@ class Txt2ImgRequest(MicroConditioning, SkipLayerGuidance):
         return {"clip_skip": value} if model.clip_skip_max > 1 else {}
 
     def unsupported(self) -> list[str]:
-        out = [name for name in ("save_images", "enable_hr", "restore_faces", "tiling", "styles", "script_name",
+        out = [name for name in ("save_images", "restore_faces", "tiling", "styles", "script_name",
                                  "alwayson_scripts") if getattr(self, name)]
         return out + (["subseed_strength"] if self.subseed_strength else [])
 
     def images_in(self) -> dict[str, Any]:
         """make_config's image arguments: none for txt2img."""
         return {}
+
+    def hires(self, first_sampler: str) -> dict[str, Any]:
+        """make_config's hires fix arguments (none unless enable_hr, as A1111 ignores the hr_ fields then)."""
+        if not self.enable_hr:
+            return {}
+        sampler = None
+        if self.hr_sampler_name and self.hr_sampler_name != "Use same sampler":  # A1111's UI value for none
+            sampler = sampler_for(self.hr_sampler_name, self.hr_scheduler, first_sampler)
+        return dict(enable_hr=True, hr_scale=self.hr_scale, hr_resize_x=self.hr_resize_x, hr_resize_y=self.hr_resize_y,
+                    hr_upscaler=self.hr_upscaler, hr_second_pass_steps=self.hr_second_pass_steps,
+                    denoising_strength=self.denoising_strength, hr_prompt=self.hr_prompt,
+                    hr_negative_prompt=self.hr_negative_prompt, hr_sampler=sampler)
 
     def echoed(self) -> dict[str, Any]:
         """The `parameters` A1111 answers with: the request."""
@@ -168,7 +191,7 @@ def a1111_config(req: Txt2ImgRequest, pipe: Pipeline, cfg: ServeConfig, clip_ski
     return pipe.make_config([req.prompt] * images, negative_prompt=req.negative_prompt or None, steps=steps,
                             guidance=req.cfg_scale, scheduler=scheduler, height=req.height, width=req.width,
                             seed=random_if_unset(req.seed), **req.micro(), **req.images_in(),
-                            **req.skip_layer_guidance(),
+                            **req.skip_layer_guidance(), **req.hires(scheduler),
                             **req.clip_skip(pipe.model, clip_skip), max_rows=cfg.max_images_per_request)
 
 
@@ -197,7 +220,7 @@ def a1111_info(req: Txt2ImgRequest, config: GenerationConfig, infotexts: list[st
         "batch_size": req.batch_size, "n_iter": req.n_iter, "restore_faces": False, "face_restoration_model": None,
         "sd_model_name": model.name, "sd_model_hash": model.model_hash, **vae_fields(model),
         "seed_resize_from_w": -1, "seed_resize_from_h": -1,
-        "denoising_strength": image.strength if image.images else None,
+        "denoising_strength": image.strength if image.images else config.hires.strength if config.hires.enabled else None,
         "extra_generation_params": {"Schedule type": schedule_type}, "index_of_first_image": 0,
         "infotexts": infotexts, "styles": list(req.styles or []),
         "job_timestamp": a1111_timestamp(started), "clip_skip": config.prompts.clip_skip,
