@@ -18,6 +18,7 @@ from sdrt.pipeline import Pipeline
 from sdrt.png import save_png
 from sdrt.request import INPAINTING_FILLS, ImageInput, SkipLayers
 from sdrt.schedulers import SAMPLERS
+from sdrt.upscale import UPSCALERS
 from sdrt.serve.config import ServeConfig
 
 
@@ -95,6 +96,30 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected integers separated by commas, e.g. 7,8,9, got {text!r}") from None
 
 
+def _hires_args(args: argparse.Namespace) -> dict[str, Any]:
+    """make_config's hires fix keywords: none unless --hires-scale or --hires-size is given."""
+    if args.hires_scale is None and args.hires_size is None:
+        return {}
+    width, height = args.hires_size or (0, 0)
+    return dict(enable_hr=True, hr_scale=args.hires_scale or 2.0, hr_resize_x=width, hr_resize_y=height,
+                hr_upscaler=args.hires_upscaler, hr_second_pass_steps=args.hires_steps,
+                denoising_strength=args.hires_strength, hr_prompt=args.hires_prompt,
+                hr_negative_prompt=args.hires_negative, hr_sampler=args.hires_scheduler)
+
+
+def _add_hires(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("hires fix (A1111's): text-to-image, the upscale, then img2img at the larger size")
+    group.add_argument("--hires-scale", type=float, default=None, help="turn it on: the second pass is this much larger")
+    group.add_argument("--hires-size", type=int, nargs=2, default=None, metavar=("W", "H"),
+                       help="turn it on at this size instead (0 for one side keeps the aspect)")
+    group.add_argument("--hires-upscaler", choices=list(UPSCALERS), default=None, help="default: Latent")
+    group.add_argument("--hires-steps", type=int, default=0, help="the second pass's steps (0: --steps)")
+    group.add_argument("--hires-strength", type=float, default=None, help="its denoising strength (default 0.7)")
+    group.add_argument("--hires-prompt", default=None, help="default: the prompt")
+    group.add_argument("--hires-negative", default=None, help="default: --negative")
+    group.add_argument("--hires-scheduler", choices=list(SAMPLERS), default=None, help="default: --scheduler")
+
+
 def _generate(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
@@ -112,7 +137,7 @@ def _generate(args: argparse.Namespace) -> None:
                               skip_guidance_layers=args.skip_guidance_layers,
                               skip_layer_guidance_scale=args.skip_layer_guidance_scale,
                               skip_layer_guidance_start=args.skip_layer_guidance_start,
-                              skip_layer_guidance_stop=args.skip_layer_guidance_stop)
+                              skip_layer_guidance_stop=args.skip_layer_guidance_stop, **_hires_args(args))
     with tqdm(total=None, desc="denoise", unit="step", leave=False) as bar:
         def progress(done: int, total: int) -> None:
             bar.total = total
@@ -124,6 +149,9 @@ def _generate(args: argparse.Namespace) -> None:
     for path, image, i in zip(paths, result.pil_images(), range(config.batch)):
         save_png(image, path, result.parameters(i))
     strength = f" (strength {config.image.strength:g})" if config.image.images else ""
+    if config.hires.enabled:
+        hires = config.hires
+        strength = f" + hires fix to {hires.size.width}x{hires.size.height} ({hires.upscaler}, strength {hires.strength:g})"
     print(f"backend {pipe.backend.describe()} | {config.mode}{strength} | {config.size.width}x{config.size.height} | "
           f"{config.sampler.scheduler} {config.sampler.steps} steps | seed {config.sampler.seed}")
     print(result.timings.line())
@@ -321,6 +349,7 @@ def _add_generate(sub: Any) -> None:
     p.add_argument("--lora-dir", type=Path, default=None,
                    help="folder where the prompt's <lora:NAME:WEIGHT> tags find NAME.safetensors")
     p.add_argument("-o", "--output", default="out.png")
+    _add_hires(p)
     p.set_defaults(func=_generate)
 
 

@@ -27,6 +27,22 @@ def test_generate_writes_pngs_with_parameters_and_timings(tiny_engines, tmp_path
         assert f"Seed: {4 + i}" in image.info["parameters"] and "Sampler: Euler a" in image.info["parameters"]
 
 
+def test_generate_with_hires_fix_and_a_two_call_sampler(tiny_engines, tmp_path):
+    out = tmp_path / "hires.png"
+    r = sdrt("generate", str(tiny_engines), "a cat", "--steps", "3", "--seed", "4", "--scheduler", "dpmpp_sde_karras",
+             "--hires-scale", "1.5", "--hires-upscaler", "Lanczos", "--hires-steps", "4", "--hires-strength", "0.5",
+             "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "hires fix to 96x96 (Lanczos, strength 0.5)" in r.stdout
+    image = Image.open(out)
+    assert image.size == (96, 96)
+    text = image.info["parameters"]
+    assert "Sampler: DPM++ SDE, Schedule type: Karras" in text and "Size: 64x64" in text
+    assert "Denoising strength: 0.5, Hires upscale: 1.5, Hires steps: 4, Hires upscaler: Lanczos, " in text
+    bad = sdrt("generate", str(tiny_engines), "a cat", "--hires-size", "96", "64", "-o", str(tmp_path / "x.png"))
+    assert bad.returncode != 0 and "sdrt does not crop" in bad.stderr and not (tmp_path / "x.png").exists()
+
+
 def test_clip_skip_and_a_long_prompt(tiny_engines, tmp_path):
     out = tmp_path / "long.png"
     prompt = "a (red:1.2) cat on a table, " * 20
