@@ -125,6 +125,7 @@ class Pipeline:
         tags add lora_dir's NAME.safetensors; max_rows: more rows than the engines' batch, for a caller that
         runs them as successive engine calls (the server: A1111's n_iter); skip_guidance_layers,
         skip_layer_guidance_scale, _start, _stop: SD 3.5's skip-layer guidance (Medium's layers: [7, 8, 9]).
+        image_latents: img2img from (C, h, w) latents per row; enable_hr and A1111's hr_ fields: hires fix (sdrt.hires).
         Prompts are read as A1111 does (sdrt.prompts): `(emphasis:1.2)`, `[less]`, `BREAK`, 75-token chunks."""
         return build_request(self.accepts, prompt, **keywords)
 

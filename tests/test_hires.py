@@ -115,3 +115,11 @@ def test_hires_on_an_image_is_refused(tiny_engines):
     pipe = Pipeline.load(tiny_engines, backend="ort-cpu")
     with pytest.raises(InputError, match="leave image out"):
         pipe.make_config(PROMPT, **FIRST, image=np.zeros((64, 64, 3), np.uint8), enable_hr=True)
+
+
+def test_sdxl_hires_fix_runs_both_passes(tiny_sdxl_engines):
+    pipe = Pipeline.load(tiny_sdxl_engines, backend="ort-cpu")
+    config = pipe.make_config(PROMPT, steps=3, seed=1, height=64, width=64, enable_hr=True, hr_scale=1.5)
+    result = pipe.generate(config)
+    assert result.images.shape == (1, 96, 96, 3) and result.images.std() > 1
+    assert len(result.timings.step_engine_s) == 3 + int(3 * 0.7)
