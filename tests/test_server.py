@@ -115,8 +115,6 @@ def test_a_2000_character_prompt_runs_on_onnx_runtime_as_in_python(server, direc
                                 seed=5, guidance=7.0, scheduler="euler")
     assert config.prompts.chunks > direct.manifest.shapes.max_chunks
     want = direct.generate(config).images[0]
-    from PIL import Image
-
     np.testing.assert_array_equal(decode(r.json()["images"][0])[0], want)
 
 
