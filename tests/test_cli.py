@@ -101,7 +101,7 @@ def test_bad_image_arguments_exit_nonzero_with_message(tiny_engines, tmp_path, a
 
 
 def test_unknown_scheduler_is_an_argparse_error(tiny_engines):
-    r = sdrt("generate", str(tiny_engines), "a cat", "--scheduler", "heun")
+    r = sdrt("generate", str(tiny_engines), "a cat", "--scheduler", "dpm_fast")
     assert r.returncode == 2 and "invalid choice" in r.stderr
 
 
