@@ -12,8 +12,6 @@ from sdrt.schedulers import check_sampler, strength_start
 from sdrt.upscale import LATENT_UPSCALERS, UPSCALERS
 
 MAX_SCALE = 8.0
-HIRES_KEYWORDS = {"enable_hr", "hr_scale", "hr_resize_x", "hr_resize_y", "hr_upscaler", "hr_second_pass_steps",
-                  "denoising_strength", "hr_prompt", "hr_negative_prompt", "hr_sampler"}
 
 
 def hires_size(first: Size, scale: Any, resize_x: Any, resize_y: Any, multiple: int) -> Size:

@@ -331,7 +331,11 @@ def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) 
 
 def _vp_predict(x: Lin, out: Lin, alpha_bar: float, prediction_type: str) -> tuple[Lin, Lin]:
     """(x0, eps) from the model output in the variance-preserving parametrization."""
-    sa, sb = math.sqrt(alpha_bar), math.sqrt(1 - alpha_bar)
+    return _vp_x0_eps(x, out, math.sqrt(alpha_bar), math.sqrt(1 - alpha_bar), prediction_type)
+
+
+def _vp_x0_eps(x: Lin, out: Lin, sa: float, sb: float, prediction_type: str) -> tuple[Lin, Lin]:
+    """(x0, eps) at x = sa·x0 + sb·eps."""
     if prediction_type == "v_prediction":  # Salimans & Ho 2022
         return sa * x - sb * out, sa * out + sb * x
     return (x - sb * out) / sa, out
@@ -438,6 +442,11 @@ def _k_denoised(x: Lin, out: Lin, sigma: float, prediction_type: str) -> Lin:
     return x - sigma * out
 
 
+def _k_slope(x: Lin, out: Lin, sigma: float, prediction_type: str) -> Lin:
+    """dx/dσ of the probability-flow ODE at (x, σ): (x - x0) / σ (Karras et al. 2022, eq. 3)."""
+    return (x - _k_denoised(x, out, sigma, prediction_type)) / sigma
+
+
 def euler(schedule: NoiseSchedule, n: int, start: int = 0, karras: bool = False) -> SamplerPlan:
     """Karras et al. 2022, Algorithm 2 without churn (diffusers EulerDiscreteScheduler)."""
     ts, sigmas, init = _euler_grid(schedule, n, karras)
@@ -445,7 +454,7 @@ def euler(schedule: NoiseSchedule, n: int, start: int = 0, karras: bool = False)
     for i in range(start, n):
         x, out = Lin.var("x", i), Lin.var("out", i)
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        derivative = (x - _k_denoised(x, out, sigma, schedule.prediction_type)) / sigma
+        derivative = _k_slope(x, out, sigma, schedule.prediction_type)
         rows.append(_row(x + derivative * (sigma_next - sigma), i, 1 / math.sqrt(sigma**2 + 1)))
     return _plan("euler_karras" if karras else "euler", ts, rows, init, [_sigma_level(s) for s in sigmas], start)
 
@@ -459,14 +468,14 @@ def euler_ancestral(schedule: NoiseSchedule, n: int, start: int = 0) -> SamplerP
         s_from, s_to = sigmas[i], sigmas[i + 1]
         s_up = math.sqrt(s_to**2 * (s_from**2 - s_to**2) / s_from**2)
         s_down = math.sqrt(s_to**2 - s_up**2)
-        derivative = (x - _k_denoised(x, out, s_from, schedule.prediction_type)) / s_from
+        derivative = _k_slope(x, out, s_from, schedule.prediction_type)
         rows.append(_row(x + derivative * (s_down - s_from) + s_up * noise, i, 1 / math.sqrt(s_from**2 + 1)))
     return _plan("euler_a", ts, rows, init, [_sigma_level(s) for s in sigmas], start)
 
 
 def _lms_coefficient(sigmas: np.ndarray, i: int, order: int, j: int) -> float:
-    """∫ from σ_i to σ_{i+1} of the Lagrange basis polynomial of σ_{i-j} over σ_i..σ_{i-order+1}: exact (diffusers
-    integrates the same polynomial numerically, scipy's quad)."""
+    """∫ from σ_i to σ_{i+1} of the Lagrange basis polynomial of σ_{i-j} over σ_i..σ_{i-order+1}: exact
+    (diffusers integrates the same polynomial numerically, scipy's quad)."""
     basis = np.polynomial.Polynomial([1.0])
     for k in range(order):
         if k != j:
@@ -482,8 +491,7 @@ def lms(schedule: NoiseSchedule, n: int, start: int = 0, karras: bool = False, m
     rows, derivatives = [], []  # newest last
     for i in range(start, n):
         x, out = Lin.var("x", i), Lin.var("out", i)
-        derivatives = (derivatives + [(x - _k_denoised(x, out, sigmas[i], schedule.prediction_type)) / sigmas[i]])
-        derivatives = derivatives[-max_order:]
+        derivatives = (derivatives + [_k_slope(x, out, sigmas[i], schedule.prediction_type)])[-max_order:]
         # diffusers' order counts grid steps, not the steps run: image-to-image's first step takes the order-4
         # coefficient of its one derivative (the others are zipped away), as there
         order = min(i + 1, max_order)
@@ -503,6 +511,11 @@ def _interleaved(values: np.ndarray) -> np.ndarray:
     return np.concatenate([values[:1], np.repeat(values[1:], 2)])
 
 
+def _two_call_levels(sigmas: np.ndarray) -> list[tuple[float, float]]:
+    """add_noise's level at each call of diffusers' Heun-layout σ table [σ0, σ1, σ1, ..., σ_{n-1}, σ_{n-1}, 0]."""
+    return [_sigma_level(s) for s in list(_interleaved(sigmas[:-1])) + [0.0]]
+
+
 def heun(schedule: NoiseSchedule, n: int, start: int = 0, karras: bool = False) -> SamplerPlan:
     """Karras et al. 2022, Algorithm 1 without churn (diffusers HeunDiscreteScheduler): an Euler move to σ_{j+1},
     then the trapezoid of both slopes from x_j."""
@@ -514,15 +527,12 @@ def heun(schedule: NoiseSchedule, n: int, start: int = 0, karras: bool = False) 
         j = k // 2
         if k % 2 == 0:  # to σ_{j+1} (the last step: to 0, done)
             sigma = sigmas[j]
-            x_next = x + (x - _k_denoised(x, out, sigma, pt)) / sigma * (sigmas[j + 1] - sigma)
+            x_next = x + _k_slope(x, out, sigma, pt) * (sigmas[j + 1] - sigma)
         else:  # from x_j with the mean slope
             sigma, x_j, out_j = sigmas[j + 1], Lin.var("x", k - 1), Lin.var("out", k - 1)
-            d_j = (x_j - _k_denoised(x_j, out_j, sigmas[j], pt)) / sigmas[j]
-            d = (x - _k_denoised(x, out, sigma, pt)) / sigma
-            x_next = x_j + (d_j + d) / 2 * (sigma - sigmas[j])
+            x_next = x_j + (_k_slope(x_j, out_j, sigmas[j], pt) + _k_slope(x, out, sigma, pt)) / 2 * (sigma - sigmas[j])
         rows.append(_row(x_next, k, 1 / math.sqrt(sigma**2 + 1)))
-    calls = _interleaved(sigmas[:-1])
-    return _plan("heun", _interleaved(ts), rows, init, [_sigma_level(s) for s in list(calls) + [0.0]], 2 * start)
+    return _plan("heun", _interleaved(ts), rows, init, _two_call_levels(sigmas), 2 * start)
 
 
 def _log_midpoint(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -532,9 +542,12 @@ def _log_midpoint(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return mid.astype(np.float64)
 
 
-def _t_of(sigmas: np.ndarray, schedule: NoiseSchedule) -> np.ndarray:
+def _call_timesteps(ts: np.ndarray, mids: np.ndarray, schedule: NoiseSchedule) -> np.ndarray:
+    """The 2n - 1 calls' timesteps: the grid's, and between them the t of each step's midpoint σ (but the last's)."""
     log_sigmas = np.log(schedule.sigmas().astype(np.float32)).astype(np.float64)
-    return np.array([_sigma_to_t(s, log_sigmas) for s in sigmas])
+    call_ts = np.empty(2 * len(ts) - 1)
+    call_ts[0::2], call_ts[1::2] = ts, [_sigma_to_t(s, log_sigmas) for s in mids[:-1]]
+    return call_ts
 
 
 def dpm2(schedule: NoiseSchedule, n: int, start: int = 0, ancestral: bool = False,
@@ -560,15 +573,13 @@ def dpm2(schedule: NoiseSchedule, n: int, start: int = 0, ancestral: bool = Fals
         j = k // 2
         if k % 2 == 0:
             sigma = sigmas[j]
-            x_next = x + (x - _k_denoised(x, out, sigma, pt)) / sigma * (mids[j] - sigma)
+            x_next = x + _k_slope(x, out, sigma, pt) * (mids[j] - sigma)
         else:
             sigma, x_j = mids[j], Lin.var("x", k - 1)
-            x_next = x_j + (x - _k_denoised(x, out, sigma, pt)) / sigma * (target[j] - sigmas[j]) + up[j] * noise
+            x_next = x_j + _k_slope(x, out, sigma, pt) * (target[j] - sigmas[j]) + up[j] * noise
         rows.append(_row(x_next, k, 1 / math.sqrt(sigma**2 + 1)))
-    call_ts = np.empty(2 * n - 1)
-    call_ts[0::2], call_ts[1::2] = ts, _t_of(mids[:-1], schedule)
     levels = [_sigma_level(s) for s in _interleaved(sigmas)]  # diffusers' add_noise reads σ_{j+1} at a midpoint
-    return _plan("dpm2_a" if ancestral else "dpm2", call_ts, rows, init, levels, 2 * start)
+    return _plan("dpm2_a" if ancestral else "dpm2", _call_timesteps(ts, mids, schedule), rows, init, levels, 2 * start)
 
 
 def dpmpp_sde(schedule: NoiseSchedule, n: int, start: int = 0, karras: bool = False) -> SamplerPlan:
@@ -604,10 +615,8 @@ def dpmpp_sde(schedule: NoiseSchedule, n: int, start: int = 0, karras: bool = Fa
             mix[k, k - 1] = math.sqrt((sigmas[j] - mids[j]) / span)
             mix[k, k] = math.sqrt((mids[j] - sigmas[j + 1]) / span)
         rows.append(_row(x_next, k, 1 / math.sqrt(sigma**2 + 1)))
-    call_ts = np.empty(calls)
-    call_ts[0::2], call_ts[1::2] = ts, _t_of(mids[:-1], schedule)
     name = "dpmpp_sde_karras" if karras else "dpmpp_sde"
-    return _plan(name, call_ts, rows, init, [_sigma_level(s) for s in _interleaved(sigmas[:-1])] + [_sigma_level(0.0)],
+    return _plan(name, _call_timesteps(ts, mids, schedule), rows, init, _two_call_levels(sigmas),
                  2 * start, mix)
 
 
@@ -639,10 +648,7 @@ def _half_log_snr(sigma: float) -> float:
 
 def _dpm_x0(x: Lin, out: Lin, sigma: float, prediction_type: str) -> Lin:
     """The data prediction DPM-Solver++ and UniPC convert the model output to, in VP variables."""
-    alpha_s, sigma_s = _dpm_level(sigma)
-    if prediction_type == "v_prediction":
-        return alpha_s * x - sigma_s * out
-    return (x - sigma_s * out) / alpha_s
+    return _vp_x0_eps(x, out, *_dpm_level(sigma), prediction_type)[0]
 
 
 def dpmpp_2m(schedule: NoiseSchedule, n: int, start: int = 0, karras: bool = False, sde: bool = False) -> SamplerPlan:
@@ -659,7 +665,8 @@ def dpmpp_2m(schedule: NoiseSchedule, n: int, start: int = 0, karras: bool = Fal
             x_next = x0
         else:
             h = _half_log_snr(sigmas[i + 1]) - _half_log_snr(sigmas[i])
-            # ODE: x_t = σ_t/σ_s x + α_t(1 - e^-h) D; SDE: σ_t/σ_s e^-h x + α_t(1 - e^-2h) D + σ_t sqrt(1 - e^-2h) z
+            # ODE: x_t = σ_t/σ_s x + α_t(1 - e^-h) D
+            # SDE: x_t = σ_t/σ_s e^-h x + α_t(1 - e^-2h) D + σ_t sqrt(1 - e^-2h) z
             phi = -alpha_t * (-math.expm1(-2 * h) if sde else -math.expm1(-h))
             x_next = (sigma_t / sigma_s * (math.exp(-h) if sde else 1.0)) * x - phi * x0
             if x0_prev is not None and i != n - 1:

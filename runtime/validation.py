@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 from sdrt.errors import InputError, check_text, is_integer
 from sdrt.families import CONCAT
-from sdrt.hires_request import HIRES_KEYWORDS, build_hires, check_latents
+from sdrt.hires_request import build_hires, check_latents
 from sdrt.images import mask_picture, picture, read_image, read_mask, resized
 from sdrt.loras import TAG, LoraIndex, prompt_loras
 from sdrt.manifest import ModelInfo, ShapeLimits
@@ -92,11 +92,9 @@ def build_request(accepts: Accepts, prompt: str | list[str], negative_prompt: st
     call = max(1 if max_rows else len(prompts), accepts.limits.batch[0])
     skip = _skip_layers(accepts, skip_guidance_layers, skip_layer_guidance_scale, skip_layer_guidance_start,
                         skip_layer_guidance_stop, guided, call)
-    unknown = set(hires) - HIRES_KEYWORDS
-    if unknown:
-        raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
-    hires_fix = build_hires(size, sampler.steps, accepts.schedule, accepts.model.needs_image or images.mode != "txt2img",
-                            accepts.model.size_multiple, lambda s: _size(accepts, s.height, s.width, []), **hires)
+    has_image = accepts.model.needs_image or images.mode != "txt2img"
+    hires_fix = build_hires(size, sampler.steps, accepts.schedule, has_image, accepts.model.size_multiple,
+                            lambda s: _size(accepts, s.height, s.width, []), **hires)
     return GenerationConfig(prompt_group, size, sampler, guided, images, micro, skip, hires_fix)
 
 
