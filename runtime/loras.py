@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import struct
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -29,9 +27,9 @@ import numpy as np
 
 from sdrt.errors import InputError
 from sdrt.manifest import STEP, ComponentSpec, Manifest, WeightSlot
+from sdrt.tensor_files import read_safetensors
 
 SUFFIX = ".safetensors"
-_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "BF16": np.uint16}
 # a layer's tensors: kohya (lora_down/up), diffusers' old (lora.down/up), PEFT (lora_A/B)
 _DOWN = (".lora_down.weight", ".lora.down.weight", ".lora_A.weight")
 _UP = (".lora_up.weight", ".lora.up.weight", ".lora_B.weight")
@@ -53,37 +51,6 @@ class LoraLayer:
 class LoraFile:
     path: Path
     layers: dict[str, LoraLayer]  # by the module key as the file spells it
-
-
-def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """A .safetensors file -> (tensors, metadata), with numpy alone: F16 and F32 as stored, BF16 and
-    F64 as float32 (numpy has no bfloat16)."""
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            (n,) = struct.unpack("<Q", f.read(8))
-            if not 2 <= n <= size - 8:
-                raise ValueError("header length out of range")
-            header = json.loads(f.read(n))
-            start = 8 + n
-            tensors = {}
-            for key, entry in header.items():
-                if key == "__metadata__":
-                    continue
-                begin, end = entry["data_offsets"]
-                dtype = _DTYPES.get(entry["dtype"])
-                if dtype is None:
-                    raise InputError(f"{path}: tensor {key} is {entry['dtype']}; LoRA weights are F16, BF16 or F32")
-                if start + end > size:
-                    raise ValueError(f"tensor {key} runs past the end of the file")
-                f.seek(start + begin)
-                raw = np.frombuffer(f.read(end - begin), dtype).reshape(entry["shape"])
-                if entry["dtype"] == "BF16":  # the top half of a float32
-                    raw = (raw.astype(np.uint32) << 16).view(np.float32)
-                tensors[key] = raw.astype(np.float32, copy=False) if raw.dtype == np.float64 else raw
-    except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
-        raise InputError(f"{path} is not a readable .safetensors file ({e}): download it again") from None
-    return tensors, dict(header.get("__metadata__") or {})
 
 
 @lru_cache(maxsize=16)
