@@ -32,7 +32,7 @@ from sdrt.manifest import (
 )
 from sdrt.paths import write_atomic
 from sdrt.plans import check_io
-from sdrt.prompts import CHUNK_LENGTH
+from sdrt.prompts import CHUNK_LENGTH, CHUNK_TOKENS
 from sdrt.tensorrt_lib import RTX_ARCHS, TensorRT, cache_path, import_tensorrt
 from sdrt.cuda import gpu_arch
 
@@ -104,7 +104,8 @@ def component_profiles(manifest: Manifest, shapes: ShapeLimits,
     B is the image batch; RB and N (rows with CFG) run from B without CFG to 2B with it, 2B at opt; the
     step's RB to 3B with groups=3 (skip-layer guidance's third row group).
     h, w are latent sizes (pixels / vae_scale_factor), H, W pixel sizes; S the prompt's tokens,
-    77 per chunk, one chunk at opt.
+    77 per chunk, one chunk at opt; E the textual-inversion rows a call uses (sdrt.embeddings), one at
+    opt, at most one per prompt token.
     """
     f = manifest.model.vae_scale_factor
     b_lo, b_opt, b_hi = shapes.batch
@@ -112,6 +113,7 @@ def component_profiles(manifest: Manifest, shapes: ShapeLimits,
         "B": shapes.batch, "RB": (b_lo, 2 * b_opt, groups * b_hi), "N": (b_lo, 2 * b_opt, 2 * b_hi),
         "h": tuple(v // f for v in shapes.height), "w": tuple(v // f for v in shapes.width),
         "H": shapes.height, "W": shapes.width, "S": (CHUNK_LENGTH, CHUNK_LENGTH, CHUNK_LENGTH * shapes.max_chunks),
+        "E": (1, 1, 2 * b_hi * CHUNK_TOKENS * shapes.max_chunks),
     }
     out: dict[str, dict[str, tuple[Dims, Dims, Dims]]] = {}
     for name in manifest.model.components:

@@ -27,8 +27,13 @@ class TextEncoder(nn.Module):
     """Chunked, weighted prompts -> the family's text conditioning (A1111's prompt encoding):
 
     input_ids (N, S) int64 and token_weights (N, S) f32, S = 77·K: K chunks of 77 per row, each encoded
-    on its own; keep (N,) f32 (0 zeroes a row: force_zeros_for_empty_prompt); clip_skip (1,) int64 where
-    the slot takes one (1 = the last layer) -> hidden states (N, S, C)[, pooled (N, P) of chunk 0].
+    on its own; keep (N,) f32 (0 zeroes a row: force_zeros_for_empty_prompt); token_rows (E, C) f32, the
+    token embeddings of the ids below 0 (id -1 - e takes row e: textual-inversion vectors, sdrt.embeddings);
+    clip_skip (1,) int64 where the slot takes one (1 = the last layer) -> hidden states (N, S, C)[, pooled
+    (N, P) of chunk 0].
+
+    An id below 0 reaches CLIP as id 0 (A1111's placeholder), so positions, the causal mask and the pooled
+    token (the EOS, found by id) are those of a plain prompt; only that position's token embedding changes.
 
     Emphasis (A1111's "Original"): each chunk's hidden states times its token weights, rescaled to
     the chunk's unweighted mean. Weights of 1 leave the states bit for bit as they were.
@@ -40,6 +45,17 @@ class TextEncoder(nn.Module):
         self.slot = slot
         self.final_norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm  # WithProjection wraps one
         self.layers = text_encoder.config.num_hidden_layers
+        self._rows: tuple[torch.Tensor, torch.Tensor] | None = None  # (ids, token_rows) while forward runs
+        embeddings = getattr(text_encoder, "text_model", text_encoder).embeddings
+        embeddings.token_embedding.register_forward_hook(self._placed_rows)
+
+    def _placed_rows(self, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        """The token embeddings (N·K, 77, C) with token_rows in place at the ids below 0."""
+        if self._rows is None:
+            return out
+        ids, rows = self._rows
+        extra = rows.to(out.dtype).index_select(0, (-1 - ids).clamp(min=0).reshape(-1)).reshape(out.shape)
+        return torch.where((ids < 0)[..., None], extra, out)
 
     @property
     def adapted(self) -> tuple[nn.Module, Callable[[str], tuple[str, str]]]:
@@ -55,9 +71,14 @@ class TextEncoder(nn.Module):
         return self.text_encoder, names
 
     def forward(self, input_ids: torch.Tensor, token_weights: torch.Tensor, keep: torch.Tensor,
-                *clip_skip: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                token_rows: torch.Tensor, *clip_skip: torch.Tensor) -> tuple[torch.Tensor, ...]:
         n, s = input_ids.shape
-        out = self.text_encoder(input_ids.reshape(-1, CHUNK_LENGTH), output_hidden_states=True, return_dict=True)
+        ids = input_ids.reshape(-1, CHUNK_LENGTH)
+        self._rows = (ids, token_rows)
+        try:
+            out = self.text_encoder(ids.clamp(min=0), output_hidden_states=True, return_dict=True)
+        finally:
+            self._rows = None
         if self.slot.clip_skip:  # hidden_states[-clip_skip]: a gather over the stacked layer outputs
             layers = torch.stack(out.hidden_states[1:])  # (L, N·K, 77, C)
             hidden = layers.index_select(0, self.layers - clip_skip[0]).squeeze(0)

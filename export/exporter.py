@@ -19,6 +19,7 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
+from sdrt.embeddings import TOKEN_ROWS
 from sdrt.errors import InputError, ModelError, ValidationError
 from sdrt.export.components_io import DENOISER, VAE, file_variant, load_components, present_slot
 from sdrt.families import (DENOISER_FOLDERS, HOST, IMAGE_INPUTS, LEADING_DIM, MMDIT, T5, Family,
@@ -347,7 +348,7 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
         """Random inputs of the spec at batch 1 (CFG rows 2), latent size h x w; typed: in the spec's
         dtypes (tracing), else float32 (the fp32 reference module)."""
         f = parts.vae_scale_factor
-        dims = {"B": 1, "RB": 2, "N": 2, "S": 2 * CHUNK_LENGTH, "h": h, "w": w, "H": h * f, "W": w * f}
+        dims = {"B": 1, "RB": 2, "N": 2, "S": 2 * CHUNK_LENGTH, "E": 3, "h": h, "w": w, "H": h * f, "W": w * f}
         special = {"timestep": torch.tensor([500.0]), "guidance": torch.tensor([7.5]),
                    "step_coeffs": torch.rand(N_COEFFS, generator=gen), "keep": torch.ones(2),
                    "skip_layers": (torch.rand(skippable, generator=gen) > 0.5).float(), "skip_scale": torch.tensor([2.8]),
@@ -364,7 +365,10 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
                 continue
             if t.dtype == "int64":
                 vocab = parts.text_encoders[name].config.vocab_size
-                out.append(torch.randint(0, vocab, shape, generator=gen))
+                ids = torch.randint(0, vocab, shape, generator=gen)
+                if any(i.name == TOKEN_ROWS for i in spec.inputs):  # embedding rows -1 and -E in every chunk
+                    ids.view(-1, CHUNK_LENGTH)[:, 3:5] = torch.tensor([-1, -dims["E"]])
+                out.append(ids)
                 continue
             if t.dtype == "uint8":
                 out.append(torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8))
@@ -443,6 +447,8 @@ def text_encoder_spec(slot: TextEncoderSlot, te_config: Any, precision: str) -> 
         outputs.append(TensorSpec(slot.pooled, dtype, ("N", te_config.projection_dim)))
     inputs = [TensorSpec("input_ids", "int64", ("N", tokens)), TensorSpec("token_weights", "float32", ("N", tokens)),
               TensorSpec("keep", "float32", ("N",))]
+    if slot.kind != T5:  # textual-inversion vectors, in place of the ids below 0
+        inputs.append(TensorSpec(TOKEN_ROWS, "float32", ("E", width)))
     if slot.clip_skip:
         inputs.append(TensorSpec("clip_skip", "int64", (1,)))
     return ComponentSpec(f"{slot.component}.onnx", tuple(inputs), tuple(outputs), precision), wrap

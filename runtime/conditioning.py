@@ -12,6 +12,8 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from sdrt.device import Device
+from sdrt.embeddings import TOKEN_ROWS, compact_rows
+from sdrt.errors import EngineError
 from sdrt.families import CFG, HOST, stack_rows
 from sdrt.manifest import STEP
 from sdrt.request import GenerationConfig
@@ -48,9 +50,17 @@ def condition(device: Device, tokenizers: Mapping[str, Any], config: GenerationC
     outputs: dict[str, Any] = {}
     for slot in model.text_encoders:
         spec = device.manifest.components[slot.component]
-        ids, weights = tokenizers[slot.tokenizer](texts, config.prompts.chunks)
-        feeds = {"input_ids": buffers.write(f"input_ids:{slot.component}", ids),
-                 "token_weights": buffers.write(f"token_weights:{slot.component}", weights), "keep": keep_buffer}
+        tokenizer = tokenizers[slot.tokenizer]
+        ids, weights = tokenizer(texts, config.prompts.chunks)
+        feeds = {"keep": keep_buffer}
+        if any(t.name == TOKEN_ROWS for t in spec.inputs):
+            ids, rows = compact_rows(ids, tokenizer.rows, spec.input(TOKEN_ROWS).shape[1])
+            feeds[TOKEN_ROWS] = buffers.write(f"{TOKEN_ROWS}:{slot.component}", rows)
+        elif (ids < 0).any():
+            raise EngineError(f"{slot.component} was exported before sdrt took textual-inversion embeddings: "
+                              "re-export the engines with `sdrt export` to use them")
+        feeds["input_ids"] = buffers.write(f"input_ids:{slot.component}", ids)
+        feeds["token_weights"] = buffers.write(f"token_weights:{slot.component}", weights)
         if slot.clip_skip:
             feeds["clip_skip"] = buffers.write("clip_skip", np.array([config.prompts.clip_skip], np.int64))
         dims = {"N": len(texts), "S": ids.shape[1]}

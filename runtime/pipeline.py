@@ -26,6 +26,7 @@ from sdrt.backends.base import Backend
 from sdrt.conditioning import condition, skip_inputs, skip_rows
 from sdrt.decode import decode, finish, tiles_decode
 from sdrt.device import Device
+from sdrt.embeddings import Embeddings, use_embeddings
 from sdrt.errors import InputError
 from sdrt.families import CFG
 from sdrt.hires import run_hires
@@ -61,25 +62,34 @@ class Pipeline:
                            for t in self.model.text_encoders}
         self.device = Device(backend, self.engine_dir, manifest, low_vram)
         self.loras: tuple[tuple[str, float], ...] = ()  # set_loras': applied to configs that name none
+        self.embeddings = use_embeddings(self.tokenizers, manifest, None)
 
     @classmethod
     def load(cls, engine_dir: str | Path, backend: str | Backend = "auto", verify: bool = True,
              low_vram: bool = False, vae_tile: int = 512, lora_dir: str | Path | None = None,
-             optimized: bool = True) -> "Pipeline":
+             optimized: bool = True, embeddings_dir: str | Path | None = None) -> "Pipeline":
         """low_vram: one engine resident at a time, and VAE decode in vae_tile-pixel tiles above that size;
         lora_dir: the folder prompts' `<lora:NAME:WEIGHT>` tags name files in (A1111's); optimized: ONNX
-        Runtime runs the graphs `sdrt optimize` wrote for its device, where there are some."""
+        Runtime runs the graphs `sdrt optimize` wrote for its device, where there are some; embeddings_dir:
+        A1111's embeddings/ folder (load_embeddings)."""
         engine_dir = Path(engine_dir)
         manifest = read_manifest(engine_dir)
         chosen = select_backend(backend, manifest, optimized) if isinstance(backend, str) else backend
         if verify:
             chosen.verify(engine_dir, manifest)
         pipe = cls(engine_dir, manifest, chosen, low_vram=low_vram, vae_tile=vae_tile, lora_dir=lora_dir)
+        pipe.load_embeddings(embeddings_dir)
         if not low_vram:  # the VAE encoder loads with the first image in: text-to-image never pays its memory
             for name in manifest.model.components:
                 if name != ENCODER:
                     pipe.device.engines[name]
         return pipe
+
+    def load_embeddings(self, folder: str | Path | None) -> Embeddings:
+        """The textual-inversion embeddings under `folder` (None: none), by file name as prompt words
+        (sdrt.embeddings); replaces those loaded before. Returns what loaded and what was skipped, and why."""
+        self.embeddings = use_embeddings(self.tokenizers, self.manifest, None if folder is None else Path(folder))
+        return self.embeddings
 
     # --- LoRA ---------------------------------------------------------------------------------
 

@@ -110,12 +110,13 @@ class Chunk:
     weights: tuple[float, ...]
 
 
-def chunk_tokens(pieces: Sequence[tuple[Sequence[int], float] | Break], comma: int | None,
+def chunk_tokens(pieces: Sequence[tuple[Sequence[int | tuple[int, ...]], float] | Break], comma: int | None,
                  backtrack: int = COMMA_BACKTRACK) -> list[Chunk]:
     """Token ids of each piece (and BREAKs) -> chunks of at most CHUNK_TOKENS; at least one chunk.
 
     A chunk that is full when a token other than a comma comes, with a comma among its last
-    `backtrack` tokens, ends after that comma; the tokens after it open the next chunk."""
+    `backtrack` tokens, ends after that comma; the tokens after it open the next chunk. A tuple of ids
+    (an embedding's vectors) stays in one chunk: one it does not fit in ends before it (A1111)."""
     chunks: list[Chunk] = []
     ids: list[int] = []
     weights: list[float] = []
@@ -132,14 +133,15 @@ def chunk_tokens(pieces: Sequence[tuple[Sequence[int], float] | Break], comma: i
             continue
         tokens, weight = piece  # type: ignore[misc]
         for token in tokens:
+            group = token if isinstance(token, tuple) else (token,)
             if token == comma:
                 last_comma = len(ids)
             elif len(ids) == CHUNK_TOKENS and last_comma >= 0 and len(ids) - last_comma <= backtrack:
                 close(last_comma + 1)
-            if len(ids) == CHUNK_TOKENS:
+            if len(ids) == CHUNK_TOKENS or len(ids) + len(group) > CHUNK_TOKENS:
                 close(len(ids))
-            ids.append(token)
-            weights.append(weight)
+            ids.extend(group)
+            weights.extend([weight] * len(group))
     if ids or not chunks:
         close(len(ids))
     return chunks

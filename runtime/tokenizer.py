@@ -1,13 +1,15 @@
 """CLIP and T5 tokenizers on the `tokenizers` library (the pipeline transformers' tokenizers use, from the
 tokenizer.json the exporter writes), with A1111's prompt reading on top (sdrt.prompts): emphasis
-weights, BREAK and, for CLIP, 75-token chunks. A prompt of one chunk without emphasis gives exactly
-diffusers' ids (CLIP: `padding="max_length", max_length=77`; T5: `max_length=max_sequence_length`)."""
+weights, BREAK and, for CLIP, 75-token chunks and textual-inversion embeddings (sdrt.embeddings). A
+prompt of one chunk without emphasis gives exactly diffusers' ids (CLIP: `padding="max_length",
+max_length=77`; T5: `max_length=max_sequence_length`)."""
 
 from __future__ import annotations
 
 import json
 from functools import lru_cache
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -49,7 +51,37 @@ class ClipTokenizer(_Tokenizer):
         self.eos = self._token("eos_token", "<|endoftext|>")
         self.pad = self._token("pad_token", "<|endoftext|>")
         self.comma = self._tok.token_to_id(",</w>")
-        self.chunks = lru_cache(maxsize=CACHED_PROMPTS)(self._chunks)
+        self.use_embeddings({}, None)
+
+    def use_embeddings(self, words: Mapping[str, tuple[int, ...] | str], rows: np.ndarray | None) -> None:
+        """Embedding names -> their placeholder ids (or, skipped ones, the error a prompt using them gets),
+        and the rows (E, C) the placeholders index (sdrt.embeddings); matched on token ids, longest first,
+        within each piece of emphasis, as A1111 does."""
+        self.rows = rows
+        self._words: dict[int, list[tuple[tuple[int, ...], tuple[int, ...] | str]]] = {}
+        for name, value in words.items():
+            key = tuple(self._tok.encode(name, add_special_tokens=False).ids)
+            if key:
+                self._words.setdefault(key[0], []).append((key, value))
+        for candidates in self._words.values():
+            candidates.sort(key=lambda c: -len(c[0]))
+        self.chunks = lru_cache(maxsize=CACHED_PROMPTS)(self._chunks)  # the cache read the old names
+
+    def _placed(self, ids: Sequence[int]) -> list[int | tuple[int, ...]]:
+        """Token ids with each embedding name replaced by its group of placeholder ids."""
+        out: list[int | tuple[int, ...]] = []
+        i = 0
+        while i < len(ids):
+            match = next((c for c in self._words.get(ids[i], ()) if tuple(ids[i: i + len(c[0])]) == c[0]), None)
+            if match is None:
+                out.append(ids[i])
+                i += 1
+                continue
+            if isinstance(match[1], str):
+                raise InputError(match[1])
+            out.append(match[1])
+            i += len(match[0])
+        return out
 
     def check(self, prompt: str, label: str, limit: int | None) -> int:
         """The chunks the prompt takes; an InputError above `limit` (None: no limit), naming the fix."""
@@ -65,7 +97,7 @@ class ClipTokenizer(_Tokenizer):
         pieces = parse_emphasis(prompt)
         texts = [p[0] for p in pieces if p is not BREAK]
         encoded = iter(self._tok.encode_batch(texts, add_special_tokens=False)) if texts else iter(())
-        tokens = [p if p is BREAK else (next(encoded).ids, p[1]) for p in pieces]
+        tokens = [p if p is BREAK else (self._placed(next(encoded).ids), p[1]) for p in pieces]
         return tuple(chunk_tokens(tokens, self.comma))
 
     def tokens(self, prompt: str) -> int:

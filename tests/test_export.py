@@ -454,7 +454,8 @@ def test_default_initialised_encoders_export_and_validate(kind, precision, tmp_p
         session = ort.InferenceSession(str(engines / spec.onnx), providers=["CPUExecutionProvider"])
         ids = np.full((1, 77), 49407, np.int64)
         ids[0, :6] = [49406, 320, 1929, 3055, 525, 49407]  # <start> a red apple on <end>: CLIP's real ids
-        feeds = {"input_ids": ids, "token_weights": np.ones((1, 77), np.float32), "keep": np.ones(1, np.float32)}
+        feeds = {"input_ids": ids, "token_weights": np.ones((1, 77), np.float32), "keep": np.ones(1, np.float32),
+                 "token_rows": np.zeros((1, spec.input("token_rows").shape[1]), np.float32)}
         if "clip_skip" in [t.name for t in spec.inputs]:
             feeds["clip_skip"] = np.array([1], np.int64)
         plain = session.run(None, feeds)[0].astype(np.float32)

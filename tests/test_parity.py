@@ -23,10 +23,13 @@ PARITY_SCHEDULERS = ("euler", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "plms")  # 
 
 
 def diffusers_images(model_dir, scheduler, prompt, negative, steps, guidance, latents, height, width,
-                     step_noise=None, monkeypatch=None, **extra):
+                     step_noise=None, monkeypatch=None, prepare=None, **extra):
     """diffusers' own pipeline for the folder (StableDiffusion[XL]Pipeline) on the same latents; an
-    ancestral sampler draws `step_noise` (steps, B, 4, h, w) instead of its own."""
+    ancestral sampler draws `step_noise` (steps, B, 4, h, w) instead of its own; prepare(pipe) runs
+    first (loading textual inversions)."""
     pipe = diffusers.DiffusionPipeline.from_pretrained(model_dir)
+    if prepare is not None:
+        prepare(pipe)
     pipe.scheduler = diffusers_scheduler(scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     if not hasattr(pipe.text_encoder, "text_model"):  # diffusers' clip_skip reads text_model.final_layer_norm,
