@@ -21,6 +21,9 @@ from sdrt.schedulers import SAMPLERS
 from sdrt.upscale import UPSCALERS
 from sdrt.serve.config import ServeConfig
 
+EMBEDDINGS_HELP = ("folder of textual-inversion embeddings (A1111's embeddings/: .safetensors, .pt, .bin); a file's "
+                   "name used in a prompt stands for its vectors")
+
 
 def _testmodel(args: argparse.Namespace) -> None:
     from sdrt.export.testmodel import build_test_model  # sdrt.export: torch, diffusers (the export extra)
@@ -125,7 +128,7 @@ def _generate(args: argparse.Namespace) -> None:
 
     image, mask = (_read_file(path, flag) for path, flag in ((args.image, "--image"), (args.mask, "--mask")))
     pipe = Pipeline.load(args.engines, backend=args.backend, low_vram=args.low_vram, lora_dir=args.lora_dir,
-                         optimized=not args.no_optimized)
+                         optimized=not args.no_optimized, embeddings_dir=args.embeddings_dir)
     config = pipe.make_config(args.prompt, negative_prompt=args.negative, steps=args.steps,
                               guidance=args.guidance, scheduler=args.scheduler, seed=args.seed,
                               height=args.height, width=args.width, batch=args.batch,
@@ -199,7 +202,7 @@ def _serve(args: argparse.Namespace) -> None:
                          backend=args.backend, max_queue=args.max_queue, max_batch=args.max_batch,
                          batch_window_s=args.batch_window_ms / 1e3, request_timeout_s=args.timeout,
                          max_steps=args.max_steps, max_size=args.max_size, shutdown_drain_s=args.drain,
-                         lora_dir=args.lora_dir)
+                         lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir)
     autoscaling = args.min_replicas is not None or args.max_replicas is not None
     if args.replicas is None and not autoscaling and args.ray_address is None:
         serve(config)  # the embedded single-process server: Ray is never imported
@@ -348,6 +351,7 @@ def _add_generate(sub: Any) -> None:
                    help="apply a LoRA (.safetensors, kohya or diffusers) at WEIGHT (default 1); repeatable")
     p.add_argument("--lora-dir", type=Path, default=None,
                    help="folder where the prompt's <lora:NAME:WEIGHT> tags find NAME.safetensors")
+    p.add_argument("--embeddings-dir", type=Path, default=None, help=EMBEDDINGS_HELP)
     p.add_argument("-o", "--output", default="out.png")
     _add_hires(p)
     p.set_defaults(func=_generate)
@@ -369,6 +373,7 @@ def _add_serve(sub: Any) -> None:
     p.add_argument("--max-size", type=int, default=None, help="cap on width/height below the engines' limit")
     p.add_argument("--lora-dir", type=Path, default=None,
                    help="folder of LoRA .safetensors files that prompts name as <lora:NAME:WEIGHT> (A1111's)")
+    p.add_argument("--embeddings-dir", type=Path, default=None, help=EMBEDDINGS_HELP)
     p.add_argument("--drain", type=float, default=ServeConfig.shutdown_drain_s,
                    help="on SIGTERM/SIGINT, seconds queued work may still run; what is left then gets 503")
     p.add_argument("--replicas", type=int, default=None,

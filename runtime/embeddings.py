@@ -106,6 +106,7 @@ class Embeddings:
     folder: Path | None
     loaded: Mapping[str, Embedding]
     skipped: Mapping[str, str]  # name -> why (the file named)
+    unfit: Mapping[str, Embedding]  # the skipped ones that were read: of another model's widths
     rows: tuple[np.ndarray, ...]  # per CLIP encoder: (E, C) float32, every loaded embedding's vectors
 
     def words(self) -> dict[str, tuple[int, ...] | str]:
@@ -132,29 +133,33 @@ def load_embeddings(folder: Path | None, widths: tuple[int, ...]) -> Embeddings:
     """Every embedding file under `folder` (recursively, in path order; the first of a name wins) fitted
     to CLIP encoders of `widths`; None: no embeddings."""
     if folder is None:
-        return Embeddings(None, {}, {}, tuple(np.zeros((0, w), np.float32) for w in widths))
+        return Embeddings(None, {}, {}, {}, tuple(np.zeros((0, w), np.float32) for w in widths))
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"the embeddings folder {folder} does not exist: pass the folder of .safetensors / .pt files")
     loaded: dict[str, Embedding] = {}
     skipped: dict[str, str] = {}
+    unfit: dict[str, Embedding] = {}
     for path in sorted(p for p in folder.rglob("*") if p.suffix in SUFFIXES and p.is_file()):
         if path.stem in loaded or path.stem in skipped:
             log.warning("embedding %s: %s has the name of one already loaded; skipped", path.stem, path)
             continue
+        e: Embedding | None = None
         try:
             e = read_embedding(path)
             why = _fitted(e, widths)
         except InputError as error:
             why = str(error)
-        if why:
-            log.warning("embedding %s skipped: %s", path.stem, why)
-            skipped[path.stem] = why
-        else:
+        if why is None:
             loaded[path.stem] = e
+            continue
+        log.warning("embedding %s skipped: %s", path.stem, why)
+        skipped[path.stem] = why
+        if e is not None:
+            unfit[path.stem] = e
     rows = tuple(np.concatenate([np.zeros((0, w), np.float32)] + [e.vectors[i] for e in loaded.values()])
                  for i, w in enumerate(widths))
-    return Embeddings(folder, loaded, skipped, rows)
+    return Embeddings(folder, loaded, skipped, unfit, rows)
 
 
 def compact_rows(ids: np.ndarray, rows: np.ndarray | None, width: int) -> tuple[np.ndarray, np.ndarray]:

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -63,6 +64,27 @@ def test_bad_input_exits_nonzero_with_message(tiny_engines, tmp_path, args, mess
     r = sdrt("generate", str(tiny_engines), "a cat", *args, "-o", str(tmp_path / "x.png"))
     assert r.returncode == 2 and message in r.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+def test_generate_with_embeddings_dir(tiny_engines, tmp_path):
+    from safetensors.numpy import save_file
+
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    save_file({"emb_params": np.random.default_rng(0).normal(0, 1, (2, 32)).astype(np.float32)},
+              folder / "shinystyle.safetensors")
+    save_file({"emb_params": np.ones((1, 768), np.float32)}, folder / "sd15only.safetensors")
+    common = ["a cat in shinystyle", "--steps", "2", "--seed", "1"]
+    r = sdrt("generate", str(tiny_engines), *common, "--embeddings-dir", str(folder), "-o", str(tmp_path / "a.png"))
+    assert r.returncode == 0, r.stderr
+    assert "sd15only skipped" in r.stderr and "768 wide" in r.stderr  # the log names the skipped one and why
+    assert sdrt("generate", str(tiny_engines), *common, "-o", str(tmp_path / "b.png")).returncode == 0
+    with_it, without = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in "ab")
+    assert np.abs(with_it.astype(int) - without.astype(int)).max() > 8, "the embedding did not change the image"
+    r = sdrt("generate", str(tiny_engines), "sd15only", "--embeddings-dir", str(folder), "-o", str(tmp_path / "c.png"))
+    assert r.returncode == 2 and "sd15only" in r.stderr and not (tmp_path / "c.png").exists()
+    r = sdrt("generate", str(tiny_engines), "a cat", "--embeddings-dir", str(tmp_path / "nope"), "-o", str(tmp_path / "d.png"))
+    assert r.returncode == 2 and "does not exist" in r.stderr
 
 
 def test_img2img_and_inpainting_from_files(tiny_engines, tmp_path):

@@ -133,6 +133,7 @@ def test_a_folder_loads_what_fits_and_says_why_the_rest_was_skipped(tmp_path, ca
     assert list(found.loaded) == ["a", "b"] and found.loaded["a"].count == 2
     assert set(found.skipped) == {"sd15", "broken"}
     assert "768 wide" in found.skipped["sd15"] and "another model family" in found.skipped["sd15"]
+    assert list(found.unfit) == ["sd15"] and found.unfit["sd15"].widths == (768,)  # read, of another width
     assert found.rows[0].shape == (3, WIDTH)
     assert found.words()["a"] == (-1, -2) and found.words()["b"] == (-3,)
     assert "already loaded" in caplog.text

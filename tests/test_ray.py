@@ -141,10 +141,13 @@ def test_deployment_options_follow_the_cluster_and_the_server_config(tiny_engine
     assert scaling["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 4.0}
     with pytest.raises(ValueError, match="min-replicas"):
         RayConfig(replicas=None, min_replicas=3, max_replicas=2)
-    from sdrt.serve.ray import app
+    from sdrt.serve.ray import app, app_config
 
     with pytest.raises(ValueError, match="engines=DIR"):
         app({"replicas": "2"})
+    built = app_config({"engines": str(tiny_engines), "lora_dir": "/l", "embeddings_dir": "/e"})
+    assert (built.lora_dir, built.embeddings_dir) == (Path("/l"), Path("/e"))
+    assert app_config({"engines": str(tiny_engines)}).embeddings_dir is None
 
 
 def test_the_single_process_server_never_imports_ray(tiny_engines):

@@ -274,6 +274,38 @@ def test_discovery_endpoints(server):
     assert httpx.get(f"{server.url}/ready").json()["status"] == "ready"
 
 
+def test_embeddings_endpoint_and_prompts_as_a1111(tiny_engines, tmp_path):
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    save_file({"emb_params": rng.normal(0, 1, (3, 32)).astype(np.float32)}, tmp_path / "shinystyle.safetensors")
+    save_file({"clip_l": np.ones((1, 768), np.float32), "clip_g": np.ones((1, 1280), np.float32)},
+              tmp_path / "xlonly.safetensors")
+    (tmp_path / "broken.pt").write_bytes(b"not a zip")
+    live = LiveServer(ServeConfig(tiny_engines, token=TOKEN, backend="ort-cpu", embeddings_dir=tmp_path))
+    try:
+        h = live.headers()
+        found = httpx.get(f"{live.url}/sdapi/v1/embeddings", headers=h).json()
+        assert found["loaded"] == {"shinystyle": {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                                                  "shape": 32, "vectors": 3}}
+        assert set(found["skipped"]) == {"xlonly", "broken"}
+        assert (found["skipped"]["xlonly"]["shape"], found["skipped"]["xlonly"]["vectors"]) == (2048, 1)
+        assert "768 and 1280 wide" in found["skipped"]["xlonly"]["reason"]
+        assert found["skipped"]["broken"]["shape"] is None and "zip" in found["skipped"]["broken"]["reason"]
+        body = {"prompt": "a (shinystyle:1.2) dog", "negative_prompt": "blurry", "seed": 5, "steps": 3,
+                "width": 64, "height": 64, "sampler_name": "Euler", "cfg_scale": 6}
+        r = post_json(f"{live.url}/sdapi/v1/txt2img", body, h)
+        assert r.status_code == 200, r.text
+        direct = Pipeline.load(tiny_engines, backend="ort-cpu", embeddings_dir=tmp_path)
+        want = direct.generate(direct.make_config("a (shinystyle:1.2) dog", negative_prompt="blurry", seed=5, steps=3,
+                                                  guidance=6, height=64, width=64, scheduler="euler")).images[0]
+        np.testing.assert_array_equal(decode(r.json()["images"][0])[0], want)
+        r = post_json(f"{live.url}/sdapi/v1/txt2img", {**body, "prompt": "a xlonly dog"}, h)
+        assert r.status_code == 400 and "xlonly" in r.text and "768 and 1280 wide" in r.text
+    finally:
+        live.stop()
+
+
 def test_a1111_sampler_labels_old_and_new_and_schedule_types():
     from sdrt.serve.a1111_requests import sampler_for
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
+from sdrt.embeddings import Embedding
 from sdrt.errors import InputError
 from sdrt.loras import available_loras
 from sdrt.schedulers import A1111_SCHEDULE_TYPES, a1111_labels
@@ -81,9 +82,26 @@ def _discovery(router: APIRouter, server: Server) -> None:
         return [{"name": name, "alias": name, "path": str(path), "metadata": {}}
                 for name, path in available_loras(server.config.lora_dir).items()]
 
+    @router.get("/embeddings")
+    async def embeddings(request: Request) -> Any:
+        """A1111's answer: what --embeddings-dir loaded for this model and what it skipped (sdrt adds why)."""
+        if (refusal := server.not_ready(request)) is not None:
+            return refusal
+        found = server.pipeline.embeddings
+        return {"loaded": {name: _embedding_item(e) for name, e in found.loaded.items()},
+                "skipped": {name: {**_embedding_item(found.unfit.get(name)), "reason": why}
+                            for name, why in found.skipped.items()}}
+
     @router.get("/scripts")
     async def scripts() -> dict:
         return {"txt2img": [], "img2img": []}
+
+
+def _embedding_item(e: Embedding | None) -> dict[str, Any]:
+    """A1111's EmbeddingItem: shape is the width (an SDXL pair's two summed), vectors their count; None
+    for a file that could not be read."""
+    info = dict(e.metadata) if e else {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None}
+    return {**info, "shape": sum(e.widths) if e else None, "vectors": e.count if e else None}
 
 
 def _control(router: APIRouter, server: Server) -> None:

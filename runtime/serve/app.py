@@ -49,13 +49,19 @@ def uvicorn_config(app: Any, config: ServeConfig, **kwargs: Any) -> Any:
                           **kwargs)
 
 
+def load_pipeline(config: ServeConfig) -> Pipeline:
+    """The engines the server runs, with its LoRA folder and embeddings."""
+    return Pipeline.load(config.engines, backend=config.backend, lora_dir=config.lora_dir,
+                         embeddings_dir=config.embeddings_dir)
+
+
 def create_app(config: ServeConfig, pipeline: Pipeline | None = None, wait_until_loaded: bool = False,
                replica: str | None = None) -> FastAPI:
     """The ASGI app. pipeline: an already loaded one (tests); else loaded by the worker at startup.
     wait_until_loaded: startup completes only once the engines are loaded and warm, and fails with
     their load error (Ray Serve then never routes to it). replica: named in X-Sdrt-Replica."""
     def load() -> Pipeline:
-        pipe = pipeline or Pipeline.load(config.engines, backend=config.backend, lora_dir=config.lora_dir)
+        pipe = pipeline or load_pipeline(config)
         limits = pipe.limits
         pipe.generate(pipe.make_config("warm-up", steps=2, seed=0, height=limits.height[1], width=limits.width[1]))
         return pipe

@@ -34,6 +34,7 @@ class ServeConfig:
     read_timeout_s: float = 30.0  # the most a client may take to send a request's headers, and its body; then 408
     max_header_bytes: int = 16 * 1024  # request line and headers; larger ones get a 431
     lora_dir: Path | None = None  # where prompts' <lora:NAME:WEIGHT> tags resolve (A1111's --lora-dir)
+    embeddings_dir: Path | None = None  # textual-inversion embeddings, by file name (A1111's --embeddings-dir)
 
     @staticmethod
     def token_from_env() -> str | None:

@@ -28,8 +28,7 @@ from typing import Any
 from starlette.responses import JSONResponse
 
 from sdrt.errors import InputError
-from sdrt.pipeline import Pipeline
-from sdrt.serve.app import create_app
+from sdrt.serve.app import create_app, load_pipeline
 from sdrt.serve.config import ServeConfig
 from sdrt.serve.errors import error_body
 
@@ -89,8 +88,7 @@ def build_app(serve_config: ServeConfig, ray_config: RayConfig, gpus: bool = Fal
         def __serve_build_asgi_app__(self) -> Any:
             # the engines load here, so a failure (with the fix it names) is what `serve status` shows;
             # startup then waits for the warm-up: ready means ready to generate
-            pipeline = Pipeline.load(self.config.engines, backend=self.config.backend, lora_dir=self.config.lora_dir)
-            self.server = create_app(self.config, pipeline, wait_until_loaded=True, replica=self.replica)
+            self.server = create_app(self.config, load_pipeline(self.config), wait_until_loaded=True, replica=self.replica)
             return self.server
 
         def check_health(self) -> None:
@@ -101,17 +99,23 @@ def build_app(serve_config: ServeConfig, ray_config: RayConfig, gpus: bool = Fal
     return serve.deployment(SdrtReplica).options(**deployment_options(serve_config, ray_config, gpus)).bind(serve_config)
 
 
-def app(args: dict[str, str]) -> Any:
-    """Ray Serve's application builder: `serve run sdrt.serve.ray:app engines=DIR [replicas=N |
-    min_replicas=A max_replicas=B] [backend=... token=... num_gpus=0|1]` or a RayService's import_path
-    with args. num_gpus: a GPU per replica (default: whether the connected cluster has GPUs)."""
-    import ray
-
+def app_config(args: dict[str, str]) -> ServeConfig:
+    """The server config of the application builder's args (below)."""
     if "engines" not in args:
         raise InputError("pass engines=DIR (an engine directory on every node)")
     token = args.get("token") or os.environ.get("SDRT_TOKEN") or None
-    config = ServeConfig(Path(args["engines"]), backend=args.get("backend", "auto"), token=token,
-                         lora_dir=Path(args["lora_dir"]) if args.get("lora_dir") else None)
+    return ServeConfig(Path(args["engines"]), backend=args.get("backend", "auto"), token=token,
+                       **{key: Path(args[key]) for key in ("lora_dir", "embeddings_dir") if args.get(key)})
+
+
+def app(args: dict[str, str]) -> Any:
+    """Ray Serve's application builder: `serve run sdrt.serve.ray:app engines=DIR [replicas=N |
+    min_replicas=A max_replicas=B] [backend=... token=... lora_dir=... embeddings_dir=... num_gpus=0|1]`
+    or a RayService's import_path with args. num_gpus: a GPU per replica (default: whether the connected
+    cluster has GPUs)."""
+    import ray
+
+    config = app_config(args)
     fixed = "min_replicas" not in args
     ray_config = RayConfig(replicas=int(args.get("replicas", 1)) if fixed else None,
                            min_replicas=int(args.get("min_replicas", 1)), max_replicas=int(args.get("max_replicas", 1)))
