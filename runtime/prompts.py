@@ -10,7 +10,10 @@ and a malformed weight such as `(a:1.2.3)` is literal text (A1111 raises).
 Chunks: the prompt's tokens are cut into chunks of 75, each encoded on its own as
 [BOS] + 75 tokens + [EOS] (padded) = 77 and the embeddings concatenated, so the denoiser sees 77·K
 tokens. As A1111 does (its default `comma_padding_backtrack` of 20), a chunk that fills up within
-20 tokens after a comma ends at that comma and the rest moves to the next chunk.
+20 tokens after a comma ends at that comma and the rest moves to the next chunk. A textual-inversion
+embedding's vectors (sdrt.embeddings) are never split: one that does not fit opens the next chunk, and
+one the comma backtrack moves takes its vectors along (A1111 moves its placeholder tokens but leaves
+the vectors at their old positions, a third departure).
 """
 
 from __future__ import annotations

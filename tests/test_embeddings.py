@@ -176,6 +176,14 @@ def test_an_embedding_that_would_cross_a_chunk_opens_the_next(sd1):
     assert len(tokenizer.chunks(filler + "badhands")) == 1  # one vector still fits
 
 
+def test_the_comma_backtrack_moves_an_embedding_with_its_vectors(sd1):
+    tokenizer = sd1.tokenizers["tokenizer"]
+    placeholders = sd1.embeddings.words()["fivevec"]
+    chunks = tokenizer.chunks("cat " * 60 + ", " + "cat " * 5 + "fivevec " + "cat " * 9)  # 80 tokens
+    assert [len(c.ids) for c in chunks] == [61, 19]  # the chunk ends after the comma, A1111's backtrack
+    assert tuple(chunks[1].ids[5:10]) == placeholders and not any(i < 0 for i in chunks[0].ids)
+
+
 def test_a_prompt_using_a_skipped_embedding_is_refused_with_the_reason(sd1):
     with pytest.raises(InputError, match="sd15only.*768 wide"):
         sd1.make_config("a photo in sd15only style", **REQUEST)
