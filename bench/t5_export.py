@@ -24,13 +24,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 from sdrt.bench.machine import machine_info
+from sdrt.export.architectures import T5_XXL
 from sdrt.export.exporter import OPSET, dynamic_axes, text_encoder_spec, Tolerances, validate_component
 from sdrt.families import SD3
 from sdrt.versions import package_versions
 
-T5_XXL = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, relative_attention_num_buckets=32,
-              relative_attention_max_distance=128, feed_forward_proj="gated-gelu", vocab_size=32128,
-              layer_norm_epsilon=1e-6, dropout_rate=0.0)
 T5_XXL_PARAMETERS = 4_762_310_656
 
 

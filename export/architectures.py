@@ -87,5 +87,15 @@ SD35M_TRANSFORMER = dict(
     num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
     pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
 )
+SD3M_TRANSFORMER = dict(  # SD 3 Medium
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+    pos_embed_max_size=192,
+)
+SD35L_TRANSFORMER = {**SD3M_TRANSFORMER, "num_layers": 38, "num_attention_heads": 38, "caption_projection_dim": 2432,
+                     "qk_norm": "rms_norm"}
+T5_XXL = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, relative_attention_num_buckets=32,
+              relative_attention_max_distance=128, feed_forward_proj="gated-gelu", vocab_size=32128,
+              layer_norm_epsilon=1e-6, dropout_rate=0.0)
 SD35M_VAE = dict(sample_size=1024, **{**KL_F8, "latent_channels": 16}, scaling_factor=1.5305, shift_factor=0.0609,
                  use_quant_conv=False, use_post_quant_conv=False)

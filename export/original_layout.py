@@ -7,6 +7,8 @@ the image the diffusers folder gives. Layouts:
   VAE     first_stage_model.{encoder,decoder}.{down,mid,up}....                    (ldm autoencoder)
   CLIP    cond_stage_model.transformer.text_model....     (SD 1.x; SDXL: conditioner.embedders.0.transformer.)
   OpenCLIP cond_stage_model.model....  (SD 2.x; SDXL: conditioner.embedders.1.model.), fused in_proj q|k|v
+  MMDiT   model.diffusion_model.joint_blocks.N.{x_block,context_block}....  (SD 3 / 3.5, sd3_impl's mmditx.py)
+  SD 3 text encoders  text_encoders.{clip_l,clip_g,t5xxl}.transformer.<transformers' own keys>
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIXES = {"sd1": "cond_stage_model.transformer.", "sdxl": "conditioner.embedders.0.transformer."}
 OPEN_CLIP_PREFIXES = {"sd2": "cond_stage_model.model.", "sdxl": "conditioner.embedders.1.model."}
+SD3_TEXT_PREFIXES = {"text_encoder": "text_encoders.clip_l.transformer.",
+                     "text_encoder_2": "text_encoders.clip_g.transformer.",
+                     "text_encoder_3": "text_encoders.t5xxl.transformer."}
 
 _UNET_FIXED = {
     "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
@@ -31,6 +36,28 @@ _VAE_RESNET = {"conv_shortcut": "nin_shortcut"}
 _VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 _OPEN_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
                     "self_attn.out_proj": "attn.out_proj"}
+
+_MMDIT_FIXED = {
+    "pos_embed.proj": "x_embedder.proj", "context_embedder": "context_embedder",
+    "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+    "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
+    "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
+    "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2",
+    "proj_out": "final_layer.linear", "norm_out.linear": "final_layer.adaLN_modulation.1",
+}
+_MMDIT_BLOCK = {
+    "attn.to_out.0": "x_block.attn.proj", "attn.to_add_out": "context_block.attn.proj",
+    "attn.norm_q": "x_block.attn.ln_q", "attn.norm_k": "x_block.attn.ln_k",
+    "attn.norm_added_q": "context_block.attn.ln_q", "attn.norm_added_k": "context_block.attn.ln_k",
+    "attn2.to_out.0": "x_block.attn2.proj", "attn2.norm_q": "x_block.attn2.ln_q", "attn2.norm_k": "x_block.attn2.ln_k",
+    "norm1.linear": "x_block.adaLN_modulation.1", "norm1_context.linear": "context_block.adaLN_modulation.1",
+    "ff.net.0.proj": "x_block.mlp.fc1", "ff.net.2": "x_block.mlp.fc2",
+    "ff_context.net.0.proj": "context_block.mlp.fc1", "ff_context.net.2": "context_block.mlp.fc2",
+}
+# q|k|v fused in the original: its module <- diffusers' three projections
+_MMDIT_QKV = {"x_block.attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+              "context_block.attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+              "x_block.attn2.qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v")}
 
 
 def _split(key: str) -> tuple[str, str]:
@@ -117,6 +144,53 @@ def vae_state(vae: Any) -> dict[str, Any]:
     return out
 
 
+def mmdit_state(transformer: Any) -> dict[str, Any]:
+    """SD3Transformer2DModel -> model.diffusion_model.*: q|k|v fused; the final norm's and the last
+    context block's (scale, shift) halves stored as (shift, scale)."""
+    import torch
+
+    state = dict(transformer.state_dict())
+    last = transformer.config.num_layers - 1
+    out = {}
+
+    def swapped(value: Any) -> Any:
+        shift, scale = value.chunk(2, dim=0)
+        return torch.cat([scale, shift])
+
+    out[f"{UNET_PREFIX}pos_embed"] = state.pop("pos_embed.pos_embed")
+    for key in [k for k in state if k.split(".")[0] != "transformer_blocks"]:
+        module, leaf = _split(key)
+        value = state.pop(key)
+        out[f"{UNET_PREFIX}{_MMDIT_FIXED[module]}.{leaf}"] = swapped(value) if module == "norm_out.linear" else value
+    for i in range(last + 1):
+        block = f"transformer_blocks.{i}."
+        for fused, parts in _MMDIT_QKV.items():
+            for leaf in ("weight", "bias"):
+                if f"{block}{parts[0]}.{leaf}" in state:
+                    out[f"{UNET_PREFIX}joint_blocks.{i}.{fused}.{leaf}"] = torch.cat(
+                        [state.pop(f"{block}{p}.{leaf}") for p in parts])
+        for key in [k for k in state if k.startswith(block)]:
+            module, leaf = _split(key[len(block):])
+            value = state.pop(key)
+            if i == last and module == "norm1_context.linear":
+                value = swapped(value)
+            out[f"{UNET_PREFIX}joint_blocks.{i}.{_MMDIT_BLOCK[module]}.{leaf}"] = value
+    return out
+
+
+def _untied(state: dict[str, Any]) -> dict[str, Any]:
+    """T5's input embedding is its `shared` table: stored once (safetensors refuses shared tensors)."""
+    tied = "encoder.embed_tokens.weight"
+    if tied in state and "shared.weight" in state and state[tied].data_ptr() == state["shared.weight"].data_ptr():
+        return {k: v for k, v in state.items() if k != tied}
+    return state
+
+
+def sd3_text_state(text_encoder: Any, component: str) -> dict[str, Any]:
+    """An SD 3 text encoder -> text_encoders.<name>.transformer. + transformers' own keys."""
+    return {f"{SD3_TEXT_PREFIXES[component]}{k}": v for k, v in _untied(dict(text_encoder.state_dict())).items()}
+
+
 def clip_state(text_encoder: Any, prefix: str) -> dict[str, Any]:
     """transformers CLIPTextModel -> prefix + its text_model.* keys (how SD 1.x and SDXL store CLIP ViT-L)."""
     return {f"{prefix}text_model.{k.removeprefix('text_model.')}": v for k, v in text_encoder.state_dict().items()}
@@ -151,23 +225,13 @@ def open_clip_state(text_encoder: Any, prefix: str) -> dict[str, Any]:
     return out
 
 
-def write_single_file(model_dir: Path, out: Path) -> Path:
-    """A diffusers SD 1.x or SDXL folder -> one .safetensors in the original layout (written whole or not at all)."""
-    import json
+def _save_atomic(state: dict[str, Any], out: Path) -> Path:
+    """One .safetensors, fp32, written whole or not at all."""
     import os
 
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
     from safetensors.torch import save_file
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    family = family_for(json.loads((model_dir / "model_index.json").read_text()), str(model_dir))
-    state = {**unet_state(UNet2DConditionModel.from_pretrained(model_dir / "unet")),
-             **vae_state(AutoencoderKL.from_pretrained(model_dir / "vae")),
-             **clip_state(CLIPTextModel.from_pretrained(model_dir / "text_encoder"), CLIP_PREFIXES[family.name])}
-    if family.name == "sdxl":
-        state.update(open_clip_state(CLIPTextModelWithProjection.from_pretrained(model_dir / "text_encoder_2"),
-                                     OPEN_CLIP_PREFIXES["sdxl"]))
     partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
     try:
         save_file({k: v.detach().to(torch.float32).contiguous() for k, v in state.items()}, str(partial))
@@ -175,3 +239,46 @@ def write_single_file(model_dir: Path, out: Path) -> Path:
     finally:
         partial.unlink(missing_ok=True)
     return out
+
+
+def _sd3_text_encoders(model_dir: Path) -> dict[str, Any]:
+    """An SD 3 folder's text encoders present, by component (T5 absent where the folder has none)."""
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+    out = {c: CLIPTextModelWithProjection.from_pretrained(model_dir / c) for c in ("text_encoder", "text_encoder_2")}
+    if (model_dir / "text_encoder_3" / "config.json").is_file():
+        out["text_encoder_3"] = T5EncoderModel.from_pretrained(model_dir / "text_encoder_3")
+    return out
+
+
+def write_single_file(model_dir: Path, out: Path, text_encoders: bool = True) -> Path:
+    """A diffusers SD 1.x, SDXL or SD 3 folder -> one .safetensors in the original layout; SD 3 without
+    its text encoders where `text_encoders` is False (as Stability ships sd3.5_medium.safetensors)."""
+    import json
+
+    from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    family = family_for(json.loads((model_dir / "model_index.json").read_text()), str(model_dir))
+    state = vae_state(AutoencoderKL.from_pretrained(model_dir / "vae"))
+    if family.name == "sd3":
+        state.update(mmdit_state(SD3Transformer2DModel.from_pretrained(model_dir / "transformer")))
+        for component, encoder in (_sd3_text_encoders(model_dir) if text_encoders else {}).items():
+            state.update(sd3_text_state(encoder, component))
+        return _save_atomic(state, out)
+    state.update(unet_state(UNet2DConditionModel.from_pretrained(model_dir / "unet")))
+    state.update(clip_state(CLIPTextModel.from_pretrained(model_dir / "text_encoder"), CLIP_PREFIXES[family.name]))
+    if family.name == "sdxl":
+        state.update(open_clip_state(CLIPTextModelWithProjection.from_pretrained(model_dir / "text_encoder_2"),
+                                     OPEN_CLIP_PREFIXES["sdxl"]))
+    return _save_atomic(state, out)
+
+
+def write_text_encoder_files(model_dir: Path, folder: Path) -> Path:
+    """An SD 3 folder's text encoders as Stability ships them beside the model: text_encoders/clip_l,
+    clip_g and t5xxl_fp16 .safetensors, each in transformers' own keys."""
+    names = {"text_encoder": "clip_l", "text_encoder_2": "clip_g", "text_encoder_3": "t5xxl_fp16"}
+    folder.mkdir(parents=True, exist_ok=True)
+    for component, encoder in _sd3_text_encoders(model_dir).items():
+        _save_atomic(_untied(dict(encoder.state_dict())), folder / f"{names[component]}.safetensors")
+    return folder
