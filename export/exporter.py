@@ -29,7 +29,7 @@ from sdrt.manifest import (DECODER, ENCODER, STEP, ComponentSpec, Manifest, Mode
 from sdrt.prompts import CHUNK_LENGTH
 from sdrt.schedulers import HISTORY, N_COEFFS, NoiseSchedule
 from sdrt.versions import package_versions
-from sdrt.export.checkpoints import describe_keys, read_checkpoint, SingleFile
+from sdrt.export.checkpoints import describe_keys, read_checkpoint, SingleFile, TextEncoderFiles
 
 PRECISIONS = ("fp16", "fp32")
 OPSET = 17
@@ -74,6 +74,7 @@ class ExportConfig:
     variant: str | None = None  # weights saved as a variant: diffusion_pytorch_model.<variant>.safetensors
     config_dir: Path | None = None  # single files: a diffusers folder whose configs fit (default: sdrt's own)
     prediction_type: str | None = None  # single files: epsilon / v_prediction (default: detected)
+    text_encoders_dir: Path | None = None  # SD 3 single files without their text encoders: Stability's text_encoders/
     drop: tuple[str, ...] = ()  # optional text encoders to leave out: ("text_encoder_3",) is SD3 without T5
     max_sequence_length: int = 256  # T5 tokens (diffusers' default; at most 512)
 
@@ -185,12 +186,13 @@ def export(config: ExportConfig, progress: bool = True) -> Manifest:
     if model_dir.is_file():
         if config.variant:
             raise InputError("--variant picks weights files in a diffusers folder; a single file has one set of weights")
-        single = SingleFile.open(model_dir, config.config_dir, config.prediction_type)
+        single = SingleFile.open(model_dir, config.config_dir, config.prediction_type, config.text_encoders_dir)
         family = single.family
     else:
-        if config.config_dir is not None or config.prediction_type is not None:
-            raise InputError("--config and --prediction-type are for single-file checkpoints; a diffusers folder "
-                             "brings its own configs (edit its scheduler_config.json to change the prediction type)")
+        if (config.config_dir, config.prediction_type, config.text_encoders_dir) != (None, None, None):
+            raise InputError("--config, --prediction-type and --text-encoders are for single-file checkpoints; a "
+                             "diffusers folder brings its own configs and text encoders (edit its scheduler_config.json "
+                             "to change the prediction type)")
         family = check_model_dir(model_dir, config.variant, config.vae, config.drop)
     optional = {t.component for t in family.text_encoders if t.optional}
     if set(config.drop) - optional:
@@ -213,9 +215,11 @@ def export(config: ExportConfig, progress: bool = True) -> Manifest:
         bar.set_postfix_str("loading model")
         described: dict[str, Any] = {}
         if single is not None:
-            parts, prediction = single.load_parts(config.vae)
+            parts, prediction = single.load_parts(config.vae, config.drop)
             described = {"format": "single file", "architecture": single.label,
                          "prediction_type": prediction.value, "prediction_type_from": prediction.found_by}
+            if isinstance(single.checkpoint, TextEncoderFiles):
+                described["text_encoder_files"] = {c: str(p.resolve()) for c, p in single.checkpoint.files.items()}
         else:
             parts = load_components(model_dir, family, variant=config.variant, vae_override=config.vae,
                                     drop=config.drop)

@@ -48,6 +48,7 @@ def _export(args: argparse.Namespace) -> None:
                           min_size=args.min_size, max_size=args.max_size, max_chunks=args.max_chunks,
                           vae=Path(args.vae) if args.vae else None, variant=args.variant,
                           config_dir=Path(args.config) if args.config else None, prediction_type=args.prediction_type,
+                          text_encoders_dir=Path(args.text_encoders) if args.text_encoders else None,
                           drop=("text_encoder_3",) if args.no_t5 else (), max_sequence_length=args.max_sequence_length)
     manifest = export(config)
     print(f"exported {manifest.name} ({manifest.precision}) to {args.output}")
@@ -262,7 +263,10 @@ def _add_export(sub: Any) -> None:
                    help="a VAE file (original layout) or diffusers AutoencoderKL folder to use instead of the model's")
     p.add_argument("--config", default=None,
                    help="single files: a diffusers folder whose configs and tokenizers fit the checkpoint "
-                        "(default: sdrt's own for SD 1.x, 2.x, XL)")
+                        "(default: sdrt's own for SD 1.x, 2.x, XL and, without T5, SD 3 / 3.5)")
+    p.add_argument("--text-encoders", default=None, metavar="DIR",
+                   help="SD 3 single files shipped without text encoders: Stability's text_encoders/ folder "
+                        "(clip_l, clip_g, t5xxl .safetensors)")
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
                    help="single files: what the U-Net predicts (default: detected)")
     p.add_argument("--variant", default=None, help="load weights saved as this variant (e.g. fp16)")
