@@ -160,7 +160,7 @@ def test_another_architecture_without_config_says_to_pass_one(tiny_file, tmp_pat
 def test_folder_only_and_file_only_options_are_refused(tiny_model, tiny_file, tmp_path):
     with pytest.raises(InputError, match="--variant picks weights files in a diffusers folder"):
         export(ExportConfig(tiny_file, tmp_path / "e", variant="fp16", config_dir=tiny_model), progress=False)
-    with pytest.raises(InputError, match="--config and --prediction-type are for single-file"):
+    with pytest.raises(InputError, match="--config, --prediction-type and --text-encoders are for single-file"):
         export(ExportConfig(tiny_model, tmp_path / "e", prediction_type="v_prediction"), progress=False)
     with pytest.raises(InputError, match="--prediction-type must be one of"):
         SingleFile.open(tiny_file, tiny_model, prediction_type="x0")
@@ -221,7 +221,11 @@ def test_a_vae_file_swaps_in_like_the_vae_folder(tiny_model, tmp_path):
     np.testing.assert_array_equal(_images(tmp_path / "f"), _images(tmp_path / "d"))
 
 
-@pytest.mark.parametrize("model_type", sorted(KINDS))
+UNET_KINDS = sorted(k for k, kind in KINDS.items() if kind.pipeline != "StableDiffusion3Pipeline")
+SD3_KINDS = sorted(set(KINDS) - set(UNET_KINDS))
+
+
+@pytest.mark.parametrize("model_type", UNET_KINDS)
 def test_bundled_architectures_are_the_real_ones(model_type, tmp_path):
     """Parameter counts of the published models (meta tensors: no memory), and CLIP's real vocabulary."""
     import transformers
@@ -246,6 +250,89 @@ def test_bundled_architectures_are_the_real_ones(model_type, tmp_path):
         49406, 320, 8853, 539, 550, 18376, 6765, 320, 4558, 49407]
 
 
+# the MMDiT keys diffusers' infer_diffusers_model_type reads, at each published model's shapes
+SD3_SHAPES = {"sd3": {"joint_blocks.0.context_block.adaLN_modulation.1.bias": (9216,), "pos_embed": (1, 36864, 1536)},
+              "sd35_medium": {"joint_blocks.0.context_block.adaLN_modulation.1.bias": (9216,),
+                              "pos_embed": (1, 147456, 1536)},
+              "sd35_large": {"joint_blocks.0.context_block.adaLN_modulation.1.bias": (14592,),
+                             "joint_blocks.37.x_block.mlp.fc1.weight": (9728, 2432)}}
+
+
+@pytest.mark.parametrize("model_type", SD3_KINDS)
+def test_bundled_sd3_architectures_are_recognised_and_have_the_published_sizes(model_type, tmp_path):
+    """SD 3 Medium's transformer has 2.03 B parameters, SD 3.5 Medium's 2.24 B (exactly, as the sd35m test
+    model), 3.5 Large's 8.1 B (Stability's model cards); CLIP-L and bigG with their projections."""
+    import transformers
+    from diffusers import SD3Transformer2DModel
+
+    from sdrt.export.checkpoints import kind_of
+
+    keys = {f"model.diffusion_model.{k}": torch.empty(shape, device="meta") for k, shape in SD3_SHAPES[model_type].items()}
+    kind = kind_of(keys, tmp_path / "x.safetensors", "mmdit")
+    assert kind.model_type == model_type
+    folder = write_config_folder(kind, tmp_path / "config")
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["transformer"] == ["diffusers", "SD3Transformer2DModel"] and index["text_encoder_3"] == [None, None]
+    with torch.device("meta"):
+        transformer = SD3Transformer2DModel.from_config(SD3Transformer2DModel.load_config(folder / "transformer"))
+        encoders = [transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig.from_pretrained(folder / c))
+                    for c, *_ in kind.text_encoders]
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    published = {"sd3": 2.03e9, "sd35_medium": 2_243_171_520, "sd35_large": 8.06e9}[model_type]
+    assert count(transformer) == published if model_type == "sd35_medium" else abs(count(transformer) / published - 1) < 0.01
+    assert [count(e) for e in encoders] == [123_650_304, 694_659_840]
+
+
+def test_an_sd3_single_file_with_its_text_encoders_exports_to_the_folders_image(tiny_sd3_model, tiny_sd3_engines,
+                                                                                 tmp_path):
+    """Stability's layout: model.diffusion_model.joint_blocks.* (q|k|v fused, final (shift, scale)),
+    first_stage_model.*, text_encoders.{clip_l,clip_g,t5xxl}.transformer.*; configs and T5's tokenizer
+    from the folder (--config)."""
+    path = write_single_file(tiny_sd3_model, tmp_path / "sd3.safetensors")
+    manifest = export(ExportConfig(path, tmp_path / "e", precision="fp32", config_dir=tiny_sd3_model), progress=False)
+    assert manifest.source["prediction_type"] == "flow" and "text_encoder_3" in manifest.components
+    _assert_close(_images(tmp_path / "e"), _images(tiny_sd3_engines))
+
+
+def test_an_sd3_file_without_text_encoders_takes_stabilitys_text_encoder_files(tiny_sd3_model, tiny_sd3_engines,
+                                                                               tmp_path):
+    from sdrt.export.original_layout import write_text_encoder_files
+
+    path = write_single_file(tiny_sd3_model, tmp_path / "sd3.safetensors", text_encoders=False)
+    with pytest.raises(ModelError, match="no weights for text_encoder .* pass --text-encoders DIR"):
+        export(ExportConfig(path, tmp_path / "e", config_dir=tiny_sd3_model), progress=False)
+    folder = write_text_encoder_files(tiny_sd3_model, tmp_path / "text_encoders")
+    assert sorted(p.name for p in folder.iterdir()) == ["clip_g.safetensors", "clip_l.safetensors",
+                                                        "t5xxl_fp16.safetensors"]
+    manifest = export(ExportConfig(path, tmp_path / "e", precision="fp32", config_dir=tiny_sd3_model,
+                                   text_encoders_dir=folder), progress=False)
+    assert set(manifest.source["text_encoder_files"]) == {"text_encoder", "text_encoder_2", "text_encoder_3"}
+    _assert_close(_images(tmp_path / "e"), _images(tiny_sd3_engines))
+
+
+def test_an_sd3_file_refusals(tiny_sd3_model, tiny_model, tmp_path):
+    path = write_single_file(tiny_sd3_model, tmp_path / "sd3.safetensors")
+    with pytest.raises(ModelError, match="SD 3 transformer .* a size sdrt does not bundle .* --config DIR"):
+        export(ExportConfig(path, tmp_path / "e"), progress=False)  # the tiny shapes are no published model's
+    with pytest.raises(ModelError, match="is a Stable Diffusion 1.x.* folder, but .* holds an SD 3 transformer"):
+        export(ExportConfig(path, tmp_path / "e", config_dir=tiny_model), progress=False)
+    with pytest.raises(InputError, match="--prediction-type is for U-Net files"):
+        export(ExportConfig(path, tmp_path / "e", config_dir=tiny_sd3_model, prediction_type="epsilon"), progress=False)
+    with pytest.raises(InputError, match="--text-encoders is for SD 3 files"):
+        export(ExportConfig(write_single_file(tiny_model, tmp_path / "sd1.safetensors"), tmp_path / "e",
+                            config_dir=tiny_model, text_encoders_dir=tmp_path), progress=False)
+    no_t5 = tmp_path / "no-t5-config"  # configs without T5's tokenizer: the file's T5 cannot be read
+    shutil.copytree(tiny_sd3_model, no_t5, ignore=shutil.ignore_patterns("text_encoder_3", "tokenizer_3"))
+    index = json.loads((no_t5 / "model_index.json").read_text())
+    (no_t5 / "model_index.json").write_text(json.dumps({**index, "text_encoder_3": [None, None],
+                                                        "tokenizer_3": [None, None]}))
+    with pytest.raises(ModelError, match="T5-XXL, whose tokenizer .* cannot write offline: pass --config DIR.* --no-t5"):
+        export(ExportConfig(path, tmp_path / "e", config_dir=no_t5), progress=False)
+    assert not (tmp_path / "e").exists()
+    manifest = export(ExportConfig(path, tmp_path / "e", config_dir=no_t5, drop=("text_encoder_3",)), progress=False)
+    assert "text_encoder_3" not in manifest.components
+
+
 @pytest.mark.slow
 def test_an_sd15_architecture_single_file_is_recognised_and_exported(tmp_path):
     """`sdrt testmodel sd15 FILE.safetensors` (random weights, the real layout) exports with sdrt's own
@@ -261,3 +348,29 @@ def test_an_sd15_architecture_single_file_is_recognised_and_exported(tmp_path):
 
     ids, _ = ClipTokenizer(tmp_path / "e" / "tokenizer")(["a photograph of an astronaut riding a horse"])
     assert ids[0][:10].tolist() == [49406, 320, 8853, 539, 550, 18376, 6765, 320, 4558, 49407]  # CLIP's own ids
+
+
+@pytest.mark.slow
+def test_an_sd35_medium_transformer_file_is_recognised_and_read_at_real_size(tmp_path):
+    """SD 3.5 Medium's exact transformer (random weights, fp16 as Stability ships it) in the original
+    layout: recognised without --config, converted by sdrt's bundled architecture, every weight back."""
+    from diffusers import SD3Transformer2DModel
+    from safetensors.torch import save_file
+
+    from sdrt.export.architectures import SD35M_TRANSFORMER
+    from sdrt.export.checkpoints import DENOISER_FOLDERS, kind_of
+    from sdrt.export.original_layout import mmdit_state
+
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(**SD35M_TRANSFORMER).to(torch.float16)
+    save_file({k: v.contiguous() for k, v in mmdit_state(transformer).items()}, str(tmp_path / "sd3.5_medium.safetensors"))
+    expected = {k: v.clone() for k, v in transformer.state_dict().items()}
+    del transformer
+    single = SingleFile.open(tmp_path / "sd3.5_medium.safetensors")
+    assert single.label == "SD 3.5 Medium"
+    folder = write_config_folder(kind_of(single.checkpoint, single.path, "mmdit"), tmp_path / "config")
+    config = SD3Transformer2DModel.load_config(folder / DENOISER_FOLDERS["mmdit"])
+    loaded = single._transformer(SD3Transformer2DModel, config)
+    assert sum(p.numel() for p in loaded.parameters()) == 2_243_171_520
+    got = loaded.state_dict()
+    assert set(got) == set(expected) and all(torch.equal(got[k].half(), v) for k, v in expected.items())
