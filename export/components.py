@@ -8,6 +8,9 @@ inpainting blend into the U-Net graph (see DESIGN.md), so the runtime's loop is 
     guided    = out_u + g * (out_c - out_u)                      # Ho & Salimans 2022
     x_next    = a*x + b*guided + Σk hx_k*x_{i-k} + Σk ho_k*guided_{i-k} + d*noise
     x_next    = m * x_next + (1 - m) * (ka*image + kn*image_noise)   # 4-channel inpainting; m = 1: no-op
+
+With ControlNets (Zhang et al. 2023) the same call first runs each on [x; x] and its hint, and adds
+Σ_j scale_j · residuals_j to the U-Net's skip connections (diffusers' MultiControlNetModel).
 """
 
 from __future__ import annotations
@@ -136,7 +139,9 @@ class DenoiseStep(nn.Module):
     `image_input` (families.IMAGE_INPUTS: (B, 4, h, w) latents, (B, 1, h, w) mask with 1 = repaint);
     guidance (1,) f32; an MMDiT's: skip_layers (L,) f32 (1 = the block is skipped) and skip_scale (1,)
     f32; step_coeffs (N_COEFFS,) f32 laid out as [c_in, a, b, hx_1..K, ho_1..K, d, ka, kn];
-    x_history, out_history (K, B, 4, h, w) f32, newest first; noise (B, 4, h, w) f32.
+    x_history, out_history (K, B, 4, h, w) f32, newest first; noise (B, 4, h, w) f32. With J ControlNets,
+    after the image inputs: control_image_0..J-1 (B, H, W, 3) uint8 RGB hints and control_scales (J,) f32,
+    each ControlNet's conditioning scale this step (0 outside its guidance window).
 
     Rows come in R groups of B: the cond rows alone (R = 1), [uncond; cond] (CFG), or [uncond; cond; cond]
     where the third group skips the flagged blocks (skip-layer guidance, SD 3.5; diffusers'
@@ -146,9 +151,11 @@ class DenoiseStep(nn.Module):
 
     def __init__(self, unet: nn.Module, conditioning: tuple[str, ...], cross_attention: tuple[str, ...],
                  added_cond: tuple[tuple[str, str], ...], image_input: str, image_inputs: tuple[str, ...],
-                 denoiser: str = UNET, sequence: tuple[str, ...] = (), zero_sequence: int = 0):
+                 denoiser: str = UNET, sequence: tuple[str, ...] = (), zero_sequence: int = 0,
+                 controlnets: tuple[nn.Module, ...] = ()):
         super().__init__()
         self.unet = unet  # the family's denoiser: a U-Net, or SD3's transformer
+        self.controlnets = nn.ModuleList(controlnets)  # diffusers ControlNetModels of the U-Net's architecture
         self.conditioning = conditioning
         self.cross_attention = cross_attention  # concatenated on channels: SDXL's [CLIP-L; bigG]
         self.added_cond = added_cond
@@ -175,7 +182,9 @@ class DenoiseStep(nn.Module):
         n, m = len(self.conditioning), len(self.image_inputs)
         cond = dict(zip(self.conditioning, rest[:n]))
         image = dict(zip(self.image_inputs, rest[n : n + m]))
-        guidance, *skip, step_coeffs, x_history, out_history, noise = rest[n + m :]
+        j = len(self.controlnets)
+        control = rest[n + m : n + m + j + 1] if j else ()  # the hints, then the scales
+        guidance, *skip, step_coeffs, x_history, out_history, noise = rest[n + m + (j + 1 if j else 0) :]
         b = latents.shape[0]
         k = HISTORY
         hx = step_coeffs[HX : HX + k].view(k, 1, 1, 1, 1)
@@ -183,6 +192,7 @@ class DenoiseStep(nn.Module):
         hidden = torch.cat([cond[name].to(self.dtype) for name in self.cross_attention], dim=-1)  # (R*B, S, C)
         rows = torch.arange(hidden.shape[0], device=latents.device) % b  # (R*B,)
         x_in = latents * step_coeffs[C_IN]
+        control_x = x_in[rows].to(self.dtype)  # a ControlNet takes the 4 latent channels (diffusers' inpainting too)
         if self.image_input == CONCAT:  # (B, 4 + 1 + 4, h, w), diffusers' StableDiffusionInpaintPipeline
             x_in = torch.cat([x_in, image["mask"], image["masked_image_latents"]], dim=1)
         x_in = x_in[rows].to(self.dtype)  # (R*B, C, h, w)
@@ -194,7 +204,9 @@ class DenoiseStep(nn.Module):
             skipped = (torch.arange(hidden.shape[0]) // b >= 2).float()[:, None] * skip[0]
             out = self._transformer(x_in, timestep, hidden, cond, added, skipped)
         else:
-            out = self.unet(x_in, timestep, hidden, added_cond_kwargs=added or None, return_dict=False)[0].float()
+            residuals = self._control(control, control_x, timestep, hidden, added, rows) if control else {}
+            out = self.unet(x_in, timestep, hidden, added_cond_kwargs=added or None, return_dict=False,
+                            **residuals)[0].float()
         rows_out = out.shape[0]
         cond_start = rows_out // b // 2 * b  # 0 (R = 1), B (R = 2, 3)
         out_u, out_c = out[:b], out[cond_start : cond_start + b]  # equal when R = 1 (no CFG)
@@ -209,6 +221,22 @@ class DenoiseStep(nn.Module):
         x_history_next = torch.cat([latents[None], x_history[:-1]])
         out_history_next = torch.cat([guided[None], out_history[:-1]])
         return latents_next, x_history_next, out_history_next
+
+    def _control(self, control: tuple[torch.Tensor, ...], x_in: torch.Tensor, timestep: torch.Tensor,
+                 hidden: torch.Tensor, added: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, object]:
+        """The U-Net's residual keywords: Σ_j scale_j · ControlNet_j(x_in, hint_j), as diffusers'
+        MultiControlNetModel sums them. Hints (B, H, W, 3) uint8 -> [0, 1] NCHW (diffusers' control image
+        processor: no normalization), one per row group (CFG: the same hint for uncond and cond)."""
+        *hints, scales = control
+        down: list[torch.Tensor] | None = None
+        mid = None
+        for j, (controlnet, hint) in enumerate(zip(self.controlnets, hints)):
+            cond = (hint.float() / 255).permute(0, 3, 1, 2)[rows].to(self.dtype)
+            d, m = controlnet(x_in, timestep, hidden, cond, conditioning_scale=scales[j].to(self.dtype),
+                              added_cond_kwargs=added or None, return_dict=False)
+            down = list(d) if down is None else [a + b for a, b in zip(down, d)]
+            mid = m if mid is None else mid + m
+        return dict(down_block_additional_residuals=tuple(down or ()), mid_block_additional_residual=mid)
 
     def _transformer(self, x_in: torch.Tensor, timestep: torch.Tensor, clip: torch.Tensor, cond: dict[str, torch.Tensor],
                      added: dict[str, torch.Tensor], skipped: torch.Tensor) -> torch.Tensor:

@@ -22,14 +22,15 @@ import numpy as np
 from sdrt.embeddings import TOKEN_ROWS
 from sdrt.errors import InputError, ModelError, ValidationError
 from sdrt.export.components_io import DENOISER, VAE, file_variant, load_components, present_slot
-from sdrt.families import (DENOISER_FOLDERS, HOST, IMAGE_INPUTS, LEADING_DIM, MMDIT, T5, Family,
-                           TextEncoderSlot, family_for)
+from sdrt.families import (CONTROL_SCALES, DENOISER_FOLDERS, HOST, IMAGE_INPUTS, LEADING_DIM, MMDIT, T5, Family,
+                           TextEncoderSlot, control_image_names, family_for)
 from sdrt.manifest import (DECODER, ENCODER, STEP, ComponentSpec, Manifest, ModelInfo, ShapeRange, TensorSpec, sha256_file,
                            write_manifest)
 from sdrt.prompts import CHUNK_LENGTH
 from sdrt.schedulers import HISTORY, N_COEFFS, NoiseSchedule
 from sdrt.versions import package_versions
 from sdrt.export.checkpoints import describe_keys, read_checkpoint, SingleFile, TextEncoderFiles
+from sdrt.export.controlnets import check_controlnets, load_controlnet
 
 PRECISIONS = ("fp16", "fp32")
 OPSET = 17
@@ -77,6 +78,7 @@ class ExportConfig:
     text_encoders_dir: Path | None = None  # SD 3 single files without their text encoders: Stability's text_encoders/
     drop: tuple[str, ...] = ()  # optional text encoders to leave out: ("text_encoder_3",) is SD3 without T5
     max_sequence_length: int = 256  # T5 tokens (diffusers' default; at most 512)
+    controlnets: tuple[Path, ...] = ()  # diffusers ControlNetModel folders, into the denoise step in this order
 
 
 MAX_SEQUENCE_LENGTH = 512  # T5's, as diffusers' StableDiffusion3Pipeline allows
@@ -200,6 +202,7 @@ def export(config: ExportConfig, progress: bool = True) -> Manifest:
         raise InputError(f"only optional text encoders can be left out ({have}), got {', '.join(config.drop)}")
     if config.vae is not None:
         check_vae(config.vae)
+    controlnet_names = check_controlnets(config.controlnets, family)
     if out_dir.exists() and not config.force:
         raise InputError(f"{out_dir} already exists: pass --force to replace it, or choose another -o")
 
@@ -227,8 +230,11 @@ def export(config: ExportConfig, progress: bool = True) -> Manifest:
         bar.update(1)
         src = source_hash_of(model_dir)
         vae_source = {"vae": {"path": str(config.vae.resolve()), "sha256": source_hash_of(config.vae)}} if config.vae else {}
+        if config.controlnets:
+            vae_source["controlnets"] = [{"name": name, "path": str(Path(p).resolve()), "sha256": source_hash_of(Path(p))}
+                                         for name, p in zip(controlnet_names, config.controlnets)]
         bar.update(1)
-        manifest_parts = _export_components(parts, staging, config, bar)
+        manifest_parts = _export_components(parts, staging, config, bar, controlnet_names)
         for name, tokenizer in parts.tokenizers.items():
             tokenizer.save_pretrained(staging / name)
         files = {p.relative_to(staging).as_posix(): sha256_file(p)
@@ -259,7 +265,8 @@ def _swap_into_place(staging: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any) -> dict[str, Any]:
+def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any,
+                       controlnet_names: tuple[str, ...] = ()) -> dict[str, Any]:
     import torch
 
     from sdrt.export.components import DenoiseStep, VaeDecoder, VaeEncoder  # torch: loaded when an export runs
@@ -328,20 +335,28 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
     skippable = len(parts.denoiser.transformer_blocks) if family.denoiser == MMDIT else 0
     skip_inputs = (TensorSpec("skip_layers", "float32", (skippable,)),
                    TensorSpec("skip_scale", "float32", (1,))) if skippable else ()
+    # ControlNets: one (B, H, W, 3) uint8 hint each, and their scales this step
+    control_inputs = tuple(TensorSpec(name, "uint8", ("B", "H", "W", 3)) for name in control_image_names(
+        len(controlnet_names))) + ((TensorSpec(CONTROL_SCALES, "float32", (len(controlnet_names),)),)
+                                   if controlnet_names else ())
     step_spec = ComponentSpec(
         "denoise_step.onnx",
         (TensorSpec("latents", "float32", state), TensorSpec("timestep", "float32", (1,)), *conditioning,
-         *image_inputs,
+         *image_inputs, *control_inputs,
          TensorSpec("guidance", "float32", (1,)), *skip_inputs, TensorSpec("step_coeffs", "float32", (N_COEFFS,)),
          TensorSpec("x_history", "float32", (HISTORY,) + state), TensorSpec("out_history", "float32", (HISTORY,) + state),
          TensorSpec("noise", "float32", state)),
         (TensorSpec("latents_next", "float32", state), TensorSpec("x_history_next", "float32", (HISTORY,) + state),
          TensorSpec("out_history_next", "float32", (HISTORY,) + state)),
         config.precision)
-    step = partial(DenoiseStep, conditioning=tuple(c.name for c in present), cross_attention=family.cross_attention,
-                   added_cond=family.added_cond, image_input=parts.image_input,
-                   image_inputs=IMAGE_INPUTS[parts.image_input], denoiser=family.denoiser, sequence=family.sequence,
-                   zero_sequence=config.max_sequence_length)
+    step_args = dict(conditioning=tuple(c.name for c in present), cross_attention=family.cross_attention,
+                     added_cond=family.added_cond, image_input=parts.image_input,
+                     image_inputs=IMAGE_INPUTS[parts.image_input], denoiser=family.denoiser, sequence=family.sequence,
+                     zero_sequence=config.max_sequence_length)
+
+    def step(denoiser: Any) -> Any:  # the ControlNets load with the U-Net, and go with it
+        controlnets = tuple(load_controlnet(Path(p), denoiser.config) for p in config.controlnets)
+        return DenoiseStep(denoiser, controlnets=controlnets, **step_args)
     jobs.append(_Job(STEP, step_spec, DENOISER, step))
     vae_spec = ComponentSpec("vae_decoder.onnx", (TensorSpec("latents", "float32", state),),
                              (TensorSpec("images", "uint8", ("B", "H", "W", 3)),), vae_precision)
@@ -355,6 +370,7 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
         dims = {"B": 1, "RB": 2, "N": 2, "S": 2 * CHUNK_LENGTH, "E": 3, "h": h, "w": w, "H": h * f, "W": w * f}
         special = {"timestep": torch.tensor([500.0]), "guidance": torch.tensor([7.5]),
                    "step_coeffs": torch.rand(N_COEFFS, generator=gen), "keep": torch.ones(2),
+                   CONTROL_SCALES: 0.5 + torch.rand(len(controlnet_names), generator=gen),
                    "skip_layers": (torch.rand(skippable, generator=gen) > 0.5).float(), "skip_scale": torch.tensor([2.8]),
                    "time_ids": torch.tensor([[native, native, 0, 0, native, native]] * 2, dtype=torch.float32),
                    "clip_skip": torch.tensor([2 if clip_skip_max > 1 else 1])}
@@ -423,7 +439,7 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
         defaults=family.defaults, latent_channels=lc, vae_scale_factor=parts.vae_scale_factor,
         scaling_factor=parts.scaling_factor, clip_skip_max=clip_skip_max, history=HISTORY, opset=config.opset,
         zero_empty_negative=parts.zero_empty_negative, image_input=parts.image_input, size_multiple=multiple,
-        omitted=parts.omitted, shift_factor=parts.shift_factor)
+        omitted=parts.omitted, shift_factor=parts.shift_factor, controlnets=controlnet_names)
     return dict(components={job.name: job.spec for job in jobs}, shapes=shapes, model=model,
                 scheduler_config=parts.scheduler_config, validation=validation)
 

@@ -310,3 +310,25 @@ def write_test_lora(model_dir: Path, path: Path, seed: int, sgm: bool = False, r
                 add(f"{prefix}_text_model_{name.removeprefix('text_model.').replace('.', '_')}", module.weight)
     save_file(state, str(path))
     return path
+
+
+def write_test_controlnet(model_dir: Path, out_dir: Path, seed: int, scale: float = 0.5) -> Path:
+    """A random ControlNetModel (diffusers folder) of a test model's U-Net architecture. Its zero-initialised
+    convolutions (the hint embedding's last, every residual's) get random weights too, so a hint changes
+    the picture: a fresh ControlNet adds exactly nothing."""
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(Path(model_dir) / "unet")
+    torch.manual_seed(seed)
+    channels = tuple(min(16, 4 * 2**i) for i in range(4))  # 3 stride-2 convolutions: hints at 8x the latents
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels,
+                                           load_weights_from_unet=False)
+    zeroed = [controlnet.controlnet_cond_embedding.conv_out, *controlnet.controlnet_down_blocks,
+              controlnet.controlnet_mid_block]
+    with torch.no_grad():
+        for module in zeroed:
+            module.weight.normal_(0, scale / module.weight[0].numel() ** 0.5)
+            module.bias.normal_(0, 0.1 * scale)
+    controlnet.save_pretrained(out_dir, safe_serialization=True)
+    return Path(out_dir)

@@ -37,6 +37,15 @@ IMAGE_INPUTS: dict[str, tuple[str, ...]] = {
     CONCAT: ("mask", "masked_image_latents"),
 }
 
+# ControlNets (Zhang et al. 2023) in the denoise step: one ROW-layout (B, H, W, 3) uint8 hint each, and
+# (J,) f32 conditioning scales, set per step (0 outside a ControlNet's guidance window)
+CONTROL_SCALES = "control_scales"
+
+
+def control_image_names(count: int) -> tuple[str, ...]:
+    """The step's hint inputs of `count` ControlNets, in export order."""
+    return tuple(f"control_image_{j}" for j in range(count))
+
 
 @dataclass(frozen=True)
 class Conditioning:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sdrt.errors import EngineError
-from sdrt.families import BLEND, IMAGE_INPUTS, LAYOUTS, Conditioning, Defaults, TextEncoderSlot
+from sdrt.families import BLEND, IMAGE_INPUTS, LAYOUTS, Conditioning, Defaults, TextEncoderSlot, control_image_names
 from sdrt.paths import cache_dir, write_atomic
 
 FORMAT = "sdrt-engines"
@@ -124,6 +124,7 @@ class ModelInfo:
     size_multiple: int = 8  # image sides are multiples of this many pixels (a transformer's patch x the VAE's 8)
     omitted: tuple[str, ...] = ()  # the family's optional text encoders left out: zeros in their place (SD3's T5)
     shift_factor: float = 0.0  # the VAE's: latents = (z - shift_factor) * scaling_factor (in the VAE graphs)
+    controlnets: tuple[str, ...] = ()  # the ControlNets in the denoise step, by name, in their inputs' order
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -134,6 +135,11 @@ class ModelInfo:
     def image_inputs(self) -> tuple[str, ...]:
         """The step's ROW-layout inputs that carry the input image and mask."""
         return IMAGE_INPUTS[self.image_input]
+
+    @property
+    def control_inputs(self) -> tuple[str, ...]:
+        """The step's ROW-layout ControlNet hints (B, H, W, 3) uint8, one per ControlNet."""
+        return control_image_names(len(self.controlnets))
 
     @property
     def needs_image(self) -> bool:
@@ -150,7 +156,7 @@ class ModelInfo:
             raise ValueError(f"image_input {doc['image_input']!r}")
         return cls(**{**doc, "text_encoders": tuple(TextEncoderSlot(**t) for t in doc["text_encoders"]),
                       "conditioning": conditioning, "defaults": Defaults(**doc["defaults"]),
-                      "omitted": tuple(doc.get("omitted", ()))})
+                      "omitted": tuple(doc.get("omitted", ())), "controlnets": tuple(doc.get("controlnets", ()))})
 
 
 @dataclass(frozen=True)
