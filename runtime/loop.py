@@ -17,7 +17,7 @@ import numpy as np
 from sdrt.conditioning import skip_rows
 from sdrt.device import Device
 from sdrt.errors import SdrtError
-from sdrt.families import ROW, layout_rows
+from sdrt.families import CONTROL_SCALES, ROW, layout_rows
 from sdrt.manifest import STEP
 
 Callback = Callable[[int, int], Sequence[int] | None]
@@ -46,6 +46,7 @@ class LoopInputs:
     step_noise: np.ndarray | None  # (steps, B, 4, h, w) on the host, None for deterministic samplers
     skip_steps: frozenset[int] = frozenset()  # the steps of skip-layer guidance: they take skip_rows' inputs
     skip_rows: dict[str, Any] = field(default_factory=dict)  # CFG conditioning at 3B rows, by name
+    control_scales: list[Any] | None = None  # rows of the ControlNets' scales per step (sdrt.control); None: none
 
 
 @dataclass
@@ -109,6 +110,7 @@ def bind(device: Device, loop: LoopInputs, state: dict[str, np.ndarray], start: 
         feeds[i] = (
             {"latents": src["latents"], "timestep": loop.timesteps[i], **loop.inputs,
              **(loop.skip_rows if i in loop.skip_steps else {}),
+             **({CONTROL_SCALES: loop.control_scales[i]} if loop.control_scales is not None else {}),
              "guidance": loop.guidance, "step_coeffs": loop.coeffs[i], "x_history": src["x_history"],
              "out_history": src["out_history"], "noise": noise[i if loop.step_noise is not None else 0]},
             {"latents_next": dst["latents"], "x_history_next": dst["x_history"],
@@ -124,7 +126,8 @@ def drop_rows(device: Device, loop: LoopInputs, current: dict[str, Any], keep: l
              "x_history": download(current["x_history"])[:, keep],
              "out_history": download(current["out_history"])[:, keep]}
     model = device.model
-    layouts = {c.name: c.layout for c in model.conditioning} | dict.fromkeys(model.image_inputs, ROW)
+    layouts = {c.name: c.layout for c in model.conditioning} | dict.fromkeys(
+        model.image_inputs + model.control_inputs, ROW)
     for name, layout in layouts.items():
         host = download(loop.inputs[name])
         rows = layout_rows(layout, keep, b, host.shape[0])

@@ -24,6 +24,7 @@ import numpy as np
 from sdrt.backends import select_backend
 from sdrt.backends.base import Backend
 from sdrt.conditioning import condition, skip_inputs, skip_rows
+from sdrt.control import control_inputs, control_scale_rows
 from sdrt.decode import decode, finish, tiles_decode
 from sdrt.device import Device
 from sdrt.embeddings import Embeddings, use_embeddings
@@ -209,11 +210,12 @@ class Pipeline:
                      step_noise: np.ndarray | None) -> LoopInputs:
         """Everything the loop reads besides its state, written once into reused buffers."""
         n, write = len(plan), self.device.buffers.write
-        inputs = inputs | skip_inputs(self.device, config)
+        inputs = inputs | skip_inputs(self.device, config) | control_inputs(self.device, config)
         skip_steps = config.skip.steps(n)
         return LoopInputs(
             timesteps=self.backend.rows(write("timesteps", plan.timesteps.astype(np.float32).reshape(n, 1))),
             coeffs=self.backend.rows(write("step_coeffs", plan.coeffs.astype(np.float32))),
             guidance=write("guidance", np.array([config.guidance.scale], np.float32)),
             inputs=inputs, step_noise=step_noise, skip_steps=skip_steps,
-            skip_rows=skip_rows(self.device, inputs, config.batch) if skip_steps else {})
+            skip_rows=skip_rows(self.device, inputs, config.batch) if skip_steps else {},
+            control_scales=control_scale_rows(self.device, config, n))

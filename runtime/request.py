@@ -126,9 +126,21 @@ class Hires:
     scheduler: str | None = None  # None: the first pass's
 
 
+@dataclass(frozen=True)
+class Control:
+    """ControlNet hints (Zhang et al. 2023) for the first len(scales) of the engines' ControlNets, in their
+    export order; the others are off (scale 0). Scales and windows per ControlNet: diffusers'
+    controlnet_conditioning_scale and control_guidance_start / _end (fractions of the steps run)."""
+
+    images: tuple[tuple[Picture, ...], ...] = ()  # one per row: a hint per ControlNet, at the request's size
+    scales: tuple[float, ...] = ()
+    start: tuple[float, ...] = ()
+    end: tuple[float, ...] = ()
+
+
 # (group, field) of each field with one entry per row
 ROW_FIELDS = (("prompts", "prompt"), ("prompts", "negative_prompt"), ("sampler", "seeds"), ("image", "images"),
-              ("image", "masks"), ("image", "latents"))
+              ("image", "masks"), ("image", "latents"), ("control", "images"))
 _NOT_SHARED = set(ROW_FIELDS) | {("sampler", "seed")}  # seed: row 0's, so a row of its own too
 
 
@@ -144,6 +156,7 @@ class GenerationConfig:
     micro: MicroConditioning = field(default_factory=MicroConditioning)
     skip: SkipLayers = field(default_factory=SkipLayers)
     hires: Hires = field(default_factory=Hires)
+    control: Control = field(default_factory=Control)
 
     @property
     def row_seeds(self) -> tuple[int, ...]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from sdrt.control_request import build_control
 from sdrt.errors import InputError, check_text, is_integer
 from sdrt.families import CONCAT
 from sdrt.hires_request import build_hires, check_latents
@@ -70,6 +71,8 @@ def build_request(accepts: Accepts, prompt: str | list[str], negative_prompt: st
                   skip_guidance_layers: Sequence[int] | None = None, skip_layer_guidance_scale: float | None = None,
                   skip_layer_guidance_start: float | None = None,
                   skip_layer_guidance_stop: float | None = None, image_latents: Any = None,
+                  control_image: Any = None, controlnet_conditioning_scale: Any = None,
+                  control_guidance_start: Any = None, control_guidance_end: Any = None,
                   **hires: Any) -> GenerationConfig:
     """The request, checked group by group (the order decides which error a request with several gets)."""
     defaults = accepts.model.defaults
@@ -95,7 +98,9 @@ def build_request(accepts: Accepts, prompt: str | list[str], negative_prompt: st
     has_image = accepts.model.needs_image or images.mode != "txt2img"
     hires_fix = build_hires(size, sampler.steps, accepts.schedule, has_image, accepts.model.size_multiple,
                             lambda s: _size(accepts, s.height, s.width, []), **hires)
-    return GenerationConfig(prompt_group, size, sampler, guided, images, micro, skip, hires_fix)
+    control = build_control(accepts.model, control_image, controlnet_conditioning_scale, control_guidance_start,
+                            control_guidance_end, size, len(prompts), hires_fix.enabled)
+    return GenerationConfig(prompt_group, size, sampler, guided, images, micro, skip, hires_fix, control)
 
 
 def _latents(accepts: Accepts, latents: Any, size: Size, batch: int, sources: list) -> tuple:

@@ -1,0 +1,84 @@
+"""ControlNet settings checked against the engines: hints, scales and guidance windows -> request.Control.
+
+Python API names are diffusers': control_image (one image per ControlNet, each an image or a list of one
+per row; with one ControlNet, the image or list itself), controlnet_conditioning_scale and
+control_guidance_start / _end (a number for all, or one per ControlNet). A hint of another size is
+resized as sd-webui-controlnet's default "Crop and Resize": scaled to cover the image, centre-cropped.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from sdrt.errors import InputError
+from sdrt.images import Picture, picture, read_image
+from sdrt.manifest import ModelInfo
+from sdrt.request import Control, Size
+
+
+def crop_and_resize(image: Any, width: int, height: int) -> Any:
+    """A PIL image scaled (Lanczos) to cover width x height, then centre-cropped to it."""
+    from PIL import Image
+
+    if image.size == (width, height):
+        return image
+    k = max(width / image.width, height / image.height)
+    w, h = max(width, round(image.width * k)), max(height, round(image.height * k))
+    scaled = image.resize((w, h), Image.Resampling.LANCZOS)
+    left, top = (w - width) // 2, (h - height) // 2
+    return scaled.crop((left, top, left + width, top + height))
+
+
+def _per_controlnet(value: Any, count: int, default: float, what: str) -> tuple[float, ...]:
+    values = list(value) if isinstance(value, (list, tuple)) else [default if value is None else value] * count
+    if len(values) != count:
+        raise InputError(f"{what}: {len(values)} values for {count} ControlNet hint(s): give one number, or one per hint")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+        raise InputError(f"{what} must be finite numbers, got {value!r}")
+    return tuple(float(v) for v in values)
+
+
+def _hints(model: ModelInfo, control_image: Any) -> list[Any]:
+    """One entry per ControlNet given a hint (an image or a per-row list)."""
+    names = model.controlnets
+    if not names:
+        raise InputError("control_image: these engines have no ControlNet; export them with "
+                         "`sdrt export MODEL -o ENGINES --controlnet CONTROLNET_FOLDER`")
+    hints = list(control_image) if len(names) > 1 and isinstance(control_image, (list, tuple)) else [control_image]
+    if len(hints) > len(names):
+        raise InputError(f"{len(hints)} control images for {len(names)} ControlNet(s) ({', '.join(names)}): "
+                         "give at most one per ControlNet, in export order")
+    return hints
+
+
+def build_control(model: ModelInfo, control_image: Any, scale: Any, start: Any, end: Any, size: Size, batch: int,
+                  hires: bool) -> Control:
+    """The request's Control group; nothing (Control()) without a control_image."""
+    if control_image is None:
+        given = [n for n, v in (("controlnet_conditioning_scale", scale), ("control_guidance_start", start),
+                                ("control_guidance_end", end)) if v is not None]
+        if given:
+            raise InputError(f"{', '.join(given)} set without a control_image: pass the hint image(s) as well")
+        return Control()
+    if hires:
+        raise InputError("hires fix with a ControlNet is not supported yet: leave enable_hr off, or the control image out")
+    hints = _hints(model, control_image)
+    per_row: list[list[Picture]] = [[] for _ in range(batch)]
+    for j, hint in enumerate(hints):
+        values = list(hint) if isinstance(hint, (list, tuple)) else [hint] * batch
+        if len(values) != batch:
+            raise InputError(f"control image {j} must be one image or a list of {batch} (one per row), got {len(values)}")
+        for row, value in enumerate(values):
+            per_row[row].append(picture(crop_and_resize(read_image(value, f"control image {j}"), size.width,
+                                                        size.height)))
+    count = len(hints)
+    scales = _per_controlnet(scale, count, 1.0, "controlnet_conditioning_scale")
+    starts = _per_controlnet(start, count, 0.0, "control_guidance_start")
+    ends = _per_controlnet(end, count, 1.0, "control_guidance_end")
+    for s, e in zip(starts, ends):
+        if not 0.0 <= s < e <= 1.0:
+            raise InputError(f"a ControlNet's guidance window must have 0 <= start < end <= 1 (fractions of the "
+                             f"steps), got start {s}, end {e}")
+    return Control(tuple(tuple(row) for row in per_row), scales, starts, ends)
+

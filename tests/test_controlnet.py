@@ -1,0 +1,237 @@
+"""ControlNet in the denoise step: parity with diffusers' ControlNet pipelines on tiny random models (one and
+two ControlNets, scales, a guidance window, batch rows with different hints, img2img), fp16 against fp32,
+and the refusals. The test ControlNets' zero convolutions are random, so a hint changes the picture."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from sdrt.bench.stats import psnr  # noqa: E402
+from sdrt.control import step_scales  # noqa: E402
+from sdrt.errors import InputError, ModelError  # noqa: E402
+from sdrt.export.exporter import ExportConfig, export  # noqa: E402
+from sdrt.export.reference import diffusers_scheduler  # noqa: E402
+from sdrt.export.testmodel import write_test_controlnet  # noqa: E402
+from sdrt.pipeline import Pipeline  # noqa: E402
+from sdrt.request import Control  # noqa: E402
+from tests.pictures import smooth_picture  # noqa: E402
+from tests.test_parity import MAX_PIXEL_ERROR, assert_parity  # noqa: E402
+
+PROMPT, NEGATIVE = "a red apple on a table", "blurry"
+SIZE = 64
+
+
+def hint(seed: int, size: int = SIZE) -> np.ndarray:
+    """A canny-like hint: white outlines of random boxes on black, (size, size, 3) uint8."""
+    rng = np.random.default_rng(seed)
+    out = np.zeros((size, size, 3), np.uint8)
+    for _ in range(3):
+        x0, y0 = rng.integers(0, size // 2, 2)
+        x1, y1 = x0 + rng.integers(8, size // 2, 2)
+        out[y0:y1, [x0, x1 - 1]] = 255
+        out[[y0, y1 - 1], x0:x1] = 255
+    return out
+
+
+@pytest.fixture(scope="module")
+def controlnets(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("controlnets")
+    return [write_test_controlnet(tiny_model, root / name, seed) for seed, name in enumerate(("canny", "depth"), 1)]
+
+
+@pytest.fixture(scope="module")
+def one_cn_engines(tiny_model, controlnets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cn") / "one"
+    export(ExportConfig(tiny_model, out, precision="fp32", controlnets=(controlnets[0],)), progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_cn_engines(tiny_model, controlnets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cn") / "two"
+    export(ExportConfig(tiny_model, out, precision="fp32", controlnets=tuple(controlnets)), progress=False)
+    return out
+
+
+def diffusers_controlnet(model_dir, controlnet_dirs, scheduler, init_noise, monkeypatch, img2img=False, batch=1,
+                         **kwargs):
+    """diffusers' StableDiffusionControlNet[Img2Img]Pipeline on sdrt's initial noise (the VAE's mean for img2img).
+    Hints go in as PIL images: diffusers' image processor reads a uint8 array's values as they are (0-255)."""
+    from PIL import Image
+
+    def pil(value):
+        return [pil(v) for v in value] if isinstance(value, list) else Image.fromarray(value)
+
+    for key in ("image", "control_image"):
+        if key in kwargs:
+            kwargs[key] = pil(kwargs[key])
+    base = diffusers.StableDiffusionPipeline.from_pretrained(model_dir)
+    nets = [diffusers.ControlNetModel.from_pretrained(d) for d in controlnet_dirs]
+    cls = diffusers.StableDiffusionControlNetImg2ImgPipeline if img2img else diffusers.StableDiffusionControlNetPipeline
+    components = {k: v for k, v in base.components.items() if k != "image_encoder"}
+    pipe = cls(**components, controlnet=nets if len(nets) > 1 else nets[0], requires_safety_checker=False)
+    pipe.scheduler = diffusers_scheduler(scheduler, base.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    module = sys.modules[type(pipe).__module__]
+    monkeypatch.setattr(module, "randn_tensor", lambda shape, **kw: torch.from_numpy(init_noise).reshape(shape))
+    if img2img:
+        monkeypatch.setattr(module, "retrieve_latents", lambda out, generator=None, sample_mode="sample":
+                            out.latent_dist.mode())
+    out = pipe([PROMPT] * batch, negative_prompt=[NEGATIVE] * batch, guidance_scale=7.5, height=SIZE, width=SIZE,
+               output_type="np",
+               **kwargs).images
+    return (out * 255).round().astype(np.uint8)
+
+
+def sdrt_controlnet(engines, scheduler, steps, batch=1, **kwargs):
+    pipe = Pipeline.load(engines, backend="ort-cpu")
+    config = pipe.make_config([PROMPT] * batch, negative_prompt=NEGATIVE, steps=steps, scheduler=scheduler, seed=42,
+                              guidance=7.5, height=SIZE, width=SIZE, **kwargs)
+    return pipe.generate(config).images, pipe.initial_noise(config)[0]
+
+
+def assert_changed(ours, plain, by=20):
+    """The hint moved the picture far past the parity tolerance (the comparison means something)."""
+    assert int(np.abs(ours.astype(int) - plain.astype(int)).max()) > by, "the ControlNet changed nothing"
+
+
+@pytest.mark.parametrize("scheduler,scale", [("dpmpp_2m_karras", 1.0), ("euler", 0.5)])
+def test_one_controlnet_matches_diffusers(tiny_model, controlnets, one_cn_engines, scheduler, scale, monkeypatch):
+    hints = [hint(1), hint(2)]
+    ours, noise = sdrt_controlnet(one_cn_engines, scheduler, 4, batch=2, control_image=hints,
+                                  controlnet_conditioning_scale=scale)
+    ref = diffusers_controlnet(tiny_model, controlnets[:1], scheduler, noise, monkeypatch, num_inference_steps=4,
+                               batch=2, image=hints,
+                               controlnet_conditioning_scale=scale)
+    assert_parity(ours, ref, f"controlnet {scheduler} x{scale}")
+    plain, _ = sdrt_controlnet(one_cn_engines, scheduler, 4, batch=2)
+    assert_changed(ours, plain)
+    assert int(np.abs(ours[0].astype(int) - ours[1].astype(int)).max()) > 20, "rows with different hints alike"
+
+
+def test_two_controlnets_with_a_window_ending_at_half_match_diffusers(tiny_model, controlnets, two_cn_engines,
+                                                                      monkeypatch):
+    hints = [hint(3), hint(4)]
+    settings = dict(controlnet_conditioning_scale=[0.5, 1.0], control_guidance_start=[0.0, 0.0],
+                    control_guidance_end=[1.0, 0.5])
+    ours, noise = sdrt_controlnet(two_cn_engines, "dpmpp_2m_karras", 6, control_image=hints, **settings)
+    ref = diffusers_controlnet(tiny_model, controlnets, "dpmpp_2m_karras", noise, monkeypatch, num_inference_steps=6,
+                               image=hints, **settings)
+    assert_parity(ours, ref, "two controlnets")
+    full, _ = sdrt_controlnet(two_cn_engines, "dpmpp_2m_karras", 6, control_image=hints,
+                              controlnet_conditioning_scale=[0.5, 1.0])
+    assert_changed(ours, full, by=MAX_PIXEL_ERROR)  # the window's last 3 steps moved it past the tolerance (5/255)
+    plain, _ = sdrt_controlnet(two_cn_engines, "dpmpp_2m_karras", 6)
+    assert_changed(ours, plain)
+
+
+def test_a_two_call_sampler_windows_engine_calls_as_diffusers_counts_timesteps(tiny_model, controlnets,
+                                                                              one_cn_engines, monkeypatch):
+    ours, noise = sdrt_controlnet(one_cn_engines, "heun", 4, control_image=hint(5), control_guidance_start=0.3)
+    ref = diffusers_controlnet(tiny_model, controlnets[:1], "heun", noise, monkeypatch, num_inference_steps=4,
+                               image=hint(5), control_guidance_start=0.3)
+    assert_parity(ours, ref, "heun with a window")
+
+
+def test_img2img_with_a_controlnet_matches_diffusers(tiny_model, controlnets, one_cn_engines, monkeypatch):
+    init = np.asarray(smooth_picture(SIZE, SIZE))
+    settings = dict(strength=0.6, controlnet_conditioning_scale=0.8)  # diffusers' img2img default: 0.8
+    ours, noise = sdrt_controlnet(one_cn_engines, "euler", 6, image=init, control_image=hint(6), **settings)
+    ref = diffusers_controlnet(tiny_model, controlnets[:1], "euler", noise, monkeypatch, img2img=True,
+                               num_inference_steps=6, image=init, control_image=hint(6), **settings)
+    assert_parity(ours, ref, "controlnet img2img")
+
+
+def test_batch_rows_with_their_hints_equal_single_images(one_cn_engines):
+    pipe = Pipeline.load(one_cn_engines, backend="ort-cpu")
+    both = pipe.generate(pipe.make_config([PROMPT] * 2, steps=3, seed=9, control_image=[hint(7), hint(8)])).images
+    second = pipe.generate(pipe.make_config(PROMPT, steps=3, seed=10, control_image=hint(8))).images
+    np.testing.assert_allclose(both[1].astype(int), second[0].astype(int), atol=1)
+
+
+def test_fp16_controlnet_engines_are_close_to_fp32(tiny_model, controlnets, one_cn_engines, tmp_path):
+    export(ExportConfig(tiny_model, tmp_path / "fp16", precision="fp16", controlnets=(controlnets[0],)), progress=False)
+    settings = dict(control_image=hint(1), controlnet_conditioning_scale=1.0)
+    fp32, _ = sdrt_controlnet(one_cn_engines, "euler", 4, **settings)
+    fp16, _ = sdrt_controlnet(tmp_path / "fp16", "euler", 4, **settings)
+    assert not np.isnan(fp16.astype(float)).any()
+    assert psnr(fp16, fp32) >= 30
+
+
+def test_engines_with_controlnets_run_plain_prompts_as_the_plain_engines(tiny_engines, one_cn_engines):
+    plain = Pipeline.load(tiny_engines, backend="ort-cpu")
+    with_cn = Pipeline.load(one_cn_engines, backend="ort-cpu")
+    kwargs = dict(steps=3, seed=3, height=SIZE, width=SIZE)
+    np.testing.assert_allclose(with_cn(PROMPT, **kwargs)[0], plain(PROMPT, **kwargs)[0], atol=1)
+
+
+def test_a_hint_of_another_size_is_cropped_and_resized_as_a1111(one_cn_engines):
+    from PIL import Image
+
+    from sdrt.control_request import crop_and_resize
+
+    wide = Image.fromarray(hint(2, 128)).resize((192, 128))
+    cropped = crop_and_resize(wide, SIZE, SIZE)
+    assert cropped.size == (SIZE, SIZE)
+    pipe = Pipeline.load(one_cn_engines, backend="ort-cpu")
+    given = pipe.make_config(PROMPT, steps=2, height=SIZE, width=SIZE, control_image=wide)
+    assert given.control.images[0][0].pixels.shape == (SIZE, SIZE, 3)
+    np.testing.assert_array_equal(given.control.images[0][0].pixels, np.asarray(cropped))
+
+
+def test_the_guidance_window_is_diffusers_controlnet_keep():
+    control = Control(scales=(0.8, 1.0), start=(0.0, 0.25), end=(0.5, 1.0))
+    got = step_scales(control, 3, 8)
+    keep = [[1.0 - float(i / 8 < s or (i + 1) / 8 > e) for s, e in zip(control.start, control.end)] for i in range(8)]
+    want = np.array([[k[0] * 0.8, k[1] * 1.0, 0.0] for k in keep], np.float32)
+    np.testing.assert_array_equal(got, want)
+    assert (got[:, 0] > 0).tolist() == [True] * 4 + [False] * 4 and got[:, 1].tolist() == [0.0] * 2 + [1.0] * 6
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(control_image=[hint(1), hint(2), hint(3)]), "3 control images for 2 ControlNet"),
+    (dict(control_image=[hint(1)], controlnet_conditioning_scale=float("nan")), "finite"),
+    (dict(control_image=[hint(1)], controlnet_conditioning_scale=[1.0, 0.5]), "2 values for 1"),
+    (dict(control_image=[hint(1)], control_guidance_start=0.6, control_guidance_end=0.5), "start < end"),
+    (dict(controlnet_conditioning_scale=0.5), "without a control_image"),
+    (dict(control_image=[hint(1)], enable_hr=True), "hires fix with a ControlNet"),
+    (dict(control_image=["not an image"]), "control image 0"),
+])
+def test_bad_controlnet_settings_are_refused_with_the_fix(two_cn_engines, kwargs, match):
+    pipe = Pipeline.load(two_cn_engines, backend="ort-cpu")
+    with pytest.raises(InputError, match=match):
+        pipe.make_config(PROMPT, steps=2, **kwargs)
+
+
+def test_a_hint_for_engines_without_controlnet_names_the_export(tiny_engines):
+    with pytest.raises(InputError, match="--controlnet"):
+        Pipeline.load(tiny_engines, backend="ort-cpu").make_config(PROMPT, control_image=hint(1))
+
+
+def test_controlnets_that_do_not_fit_are_refused_with_nothing_written(tiny_model, tiny_sdxl_model, tiny_sd3_model,
+                                                                      controlnets, tmp_path):
+    sdxl_cn = write_test_controlnet(tiny_sdxl_model, tmp_path / "sdxl-canny", 1)
+    with pytest.raises(ModelError, match="another architecture.*cross_attention_dim"):
+        export(ExportConfig(tiny_model, tmp_path / "e", controlnets=(sdxl_cn,)), progress=False)
+    with pytest.raises(InputError, match="SD3ControlNetModel"):
+        export(ExportConfig(tiny_sd3_model, tmp_path / "e", controlnets=(controlnets[0],)), progress=False)
+    with pytest.raises(ModelError, match="not a ControlNetModel"):
+        export(ExportConfig(tiny_model, tmp_path / "e", controlnets=(tiny_model / "unet",)), progress=False)
+    with pytest.raises(InputError, match="different names"):
+        export(ExportConfig(tiny_model, tmp_path / "e", controlnets=(controlnets[0], controlnets[0])), progress=False)
+    assert not any(p.name.startswith((".e", "e")) for p in tmp_path.iterdir())
+
+
+def test_the_manifest_records_the_controlnets(two_cn_engines, controlnets):
+    doc = json.loads((two_cn_engines / "manifest.json").read_text())
+    assert doc["model"]["controlnets"] == ["canny", "depth"]
+    assert [c["name"] for c in doc["source"]["controlnets"]] == ["canny", "depth"]
+    names = [t["name"] for t in doc["components"]["denoise_step"]["inputs"]]
+    assert {"control_image_0", "control_image_1", "control_scales"} <= set(names)
