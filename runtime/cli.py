@@ -49,7 +49,8 @@ def _export(args: argparse.Namespace) -> None:
                           vae=Path(args.vae) if args.vae else None, variant=args.variant,
                           config_dir=Path(args.config) if args.config else None, prediction_type=args.prediction_type,
                           text_encoders_dir=Path(args.text_encoders) if args.text_encoders else None,
-                          drop=("text_encoder_3",) if args.no_t5 else (), max_sequence_length=args.max_sequence_length)
+                          drop=("text_encoder_3",) if args.no_t5 else (), max_sequence_length=args.max_sequence_length,
+                          controlnets=tuple(Path(p) for p in args.controlnet))
     manifest = export(config)
     print(f"exported {manifest.name} ({manifest.precision}) to {args.output}")
     for name, report in manifest.validation.items():
@@ -124,6 +125,34 @@ def _add_hires(p: argparse.ArgumentParser) -> None:
     group.add_argument("--hires-scheduler", choices=list(SAMPLERS), default=None, help="default: --scheduler")
 
 
+def _control_args(args: argparse.Namespace) -> dict[str, Any]:
+    """make_config's ControlNet keywords: one hint per --control-image (in export order); a setting given once
+    applies to every hint, else one per hint."""
+    if not args.control_image:
+        return {}
+    hints = [_read_file(path, "--control-image") for path in args.control_image]
+
+    def one_or_each(values: list[float]) -> Any:
+        return None if not values else values[0] if len(values) == 1 else values
+
+    return dict(control_image=hints if len(hints) > 1 else hints[0],
+                controlnet_conditioning_scale=one_or_each(args.control_scale),
+                control_guidance_start=one_or_each(args.control_start),
+                control_guidance_end=one_or_each(args.control_end))
+
+
+def _add_control(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("ControlNet (engines exported with --controlnet)")
+    group.add_argument("--control-image", action="append", default=[], metavar="HINT",
+                       help="a ControlNet's hint (an edge map, pose, depth image), repeated in export order")
+    group.add_argument("--control-scale", action="append", type=float, default=[],
+                       help="its conditioning scale (default 1; once for all, or once per hint)")
+    group.add_argument("--control-start", action="append", type=float, default=[],
+                       help="where its guidance starts, a fraction of the steps (default 0)")
+    group.add_argument("--control-end", action="append", type=float, default=[],
+                       help="where its guidance ends (default 1)")
+
+
 def _generate(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
@@ -141,7 +170,8 @@ def _generate(args: argparse.Namespace) -> None:
                               skip_guidance_layers=args.skip_guidance_layers,
                               skip_layer_guidance_scale=args.skip_layer_guidance_scale,
                               skip_layer_guidance_start=args.skip_layer_guidance_start,
-                              skip_layer_guidance_stop=args.skip_layer_guidance_stop, **_hires_args(args))
+                              skip_layer_guidance_stop=args.skip_layer_guidance_stop, **_hires_args(args),
+                              **_control_args(args))
     with tqdm(total=None, desc="denoise", unit="step", leave=False) as bar:
         def progress(done: int, total: int) -> None:
             bar.total = total
@@ -274,6 +304,9 @@ def _add_export(sub: Any) -> None:
                    help="SD3: leave T5-XXL out (zeros in its place, as diffusers with text_encoder_3=None)")
     p.add_argument("--max-sequence-length", type=int, default=256,
                    help="SD3: T5 tokens a prompt may take, 1-512 (diffusers' default 256)")
+    p.add_argument("--controlnet", action="append", default=[], metavar="DIR",
+                   help="a diffusers ControlNetModel folder to run in the denoise step (repeat for several; "
+                        "generate's --control-image hints follow this order)")
     p.add_argument("--no-validate", action="store_true", help="skip the check against PyTorch")
     p.add_argument("--force", action="store_true", help="replace an existing engine directory")
     p.set_defaults(func=_export)
@@ -358,6 +391,7 @@ def _add_generate(sub: Any) -> None:
     p.add_argument("--embeddings-dir", type=Path, default=None, help=EMBEDDINGS_HELP)
     p.add_argument("-o", "--output", default="out.png")
     _add_hires(p)
+    _add_control(p)
     p.set_defaults(func=_generate)
 
 

@@ -80,5 +80,5 @@ def build_control(model: ModelInfo, control_image: Any, scale: Any, start: Any, 
         if not 0.0 <= s < e <= 1.0:
             raise InputError(f"a ControlNet's guidance window must have 0 <= start < end <= 1 (fractions of the "
                              f"steps), got start {s}, end {e}")
-    return Control(tuple(tuple(row) for row in per_row), scales, starts, ends)
+    return Control(tuple(tuple(row) for row in per_row), model.controlnets[:count], scales, starts, ends)
 

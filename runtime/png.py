@@ -37,6 +37,7 @@ def a1111_parameters(config: GenerationConfig, seed: int, index: int, model_name
     if skip.layers:  # SD 3.5's skip-layer guidance (no A1111 field: quoted, as its parser reads values)
         layers = " ".join(map(str, skip.layers))
         extra += f'Skip layer guidance: "layers {layers}, scale {skip.scale:g}, steps {skip.start:g}-{skip.stop:g}", '
+    extra += control_fields(config)
     name, schedule_type = a1111_sampler(sampler.scheduler)
     model = (f"Model hash: {model_hash}, " if model_hash else "") + f"Model: {model_name}, "
     lines.append(
@@ -48,6 +49,15 @@ def a1111_parameters(config: GenerationConfig, seed: int, index: int, model_name
 def _quoted(text: str) -> str:
     """A value as A1111's infotext quotes one holding a comma, colon or quote (its `quote`)."""
     return text if not any(c in text for c in ',:"\n') else json.dumps(text, ensure_ascii=False)
+
+
+def control_fields(config: GenerationConfig) -> str:
+    """sd-webui-controlnet's unit fields (`ControlNet 0: "Module: none, Model: …"`), the ones sdrt has."""
+    control = config.control
+    return "".join(
+        f'ControlNet {j}: "Module: none, Model: {model}, Weight: {scale:g}, Resize Mode: Crop and Resize, '
+        f'Guidance Start: {start:g}, Guidance End: {end:g}, Control Mode: Balanced", '
+        for j, (model, scale, start, end) in enumerate(zip(control.models, control.scales, control.start, control.end)))
 
 
 def hires_fields(config: GenerationConfig) -> str:

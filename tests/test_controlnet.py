@@ -19,6 +19,7 @@ from sdrt.errors import InputError, ModelError  # noqa: E402
 from sdrt.export.exporter import ExportConfig, export  # noqa: E402
 from sdrt.export.reference import diffusers_scheduler  # noqa: E402
 from sdrt.export.testmodel import write_test_controlnet  # noqa: E402
+from sdrt.manifest import read_manifest  # noqa: E402
 from sdrt.pipeline import Pipeline  # noqa: E402
 from sdrt.request import Control  # noqa: E402
 from tests.pictures import smooth_picture  # noqa: E402
@@ -156,13 +157,31 @@ def test_batch_rows_with_their_hints_equal_single_images(one_cn_engines):
     np.testing.assert_allclose(both[1].astype(int), second[0].astype(int), atol=1)
 
 
-def test_fp16_controlnet_engines_are_close_to_fp32(tiny_model, controlnets, one_cn_engines, tmp_path):
-    export(ExportConfig(tiny_model, tmp_path / "fp16", precision="fp16", controlnets=(controlnets[0],)), progress=False)
+@pytest.fixture(scope="module")
+def one_cn_engines_fp16(tiny_model, controlnets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cn") / "one-fp16"
+    export(ExportConfig(tiny_model, out, precision="fp16", controlnets=(controlnets[0],)), progress=False)
+    return out
+
+
+def test_fp16_controlnet_engines_are_close_to_fp32(one_cn_engines, one_cn_engines_fp16):
     settings = dict(control_image=hint(1), controlnet_conditioning_scale=1.0)
     fp32, _ = sdrt_controlnet(one_cn_engines, "euler", 4, **settings)
-    fp16, _ = sdrt_controlnet(tmp_path / "fp16", "euler", 4, **settings)
-    assert not np.isnan(fp16.astype(float)).any()
+    fp16, _ = sdrt_controlnet(one_cn_engines_fp16, "euler", 4, **settings)
     assert psnr(fp16, fp32) >= 30
+
+
+def test_a_tensorrt_rtx_plan_of_the_controlnet_step_builds_on_the_cpu(one_cn_engines_fp16, tmp_path):
+    """The hint and scale inputs carry through `sdrt build`: the hint profiled over the pixel range."""
+    from sdrt.plans import check_plans
+    from tests.test_build import _build
+
+    pytest.importorskip("tensorrt_rtx")
+    plans = _build(one_cn_engines_fp16, tmp_path / "plans", shapes="dynamic:64-128,batch=1-2", archs=("sm89",))
+    manifest = read_manifest(plans)
+    step = manifest.plans.components["denoise_step"].profile
+    assert step["control_image_0"] == {"min": [1, 64, 64, 3], "opt": [1, 64, 64, 3], "max": [2, 128, 128, 3]}
+    check_plans(plans, manifest, manifest.plans.flavour, manifest.plans.version, "sm89")
 
 
 def test_engines_with_controlnets_run_plain_prompts_as_the_plain_engines(tiny_engines, one_cn_engines):
@@ -235,3 +254,50 @@ def test_the_manifest_records_the_controlnets(two_cn_engines, controlnets):
     assert [c["name"] for c in doc["source"]["controlnets"]] == ["canny", "depth"]
     names = [t["name"] for t in doc["components"]["denoise_step"]["inputs"]]
     assert {"control_image_0", "control_image_1", "control_scales"} <= set(names)
+
+
+def test_an_sdxl_controlnet_matches_diffusers(tiny_sdxl_model, tmp_path, monkeypatch):
+    net = write_test_controlnet(tiny_sdxl_model, tmp_path / "sdxl-canny", 1)
+    export(ExportConfig(tiny_sdxl_model, tmp_path / "e", precision="fp32", controlnets=(net,)), progress=False)
+    ours, noise = sdrt_controlnet(tmp_path / "e", "euler", 4, control_image=hint(1), controlnet_conditioning_scale=0.7)
+    base = diffusers.StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_model)
+    components = {k: v for k, v in base.components.items() if k not in ("image_encoder", "feature_extractor")}
+    pipe = diffusers.StableDiffusionXLControlNetPipeline(**components, controlnet=diffusers.ControlNetModel.from_pretrained(
+        net), add_watermarker=False)
+    pipe.scheduler = diffusers_scheduler("euler", base.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    monkeypatch.setattr(sys.modules[type(pipe).__module__], "randn_tensor",
+                        lambda shape, **kw: torch.from_numpy(noise).reshape(shape))
+    from PIL import Image
+
+    ref = pipe(PROMPT, negative_prompt=NEGATIVE, guidance_scale=7.5, height=SIZE, width=SIZE, num_inference_steps=4,
+               image=Image.fromarray(hint(1)), controlnet_conditioning_scale=0.7, output_type="np").images
+    assert_parity(ours, (ref * 255).round().astype(np.uint8), "sdxl controlnet")
+    plain, _ = sdrt_controlnet(tmp_path / "e", "euler", 4)
+    assert_changed(ours, plain)
+
+
+def test_the_cli_exports_and_generates_with_a_controlnet(tiny_model, controlnets, tmp_path):
+    from PIL import Image
+
+    from tests.test_cli import sdrt
+
+    r = sdrt("export", str(tiny_model), "-o", str(tmp_path / "e"), "--precision", "fp32", "--controlnet",
+             str(controlnets[0]), "--controlnet", str(controlnets[1]))
+    assert r.returncode == 0, r.stderr
+    for j in (0, 1):
+        Image.fromarray(hint(10 + j)).save(tmp_path / f"hint{j}.png")
+    args = ["generate", str(tmp_path / "e"), PROMPT, "--steps", "3", "--seed", "5", "--control-image",
+            str(tmp_path / "hint0.png"), "--control-image", str(tmp_path / "hint1.png"), "--control-scale", "0.5",
+            "--control-scale", "1.0", "--control-end", "0.5", "-o", str(tmp_path / "out.png")]
+    r = sdrt(*args)
+    assert r.returncode == 0, r.stderr
+    out = Image.open(tmp_path / "out.png")
+    pipe = Pipeline.load(tmp_path / "e", backend="ort-cpu")
+    want = pipe(PROMPT, steps=3, seed=5, control_image=[hint(10), hint(11)], controlnet_conditioning_scale=[0.5, 1.0],
+                control_guidance_end=0.5)[0]
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(want))
+    assert ('ControlNet 1: "Module: none, Model: depth, Weight: 1, Resize Mode: Crop and Resize, Guidance Start: 0, '
+            'Guidance End: 0.5, Control Mode: Balanced"') in out.info["parameters"]
+    bad = sdrt(*args[:-1], str(tmp_path / "bad.png"), "--control-scale", "inf")
+    assert bad.returncode != 0 and "3 values for 2" in bad.stderr and not (tmp_path / "bad.png").exists()
