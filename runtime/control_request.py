@@ -1,7 +1,7 @@
 """ControlNet settings checked against the engines: hints, scales and guidance windows -> request.Control.
 
 Python API names are diffusers': control_image (one image per ControlNet, each an image or a list of one
-per row; with one ControlNet, the image or list itself), controlnet_conditioning_scale and
+per row, or None for a ControlNet left off; with one ControlNet, the image or list itself), controlnet_conditioning_scale and
 control_guidance_start / _end (a number for all, or one per ControlNet). A hint of another size is
 resized as sd-webui-controlnet's default "Crop and Resize": scaled to cover the image, centre-cropped.
 """
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 from typing import Any
+
+import numpy as np
 
 from sdrt.errors import InputError
 from sdrt.images import Picture, picture, read_image
@@ -65,7 +67,12 @@ def build_control(model: ModelInfo, control_image: Any, scale: Any, start: Any, 
         raise InputError("hires fix with a ControlNet is not supported yet: leave enable_hr off, or the control image out")
     hints = _hints(model, control_image)
     per_row: list[list[Picture]] = [[] for _ in range(batch)]
+    off = Picture(np.zeros((size.height, size.width, 3), np.uint8))
     for j, hint in enumerate(hints):
+        if hint is None:  # a ControlNet left off before one that is on (A1111's units name theirs)
+            for row in per_row:
+                row.append(off)
+            continue
         values = list(hint) if isinstance(hint, (list, tuple)) else [hint] * batch
         if len(values) != batch:
             raise InputError(f"control image {j} must be one image or a list of {batch} (one per row), got {len(values)}")
@@ -74,11 +81,13 @@ def build_control(model: ModelInfo, control_image: Any, scale: Any, start: Any, 
                                                         size.height)))
     count = len(hints)
     scales = _per_controlnet(scale, count, 1.0, "controlnet_conditioning_scale")
+    scales = tuple(0.0 if h is None else v for h, v in zip(hints, scales))
     starts = _per_controlnet(start, count, 0.0, "control_guidance_start")
     ends = _per_controlnet(end, count, 1.0, "control_guidance_end")
     for s, e in zip(starts, ends):
         if not 0.0 <= s < e <= 1.0:
             raise InputError(f"a ControlNet's guidance window must have 0 <= start < end <= 1 (fractions of the "
                              f"steps), got start {s}, end {e}")
-    return Control(tuple(tuple(row) for row in per_row), model.controlnets[:count], scales, starts, ends)
+    models = tuple("" if h is None else name for h, name in zip(hints, model.controlnets))  # "": off
+    return Control(tuple(tuple(row) for row in per_row), models, scales, starts, ends)
 

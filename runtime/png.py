@@ -57,7 +57,8 @@ def control_fields(config: GenerationConfig) -> str:
     return "".join(
         f'ControlNet {j}: "Module: none, Model: {model}, Weight: {scale:g}, Resize Mode: Crop and Resize, '
         f'Guidance Start: {start:g}, Guidance End: {end:g}, Control Mode: Balanced", '
-        for j, (model, scale, start, end) in enumerate(zip(control.models, control.scales, control.start, control.end)))
+        for j, (model, scale, start, end) in enumerate(zip(control.models, control.scales, control.start, control.end))
+        if model)
 
 
 def hires_fields(config: GenerationConfig) -> str:

@@ -133,7 +133,7 @@ class Control:
     controlnet_conditioning_scale and control_guidance_start / _end (fractions of the steps run)."""
 
     images: tuple[tuple[Picture, ...], ...] = ()  # one per row: a hint per ControlNet, at the request's size
-    models: tuple[str, ...] = ()  # the names of the ControlNets given hints (the manifest's), for the infotext
+    models: tuple[str, ...] = ()  # the names of the ControlNets given hints (the manifest's; "" for one left off)
     scales: tuple[float, ...] = ()
     start: tuple[float, ...] = ()
     end: tuple[float, ...] = ()

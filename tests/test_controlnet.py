@@ -301,3 +301,43 @@ def test_the_cli_exports_and_generates_with_a_controlnet(tiny_model, controlnets
             'Guidance End: 0.5, Control Mode: Balanced"') in out.info["parameters"]
     bad = sdrt(*args[:-1], str(tmp_path / "bad.png"), "--control-scale", "inf")
     assert bad.returncode != 0 and "3 values for 2" in bad.stderr and not (tmp_path / "bad.png").exists()
+
+
+def test_the_a1111_api_takes_sd_webui_controlnet_units(two_cn_engines):
+    import base64
+    import io
+
+    import httpx
+    from PIL import Image
+
+    from sdrt.bench.live_server import LiveServer
+    from sdrt.serve.config import ServeConfig
+    from tests.pictures import png_bytes
+
+    live = LiveServer(ServeConfig(two_cn_engines, backend="ort-cpu"))
+    try:
+        assert httpx.get(f"{live.url}/controlnet/model_list").json() == {"model_list": ["canny", "depth"]}
+        unit = dict(enabled=True, module="none", model="depth [0123abcd]", weight=0.8, guidance_start=0.0,
+                    guidance_end=0.5, resize_mode="Crop and Resize", image=base64.b64encode(
+                        png_bytes(Image.fromarray(hint(12)))).decode())
+        body = dict(prompt=PROMPT, steps=3, seed=5, width=SIZE, height=SIZE,
+                    alwayson_scripts={"ControlNet": {"args": [unit, dict(unit, enabled=False, model="canny")]}})
+        r = httpx.post(f"{live.url}/sdapi/v1/txt2img", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        got = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB"))
+        pipe = Pipeline.load(two_cn_engines, backend="ort-cpu")
+        want = pipe(PROMPT, steps=3, seed=5, guidance=7.0, height=SIZE, width=SIZE, control_image=[None, hint(12)],
+                    controlnet_conditioning_scale=[0.0, 0.8], control_guidance_end=[1.0, 0.5])[0]
+        np.testing.assert_array_equal(got, np.asarray(want))
+        info = json.loads(r.json()["info"])["infotexts"][0]
+        assert 'ControlNet 1: "Module: none, Model: depth, Weight: 0.8' in info and "ControlNet 0" not in info
+        for change, match in ((dict(module="canny"), "preprocessor 'canny' is not implemented"),
+                              (dict(model="openpose"), "model 'openpose' is not in these engines"),
+                              (dict(weight="heavy"), "finite"), (dict(image=None), "has no image")):
+            bad = dict(body, alwayson_scripts={"controlnet": {"args": [dict(unit, **change)]}})
+            r = httpx.post(f"{live.url}/sdapi/v1/txt2img", json=bad, timeout=60)
+            assert r.status_code == 400 and match in r.text, (change, r.text)
+        r = httpx.post(f"{live.url}/sdapi/v1/txt2img", json=dict(body, alwayson_scripts={"adetailer": {"args": []}}))
+        assert r.status_code == 400 and "adetailer" in r.text
+    finally:
+        live.stop()

@@ -131,3 +131,20 @@ def _control(router: APIRouter, server: Server) -> None:
     @router.post("/skip")
     async def skip() -> None:
         server.scheduler.stop_running("skip")
+
+
+def controlnet_router(server: Server) -> APIRouter:
+    """sd-webui-controlnet's discovery routes: the engines' ControlNets and the one preprocessor sdrt has."""
+    router = APIRouter(prefix="/controlnet")
+
+    @router.get("/model_list")
+    async def model_list(request: Request) -> Any:
+        if (refusal := server.not_ready(request)) is not None:
+            return refusal
+        return {"model_list": list(server.pipeline.model.controlnets)}
+
+    @router.get("/module_list")
+    async def module_list() -> dict:
+        return {"module_list": ["none"]}
+
+    return router

@@ -23,6 +23,7 @@ from sdrt.png import a1111_sampler
 from sdrt.request import IMG2IMG_STRENGTH, INPAINTING_FILLS, GenerationConfig, ImageInput
 from sdrt.schedulers import A1111_SAMPLERS, SAMPLERS, a1111_labels, from_a1111
 from sdrt.serve.config import ServeConfig
+from sdrt.serve.controlnet_units import controlnet_keywords
 from sdrt.serve.request_fields import (Int, MicroConditioning, SkipLayerGuidance, check_common, decode_base64, first,
                                        random_if_unset)
 
@@ -62,7 +63,7 @@ class Txt2ImgRequest(MicroConditioning, SkipLayerGuidance):
     subseed_strength: float = 0.0
     styles: list[str] | None = None
     script_name: str | None = None
-    alwayson_scripts: dict[str, Any] | None = None
+    alwayson_scripts: dict[str, Any] | None = None  # sd-webui-controlnet's units (sdrt.serve.controlnet_units)
     # A1111 applies any option here for the request; sdrt reads CLIP_stop_at_last_layers (clip skip)
     override_settings: dict[str, Any] | None = None
 
@@ -74,8 +75,8 @@ class Txt2ImgRequest(MicroConditioning, SkipLayerGuidance):
         return {"clip_skip": value} if model.clip_skip_max > 1 else {}
 
     def unsupported(self) -> list[str]:
-        out = [name for name in ("save_images", "restore_faces", "tiling", "styles", "script_name",
-                                 "alwayson_scripts") if getattr(self, name)]
+        out = [name for name in ("save_images", "restore_faces", "tiling", "styles", "script_name")
+               if getattr(self, name)]
         return out + (["subseed_strength"] if self.subseed_strength else [])
 
     def images_in(self) -> dict[str, Any]:
@@ -192,7 +193,8 @@ def a1111_config(req: Txt2ImgRequest, pipe: Pipeline, cfg: ServeConfig, clip_ski
                             guidance=req.cfg_scale, scheduler=scheduler, height=req.height, width=req.width,
                             seed=random_if_unset(req.seed), **req.micro(), **req.images_in(),
                             **req.skip_layer_guidance(), **req.hires(scheduler),
-                            **req.clip_skip(pipe.model, clip_skip), max_rows=cfg.max_images_per_request)
+                            **req.clip_skip(pipe.model, clip_skip), **controlnet_keywords(req.alwayson_scripts, pipe.model),
+                            max_rows=cfg.max_images_per_request)
 
 
 def a1111_timestamp(wall_time: float) -> str:

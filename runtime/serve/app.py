@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sdrt.pipeline import Pipeline
-from sdrt.serve.a1111 import a1111_router
+from sdrt.serve.a1111 import a1111_router, controlnet_router
 from sdrt.serve.config import ServeConfig
 from sdrt.serve.context import Server
 from sdrt.serve.errors import error_response
@@ -82,7 +82,7 @@ def create_app(config: ServeConfig, pipeline: Pipeline | None = None, wait_until
 
     app = FastAPI(title="sdrt", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.config, app.state.scheduler, app.state.metrics = config, scheduler, metrics
-    routers = (ops_router(server), a1111_router(server), openai_router(server))
+    routers = (ops_router(server), a1111_router(server), controlnet_router(server), openai_router(server))
     for router in routers:
         app.include_router(router)
     _error_handlers(app, metrics)

@@ -1,0 +1,85 @@
+"""sd-webui-controlnet's API units (`alwayson_scripts.controlnet.args`) -> make_config's ControlNet keywords.
+
+A unit names its model (A1111 writes "name [hash]"; the hash is ignored), sends its hint as base64
+(`image`, or the older `input_image`; a {"image": …} dict as the extension's newer clients send), and its
+`weight`, `guidance_start` and `guidance_end`. Only what sdrt implements is accepted: the "none"
+preprocessor (send the hint itself), "Crop and Resize" and the "Balanced" control mode; anything else is
+refused by name. Units are matched to the engines' ControlNets by name, so their order is free.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from sdrt.errors import InputError
+from sdrt.manifest import ModelInfo
+from sdrt.serve.request_fields import decode_base64
+
+SCRIPT = "controlnet"
+NO_PREPROCESSOR = ("none", "None", None, "")
+CROP_AND_RESIZE = ("Crop and Resize", "Inner Fit (Scale to Fit)", 1)
+BALANCED = ("Balanced", 0)
+
+
+def _unit_image(unit: Mapping[str, Any], i: int) -> bytes:
+    value = unit.get("image") or unit.get("input_image")
+    if isinstance(value, Mapping):
+        value = value.get("image")
+    if not isinstance(value, str) or not value:
+        raise InputError(f"ControlNet unit {i} has no image: send its hint base64-encoded in `image`")
+    return decode_base64(value, f"ControlNet unit {i} image")
+
+
+def _model_index(model: ModelInfo, name: Any, i: int) -> int:
+    plain = str(name or "").split(" [")[0].strip().lower()
+    for j, have in enumerate(model.controlnets):
+        if plain == have.lower():
+            return j
+    listed = ", ".join(model.controlnets) or "none (export with --controlnet)"
+    raise InputError(f"ControlNet unit {i}: model {name!r} is not in these engines; they have: {listed} "
+                     "(GET /controlnet/model_list)")
+
+
+def _check_unit(unit: Mapping[str, Any], i: int) -> None:
+    module = unit.get("module", "none")
+    if module not in NO_PREPROCESSOR:
+        raise InputError(f"ControlNet unit {i}: preprocessor {module!r} is not implemented in sdrt; run it yourself "
+                         "and send its output as the image with module 'none'")
+    if unit.get("resize_mode", CROP_AND_RESIZE[0]) not in CROP_AND_RESIZE:
+        raise InputError(f"ControlNet unit {i}: resize_mode {unit['resize_mode']!r} is not implemented; use "
+                         "'Crop and Resize' (the default), or send the hint at the image's size")
+    if unit.get("control_mode", BALANCED[0]) not in BALANCED:
+        raise InputError(f"ControlNet unit {i}: control_mode {unit['control_mode']!r} is not implemented; use "
+                         "'Balanced' (the default)")
+
+
+def controlnet_keywords(scripts: Mapping[str, Any] | None, model: ModelInfo) -> dict[str, Any]:
+    """make_config's control_image, controlnet_conditioning_scale and control_guidance_start / _end for the
+    enabled units (none: {}); ControlNets no unit names are off."""
+    found = {k.lower(): v for k, v in (scripts or {}).items()}
+    others = sorted(set(found) - {SCRIPT})
+    if others:
+        raise InputError(f"sdrt does not implement alwayson_scripts {', '.join(others)}: leave them unset")
+    block = found.get(SCRIPT) or {}
+    units = block.get("args", []) if isinstance(block, Mapping) else None
+    if not isinstance(units, list) or not all(isinstance(u, Mapping) for u in units):
+        raise InputError("alwayson_scripts.controlnet must be {\"args\": [unit, ...]}, each unit an object")
+    chosen: dict[int, Mapping[str, Any]] = {}
+    for i, unit in enumerate(units):
+        if not unit.get("enabled", True):
+            continue
+        _check_unit(unit, i)
+        j = _model_index(model, unit.get("model"), i)
+        if j in chosen:
+            raise InputError(f"ControlNet units {list(units).index(chosen[j])} and {i} both use {model.controlnets[j]}")
+        chosen[j] = dict(unit, image=_unit_image(unit, i))
+    if not chosen:
+        return {}
+    count = max(chosen) + 1
+    units_by_net = [chosen.get(j) for j in range(count)]
+    return dict(control_image=[u["image"] if u else None for u in units_by_net] if len(model.controlnets) > 1
+                else units_by_net[0]["image"],  # type: ignore[index]
+                # the values as sent: build_request refuses what is not a finite number, naming the field
+                controlnet_conditioning_scale=[u.get("weight", 1.0) if u else 0.0 for u in units_by_net],
+                control_guidance_start=[u.get("guidance_start", 0.0) if u else 0.0 for u in units_by_net],
+                control_guidance_end=[u.get("guidance_end", 1.0) if u else 1.0 for u in units_by_net])
