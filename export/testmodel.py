@@ -312,16 +312,23 @@ def write_test_lora(model_dir: Path, path: Path, seed: int, sgm: bool = False, r
     return path
 
 
-def write_test_controlnet(model_dir: Path, out_dir: Path, seed: int, scale: float = 0.5) -> Path:
+SD15_CONTROLNET_PARAMETERS = 361_279_120  # ControlNetModel.from_unet of SD 1.5's U-Net (the control_v11 architecture)
+REAL_HINT_CHANNELS = (16, 32, 96, 256)  # ControlNet's hint embedding (diffusers' default)
+
+
+def write_test_controlnet(model_dir: Path, out_dir: Path, seed: int, scale: float = 0.5,
+                          hint_channels: tuple[int, ...] | None = None) -> Path:
     """A random ControlNetModel (diffusers folder) of a test model's U-Net architecture. Its zero-initialised
     convolutions (the hint embedding's last, every residual's) get random weights too, so a hint changes
-    the picture: a fresh ControlNet adds exactly nothing."""
+    the picture: a fresh ControlNet adds exactly nothing. hint_channels: the hint embedding's widths (None:
+    a small one for the tiny models; REAL_HINT_CHANNELS for real-size checks)."""
     import torch
     from diffusers import ControlNetModel, UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(Path(model_dir) / "unet")
     torch.manual_seed(seed)
-    channels = tuple(min(16, 4 * 2**i) for i in range(4))  # 3 stride-2 convolutions: hints at 8x the latents
+    # 3 stride-2 convolutions: hints at 8x the latents
+    channels = hint_channels or tuple(min(16, 4 * 2**i) for i in range(4))
     controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels,
                                            load_weights_from_unet=False)
     zeroed = [controlnet.controlnet_cond_embedding.conv_out, *controlnet.controlnet_down_blocks,

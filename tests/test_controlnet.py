@@ -341,3 +341,71 @@ def test_the_a1111_api_takes_sd_webui_controlnet_units(two_cn_engines):
         assert r.status_code == 400 and "adetailer" in r.text
     finally:
         live.stop()
+
+
+@pytest.mark.slow
+def test_sd15_controlnet_fp16_export_and_tensorrt_rtx_plan(sd15_model, tmp_path):
+    """SD 1.5's ControlNet architecture (361,279,120 parameters, random weights) in the sd15 test model's
+    denoise step: fp16 export with validation and a static 512² sm89 plan; the figures go into the docs."""
+    import time
+
+    from sdrt.export.build import BuildConfig, build
+    from sdrt.export.testmodel import REAL_HINT_CHANNELS, SD15_CONTROLNET_PARAMETERS
+
+    net = write_test_controlnet(sd15_model, tmp_path / "control_sd15_canny", 1, hint_channels=REAL_HINT_CHANNELS)
+    count = sum(p.numel() for p in diffusers.ControlNetModel.from_pretrained(net).parameters())
+    assert count == SD15_CONTROLNET_PARAMETERS
+    engines = tmp_path / "sd15-cn-fp16"
+    start = time.perf_counter()
+    manifest = export(ExportConfig(sd15_model, engines, precision="fp16", controlnets=(net,)), progress=False)
+    export_s = time.perf_counter() - start
+    assert all(v["error"] <= v["tolerance"] for v in manifest.validation.values())
+    start = time.perf_counter()
+    manifest = build(BuildConfig(engines, shapes="static:512x512,batch=1", archs=("sm89",)), progress=False)
+    build_s = time.perf_counter() - start
+    step = manifest.plans.components["denoise_step"]
+    print(f"\nsd15 + ControlNet fp16: export {export_s:.0f} s (step validation error "
+          f"{manifest.validation['denoise_step']['error']:.2e}), static 512x512 sm89 build {build_s:.0f} s, "
+          f"step plan {step.bytes / 2**20:.0f} MiB ({step.build_s:.0f} s)")
+    assert 2100 < step.bytes / 2**20 < 3300  # 860 M + 361 M fp16 weights
+
+
+def test_canny_finds_thin_edges_with_hysteresis():
+    from sdrt.preprocessors import canny
+
+    square = np.zeros((64, 64, 3), np.uint8)
+    square[16:48, 16:48] = 200
+    edges = canny(square)[..., 0] > 0
+    assert edges[24:40, 15].all() and edges[24:40, 47].all() and edges[15, 24:40].all()
+    assert edges[32].sum() == 2 and not edges[20:44, 20:44].any()  # one pixel wide, nothing inside
+    faint = (square // 20).astype(np.uint8)  # |∇| = 40 per step: under the low threshold
+    assert not canny(faint).any()
+    assert canny(faint, 10, 30).any()
+    # a weak edge (above low, under high) survives only where it touches a strong one
+    ramp = np.zeros((64, 64, 3), np.uint8)
+    ramp[:, 32:] = 30  # |dx|·(1+2+1) = 120: weak at (100, 200)
+    ramp[:8, 32:] = 255  # its top rows: strong
+    kept = canny(ramp)[..., 0] > 0
+    assert kept[:, 31:33].any(1).all()
+    isolated = ramp.copy()
+    isolated[:8, 32:] = 30
+    assert not canny(isolated).any()
+    assert canny(square, 300, 300).shape == (64, 64, 3)
+    with pytest.raises(InputError, match="low <= high"):
+        canny(square, 200, 100)
+
+
+def test_a_canny_unit_is_the_edge_map_as_the_hint(two_cn_engines):
+    import base64
+
+    from sdrt.preprocessors import canny
+    from sdrt.serve.controlnet_units import controlnet_keywords
+    from tests.pictures import png_bytes
+
+    pipe = Pipeline.load(two_cn_engines, backend="ort-cpu")
+    photo = smooth_picture(SIZE, SIZE)
+    unit = dict(module="canny", model="canny", threshold_a=50, threshold_b=120,
+                image=base64.b64encode(png_bytes(photo)).decode())
+    keywords = controlnet_keywords({"controlnet": {"args": [unit]}}, pipe.model)
+    np.testing.assert_array_equal(keywords["control_image"][0], canny(np.asarray(photo), 50, 120))
+    assert keywords["control_image"][0].any()

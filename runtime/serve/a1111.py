@@ -134,7 +134,7 @@ def _control(router: APIRouter, server: Server) -> None:
 
 
 def controlnet_router(server: Server) -> APIRouter:
-    """sd-webui-controlnet's discovery routes: the engines' ControlNets and the one preprocessor sdrt has."""
+    """sd-webui-controlnet's discovery routes: the engines' ControlNets and the preprocessors sdrt has."""
     router = APIRouter(prefix="/controlnet")
 
     @router.get("/model_list")
@@ -145,6 +145,6 @@ def controlnet_router(server: Server) -> APIRouter:
 
     @router.get("/module_list")
     async def module_list() -> dict:
-        return {"module_list": ["none"]}
+        return {"module_list": ["none", "canny"]}
 
     return router

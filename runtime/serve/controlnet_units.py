@@ -3,20 +3,27 @@
 A unit names its model (A1111 writes "name [hash]"; the hash is ignored), sends its hint as base64
 (`image`, or the older `input_image`; a {"image": …} dict as the extension's newer clients send), and its
 `weight`, `guidance_start` and `guidance_end`. Only what sdrt implements is accepted: the "none"
-preprocessor (send the hint itself), "Crop and Resize" and the "Balanced" control mode; anything else is
-refused by name. Units are matched to the engines' ControlNets by name, so their order is free.
+preprocessor (the image is the hint) and "canny" (`threshold_a` / `_b` its low / high thresholds, run at
+the image's own size: `processor_res` is not applied), "Crop and Resize" and the "Balanced" control mode;
+anything else is refused by name. Units are matched to the engines' ControlNets by name, so their order is free.
 """
 
 from __future__ import annotations
 
 from typing import Any, Mapping
 
+import numpy as np
+
 from sdrt.errors import InputError
+from sdrt.images import read_image
 from sdrt.manifest import ModelInfo
+from sdrt.preprocessors import canny
 from sdrt.serve.request_fields import decode_base64
 
 SCRIPT = "controlnet"
 NO_PREPROCESSOR = ("none", "None", None, "")
+CANNY = "canny"
+CANNY_THRESHOLDS = (100.0, 200.0)  # sd-webui-controlnet's defaults for threshold_a, threshold_b
 CROP_AND_RESIZE = ("Crop and Resize", "Inner Fit (Scale to Fit)", 1)
 BALANCED = ("Balanced", 0)
 
@@ -40,11 +47,21 @@ def _model_index(model: ModelInfo, name: Any, i: int) -> int:
                      "(GET /controlnet/model_list)")
 
 
+def _preprocessed(unit: Mapping[str, Any], image: bytes, i: int) -> Any:
+    """The unit's hint: the image itself, or its Canny edge map (an (H, W, 3) uint8 array)."""
+    if unit.get("module", "none") != CANNY:
+        return image
+    low, high = (unit.get(k, d) for k, d in zip(("threshold_a", "threshold_b"), CANNY_THRESHOLDS))
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)):
+        raise InputError(f"ControlNet unit {i}: canny's threshold_a and threshold_b must be numbers, got {low!r}, {high!r}")
+    return canny(np.asarray(read_image(image, f"ControlNet unit {i} image")), float(low), float(high))
+
+
 def _check_unit(unit: Mapping[str, Any], i: int) -> None:
     module = unit.get("module", "none")
-    if module not in NO_PREPROCESSOR:
-        raise InputError(f"ControlNet unit {i}: preprocessor {module!r} is not implemented in sdrt; run it yourself "
-                         "and send its output as the image with module 'none'")
+    if module not in NO_PREPROCESSOR + (CANNY,):
+        raise InputError(f"ControlNet unit {i}: preprocessor {module!r} is not implemented in sdrt (it has none and "
+                         "canny); run it yourself and send its output as the image with module 'none'")
     if unit.get("resize_mode", CROP_AND_RESIZE[0]) not in CROP_AND_RESIZE:
         raise InputError(f"ControlNet unit {i}: resize_mode {unit['resize_mode']!r} is not implemented; use "
                          "'Crop and Resize' (the default), or send the hint at the image's size")
@@ -72,7 +89,7 @@ def controlnet_keywords(scripts: Mapping[str, Any] | None, model: ModelInfo) -> 
         j = _model_index(model, unit.get("model"), i)
         if j in chosen:
             raise InputError(f"ControlNet units {list(units).index(chosen[j])} and {i} both use {model.controlnets[j]}")
-        chosen[j] = dict(unit, image=_unit_image(unit, i))
+        chosen[j] = dict(unit, image=_preprocessed(unit, _unit_image(unit, i), i))
     if not chosen:
         return {}
     count = max(chosen) + 1
