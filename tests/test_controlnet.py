@@ -331,7 +331,7 @@ def test_the_a1111_api_takes_sd_webui_controlnet_units(two_cn_engines):
         np.testing.assert_array_equal(got, np.asarray(want))
         info = json.loads(r.json()["info"])["infotexts"][0]
         assert 'ControlNet 1: "Module: none, Model: depth, Weight: 0.8' in info and "ControlNet 0" not in info
-        for change, match in ((dict(module="canny"), "preprocessor 'canny' is not implemented"),
+        for change, match in ((dict(module="openpose_full"), "preprocessor 'openpose_full' is not implemented"),
                               (dict(model="openpose"), "model 'openpose' is not in these engines"),
                               (dict(weight="heavy"), "finite"), (dict(image=None), "has no image")):
             bad = dict(body, alwayson_scripts={"controlnet": {"args": [dict(unit, **change)]}})
