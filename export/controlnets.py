@@ -1,5 +1,6 @@
-"""ControlNets (Zhang et al. 2023) for the denoise step: diffusers ControlNetModel folders, checked
-against the U-Net they guide before anything is traced, and loaded in fp32 for the step graph.
+"""ControlNets (Zhang et al. 2023) for the denoise step: diffusers ControlNetModel folders or single
+files (controlnet_files.py), checked against the U-Net they guide before anything is traced, and
+loaded in fp32 for the step graph.
 
 A ControlNet is a copy of the U-Net's encoder whose outputs are added to the U-Net's skip connections,
 so it fits a U-Net when those outputs have the U-Net's shapes (block widths, layers per block) and it
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from sdrt.errors import InputError, ModelError
+from sdrt.export.controlnet_files import check_controlnet_file, read_controlnet_file
 from sdrt.families import UNET, Family
 
 CONTROLNET_CLASS = "ControlNetModel"
@@ -26,9 +28,6 @@ DIFFUSERS_DEFAULTS = {"layers_per_block": 2, "addition_embed_type": None, "addit
 def controlnet_config(path: Path) -> dict[str, Any]:
     """A ControlNet folder's config.json, once the folder holds a ControlNetModel's config and weights."""
     path = Path(path)
-    if path.is_file():
-        raise InputError(f"--controlnet {path} is a file: pass a diffusers ControlNetModel folder (config.json and "
-                         "diffusion_pytorch_model.safetensors); single ControlNet files are not read yet")
     try:
         config = json.loads((path / "config.json").read_text())
     except FileNotFoundError:
@@ -53,12 +52,21 @@ def check_controlnets(paths: Sequence[Path], family: Family) -> tuple[str, ...]:
     if family.denoiser != UNET:
         raise InputError(f"--controlnet: {family.label} is a transformer model; sdrt exports ControlNets for SD 1.x, "
                          "2.x and SDXL U-Nets (SD 3's SD3ControlNetModel is not supported yet)")
-    names = tuple(Path(p).resolve().name for p in paths)
+    names = tuple(controlnet_name(Path(p)) for p in paths)
     if len(set(names)) != len(names):
-        raise InputError(f"--controlnet folders must have different names (they name the ControlNets), got {names}")
-    for path in paths:
-        controlnet_config(path)
+        raise InputError(f"--controlnet folders and files must have different names (they name the ControlNets, "
+                         f"as A1111 lists them), got {names}")
+    for path in map(Path, paths):
+        if not path.exists():
+            raise InputError(f"--controlnet {path} does not exist")
+        check_controlnet_file(path) if path.is_file() else controlnet_config(path)
     return names
+
+
+def controlnet_name(path: Path) -> str:
+    """A folder's name, a file's stem ('control_v11p_sd15_canny'): the model names A1111 lists."""
+    path = path.resolve()
+    return path.stem if path.is_file() else path.name
 
 
 def check_fit(path: Path, config: Mapping[str, Any], unet_config: Mapping[str, Any]) -> None:
@@ -83,5 +91,19 @@ def load_controlnet(path: Path, unet_config: Mapping[str, Any]) -> Any:
     import torch
     from diffusers import ControlNetModel
 
-    check_fit(path, controlnet_config(path), unet_config)
-    return ControlNetModel.from_pretrained(path, torch_dtype=torch.float32).eval()
+    if not Path(path).is_file():
+        check_fit(path, controlnet_config(path), unet_config)
+        return ControlNetModel.from_pretrained(path, torch_dtype=torch.float32).eval()
+    config, state = read_controlnet_file(path, unet_config)
+    check_fit(path, config, unet_config)
+    controlnet = ControlNetModel(**config)
+    try:
+        missing, unexpected = controlnet.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a tensor of another shape
+        raise ModelError(f"--controlnet {path}: its weights do not fit a ControlNet of this model's U-Net "
+                         f"({str(e).splitlines()[-1].strip()})") from None
+    if missing or unexpected:
+        raise ModelError(f"--controlnet {path}: its weights do not make a ControlNet of this model's U-Net "
+                         f"({len(missing)} missing, e.g. {sorted(missing)[:2]}; {len(unexpected)} unexpected, e.g. "
+                         f"{sorted(unexpected)[:2]}); convert it with diffusers and pass the folder")
+    return controlnet.eval()

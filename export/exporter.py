@@ -78,7 +78,7 @@ class ExportConfig:
     text_encoders_dir: Path | None = None  # SD 3 single files without their text encoders: Stability's text_encoders/
     drop: tuple[str, ...] = ()  # optional text encoders to leave out: ("text_encoder_3",) is SD3 without T5
     max_sequence_length: int = 256  # T5 tokens (diffusers' default; at most 512)
-    controlnets: tuple[Path, ...] = ()  # diffusers ControlNetModel folders, into the denoise step in this order
+    controlnets: tuple[Path, ...] = ()  # ControlNet folders or single files, into the denoise step in this order
 
 
 MAX_SEQUENCE_LENGTH = 512  # T5's, as diffusers' StableDiffusion3Pipeline allows

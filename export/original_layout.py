@@ -9,6 +9,7 @@ the image the diffusers folder gives. Layouts:
   OpenCLIP cond_stage_model.model....  (SD 2.x; SDXL: conditioner.embedders.1.model.), fused in_proj q|k|v
   MMDiT   model.diffusion_model.joint_blocks.N.{x_block,context_block}....  (SD 3 / 3.5, sd3_impl's mmditx.py)
   SD 3 text encoders  text_encoders.{clip_l,clip_g,t5xxl}.transformer.<transformers' own keys>
+  ControlNet  control_model.{input_blocks,middle_block,zero_convs,middle_block_out,input_hint_block}....  (cldm.py)
 """
 
 from __future__ import annotations
@@ -110,6 +111,34 @@ def _unet_block(parts: list[str], per_level: int, unet: Any) -> str:
     if kind == "resnets":
         return f"{block}.0.{_renamed('.'.join(rest), _UNET_RESNET)}"
     return f"{block}.1.{'.'.join(rest)}"
+
+
+def controlnet_state(controlnet: Any, prefix: str = "control_model.") -> dict[str, Any]:
+    """ControlNetModel -> cldm's ControlNet keys: the U-Net encoder's names, zero_convs.i.0 (a residual's
+    zero convolution), middle_block_out.0, and input_hint_block.{0, 2, 4, …} (convolutions between SiLUs)."""
+    hint = len(controlnet.controlnet_cond_embedding.blocks)
+    fixed = {"controlnet_mid_block": "middle_block_out.0", "controlnet_cond_embedding.conv_in": "input_hint_block.0",
+             "controlnet_cond_embedding.conv_out": f"input_hint_block.{2 * hint + 2}"}
+    out = {}
+    for key, value in controlnet.state_dict().items():
+        module, leaf = _split(key)
+        parts = module.split(".")
+        if parts[0] == "controlnet_down_blocks":
+            name = f"zero_convs.{parts[1]}.0"
+        elif parts[:2] == ["controlnet_cond_embedding", "blocks"]:
+            name = f"input_hint_block.{2 * int(parts[2]) + 2}"
+        else:
+            name = fixed.get(module) or unet_module_name(module, controlnet)
+        out[f"{prefix}{name}.{leaf}"] = value
+    return out
+
+
+def write_controlnet_file(controlnet_dir: Path, out: Path, prefix: str = "control_model.") -> Path:
+    """A diffusers ControlNetModel folder -> one .safetensors in cldm's layout (lllyasviel's files;
+    prefix "" as thibaud's SD 2.1 ones)."""
+    from diffusers import ControlNetModel
+
+    return _save_atomic(controlnet_state(ControlNetModel.from_pretrained(controlnet_dir), prefix), out)
 
 
 def vae_state(vae: Any) -> dict[str, Any]:

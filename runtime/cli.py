@@ -304,9 +304,10 @@ def _add_export(sub: Any) -> None:
                    help="SD3: leave T5-XXL out (zeros in its place, as diffusers with text_encoder_3=None)")
     p.add_argument("--max-sequence-length", type=int, default=256,
                    help="SD3: T5 tokens a prompt may take, 1-512 (diffusers' default 256)")
-    p.add_argument("--controlnet", action="append", default=[], metavar="DIR",
-                   help="a diffusers ControlNetModel folder to run in the denoise step (repeat for several; "
-                        "generate's --control-image hints follow this order)")
+    p.add_argument("--controlnet", action="append", default=[], metavar="DIR|FILE",
+                   help="a ControlNet to run in the denoise step: a diffusers ControlNetModel folder or a single "
+                        "file (control_v11p_sd15_canny.safetensors); repeat for several, generate's "
+                        "--control-image hints follow this order")
     p.add_argument("--no-validate", action="store_true", help="skip the check against PyTorch")
     p.add_argument("--force", action="store_true", help="replace an existing engine directory")
     p.set_defaults(func=_export)

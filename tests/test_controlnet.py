@@ -5,6 +5,7 @@ and the refusals. The test ControlNets' zero convolutions are random, so a hint 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 
 import numpy as np
@@ -19,7 +20,7 @@ from sdrt.errors import InputError, ModelError  # noqa: E402
 from sdrt.export.exporter import ExportConfig, export  # noqa: E402
 from sdrt.export.reference import diffusers_scheduler  # noqa: E402
 from sdrt.export.testmodel import write_test_controlnet  # noqa: E402
-from sdrt.manifest import read_manifest  # noqa: E402
+from sdrt.manifest import read_manifest, sha256_file  # noqa: E402
 from sdrt.pipeline import Pipeline  # noqa: E402
 from sdrt.request import Control  # noqa: E402
 from tests.pictures import smooth_picture  # noqa: E402
@@ -248,6 +249,76 @@ def test_controlnets_that_do_not_fit_are_refused_with_nothing_written(tiny_model
     assert not any(p.name.startswith((".e", "e")) for p in tmp_path.iterdir())
 
 
+def single_files(controlnet_dir, root):
+    """One ControlNet folder as the three single-file layouts people download, each named as the folder."""
+    from sdrt.export.original_layout import write_controlnet_file
+
+    name = controlnet_dir.name
+    (root / "diffusers").mkdir(parents=True)
+    shutil.copy(controlnet_dir / "diffusion_pytorch_model.safetensors", root / "diffusers" / f"{name}.safetensors")
+    return {"cldm": write_controlnet_file(controlnet_dir, mkdir(root / "cldm") / f"{name}.safetensors"),
+            "cldm-bare": write_controlnet_file(controlnet_dir, mkdir(root / "bare") / f"{name}.safetensors", prefix=""),
+            "diffusers": root / "diffusers" / f"{name}.safetensors"}
+
+
+def mkdir(path):
+    path.mkdir(parents=True)
+    return path
+
+
+@pytest.mark.parametrize("model", ["tiny_model", "tiny_sdxl_model"])
+def test_single_controlnet_files_load_weight_for_weight_as_their_folder(model, tmp_path, request):
+    from sdrt.export.controlnets import load_controlnet
+
+    model_dir = request.getfixturevalue(model)
+    folder = write_test_controlnet(model_dir, tmp_path / "canny", 1)
+    unet = diffusers.UNet2DConditionModel.from_pretrained(model_dir / "unet")
+    want = diffusers.ControlNetModel.from_pretrained(folder)
+    for layout, path in single_files(folder, tmp_path / "files").items():
+        got = load_controlnet(path, unet.config)
+        assert got.state_dict().keys() == want.state_dict().keys(), layout
+        for key, value in want.state_dict().items():
+            assert torch.equal(got.state_dict()[key], value), (layout, key)
+        assert {k: v for k, v in got.config.items() if not k.startswith("_") and want.config[k] != v} == {}, layout
+
+
+def test_a_single_controlnet_file_exports_to_its_folders_images(tiny_model, controlnets, one_cn_engines, tmp_path):
+    path = single_files(controlnets[0], tmp_path / "files")["cldm"]
+    export(ExportConfig(tiny_model, tmp_path / "e", precision="fp32", controlnets=(path,)), progress=False)
+    doc = json.loads((tmp_path / "e" / "manifest.json").read_text())
+    assert doc["model"]["controlnets"] == ["canny"]  # the file's stem, as A1111 lists it
+    assert doc["source"]["controlnets"][0] == {"name": "canny", "path": str(path.resolve()), "sha256": sha256_file(path)}
+    kwargs = dict(control_image=[hint(1), hint(2)], controlnet_conditioning_scale=0.8)
+    ours, _ = sdrt_controlnet(tmp_path / "e", "euler", 3, batch=2, **kwargs)
+    want, _ = sdrt_controlnet(one_cn_engines, "euler", 3, batch=2, **kwargs)
+    assert int(np.abs(ours.astype(int) - want.astype(int)).max()) <= 1
+
+
+def test_files_that_are_not_controlnets_are_refused_naming_what_they_are(tiny_model, tiny_sdxl_model, controlnets,
+                                                                        tmp_path):
+    from safetensors.torch import save_file
+
+    from sdrt.export.original_layout import vae_state
+
+    save_file({"lora_unet_down_blocks_0_proj_in.lora_down.weight": torch.zeros(2, 2)}, str(tmp_path / "lora.safetensors"))
+    save_file({"pos_embed_input.proj.weight": torch.zeros(2, 2)}, str(tmp_path / "sd3cn.safetensors"))
+    save_file({k: v.contiguous() for k, v in vae_state(diffusers.AutoencoderKL.from_pretrained(tiny_model / "vae")).items()},
+              str(tmp_path / "vae.safetensors"))
+    sdxl = single_files(write_test_controlnet(tiny_sdxl_model, tmp_path / "xl", 1), tmp_path / "xl-files")["cldm"]
+    for path, error, match in ((tmp_path / "lora.safetensors", ModelError, "a LoRA adapter"),
+                               (tmp_path / "sd3cn.safetensors", ModelError, "SD 3 ControlNet"),
+                               (tmp_path / "vae.safetensors", ModelError, "not a ControlNet .keys like"),
+                               (tmp_path / "missing.safetensors", InputError, "does not exist")):
+        with pytest.raises(error, match=match):
+            export(ExportConfig(tiny_model, tmp_path / "e", controlnets=(path,)), progress=False)
+    with pytest.raises(ModelError, match="another architecture.*cross_attention_dim"):
+        export(ExportConfig(tiny_model, tmp_path / "e", controlnets=(sdxl,)), progress=False)
+    with pytest.raises(InputError, match="different names"):
+        export(ExportConfig(tiny_model, tmp_path / "e", controlnets=(controlnets[0], single_files(
+            controlnets[0], tmp_path / "same")["cldm"])), progress=False)
+    assert not (tmp_path / "e").exists()
+
+
 def test_the_manifest_records_the_controlnets(two_cn_engines, controlnets):
     doc = json.loads((two_cn_engines / "manifest.json").read_text())
     assert doc["model"]["controlnets"] == ["canny", "depth"]
@@ -341,6 +412,30 @@ def test_the_a1111_api_takes_sd_webui_controlnet_units(two_cn_engines):
         assert r.status_code == 400 and "adetailer" in r.text
     finally:
         live.stop()
+
+
+@pytest.mark.slow
+def test_sd15_controlnet_as_a_cldm_file_reads_back_weight_for_weight(sd15_model, tmp_path):
+    """SD 1.5's ControlNet (control_v11's architecture, 361,279,120 parameters) written in lllyasviel's cldm
+    layout and read back through the weights-derived config: every tensor, the real hint embedding."""
+    from sdrt.export.controlnets import load_controlnet
+    from sdrt.export.original_layout import write_controlnet_file
+    from sdrt.export.testmodel import REAL_HINT_CHANNELS, SD15_CONTROLNET_PARAMETERS
+
+    folder = write_test_controlnet(sd15_model, tmp_path / "control_v11p_sd15_canny", 1, hint_channels=REAL_HINT_CHANNELS)
+    path = write_controlnet_file(folder, tmp_path / "control_v11p_sd15_canny.safetensors")
+    assert sum(1 for k in safetensors_keys(path) if k.startswith("control_model.input_hint_block.")) == 16  # 8 convs
+    got = load_controlnet(path, diffusers.UNet2DConditionModel.load_config(sd15_model / "unet"))
+    want = diffusers.ControlNetModel.from_pretrained(folder).state_dict()
+    assert sum(v.numel() for v in got.parameters()) == SD15_CONTROLNET_PARAMETERS
+    assert all(torch.equal(got.state_dict()[k], v) for k, v in want.items()) and got.state_dict().keys() == want.keys()
+
+
+def safetensors_keys(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return list(f.keys())
 
 
 @pytest.mark.slow
