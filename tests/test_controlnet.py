@@ -62,28 +62,35 @@ def two_cn_engines(tiny_model, controlnets, tmp_path_factory):
     return out
 
 
-def diffusers_controlnet(model_dir, controlnet_dirs, scheduler, init_noise, monkeypatch, img2img=False, batch=1,
+PIPELINES = {"txt2img": "StableDiffusionControlNetPipeline", "img2img": "StableDiffusionControlNetImg2ImgPipeline",
+             "inpaint": "StableDiffusionControlNetInpaintPipeline"}
+
+
+def diffusers_controlnet(model_dir, controlnet_dirs, scheduler, init_noise, monkeypatch, kind="txt2img", batch=1,
                          **kwargs):
-    """diffusers' StableDiffusionControlNet[Img2Img]Pipeline on sdrt's initial noise (the VAE's mean for img2img).
+    """diffusers' StableDiffusionControlNet[Img2Img|Inpaint]Pipeline on sdrt's initial noise (the VAE's mean for
+    images in).
     Hints go in as PIL images: diffusers' image processor reads a uint8 array's values as they are (0-255)."""
     from PIL import Image
 
     def pil(value):
-        return [pil(v) for v in value] if isinstance(value, list) else Image.fromarray(value)
+        if isinstance(value, list):
+            return [pil(v) for v in value]
+        return Image.fromarray(value) if isinstance(value, np.ndarray) else value
 
     for key in ("image", "control_image"):
         if key in kwargs:
             kwargs[key] = pil(kwargs[key])
     base = diffusers.StableDiffusionPipeline.from_pretrained(model_dir)
     nets = [diffusers.ControlNetModel.from_pretrained(d) for d in controlnet_dirs]
-    cls = diffusers.StableDiffusionControlNetImg2ImgPipeline if img2img else diffusers.StableDiffusionControlNetPipeline
+    cls = getattr(diffusers, PIPELINES[kind])
     components = {k: v for k, v in base.components.items() if k != "image_encoder"}
     pipe = cls(**components, controlnet=nets if len(nets) > 1 else nets[0], requires_safety_checker=False)
     pipe.scheduler = diffusers_scheduler(scheduler, base.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     module = sys.modules[type(pipe).__module__]
     monkeypatch.setattr(module, "randn_tensor", lambda shape, **kw: torch.from_numpy(init_noise).reshape(shape))
-    if img2img:
+    if kind != "txt2img":
         monkeypatch.setattr(module, "retrieve_latents", lambda out, generator=None, sample_mode="sample":
                             out.latent_dist.mode())
     out = pipe([PROMPT] * batch, negative_prompt=[NEGATIVE] * batch, guidance_scale=7.5, height=SIZE, width=SIZE,
@@ -146,9 +153,32 @@ def test_img2img_with_a_controlnet_matches_diffusers(tiny_model, controlnets, on
     init = np.asarray(smooth_picture(SIZE, SIZE))
     settings = dict(strength=0.6, controlnet_conditioning_scale=0.8)  # diffusers' img2img default: 0.8
     ours, noise = sdrt_controlnet(one_cn_engines, "euler", 6, image=init, control_image=hint(6), **settings)
-    ref = diffusers_controlnet(tiny_model, controlnets[:1], "euler", noise, monkeypatch, img2img=True,
+    ref = diffusers_controlnet(tiny_model, controlnets[:1], "euler", noise, monkeypatch, kind="img2img",
                                num_inference_steps=6, image=init, control_image=hint(6), **settings)
     assert_parity(ours, ref, "controlnet img2img")
+
+
+@pytest.mark.parametrize("unet", ["9-channel", "4-channel blend"])
+def test_inpainting_with_a_controlnet_matches_diffusers(unet, tiny_model, tiny_inpaint_model, controlnets,
+                                                        one_cn_engines, tmp_path, monkeypatch):
+    """StableDiffusionControlNetInpaintPipeline: the ControlNet takes the 4 latent channels, an inpainting
+    U-Net also the mask and the masked image's latents; an ordinary one re-noises the known region."""
+    from tests.pictures import box_mask
+    from tests.test_images import diffusers_overlay
+
+    model, engines = tiny_model, one_cn_engines
+    if unet == "9-channel":  # an SD 1.x ControlNet fits the inpainting U-Net: the same blocks, 4 latent channels
+        model, engines = tiny_inpaint_model, tmp_path / "e"
+        export(ExportConfig(model, engines, precision="fp32", controlnets=(controlnets[0],)), progress=False)
+    image, mask = smooth_picture(SIZE, SIZE), box_mask(SIZE, SIZE)
+    settings = dict(strength=1.0, controlnet_conditioning_scale=0.8)  # diffusers' inpaint default: 0.5
+    ours, noise = sdrt_controlnet(engines, "euler", 6, image=image, mask_image=mask, mask_blur=0,
+                                  control_image=hint(6), **settings)
+    ref = diffusers_controlnet(model, controlnets[:1], "euler", noise, monkeypatch, kind="inpaint",
+                               num_inference_steps=6, image=image, mask_image=mask, control_image=hint(6), **settings)
+    assert_parity(ours, np.stack([diffusers_overlay(r, image, mask) for r in ref]), f"controlnet inpaint {unet}")
+    plain, _ = sdrt_controlnet(engines, "euler", 6, image=image, mask_image=mask, mask_blur=0, strength=1.0)
+    assert_changed(ours, plain)
 
 
 def test_batch_rows_with_their_hints_equal_single_images(one_cn_engines):
