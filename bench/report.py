@@ -20,7 +20,8 @@ def _ms(x: float) -> str:
 
 def markdown_table(r: dict[str, Any]) -> str:
     w = r["workload"]
-    lines = [f"# sdrt bench — {w['width']}x{w['height']}, {w['steps']} steps, {w['scheduler']}, CFG {w['guidance']}",
+    hints = f", ControlNet hints {', '.join(Path(h).name for h in w['control_images'])}" if w.get("control_images") else ""
+    lines = [f"# sdrt bench — {w['width']}x{w['height']}, {w['steps']} steps, {w['scheduler']}, CFG {w['guidance']}{hints}",
              "", f"Machine: {r['machine'].get('cpu_model') or r['machine']['processor']}, "
              f"{r['machine']['cpus']} CPUs, {r['machine'].get('memory_gb')} GB; device: {r['device']['kind']} "
              f"(baseline {r['device']['baseline_dtype']}, measured matmul peak "

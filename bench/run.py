@@ -90,6 +90,7 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
 
     w = config.workload
     engines = Path(w.engines)
+    _check_hints(w, read_manifest(engines).model.controlnets)
     noise_source = Pipeline(engines, read_manifest(engines), OrtBackend("cpu"))  # loads no engine
     latents = {b: noise_source.initial_noise(noise_source.make_config(
         "x", steps=w.steps, scheduler=w.scheduler, seed=w.seed, height=w.height, width=w.width, batch=b))[0]
@@ -130,6 +131,19 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
                    batches=list(config.batches), notes=config.notes, one_at_a_time=config.one_at_a_time,
                    date=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     return results
+
+
+def _check_hints(w: Workload, controlnets: tuple[str, ...]) -> None:
+    """One readable hint per ControlNet of the engines, or none (the ControlNets then run at scale 0 in
+    sdrt's step, and torch runs its plain pipeline)."""
+    if w.control_images and not controlnets:
+        raise InputError(f"--control-image: {w.engines} has no ControlNet; export the engines with --controlnet")
+    if w.control_images and len(w.control_images) != len(controlnets):
+        raise InputError(f"--control-image: pass one hint per ControlNet of the engines ({len(controlnets)}: "
+                         f"{', '.join(controlnets)}, in that order), got {len(w.control_images)}")
+    for path in w.control_images:
+        if not Path(path).is_file():
+            raise InputError(f"--control-image {path} does not exist")
 
 
 def _measure(config: BenchConfig, backends: list[str], latents: dict[int, np.ndarray], results: dict[str, Any],

@@ -17,10 +17,12 @@ from typing import Any
 
 import numpy as np
 from sdrt.backends.onnxruntime import OrtBackend
+from sdrt.control_request import crop_and_resize
+from sdrt.export.controlnets import load_controlnet
 from sdrt.export.components_io import model_index, present_slot
 from sdrt.export.reference import diffusers_scheduler
 from sdrt.families import DENOISER_FOLDERS, family_for
-from sdrt.manifest import STEP
+from sdrt.manifest import STEP, read_manifest
 from sdrt.pipeline import Pipeline
 
 
@@ -37,6 +39,15 @@ class Workload:
     prompt: str = "a photograph of an astronaut riding a horse"
     negative_prompt: str = "blurry, low quality"
     skip_guidance_layers: tuple[int, ...] = ()  # SD 3.5's skip-layer guidance at diffusers' defaults; () none
+    control_images: tuple[str, ...] = ()  # one hint per ControlNet of the engines, in export order; () none
+
+
+def control_hints(w: Workload) -> list[Any]:
+    """The workload's hints as RGB PIL images already at its size (crop-resized once, as sdrt does), so
+    both sides get the same pixels: diffusers would stretch a hint of another aspect, not crop it."""
+    from PIL import Image
+
+    return [crop_and_resize(Image.open(p).convert("RGB"), w.width, w.height) for p in w.control_images]
 
 
 def _peak_rss_mb() -> float:
@@ -85,12 +96,14 @@ class SdrtRunner:
         backend = self.pipe.backend
         optimized = isinstance(backend, OrtBackend) and backend.graph(self.pipe.manifest, STEP) is not None
         self.name = backend.name + (" low-vram" if low_vram else "") + (" optimized" if optimized else "")
+        self.hints = [np.asarray(h) for h in control_hints(workload)] or None
 
     def _config(self, batch: int) -> Any:
         w = self.w
         return self.pipe.make_config(w.prompt, negative_prompt=w.negative_prompt, steps=w.steps, guidance=w.guidance,
                                      scheduler=w.scheduler, seed=w.seed, height=w.height, width=w.width, batch=batch,
-                                     skip_guidance_layers=list(w.skip_guidance_layers) or None)
+                                     skip_guidance_layers=list(w.skip_guidance_layers) or None,
+                                     control_image=self.hints)
 
     def run(self, batch: int, latents: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
         r = self.pipe.generate(self._config(batch), latents=latents)
@@ -101,7 +114,8 @@ class SdrtRunner:
 
 
 class TorchRunner:
-    """The diffusers text-to-image pipeline of the model's family: fp16 on CUDA, fp32 on CPU, SDPA attention."""
+    """The diffusers text-to-image pipeline of the model's family (its ControlNet pipeline, with the engines'
+    ControlNets, when the workload has hints): fp16 on CUDA, fp32 on CPU, SDPA attention."""
 
     def __init__(self, workload: Workload, compile: bool = False, dtype: str | None = None):
         import inspect
@@ -126,6 +140,9 @@ class TorchRunner:
             if not present_slot(index, Path(workload.model_dir), slot, ()):
                 extra.update({slot.component: None, slot.tokenizer: None})
         pipe = cls.from_pretrained(workload.model_dir, torch_dtype=self.dtype, **extra)
+        self.hints = control_hints(workload)
+        if self.hints:
+            pipe = self._with_controlnets(pipe, getattr(diffusers, family.controlnet_pipeline))
 
         pipe.scheduler = diffusers_scheduler(workload.scheduler, pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
@@ -148,6 +165,18 @@ class TorchRunner:
             self.run(1, np.random.default_rng(0).standard_normal(
                 (1, pipe.vae.config.latent_channels, workload.height // 8, workload.width // 8)).astype(np.float32))
             self.compile_s = time.perf_counter() - start
+
+    def _with_controlnets(self, pipe: Any, cls: Any) -> Any:
+        """The same components in the family's ControlNet pipeline, with the engines' ControlNets (the
+        folders or files they were exported from, as the manifest records them)."""
+        import inspect
+
+        sources = read_manifest(Path(self.w.engines)).source.get("controlnets", [])
+        nets = [load_controlnet(Path(c["path"]), pipe.unet.config).to(self.dtype) for c in sources]
+        accepted = inspect.signature(cls.__init__).parameters
+        components = {k: v for k, v in pipe.components.items() if k in accepted}
+        extra = {"requires_safety_checker": False} if "requires_safety_checker" in accepted else {}
+        return cls(**components, **extra, controlnet=nets if len(nets) > 1 else nets[0])
 
     def _sync(self) -> None:
         if self.device == "cuda":
@@ -185,6 +214,8 @@ class TorchRunner:
                 module.forward = self._timed("text_encoder", module.forward)
         denoiser = getattr(pipe, self.denoiser)
         denoiser.forward = self._recorded("unet", denoiser.forward)  # the steps are timed as one span
+        if self.hints:  # one call per step, all ControlNets (diffusers' MultiControlNetModel)
+            pipe.controlnet.forward = self._recorded("controlnet", pipe.controlnet.forward)
         pipe.vae.decode = self._timed("decode", pipe.vae.decode)
 
     def run(self, batch: int, latents: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
@@ -197,6 +228,8 @@ class TorchRunner:
                             num_inference_steps=w.steps, guidance_scale=w.guidance, height=w.height, width=w.width,
                             latents=torch.from_numpy(latents).to(self.device, self.dtype), output_type="np",
                             **({"skip_guidance_layers": list(w.skip_guidance_layers)} if w.skip_guidance_layers
+                               else {}),
+                            **({"image": self.hints if len(self.hints) > 1 else self.hints[0]} if self.hints
                                else {})).images
         self._sync()
         end = time.perf_counter()
@@ -210,8 +243,8 @@ class TorchRunner:
 
     def flops(self, batch: int) -> float:
         """FLOPs of one generation by torch's counter, replaying the last run at this batch: its text
-        encoder and VAE decoder calls, and of its denoiser calls (2B rows with CFG; skip-layer guidance's
-        B-row passes apart) the first of each kind times their number."""
+        encoder and VAE decoder calls, and of its denoiser and ControlNet calls (2B rows with CFG; skip-layer
+        guidance's B-row passes apart) the first of each kind times their number."""
         from torch.utils.flop_counter import FlopCounterMode
 
         calls = self._calls_at[batch]
@@ -219,6 +252,8 @@ class TorchRunner:
         for call in calls["unet"]:
             kinds.setdefault(bool(call[2].get("skip_layers")), []).append(call)
         stages = [(calls["text_encoder"], 1), (calls["decode"], 1)] + [(c[:1], len(c)) for c in kinds.values()]
+        if calls.get("controlnet"):
+            stages.append((calls["controlnet"][:1], len(calls["controlnet"])))
         total = 0.0
         with self.torch.inference_mode():
             for replays, times in stages:

@@ -22,7 +22,7 @@ from sdrt.errors import InputError
 from sdrt.export.architectures import (BIG_G, CLIP_L, SD3_SCHEDULER_CONFIG, SD15_SCHEDULER_CONFIG, SD15_UNET,
                                        SD15_VAE, SD35M_TRANSFORMER, SD35M_VAE, SDXL_SCHEDULER_CONFIG, SDXL_UNET, SDXL_VAE)
 from sdrt.export.bpe import BOS, CORPUS, EOS, real_clip_merges, write_clip_bpe, write_vocab_files
-from sdrt.export.original_layout import unet_module_name, write_single_file
+from sdrt.export.original_layout import unet_module_name, write_controlnet_file, write_single_file
 
 TINY_VAE = dict(sample_size=64, block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=8,
                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
@@ -339,3 +339,18 @@ def write_test_controlnet(model_dir: Path, out_dir: Path, seed: int, scale: floa
             module.bias.normal_(0, 0.1 * scale)
     controlnet.save_pretrained(out_dir, safe_serialization=True)
     return Path(out_dir)
+
+
+def write_test_controlnet_as(model_dir: Path, out: Path, seed: int = 0) -> Path:
+    """`sdrt testmodel controlnet OUT --of MODEL`: write_test_controlnet with the real hint embedding, as a
+    diffusers folder or, for OUT.safetensors, one file in cldm's layout; refuses to overwrite."""
+    import tempfile
+
+    out = Path(out)
+    if out.exists():
+        raise InputError(f"{out} already exists: choose another path")
+    if out.suffix != ".safetensors":
+        return write_test_controlnet(model_dir, out, seed, hint_channels=REAL_HINT_CHANNELS)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_test_controlnet(model_dir, Path(tmp) / out.stem, seed, hint_channels=REAL_HINT_CHANNELS)
+        return write_controlnet_file(folder, out)

@@ -26,9 +26,16 @@ EMBEDDINGS_HELP = ("folder of textual-inversion embeddings (A1111's embeddings/:
 
 
 def _testmodel(args: argparse.Namespace) -> None:
-    from sdrt.export.testmodel import build_test_model  # sdrt.export: torch, diffusers (the export extra)
+    from sdrt.export.testmodel import build_test_model, write_test_controlnet_as  # torch, diffusers (export extra)
 
-    out = build_test_model(args.kind, Path(args.out_dir), seed=args.seed)
+    if args.kind == "controlnet":
+        if not args.of:
+            raise InputError("testmodel controlnet: pass --of MODEL_DIR, the diffusers folder whose U-Net it guides")
+        out = write_test_controlnet_as(Path(args.of), Path(args.out_dir), seed=args.seed)
+    elif args.of:
+        raise InputError("--of is for `sdrt testmodel controlnet`")
+    else:
+        out = build_test_model(args.kind, Path(args.out_dir), seed=args.seed)
     print(f"wrote {args.kind} test model to {out}")
 
 
@@ -211,7 +218,8 @@ def _bench(args: argparse.Namespace) -> None:
     scheduler = args.scheduler or read_manifest(Path(args.engines)).model.defaults.sampler
     workload = Workload(model_dir=args.model_dir, engines=args.engines, height=args.height, width=args.width,
                         steps=args.steps, guidance=args.guidance, scheduler=scheduler, seed=args.seed,
-                        skip_guidance_layers=tuple(args.skip_guidance_layers or ()))
+                        skip_guidance_layers=tuple(args.skip_guidance_layers or ()),
+                        control_images=tuple(args.control_image))
     config = BenchConfig(workload, tuple(args.backends.split(",")), tuple(int(b) for b in args.batch.split(",")),
                          runs=args.runs, warmup=args.warmup, output=Path(args.output), one_at_a_time=args.one_at_a_time,
                          command="sdrt " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
@@ -262,10 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_testmodel(sub: Any) -> None:
     p = sub.add_parser("testmodel", help="write a random-weight diffusers folder, or single file (offline)")
     p.add_argument("kind", choices=["tiny", "tiny-inpaint", "tiny-plain", "sd15", "tiny-sdxl", "tiny-sdxl-plain", "sdxl",
-                                    "tiny-sd3", "tiny-sd3-no-t5", "sd35m"],
+                                    "tiny-sd3", "tiny-sd3-no-t5", "sd35m", "controlnet"],
                    help="tiny*: seconds on a CPU; sd15, sdxl, sd35m (SD 3.5 Medium without T5): the real "
-                        "architectures with random weights")
-    p.add_argument("out_dir", help="a new folder, or FILE.safetensors for one checkpoint in the original layout")
+                        "architectures with random weights; controlnet: a random ControlNet for --of's U-Net")
+    p.add_argument("out_dir", help="a new folder, or FILE.safetensors for one checkpoint in the original layout "
+                                   "(a ControlNet: in lllyasviel's cldm layout)")
+    p.add_argument("--of", default=None, metavar="MODEL_DIR", help="controlnet: the diffusers folder it guides")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_testmodel)
 
@@ -443,6 +453,9 @@ def _add_bench(sub: Any) -> None:
                    help="run each backend alone, one after another (when they do not fit in memory together)")
     p.add_argument("--skip-guidance-layers", type=_int_list, default=None, metavar="I,J,...",
                    help="SD 3.5: skip-layer guidance on these blocks at diffusers' defaults, every backend")
+    p.add_argument("--control-image", action="append", default=[], metavar="HINT",
+                   help="engines with ControlNets: one hint per ControlNet, in export order; torch then runs "
+                        "diffusers' ControlNet pipeline with the same ControlNets, at scale 1")
     p.add_argument("-o", "--output", default="bench/results/local")
     p.set_defaults(func=_bench)
 

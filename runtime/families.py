@@ -102,12 +102,14 @@ class Family:
     sequence: tuple[str, ...] = ()
     defaults: Defaults = Defaults("dpmpp_2m_karras", 25, 7.5)
     vae_upcast: bool = False  # follow the VAE's force_upcast (an fp32 VAE in fp16 engines), as diffusers does
+    controlnet_pipeline: str | None = None  # diffusers' text-to-image ControlNet pipeline (the bench's baseline)
 
 
 SD1 = Family(
     name="sd1",
     label="Stable Diffusion 1.x / 2.x",
     pipelines=("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"),
+    controlnet_pipeline="StableDiffusionControlNetPipeline",
     text_encoders=(TextEncoderSlot("text_encoder", "tokenizer", 1, True, "text_embeddings", clip_skip=True),),
     conditioning=(Conditioning("text_embeddings", CFG, "text_encoder"),),
     cross_attention=("text_embeddings",),
@@ -119,6 +121,7 @@ SDXL = Family(
     name="sdxl",
     label="Stable Diffusion XL",
     pipelines=("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline"),
+    controlnet_pipeline="StableDiffusionXLControlNetPipeline",
     text_encoders=(
         TextEncoderSlot("text_encoder", "tokenizer", 2, False, "text_embeddings"),
         TextEncoderSlot("text_encoder_2", "tokenizer_2", 2, False, "text_embeddings_2", pooled="pooled_embeds"),

@@ -213,3 +213,62 @@ def test_the_gpu_sessions_proof_runs_here_on_the_cpu(tmp_path):
     assert "MultiHeadAttention" in (tmp_path / "out" / "optimize-tiny.txt").read_text()
     bad = subprocess.run(["bash", str(script), "nonsense"], env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "dry-run" in bad.stderr
+
+
+@pytest.fixture(scope="module")
+def controlnet_bench(tiny_model, tmp_path_factory):
+    """Engines with one test ControlNet, and a hint PNG at another size than the workload's."""
+    import numpy as np
+    from PIL import Image
+
+    from sdrt.export.exporter import ExportConfig, export
+    from sdrt.export.testmodel import write_test_controlnet
+
+    root = tmp_path_factory.mktemp("cn-bench")
+    net = write_test_controlnet(tiny_model, root / "canny", 1)
+    export(ExportConfig(tiny_model, root / "e", precision="fp32", controlnets=(net,)), progress=False)
+    hint = np.zeros((80, 64, 3), np.uint8)
+    hint[20:60, [12, 50]] = 255
+    hint[[20, 59], 12:51] = 255
+    Image.fromarray(hint).save(root / "edges.png")
+    return root / "e", root / "edges.png"
+
+
+def test_bench_with_a_hint_runs_the_controlnet_on_both_sides(tiny_model, controlnet_bench, tmp_path):
+    """torch runs diffusers' ControlNet pipeline with the engines' ControlNet: its images match sdrt's, the
+    hint moves both far past that tolerance, and torch's FLOPs count the ControlNet's calls."""
+    import numpy as np
+
+    from sdrt.bench.workers import SdrtRunner, TorchRunner
+
+    engines, edges = controlnet_bench
+    plain = Workload(str(tiny_model), str(engines), 64, 64, steps=3, guidance=7.5, scheduler="euler", seed=1)
+    hinted = Workload(**{**plain.__dict__, "control_images": (str(edges),)})
+    latents = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    runs = {(side, w.control_images): runner(w).run(1, latents) for w in (plain, hinted)
+            for side, runner in (("torch", TorchRunner), ("sdrt", lambda w: SdrtRunner(w, "ort-cpu")))}
+    ours, theirs = runs[("sdrt", hinted.control_images)][1], runs[("torch", hinted.control_images)][1]
+    assert int(np.abs(ours.astype(int) - theirs.astype(int)).max()) <= 2
+    assert int(np.abs(ours.astype(int) - runs[("sdrt", ())][1].astype(int)).max()) > 20, "the hint changed nothing"
+    torch_runner = TorchRunner(hinted)
+    torch_runner.run(1, latents)
+    assert len(torch_runner._calls_at[1]["controlnet"]) == 3
+    plain_runner = TorchRunner(plain)
+    plain_runner.run(1, latents)
+    assert torch_runner.flops(1) > plain_runner.flops(1) > 0
+    results = run_bench(BenchConfig(hinted, ("torch", "ort"), batches=(1,), runs=1, warmup=0, output=tmp_path,
+                                    command="test"), progress=False)
+    assert results["backends"]["ort"]["batches"]["1"]["psnr_vs_torch_db"] >= 40
+    assert results["workload"]["control_images"] == (str(edges),)
+    assert "ControlNet hints edges.png" in write_results(results, tmp_path)[1].read_text()
+
+
+def test_bench_hints_are_refused_unless_one_per_controlnet(tiny_model, tiny_engines, controlnet_bench, tmp_path):
+    engines, edges = controlnet_bench
+    for where, hints, match in ((tiny_engines, (str(edges),), "has no ControlNet; export the engines with --controlnet"),
+                                (engines, (str(edges),) * 2, "one hint per ControlNet of the engines .1: canny"),
+                                (engines, (str(tmp_path / "none.png"),), "does not exist")):
+        w = Workload(str(tiny_model), str(where), 64, 64, steps=2, guidance=7.5, scheduler="euler", seed=1,
+                     control_images=hints)
+        with pytest.raises(InputError, match=match):
+            run_bench(BenchConfig(w, ("torch", "ort"), output=tmp_path), progress=False)

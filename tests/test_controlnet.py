@@ -534,3 +534,18 @@ def test_a_canny_unit_is_the_edge_map_as_the_hint(two_cn_engines):
     keywords = controlnet_keywords({"controlnet": {"args": [unit]}}, pipe.model)
     np.testing.assert_array_equal(keywords["control_image"][0], canny(np.asarray(photo), 50, 120))
     assert keywords["control_image"][0].any()
+
+
+def test_testmodel_writes_a_controlnet_folder_or_cldm_file_for_a_models_unet(tiny_model, tmp_path, capsys):
+    from sdrt.cli import main
+    from sdrt.export.controlnets import controlnet_name, load_controlnet
+
+    assert main(["testmodel", "controlnet", str(tmp_path / "cn.safetensors"), "--of", str(tiny_model)]) == 0
+    assert main(["testmodel", "controlnet", str(tmp_path / "cn"), "--of", str(tiny_model)]) == 0
+    unet_config = diffusers.UNet2DConditionModel.load_config(tiny_model / "unet")
+    a, b = (load_controlnet(p, unet_config).state_dict() for p in (tmp_path / "cn.safetensors", tmp_path / "cn"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the same seed, two layouts
+    assert controlnet_name(tmp_path / "cn.safetensors") == "cn"
+    assert main(["testmodel", "controlnet", str(tmp_path / "cn2")]) == 2
+    assert main(["testmodel", "controlnet", str(tmp_path / "cn"), "--of", str(tiny_model)]) == 2
+    assert "--of MODEL_DIR" in capsys.readouterr().err
