@@ -140,8 +140,9 @@ class DenoiseStep(nn.Module):
     guidance (1,) f32; an MMDiT's: skip_layers (L,) f32 (1 = the block is skipped) and skip_scale (1,)
     f32; step_coeffs (N_COEFFS,) f32 laid out as [c_in, a, b, hx_1..K, ho_1..K, d, ka, kn];
     x_history, out_history (K, B, 4, h, w) f32, newest first; noise (B, 4, h, w) f32. With J ControlNets,
-    after the image inputs: control_image_0..J-1 (B, H, W, 3) uint8 RGB hints and control_scales (J,) f32,
-    each ControlNet's conditioning scale this step (0 outside its guidance window).
+    after the image inputs: control_image_0..J-1 (B, H, W, 3) uint8 RGB hints and control_scales (J, 2, R)
+    f32, ControlNet j's multiplier of its residual r on the negative rows (0) and the prompt's rows (1; all
+    rows without CFG) this step: its scale and control mode (sdrt.control), 0 outside its guidance window.
 
     Rows come in R groups of B: the cond rows alone (R = 1), [uncond; cond] (CFG), or [uncond; cond; cond]
     where the third group skips the flagged blocks (skip-layer guidance, SD 3.5; diffusers'
@@ -204,7 +205,7 @@ class DenoiseStep(nn.Module):
             skipped = (torch.arange(hidden.shape[0]) // b >= 2).float()[:, None] * skip[0]
             out = self._transformer(x_in, timestep, hidden, cond, added, skipped)
         else:
-            residuals = self._control(control, control_x, timestep, hidden, added, rows) if control else {}
+            residuals = self._control(control, control_x, timestep, hidden, added, rows, b) if control else {}
             out = self.unet(x_in, timestep, hidden, added_cond_kwargs=added or None, return_dict=False,
                             **residuals)[0].float()
         rows_out = out.shape[0]
@@ -223,18 +224,25 @@ class DenoiseStep(nn.Module):
         return latents_next, x_history_next, out_history_next
 
     def _control(self, control: tuple[torch.Tensor, ...], x_in: torch.Tensor, timestep: torch.Tensor,
-                 hidden: torch.Tensor, added: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, object]:
-        """The U-Net's residual keywords: Σ_j scale_j · ControlNet_j(x_in, hint_j), as diffusers'
-        MultiControlNetModel sums them. Hints (B, H, W, 3) uint8 -> [0, 1] NCHW (diffusers' control image
-        processor: no normalization), one per row group (CFG: the same hint for uncond and cond)."""
+                 hidden: torch.Tensor, added: dict[str, torch.Tensor], rows: torch.Tensor,
+                 batch: int) -> dict[str, object]:
+        """The U-Net's residual keywords: Σ_j w_j ⊙ ControlNet_j(x_in, hint_j), as diffusers'
+        MultiControlNetModel sums them, w_j (rows, R) the weights of each row's half (negative / prompt).
+        Hints (B, H, W, 3) uint8 -> [0, 1] NCHW (diffusers' control image processor: no normalization), one
+        per row group (CFG: the same hint for uncond and cond)."""
         *hints, scales = control
+        total = rows.shape[0]
+        # 1 from the prompt's rows on: B (CFG's [uncond; cond]), 0 without CFG (every row is the prompt's)
+        prompt_rows = (torch.arange(total, device=rows.device) >= total // batch // 2 * batch).long()
         down: list[torch.Tensor] | None = None
         mid = None
         for j, (controlnet, hint) in enumerate(zip(self.controlnets, hints)):
             cond = (hint.float() / 255).permute(0, 3, 1, 2)[rows].to(self.dtype)
-            d, m = controlnet(x_in, timestep, hidden, cond, conditioning_scale=scales[j].to(self.dtype),
-                              added_cond_kwargs=added or None, return_dict=False)
-            down = list(d) if down is None else [a + b for a, b in zip(down, d)]
+            d, m = controlnet(x_in, timestep, hidden, cond, added_cond_kwargs=added or None, return_dict=False)
+            weights = scales[j].to(self.dtype)[prompt_rows]  # (rows, residuals)
+            d = [r * weights[:, i, None, None, None] for i, r in enumerate(d)]
+            m = m * weights[:, -1, None, None, None]
+            down = d if down is None else [a + b for a, b in zip(down, d)]
             mid = m if mid is None else mid + m
         return dict(down_block_additional_residuals=tuple(down or ()), mid_block_additional_residual=mid)
 

@@ -86,6 +86,12 @@ def check_fit(path: Path, config: Mapping[str, Any], unet_config: Mapping[str, A
                          "ControlNet for SD 1.x, an SDXL one for SDXL)")
 
 
+def control_residuals(unet: Any) -> int:
+    """The residuals a ControlNet adds to this U-Net: conv_in's, each down block's resnets' and
+    downsampler's, then the mid block's (SD 1.x: 13, SDXL: 10)."""
+    return 1 + sum(len(b.resnets) + len(getattr(b, "downsamplers", None) or ()) for b in unet.down_blocks) + 1
+
+
 def load_controlnet(path: Path, unet_config: Mapping[str, Any]) -> Any:
     """The fp32 ControlNetModel of a folder that fits the U-Net."""
     import torch

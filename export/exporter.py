@@ -30,7 +30,7 @@ from sdrt.prompts import CHUNK_LENGTH
 from sdrt.schedulers import HISTORY, N_COEFFS, NoiseSchedule
 from sdrt.versions import package_versions
 from sdrt.export.checkpoints import describe_keys, read_checkpoint, SingleFile, TextEncoderFiles
-from sdrt.export.controlnets import check_controlnets, load_controlnet
+from sdrt.export.controlnets import check_controlnets, control_residuals, load_controlnet
 
 PRECISIONS = ("fp16", "fp32")
 OPSET = 17
@@ -335,10 +335,11 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
     skippable = len(parts.denoiser.transformer_blocks) if family.denoiser == MMDIT else 0
     skip_inputs = (TensorSpec("skip_layers", "float32", (skippable,)),
                    TensorSpec("skip_scale", "float32", (1,))) if skippable else ()
-    # ControlNets: one (B, H, W, 3) uint8 hint each, and their scales this step
+    # ControlNets: one (B, H, W, 3) uint8 hint each, and their weights this step (J, 2, R), sdrt.control
+    residuals = control_residuals(parts.denoiser) if controlnet_names else 0
+    scales_shape = (len(controlnet_names), 2, residuals)
     control_inputs = tuple(TensorSpec(name, "uint8", ("B", "H", "W", 3)) for name in control_image_names(
-        len(controlnet_names))) + ((TensorSpec(CONTROL_SCALES, "float32", (len(controlnet_names),)),)
-                                   if controlnet_names else ())
+        len(controlnet_names))) + ((TensorSpec(CONTROL_SCALES, "float32", scales_shape),) if controlnet_names else ())
     step_spec = ComponentSpec(
         "denoise_step.onnx",
         (TensorSpec("latents", "float32", state), TensorSpec("timestep", "float32", (1,)), *conditioning,
@@ -370,7 +371,7 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
         dims = {"B": 1, "RB": 2, "N": 2, "S": 2 * CHUNK_LENGTH, "E": 3, "h": h, "w": w, "H": h * f, "W": w * f}
         special = {"timestep": torch.tensor([500.0]), "guidance": torch.tensor([7.5]),
                    "step_coeffs": torch.rand(N_COEFFS, generator=gen), "keep": torch.ones(2),
-                   CONTROL_SCALES: 0.5 + torch.rand(len(controlnet_names), generator=gen),
+                   CONTROL_SCALES: 0.5 + torch.rand(scales_shape, generator=gen),
                    "skip_layers": (torch.rand(skippable, generator=gen) > 0.5).float(), "skip_scale": torch.tensor([2.8]),
                    "time_ids": torch.tensor([[native, native, 0, 0, native, native]] * 2, dtype=torch.float32),
                    "clip_skip": torch.tensor([2 if clip_skip_max > 1 else 1])}
@@ -439,7 +440,8 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
         defaults=family.defaults, latent_channels=lc, vae_scale_factor=parts.vae_scale_factor,
         scaling_factor=parts.scaling_factor, clip_skip_max=clip_skip_max, history=HISTORY, opset=config.opset,
         zero_empty_negative=parts.zero_empty_negative, image_input=parts.image_input, size_multiple=multiple,
-        omitted=parts.omitted, shift_factor=parts.shift_factor, controlnets=controlnet_names)
+        omitted=parts.omitted, shift_factor=parts.shift_factor, controlnets=controlnet_names,
+        control_residuals=residuals)
     return dict(components={job.name: job.spec for job in jobs}, shapes=shapes, model=model,
                 scheduler_config=parts.scheduler_config, validation=validation)
 

@@ -16,7 +16,7 @@ from sdrt.errors import InputError, SdrtError
 from sdrt.manifest import read_manifest
 from sdrt.pipeline import Pipeline
 from sdrt.png import save_png
-from sdrt.request import INPAINTING_FILLS, ImageInput, SkipLayers
+from sdrt.request import CONTROL_MODES, INPAINTING_FILLS, ImageInput, SkipLayers
 from sdrt.schedulers import SAMPLERS
 from sdrt.upscale import UPSCALERS
 from sdrt.serve.config import ServeConfig
@@ -139,13 +139,14 @@ def _control_args(args: argparse.Namespace) -> dict[str, Any]:
         return {}
     hints = [_read_file(path, "--control-image") for path in args.control_image]
 
-    def one_or_each(values: list[float]) -> Any:
+    def one_or_each(values: list[Any]) -> Any:
         return None if not values else values[0] if len(values) == 1 else values
 
     return dict(control_image=hints if len(hints) > 1 else hints[0],
                 controlnet_conditioning_scale=one_or_each(args.control_scale),
                 control_guidance_start=one_or_each(args.control_start),
-                control_guidance_end=one_or_each(args.control_end))
+                control_guidance_end=one_or_each(args.control_end),
+                control_mode=one_or_each(args.control_mode))
 
 
 def _add_control(p: argparse.ArgumentParser) -> None:
@@ -158,6 +159,9 @@ def _add_control(p: argparse.ArgumentParser) -> None:
                        help="where its guidance starts, a fraction of the steps (default 0)")
     group.add_argument("--control-end", action="append", type=float, default=[],
                        help="where its guidance ends (default 1)")
+    group.add_argument("--control-mode", action="append", choices=list(CONTROL_MODES), default=[],
+                       help="balanced (default); prompt / control: sd-webui-controlnet's 'My prompt is more "
+                            "important' / 'ControlNet is more important'; guess: diffusers' guess mode")
 
 
 def _generate(args: argparse.Namespace) -> None:

@@ -2,7 +2,8 @@
 
 Python API names are diffusers': control_image (one image per ControlNet, each an image or a list of one
 per row, or None for a ControlNet left off; with one ControlNet, the image or list itself), controlnet_conditioning_scale and
-control_guidance_start / _end (a number for all, or one per ControlNet). A hint of another size is
+control_guidance_start / _end (a number for all, or one per ControlNet), guess_mode; and control_mode
+(sdrt.control: sd-webui-controlnet's control modes). A hint of another size is
 resized as sd-webui-controlnet's default "Crop and Resize": scaled to cover the image, centre-cropped.
 """
 
@@ -16,7 +17,7 @@ import numpy as np
 from sdrt.errors import InputError
 from sdrt.images import Picture, picture, read_image
 from sdrt.manifest import ModelInfo
-from sdrt.request import Control, Size
+from sdrt.request import CONTROL_MODES, Control, Size
 
 
 def crop_and_resize(image: Any, width: int, height: int) -> Any:
@@ -54,12 +55,31 @@ def _hints(model: ModelInfo, control_image: Any) -> list[Any]:
     return hints
 
 
+def _modes(mode: Any, guess_mode: bool, count: int) -> tuple[str, ...]:
+    """control_mode (one for all or one per hint; sdrt.control.CONTROL_MODES), or diffusers' guess_mode."""
+    if guess_mode not in (True, False):
+        raise InputError(f"guess_mode must be true or false, got {guess_mode!r}")
+    if guess_mode and mode is not None:
+        raise InputError("guess_mode and control_mode both set: guess_mode is control_mode 'guess'; give one")
+    modes = list(mode) if isinstance(mode, (list, tuple)) else [("guess" if guess_mode else "balanced")
+                                                                if mode is None else mode] * count
+    if len(modes) != count:
+        raise InputError(f"control_mode: {len(modes)} values for {count} ControlNet hint(s): give one, or one per hint")
+    bad = [m for m in modes if m not in CONTROL_MODES]
+    if bad:
+        raise InputError(f"control_mode {bad[0]!r} is not one of {', '.join(CONTROL_MODES)} (balanced: the "
+                         "default; prompt / control: sd-webui-controlnet's 'My prompt is more important' / "
+                         "'ControlNet is more important'; guess: diffusers' guess_mode)")
+    return tuple(modes)
+
+
 def build_control(model: ModelInfo, control_image: Any, scale: Any, start: Any, end: Any, size: Size, batch: int,
-                  hires: bool) -> Control:
+                  hires: bool, mode: Any = None, guess_mode: bool = False) -> Control:
     """The request's Control group; nothing (Control()) without a control_image."""
     if control_image is None:
         given = [n for n, v in (("controlnet_conditioning_scale", scale), ("control_guidance_start", start),
-                                ("control_guidance_end", end)) if v is not None]
+                                ("control_guidance_end", end), ("control_mode", mode),
+                                ("guess_mode", guess_mode or None)) if v is not None]
         if given:
             raise InputError(f"{', '.join(given)} set without a control_image: pass the hint image(s) as well")
         return Control()
@@ -89,5 +109,6 @@ def build_control(model: ModelInfo, control_image: Any, scale: Any, start: Any, 
             raise InputError(f"a ControlNet's guidance window must have 0 <= start < end <= 1 (fractions of the "
                              f"steps), got start {s}, end {e}")
     models = tuple("" if h is None else name for h, name in zip(hints, model.controlnets))  # "": off
-    return Control(tuple(tuple(row) for row in per_row), models, scales, starts, ends)
+    return Control(tuple(tuple(row) for row in per_row), models, scales, starts, ends,
+                   _modes(mode, guess_mode, count))
 

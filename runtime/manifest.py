@@ -125,6 +125,7 @@ class ModelInfo:
     omitted: tuple[str, ...] = ()  # the family's optional text encoders left out: zeros in their place (SD3's T5)
     shift_factor: float = 0.0  # the VAE's: latents = (z - shift_factor) * scaling_factor (in the VAE graphs)
     controlnets: tuple[str, ...] = ()  # the ControlNets in the denoise step, by name, in their inputs' order
+    control_residuals: int = 0  # the residuals a ControlNet adds to the U-Net: its down blocks', then the mid's
 
     @property
     def components(self) -> tuple[str, ...]:

@@ -138,7 +138,8 @@ class Pipeline:
         skip_layer_guidance_scale, _start, _stop: SD 3.5's skip-layer guidance (Medium's layers: [7, 8, 9]).
         image_latents: img2img from (C, h, w) latents per row; enable_hr and A1111's hr_ fields: hires fix (sdrt.hires).
         control_image (one per ControlNet, each an image or one per row), controlnet_conditioning_scale,
-        control_guidance_start, _end: engines exported with ControlNets (sdrt.control_request).
+        control_guidance_start, _end, guess_mode, control_mode: engines exported with ControlNets
+        (sdrt.control_request, sdrt.control).
         Prompts are read as A1111 does (sdrt.prompts): `(emphasis:1.2)`, `[less]`, `BREAK`, 75-token chunks."""
         return build_request(self.accepts, prompt, **keywords)
 

@@ -54,11 +54,17 @@ def _quoted(text: str) -> str:
 def control_fields(config: GenerationConfig) -> str:
     """sd-webui-controlnet's unit fields (`ControlNet 0: "Module: none, Model: …"`), the ones sdrt has."""
     control = config.control
+    modes = control.modes or ("balanced",) * len(control.models)
     return "".join(
         f'ControlNet {j}: "Module: none, Model: {model}, Weight: {scale:g}, Resize Mode: Crop and Resize, '
-        f'Guidance Start: {start:g}, Guidance End: {end:g}, Control Mode: Balanced", '
-        for j, (model, scale, start, end) in enumerate(zip(control.models, control.scales, control.start, control.end))
-        if model)
+        f'Guidance Start: {start:g}, Guidance End: {end:g}, {A1111_CONTROL_MODES[mode]}", '
+        for j, (model, scale, start, end, mode) in enumerate(zip(control.models, control.scales, control.start,
+                                                                 control.end, modes)) if model)
+
+
+# how sd-webui-controlnet's infotext names sdrt's control modes (guess: its units' older guess_mode field)
+A1111_CONTROL_MODES = {"balanced": "Control Mode: Balanced", "prompt": "Control Mode: My prompt is more important",
+                       "control": "Control Mode: ControlNet is more important", "guess": "Guess Mode: True"}
 
 
 def hires_fields(config: GenerationConfig) -> str:

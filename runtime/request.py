@@ -126,17 +126,22 @@ class Hires:
     scheduler: str | None = None  # None: the first pass's
 
 
+CONTROL_MODES = ("balanced", "prompt", "control", "guess")  # their weights: sdrt.control
+
+
 @dataclass(frozen=True)
 class Control:
     """ControlNet hints (Zhang et al. 2023) for the first len(scales) of the engines' ControlNets, in their
     export order; the others are off (scale 0). Scales and windows per ControlNet: diffusers'
-    controlnet_conditioning_scale and control_guidance_start / _end (fractions of the steps run)."""
+    controlnet_conditioning_scale and control_guidance_start / _end (fractions of the steps run); modes:
+    CONTROL_MODES, one per ControlNet (sd-webui-controlnet's control modes, diffusers' guess mode)."""
 
     images: tuple[tuple[Picture, ...], ...] = ()  # one per row: a hint per ControlNet, at the request's size
     models: tuple[str, ...] = ()  # the names of the ControlNets given hints (the manifest's; "" for one left off)
     scales: tuple[float, ...] = ()
     start: tuple[float, ...] = ()
     end: tuple[float, ...] = ()
+    modes: tuple[str, ...] = ()
 
 
 # (group, field) of each field with one entry per row

@@ -72,7 +72,8 @@ def build_request(accepts: Accepts, prompt: str | list[str], negative_prompt: st
                   skip_layer_guidance_start: float | None = None,
                   skip_layer_guidance_stop: float | None = None, image_latents: Any = None,
                   control_image: Any = None, controlnet_conditioning_scale: Any = None,
-                  control_guidance_start: Any = None, control_guidance_end: Any = None,
+                  control_guidance_start: Any = None, control_guidance_end: Any = None, control_mode: Any = None,
+                  guess_mode: bool = False,
                   **hires: Any) -> GenerationConfig:
     """The request, checked group by group (the order decides which error a request with several gets)."""
     defaults = accepts.model.defaults
@@ -99,7 +100,7 @@ def build_request(accepts: Accepts, prompt: str | list[str], negative_prompt: st
     hires_fix = build_hires(size, sampler.steps, accepts.schedule, has_image, accepts.model.size_multiple,
                             lambda s: _size(accepts, s.height, s.width, []), **hires)
     control = build_control(accepts.model, control_image, controlnet_conditioning_scale, control_guidance_start,
-                            control_guidance_end, size, len(prompts), hires_fix.enabled)
+                            control_guidance_end, size, len(prompts), hires_fix.enabled, control_mode, guess_mode)
     return GenerationConfig(prompt_group, size, sampler, guided, images, micro, skip, hires_fix, control)
 
 

@@ -238,11 +238,58 @@ def test_a_hint_of_another_size_is_cropped_and_resized_as_a1111(one_cn_engines):
 
 def test_the_guidance_window_is_diffusers_controlnet_keep():
     control = Control(scales=(0.8, 1.0), start=(0.0, 0.25), end=(0.5, 1.0))
-    got = step_scales(control, 3, 8)
+    got = step_scales(control, 3, 8, 13)
+    assert got.shape == (8, 3, 2, 13) and (got == got[..., :1, :1]).all()  # balanced: one scale per call and net
+    got = got[:, :, 0, 0]
     keep = [[1.0 - float(i / 8 < s or (i + 1) / 8 > e) for s, e in zip(control.start, control.end)] for i in range(8)]
     want = np.array([[k[0] * 0.8, k[1] * 1.0, 0.0] for k in keep], np.float32)
     np.testing.assert_array_equal(got, want)
     assert (got[:, 0] > 0).tolist() == [True] * 4 + [False] * 4 and got[:, 1].tolist() == [0.0] * 2 + [1.0] * 6
+
+
+def test_control_modes_weigh_residuals_as_sd_webui_controlnet_and_diffusers_guess_mode():
+    from sdrt.control import mode_weights
+
+    soft = [0.825 ** (12 - r) for r in range(13)]  # sd-webui-controlnet's soft injection, SD 1.x's 13 residuals
+    np.testing.assert_allclose(mode_weights("prompt", 13), [soft, soft])
+    np.testing.assert_allclose(mode_weights("control", 13), [[0.0] * 13, soft])
+    np.testing.assert_allclose(mode_weights("prompt", 10), [soft[:10], soft[:10]])  # SDXL: the first 10, as it does
+    np.testing.assert_allclose(mode_weights("guess", 13), [[0.0] * 13, np.logspace(-1, 0, 13)])
+    np.testing.assert_array_equal(mode_weights("balanced", 10), np.ones((2, 10)))
+    got = step_scales(Control(scales=(0.5,), start=(0.0,), end=(0.5,), modes=("control",)), 1, 4, 13)
+    np.testing.assert_allclose(got[:2, 0], [0.5 * mode_weights("control", 13)] * 2, rtol=1e-6)
+    assert not got[2:].any()
+
+
+def soft_weights(count):
+    return torch.tensor([0.825 ** (12 - r) for r in range(count)])
+
+
+@pytest.mark.parametrize("mode", ["guess", "control", "prompt"])
+def test_control_modes_match_diffusers(mode, tiny_model, controlnets, one_cn_engines, monkeypatch):
+    """guess: diffusers' guess_mode (the ControlNet on the prompt's rows, logspace(-1, 0) per residual).
+    control: the same pipeline with sd-webui-controlnet's 0.825^(12 - r) in place of the logspace; prompt:
+    those weights on every row, the ControlNet's outputs scaled by a wrapper around its forward."""
+    kwargs = dict(control_image=hint(3), controlnet_conditioning_scale=0.9)
+    ours, noise = sdrt_controlnet(one_cn_engines, "euler", 4, control_mode=mode, **kwargs)
+    reference = {}
+    if mode == "control":
+        monkeypatch.setattr(torch, "logspace", lambda start, end, count, device=None: soft_weights(count).to(device))
+    if mode != "prompt":
+        reference["guess_mode"] = True
+    else:
+        forward = diffusers.ControlNetModel.forward
+
+        def soft_forward(self, *a, **k):
+            down, mid = forward(self, *a, **k)
+            w = soft_weights(len(down) + 1)
+            return [d * w[i] for i, d in enumerate(down)], mid * w[-1]
+        monkeypatch.setattr(diffusers.ControlNetModel, "forward", soft_forward)
+    ref = diffusers_controlnet(tiny_model, controlnets[:1], "euler", noise, monkeypatch, num_inference_steps=4,
+                               image=hint(3), controlnet_conditioning_scale=0.9, **reference)
+    assert_parity(ours, ref, f"control mode {mode}")
+    balanced, _ = sdrt_controlnet(one_cn_engines, "euler", 4, **kwargs)
+    assert_changed(ours, balanced, by=MAX_PIXEL_ERROR)
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -253,6 +300,10 @@ def test_the_guidance_window_is_diffusers_controlnet_keep():
     (dict(controlnet_conditioning_scale=0.5), "without a control_image"),
     (dict(control_image=[hint(1)], enable_hr=True), "hires fix with a ControlNet"),
     (dict(control_image=["not an image"]), "control image 0"),
+    (dict(control_image=[hint(1)], control_mode="strong"), "'strong' is not one of balanced, prompt, control, guess"),
+    (dict(control_image=[hint(1)], control_mode="prompt", guess_mode=True), "give one"),
+    (dict(control_image=[hint(1)], control_mode=["prompt", "guess"]), "2 values for 1"),
+    (dict(control_mode="guess"), "control_mode set without a control_image"),
 ])
 def test_bad_controlnet_settings_are_refused_with_the_fix(two_cn_engines, kwargs, match):
     pipe = Pipeline.load(two_cn_engines, backend="ort-cpu")
@@ -390,16 +441,17 @@ def test_the_cli_exports_and_generates_with_a_controlnet(tiny_model, controlnets
         Image.fromarray(hint(10 + j)).save(tmp_path / f"hint{j}.png")
     args = ["generate", str(tmp_path / "e"), PROMPT, "--steps", "3", "--seed", "5", "--control-image",
             str(tmp_path / "hint0.png"), "--control-image", str(tmp_path / "hint1.png"), "--control-scale", "0.5",
-            "--control-scale", "1.0", "--control-end", "0.5", "-o", str(tmp_path / "out.png")]
+            "--control-scale", "1.0", "--control-end", "0.5", "--control-mode", "balanced", "--control-mode", "control",
+            "-o", str(tmp_path / "out.png")]
     r = sdrt(*args)
     assert r.returncode == 0, r.stderr
     out = Image.open(tmp_path / "out.png")
     pipe = Pipeline.load(tmp_path / "e", backend="ort-cpu")
     want = pipe(PROMPT, steps=3, seed=5, control_image=[hint(10), hint(11)], controlnet_conditioning_scale=[0.5, 1.0],
-                control_guidance_end=0.5)[0]
+                control_guidance_end=0.5, control_mode=["balanced", "control"])[0]
     np.testing.assert_array_equal(np.asarray(out), np.asarray(want))
     assert ('ControlNet 1: "Module: none, Model: depth, Weight: 1, Resize Mode: Crop and Resize, Guidance Start: 0, '
-            'Guidance End: 0.5, Control Mode: Balanced"') in out.info["parameters"]
+            'Guidance End: 0.5, Control Mode: ControlNet is more important"') in out.info["parameters"]
     bad = sdrt(*args[:-1], str(tmp_path / "bad.png"), "--control-scale", "inf")
     assert bad.returncode != 0 and "3 values for 2" in bad.stderr and not (tmp_path / "bad.png").exists()
 
@@ -419,7 +471,8 @@ def test_the_a1111_api_takes_sd_webui_controlnet_units(two_cn_engines):
     try:
         assert httpx.get(f"{live.url}/controlnet/model_list").json() == {"model_list": ["canny", "depth"]}
         unit = dict(enabled=True, module="none", model="depth [0123abcd]", weight=0.8, guidance_start=0.0,
-                    guidance_end=0.5, resize_mode="Crop and Resize", image=base64.b64encode(
+                    guidance_end=0.5, resize_mode="Crop and Resize", control_mode="My prompt is more important",
+                    image=base64.b64encode(
                         png_bytes(Image.fromarray(hint(12)))).decode())
         body = dict(prompt=PROMPT, steps=3, seed=5, width=SIZE, height=SIZE,
                     alwayson_scripts={"ControlNet": {"args": [unit, dict(unit, enabled=False, model="canny")]}})
@@ -428,13 +481,16 @@ def test_the_a1111_api_takes_sd_webui_controlnet_units(two_cn_engines):
         got = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB"))
         pipe = Pipeline.load(two_cn_engines, backend="ort-cpu")
         want = pipe(PROMPT, steps=3, seed=5, guidance=7.0, height=SIZE, width=SIZE, control_image=[None, hint(12)],
-                    controlnet_conditioning_scale=[0.0, 0.8], control_guidance_end=[1.0, 0.5])[0]
+                    controlnet_conditioning_scale=[0.0, 0.8], control_guidance_end=[1.0, 0.5],
+                    control_mode=["balanced", "prompt"])[0]
         np.testing.assert_array_equal(got, np.asarray(want))
         info = json.loads(r.json()["info"])["infotexts"][0]
         assert 'ControlNet 1: "Module: none, Model: depth, Weight: 0.8' in info and "ControlNet 0" not in info
+        assert "Control Mode: My prompt is more important" in info
         for change, match in ((dict(module="openpose_full"), "preprocessor 'openpose_full' is not implemented"),
                               (dict(model="openpose"), "model 'openpose' is not in these engines"),
-                              (dict(weight="heavy"), "finite"), (dict(image=None), "has no image")):
+                              (dict(weight="heavy"), "finite"), (dict(image=None), "has no image"),
+                              (dict(control_mode="Strong"), "control_mode 'Strong' is not one of")):
             bad = dict(body, alwayson_scripts={"controlnet": {"args": [dict(unit, **change)]}})
             r = httpx.post(f"{live.url}/sdapi/v1/txt2img", json=bad, timeout=60)
             assert r.status_code == 400 and match in r.text, (change, r.text)

@@ -4,8 +4,8 @@ A unit names its model (A1111 writes "name [hash]"; the hash is ignored), sends 
 (`image`, or the older `input_image`; a {"image": …} dict as the extension's newer clients send), and its
 `weight`, `guidance_start` and `guidance_end`. Only what sdrt implements is accepted: the "none"
 preprocessor (the image is the hint) and "canny" (`threshold_a` / `_b` its low / high thresholds, run at
-the image's own size: `processor_res` is not applied), "Crop and Resize" and the "Balanced" control mode;
-anything else is refused by name. Units are matched to the engines' ControlNets by name, so their order is free.
+the image's own size: `processor_res` is not applied), "Crop and Resize", and the three control modes
+(`control_mode` by name or index; sdrt.control gives their weights); anything else is refused by name. Units are matched to the engines' ControlNets by name, so their order is free.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ NO_PREPROCESSOR = ("none", "None", None, "")
 CANNY = "canny"
 CANNY_THRESHOLDS = (100.0, 200.0)  # sd-webui-controlnet's defaults for threshold_a, threshold_b
 CROP_AND_RESIZE = ("Crop and Resize", "Inner Fit (Scale to Fit)", 1)
-BALANCED = ("Balanced", 0)
+# sd-webui-controlnet's control modes, by name and by index -> sdrt's (sdrt.control)
+CONTROL_MODES = {"Balanced": "balanced", "My prompt is more important": "prompt",
+                 "ControlNet is more important": "control", 0: "balanced", 1: "prompt", 2: "control"}
 
 
 def _unit_image(unit: Mapping[str, Any], i: int) -> bytes:
@@ -65,13 +67,14 @@ def _check_unit(unit: Mapping[str, Any], i: int) -> None:
     if unit.get("resize_mode", CROP_AND_RESIZE[0]) not in CROP_AND_RESIZE:
         raise InputError(f"ControlNet unit {i}: resize_mode {unit['resize_mode']!r} is not implemented; use "
                          "'Crop and Resize' (the default), or send the hint at the image's size")
-    if unit.get("control_mode", BALANCED[0]) not in BALANCED:
-        raise InputError(f"ControlNet unit {i}: control_mode {unit['control_mode']!r} is not implemented; use "
-                         "'Balanced' (the default)")
+    mode = unit.get("control_mode", "Balanced")
+    if isinstance(mode, bool) or not isinstance(mode, (str, int)) or mode not in CONTROL_MODES:
+        raise InputError(f"ControlNet unit {i}: control_mode {mode!r} is not one of "
+                         f"{', '.join(repr(k) for k in CONTROL_MODES if isinstance(k, str))} (or 0, 1, 2)")
 
 
 def controlnet_keywords(scripts: Mapping[str, Any] | None, model: ModelInfo) -> dict[str, Any]:
-    """make_config's control_image, controlnet_conditioning_scale and control_guidance_start / _end for the
+    """make_config's control_image, controlnet_conditioning_scale, control_guidance_start / _end and control_mode for the
     enabled units (none: {}); ControlNets no unit names are off."""
     found = {k.lower(): v for k, v in (scripts or {}).items()}
     others = sorted(set(found) - {SCRIPT})
@@ -99,4 +102,6 @@ def controlnet_keywords(scripts: Mapping[str, Any] | None, model: ModelInfo) -> 
                 # the values as sent: build_request refuses what is not a finite number, naming the field
                 controlnet_conditioning_scale=[u.get("weight", 1.0) if u else 0.0 for u in units_by_net],
                 control_guidance_start=[u.get("guidance_start", 0.0) if u else 0.0 for u in units_by_net],
-                control_guidance_end=[u.get("guidance_end", 1.0) if u else 1.0 for u in units_by_net])
+                control_guidance_end=[u.get("guidance_end", 1.0) if u else 1.0 for u in units_by_net],
+                control_mode=[CONTROL_MODES[u.get("control_mode", "Balanced")] if u else "balanced"
+                              for u in units_by_net])
