@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from sdrt.device import Device
+from sdrt.errors import EngineError
 from sdrt.families import CONTROL_SCALES
 from sdrt.request import CONTROL_MODES, Control, GenerationConfig
 
@@ -65,5 +66,8 @@ def control_scale_rows(device: Device, config: GenerationConfig, calls: int) -> 
     model = device.model
     if not model.controlnets:
         return None
+    if not model.control_residuals:  # engines exported before the weights were per residual: (J,) scales
+        raise EngineError("these engines' ControlNet step takes one scale per ControlNet (an older sdrt export); "
+                          "re-export them with `sdrt export ... --controlnet`")
     scales = step_scales(config.control, len(model.controlnets), calls, model.control_residuals)
     return device.backend.rows(device.buffers.write(CONTROL_SCALES, scales))

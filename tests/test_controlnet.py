@@ -605,3 +605,16 @@ def test_testmodel_writes_a_controlnet_folder_or_cldm_file_for_a_models_unet(tin
     assert main(["testmodel", "controlnet", str(tmp_path / "cn2")]) == 2
     assert main(["testmodel", "controlnet", str(tmp_path / "cn"), "--of", str(tiny_model)]) == 2
     assert "--of MODEL_DIR" in capsys.readouterr().err
+
+
+def test_engines_with_one_scale_per_controlnet_ask_for_a_re_export(one_cn_engines, tmp_path):
+    from sdrt.errors import EngineError
+
+    old = tmp_path / "old"
+    shutil.copytree(one_cn_engines, old)
+    doc = json.loads((old / "manifest.json").read_text())
+    del doc["model"]["control_residuals"]  # as sdrt wrote it before the weights were per residual
+    (old / "manifest.json").write_text(json.dumps(doc))
+    pipe = Pipeline.load(old, backend="ort-cpu")
+    with pytest.raises(EngineError, match="re-export"):
+        pipe.generate(pipe.make_config(PROMPT, steps=2, control_image=hint(1)))
