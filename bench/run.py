@@ -90,8 +90,9 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
 
     w = config.workload
     engines = Path(w.engines)
-    _check_hints(w, read_manifest(engines).model.controlnets)
-    noise_source = Pipeline(engines, read_manifest(engines), OrtBackend("cpu"))  # loads no engine
+    manifest = read_manifest(engines)
+    _check_hints(w, manifest.model.controlnets)
+    noise_source = Pipeline(engines, manifest, OrtBackend("cpu"))  # loads no engine
     latents = {b: noise_source.initial_noise(noise_source.make_config(
         "x", steps=w.steps, scheduler=w.scheduler, seed=w.seed, height=w.height, width=w.width, batch=b))[0]
         for b in config.batches}
@@ -121,7 +122,6 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
             if base:
                 per["ratio_vs_torch"] = {s: per["latency_s"][s]["median"] / base["latency_s"][s]["median"]
                                          for s in STAGES}
-    manifest = read_manifest(engines)
     results["artifacts"] = {  # one-off costs of the engines measured (seconds, on the machine that made them)
         "export_s": manifest.source.get("export_s"),
         "build_s": {k: v.build_s for k, v in manifest.plans.components.items()} if manifest.plans else None,

@@ -192,6 +192,7 @@ class DenoiseStep(nn.Module):
         ho = step_coeffs[HO : HO + k].view(k, 1, 1, 1, 1)
         hidden = torch.cat([cond[name].to(self.dtype) for name in self.cross_attention], dim=-1)  # (R*B, S, C)
         rows = torch.arange(hidden.shape[0], device=latents.device) % b  # (R*B,)
+        cond_start = hidden.shape[0] // b // 2 * b  # the prompt's first row: 0 (R = 1), B (R = 2, 3)
         x_in = latents * step_coeffs[C_IN]
         control_x = x_in[rows].to(self.dtype)  # a ControlNet takes the 4 latent channels (diffusers' inpainting too)
         if self.image_input == CONCAT:  # (B, 4 + 1 + 4, h, w), diffusers' StableDiffusionInpaintPipeline
@@ -205,11 +206,10 @@ class DenoiseStep(nn.Module):
             skipped = (torch.arange(hidden.shape[0]) // b >= 2).float()[:, None] * skip[0]
             out = self._transformer(x_in, timestep, hidden, cond, added, skipped)
         else:
-            residuals = self._control(control, control_x, timestep, hidden, added, rows, b) if control else {}
+            residuals = self._control(control, control_x, timestep, hidden, added, rows, cond_start) if control else {}
             out = self.unet(x_in, timestep, hidden, added_cond_kwargs=added or None, return_dict=False,
                             **residuals)[0].float()
         rows_out = out.shape[0]
-        cond_start = rows_out // b // 2 * b  # 0 (R = 1), B (R = 2, 3)
         out_u, out_c = out[:b], out[cond_start : cond_start + b]  # equal when R = 1 (no CFG)
         guided = out_u + guidance * (out_c - out_u)  # (B, 4, h, w)
         if skip:  # the last group: the skipping one (R = 3), else out_c and an exact + 0
@@ -225,15 +225,13 @@ class DenoiseStep(nn.Module):
 
     def _control(self, control: tuple[torch.Tensor, ...], x_in: torch.Tensor, timestep: torch.Tensor,
                  hidden: torch.Tensor, added: dict[str, torch.Tensor], rows: torch.Tensor,
-                 batch: int) -> dict[str, object]:
+                 cond_start: int) -> dict[str, object]:
         """The U-Net's residual keywords: Σ_j w_j ⊙ ControlNet_j(x_in, hint_j), as diffusers'
         MultiControlNetModel sums them, w_j (rows, R) the weights of each row's half (negative / prompt).
         Hints (B, H, W, 3) uint8 -> [0, 1] NCHW (diffusers' control image processor: no normalization), one
         per row group (CFG: the same hint for uncond and cond)."""
         *hints, scales = control
-        total = rows.shape[0]
-        # 1 from the prompt's rows on: B (CFG's [uncond; cond]), 0 without CFG (every row is the prompt's)
-        prompt_rows = (torch.arange(total, device=rows.device) >= total // batch // 2 * batch).long()
+        prompt_rows = (torch.arange(rows.shape[0], device=rows.device) >= cond_start).long()  # 0: negative, 1: prompt
         down: list[torch.Tensor] | None = None
         mid = None
         for j, (controlnet, hint) in enumerate(zip(self.controlnets, hints)):

@@ -23,7 +23,7 @@ import numpy as np
 from sdrt.device import Device
 from sdrt.errors import EngineError
 from sdrt.families import CONTROL_SCALES
-from sdrt.request import CONTROL_MODES, Control, GenerationConfig
+from sdrt.request import Control, GenerationConfig
 
 
 SOFT_INJECTION = 0.825  # sd-webui-controlnet's per-residual decay, 0.825^(12 - r)
@@ -32,7 +32,6 @@ SOFT_INJECTION = 0.825  # sd-webui-controlnet's per-residual decay, 0.825^(12 - 
 def mode_weights(mode: str, residuals: int) -> np.ndarray:
     """(2, residuals) f64: a control mode's multipliers of the scale on the negative rows and the prompt's."""
     r = np.arange(residuals)
-    assert mode in CONTROL_MODES, mode
     per_residual = {"balanced": np.ones(residuals), "prompt": SOFT_INJECTION ** (12.0 - r),
                     "control": SOFT_INJECTION ** (12.0 - r), "guess": np.logspace(-1, 0, residuals)}[mode]
     negative = per_residual if mode in ("balanced", "prompt") else np.zeros(residuals)
@@ -45,8 +44,7 @@ def step_scales(control: Control, count: int, calls: int, residuals: int) -> np.
     diffusers' timesteps do for the two-call samplers); 0 for the ControlNets given no hint."""
     scales = np.zeros((calls, count, 2, residuals), np.float32)
     i = np.arange(calls)
-    modes = control.modes or ("balanced",) * len(control.scales)
-    for j, (scale, start, end, mode) in enumerate(zip(control.scales, control.start, control.end, modes)):
+    for j, (scale, start, end, mode) in enumerate(zip(control.scales, control.start, control.end, control.modes)):
         inside = ~((i / calls < start) | ((i + 1) / calls > end))
         scales[:, j] = (inside[:, None, None] * scale * mode_weights(mode, residuals)).astype(np.float32)
     return scales

@@ -33,10 +33,16 @@ def crop_and_resize(image: Any, width: int, height: int) -> Any:
     return scaled.crop((left, top, left + width, top + height))
 
 
-def _per_controlnet(value: Any, count: int, default: float, what: str) -> tuple[float, ...]:
+def _one_per_hint(value: Any, count: int, default: Any, what: str) -> list[Any]:
+    """A setting given once for every hint, or one per hint (None: the default)."""
     values = list(value) if isinstance(value, (list, tuple)) else [default if value is None else value] * count
     if len(values) != count:
-        raise InputError(f"{what}: {len(values)} values for {count} ControlNet hint(s): give one number, or one per hint")
+        raise InputError(f"{what}: {len(values)} values for {count} ControlNet hint(s): give one, or one per hint")
+    return values
+
+
+def _per_controlnet(value: Any, count: int, default: float, what: str) -> tuple[float, ...]:
+    values = _one_per_hint(value, count, default, what)
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
         raise InputError(f"{what} must be finite numbers, got {value!r}")
     return tuple(float(v) for v in values)
@@ -61,10 +67,7 @@ def _modes(mode: Any, guess_mode: bool, count: int) -> tuple[str, ...]:
         raise InputError(f"guess_mode must be true or false, got {guess_mode!r}")
     if guess_mode and mode is not None:
         raise InputError("guess_mode and control_mode both set: guess_mode is control_mode 'guess'; give one")
-    modes = list(mode) if isinstance(mode, (list, tuple)) else [("guess" if guess_mode else "balanced")
-                                                                if mode is None else mode] * count
-    if len(modes) != count:
-        raise InputError(f"control_mode: {len(modes)} values for {count} ControlNet hint(s): give one, or one per hint")
+    modes = _one_per_hint(mode, count, "guess" if guess_mode else "balanced", "control_mode")
     bad = [m for m in modes if m not in CONTROL_MODES]
     if bad:
         raise InputError(f"control_mode {bad[0]!r} is not one of {', '.join(CONTROL_MODES)} (balanced: the "

@@ -8,7 +8,7 @@ from typing import Any
 
 from sdrt import __version__
 from sdrt.paths import replacing
-from sdrt.request import GenerationConfig
+from sdrt.request import A1111_CONTROL_MODES, GenerationConfig
 from sdrt.schedulers import A1111_SAMPLERS
 
 
@@ -54,17 +54,16 @@ def _quoted(text: str) -> str:
 def control_fields(config: GenerationConfig) -> str:
     """sd-webui-controlnet's unit fields (`ControlNet 0: "Module: none, Model: …"`), the ones sdrt has."""
     control = config.control
-    modes = control.modes or ("balanced",) * len(control.models)
     return "".join(
         f'ControlNet {j}: "Module: none, Model: {model}, Weight: {scale:g}, Resize Mode: Crop and Resize, '
-        f'Guidance Start: {start:g}, Guidance End: {end:g}, {A1111_CONTROL_MODES[mode]}", '
+        f'Guidance Start: {start:g}, Guidance End: {end:g}, {_control_mode(mode)}", '
         for j, (model, scale, start, end, mode) in enumerate(zip(control.models, control.scales, control.start,
-                                                                 control.end, modes)) if model)
+                                                                 control.end, control.modes)) if model)
 
 
-# how sd-webui-controlnet's infotext names sdrt's control modes (guess: its units' older guess_mode field)
-A1111_CONTROL_MODES = {"balanced": "Control Mode: Balanced", "prompt": "Control Mode: My prompt is more important",
-                       "control": "Control Mode: ControlNet is more important", "guess": "Guess Mode: True"}
+def _control_mode(mode: str) -> str:
+    """The unit's mode field; guess (no control mode of sd-webui-controlnet's) as its units' older guess_mode."""
+    return f"Control Mode: {A1111_CONTROL_MODES[mode]}" if mode in A1111_CONTROL_MODES else "Guess Mode: True"
 
 
 def hires_fields(config: GenerationConfig) -> str:

@@ -127,6 +127,9 @@ class Hires:
 
 
 CONTROL_MODES = ("balanced", "prompt", "control", "guess")  # their weights: sdrt.control
+# sd-webui-controlnet's names of the control modes it has, in its order (its API's indices 0, 1, 2)
+A1111_CONTROL_MODES = {"balanced": "Balanced", "prompt": "My prompt is more important",
+                       "control": "ControlNet is more important"}
 
 
 @dataclass(frozen=True)
@@ -141,7 +144,11 @@ class Control:
     scales: tuple[float, ...] = ()
     start: tuple[float, ...] = ()
     end: tuple[float, ...] = ()
-    modes: tuple[str, ...] = ()
+    modes: tuple[str, ...] = ()  # () for every hint: balanced
+
+    def __post_init__(self) -> None:
+        if not self.modes:  # frozen: the default filled in once, so readers need no fallback
+            object.__setattr__(self, "modes", ("balanced",) * len(self.scales))
 
 
 # (group, field) of each field with one entry per row

@@ -18,6 +18,7 @@ from sdrt.errors import InputError
 from sdrt.images import read_image
 from sdrt.manifest import ModelInfo
 from sdrt.preprocessors import canny
+from sdrt.request import A1111_CONTROL_MODES
 from sdrt.serve.request_fields import decode_base64
 
 SCRIPT = "controlnet"
@@ -25,9 +26,9 @@ NO_PREPROCESSOR = ("none", "None", None, "")
 CANNY = "canny"
 CANNY_THRESHOLDS = (100.0, 200.0)  # sd-webui-controlnet's defaults for threshold_a, threshold_b
 CROP_AND_RESIZE = ("Crop and Resize", "Inner Fit (Scale to Fit)", 1)
-# sd-webui-controlnet's control modes, by name and by index -> sdrt's (sdrt.control)
-CONTROL_MODES = {"Balanced": "balanced", "My prompt is more important": "prompt",
-                 "ControlNet is more important": "control", 0: "balanced", 1: "prompt", 2: "control"}
+# a unit's control_mode, by name or index -> sdrt's (sdrt.control)
+CONTROL_MODES: dict[Any, str] = {**{name: mode for mode, name in A1111_CONTROL_MODES.items()},
+                                 **dict(enumerate(A1111_CONTROL_MODES))}
 
 
 def _unit_image(unit: Mapping[str, Any], i: int) -> bytes:
