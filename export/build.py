@@ -46,7 +46,7 @@ class BuildConfig:
     archs: tuple[str, ...] = ()  # empty: the GPU here, else (TensorRT-RTX only) every RTX arch
     flavour: str = "auto"  # auto | tensorrt | tensorrt_rtx
     optimization_level: int | None = None  # TensorRT's builder level 0-5; None: its default (3)
-    # the weights LoRA changes refittable (REFIT_INDIVIDUAL), so LoRAs switch without a rebuild. None: where
+    # the weights LoRA and swapped ControlNets change refittable (REFIT_INDIVIDUAL), so they switch without a rebuild. None: where
     # a GPU builds (TensorRT-RTX 1.7 cannot build them without one: its Myelin compiler then fails with
     # `sm_vers_.size() == 1` for several archs and `status == CUDA_SUCCESS` for one)
     refit: bool | None = None
@@ -255,7 +255,7 @@ def _build_plan(lib: TensorRT, logger: Any, onnx_path: Path, spec: ComponentSpec
     logger.errors.clear()
     builder, network, parser, io = parse_network(lib, logger, onnx_path, spec)  # parser: kept until built
     cfg = builder.create_builder_config()
-    refittable = refit and bool(spec.weights)
+    refittable = refit and bool(refittable_weights(spec))
     if refittable:  # only the named weights: TensorRT still folds and fuses every other constant
         cfg.set_flag(trt.BuilderFlag.REFIT_INDIVIDUAL)
         mark_refittable(lib, network, spec, onnx_path)
@@ -301,12 +301,18 @@ def parse_network(lib: TensorRT, logger: Any, onnx_path: Path,
     return builder, network, parser, io
 
 
+def refittable_weights(spec: ComponentSpec) -> list[str]:
+    """The initializers a refit may change: LoRA's (spec.weights) and the ControlNets' (swapped whole)."""
+    return [*spec.weights, *spec.control_weights]
+
+
 def mark_refittable(lib: TensorRT, network: Any, spec: ComponentSpec, onnx_path: Path) -> None:
-    """Marks every weight a LoRA changes (spec.weights, by initializer name) refittable in network."""
-    lost = [name for name in spec.weights if not network.mark_weights_refittable(name)]
+    """Marks every weight a LoRA or a swapped ControlNet changes (by initializer name) refittable in network."""
+    names = refittable_weights(spec)
+    lost = [name for name in names if not network.mark_weights_refittable(name)]
     if lost:
         raise EngineError(f"TensorRT {lib.version} found no weights {lost[0]} in {onnx_path.name} "
-                          f"({len(lost)} of {len(spec.weights)} LoRA weights): re-export with `sdrt export`, "
+                          f"({len(lost)} of {len(names)} LoRA and ControlNet weights): re-export with `sdrt export`, "
                           "or build with --no-refit")
 
 

@@ -23,7 +23,10 @@ from torch import nn
 from sdrt.families import BLEND, CONCAT, MMDIT, UNET, TextEncoderSlot
 from sdrt.prompts import CHUNK_LENGTH
 from sdrt.schedulers import A, B, C_IN, D, HISTORY, HO, HX, KA, KN
-from sdrt.export.original_layout import unet_module_name
+from sdrt.export.original_layout import controlnet_original_names, unet_module_name
+from sdrt.export.weights import parameter_digests
+
+CONTROLNET_WEIGHTS = "controlnets."  # ControlNet j's parameters in the step graph: controlnets.j.<state key>
 
 
 class TextEncoder(nn.Module):
@@ -178,6 +181,15 @@ class DenoiseStep(nn.Module):
         if self.denoiser == MMDIT:
             return self.unet, lambda path: (f"transformer.{path}.weight", "")
         return self.unet, lambda path: (f"unet.{path}.weight", unet_module_name(path, self.unet))
+
+    def control_digests(self, into: dict) -> list[str]:
+        """Adds every ControlNet parameter to the weight digests `into` (export.weights), named after its
+        place in this module; returns the names."""
+        names = []
+        for j, controlnet in enumerate(self.controlnets):
+            names += parameter_digests(controlnet, f"{CONTROLNET_WEIGHTS}{j}.", controlnet_original_names(controlnet),
+                                       into)
+        return names
 
     def forward(self, latents, timestep, *rest):
         n, m = len(self.conditioning), len(self.image_inputs)

@@ -424,8 +424,13 @@ def _export_components(parts: Any, staging: Path, config: ExportConfig, bar: Any
         stored = export_onnx(module, trace_args, staging / spec.onnx, [t.name for t in spec.inputs],
                              [t.name for t in spec.outputs], dynamic_axes(spec), config.opset)
         if getattr(module, "adapted", None):  # the CLIP text encoders' and the denoiser's weights, named for LoRA
-            named, unused = name_weights(staging / spec.onnx, stored, weight_digests(*module.adapted))
-            spec = replace(spec, weights=named, unused_weights=unused)
+            digests = weight_digests(*module.adapted)
+            control = set(module.control_digests(digests)) if name == STEP else set()  # all, to be swapped
+            named, unnamed = name_weights(staging / spec.onnx, stored, digests)
+            spec = replace(spec, weights={k: v for k, v in named.items() if k not in control},
+                           unused_weights=tuple(k for k in unnamed if k not in control),
+                           control_weights={k: v for k, v in named.items() if k in control},
+                           control_unnamed=tuple(k for k in unnamed if k in control))
             jobs[i] = jobs[i]._replace(spec=spec)
         if last_use:
             module.to("meta")

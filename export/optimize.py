@@ -116,7 +116,8 @@ def _optimize_component(manifest: Manifest, engine_dir: Path, staging: Path, nam
     return OptimizedGraph(
         onnx=rel, model_type=model_type, fused={op: ops[op] for op in FUSED_OPS if ops[op]},
         unfused_attention=tuple(node.name for node in graph.node if node.op_type == "Softmax"),
-        lora_weights=all(w in initializers for w in spec.weights))
+        lora_weights=all(w in initializers for w in spec.weights),
+        control_weights=all(w in initializers for w in spec.control_weights))
 
 
 def _check_io(graph: Any, spec: Any, name: str) -> None:

@@ -113,14 +113,15 @@ def _unet_block(parts: list[str], per_level: int, unet: Any) -> str:
     return f"{block}.1.{'.'.join(rest)}"
 
 
-def controlnet_state(controlnet: Any, prefix: str = "control_model.") -> dict[str, Any]:
-    """ControlNetModel -> cldm's ControlNet keys: the U-Net encoder's names, zero_convs.i.0 (a residual's
-    zero convolution), middle_block_out.0, and input_hint_block.{0, 2, 4, …} (convolutions between SiLUs)."""
+def controlnet_original_names(controlnet: Any) -> dict[str, str]:
+    """ControlNetModel's state keys -> cldm's (without its `control_model.` prefix): the U-Net encoder's
+    names, zero_convs.i.0 (a residual's zero convolution), middle_block_out.0, and input_hint_block.{0, 2,
+    4, …} (convolutions between SiLUs). A rename only: no tensor changes layout."""
     hint = len(controlnet.controlnet_cond_embedding.blocks)
     fixed = {"controlnet_mid_block": "middle_block_out.0", "controlnet_cond_embedding.conv_in": "input_hint_block.0",
              "controlnet_cond_embedding.conv_out": f"input_hint_block.{2 * hint + 2}"}
     out = {}
-    for key, value in controlnet.state_dict().items():
+    for key in controlnet.state_dict():
         module, leaf = _split(key)
         parts = module.split(".")
         if parts[0] == "controlnet_down_blocks":
@@ -129,8 +130,14 @@ def controlnet_state(controlnet: Any, prefix: str = "control_model.") -> dict[st
             name = f"input_hint_block.{2 * int(parts[2]) + 2}"
         else:
             name = fixed.get(module) or unet_module_name(module, controlnet)
-        out[f"{prefix}{name}.{leaf}"] = value
+        out[key] = f"{name}.{leaf}"
     return out
+
+
+def controlnet_state(controlnet: Any, prefix: str = "control_model.") -> dict[str, Any]:
+    """ControlNetModel -> its state in cldm's keys (controlnet_original_names)."""
+    state = controlnet.state_dict()
+    return {f"{prefix}{name}": state[key] for key, name in controlnet_original_names(controlnet).items()}
 
 
 def write_controlnet_file(controlnet_dir: Path, out: Path, prefix: str = "control_model.") -> Path:

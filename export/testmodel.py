@@ -337,6 +337,10 @@ def write_test_controlnet(model_dir: Path, out_dir: Path, seed: int, scale: floa
         for module in zeroed:
             module.weight.normal_(0, scale / module.weight[0].numel() ** 0.5)
             module.bias.normal_(0, 0.1 * scale)
+        for module in controlnet.modules():  # norms as trained ones are: not ones and zeros (which ONNX shares)
+            if isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and module.weight is not None:
+                module.weight.normal_(1, 0.1)
+                module.bias.normal_(0, 0.1)
     controlnet.save_pretrained(out_dir, safe_serialization=True)
     return Path(out_dir)
 

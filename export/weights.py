@@ -28,6 +28,12 @@ def _digest(t: torch.Tensor) -> bytes:
     return hashlib.sha1(t.detach().contiguous().numpy()).digest()  # the array's buffer, not a bytes copy
 
 
+def _add_digests(out: dict[bytes, list[tuple[str, bool, str]]], name: str, w: torch.Tensor, alias: str) -> None:
+    out.setdefault(_digest(w), []).append((name, False, alias))
+    if w.ndim == 2:
+        out.setdefault(_digest(w.T), []).append((name, True, alias))
+
+
 def weight_digests(root: nn.Module, names: Callable[[str], tuple[str, str]]) -> dict[bytes, list[tuple[str, bool, str]]]:
     """sha1 of each Linear/Conv weight of root, as stored and transposed -> [(name, transposed, original)];
     names(module path) gives the weight's name and its module's original-layout path.
@@ -35,20 +41,29 @@ def weight_digests(root: nn.Module, names: Callable[[str], tuple[str, str]]) -> 
     A digest two weights share (equal tensors) lists both; name_weights leaves such weights unnamed."""
     out: dict[bytes, list[tuple[str, bool, str]]] = {}
     for path, module in root.named_modules():
-        if not isinstance(module, ADAPTED):
-            continue
-        name, alias = names(path)
-        w = module.weight
-        out.setdefault(_digest(w), []).append((name, False, alias))
-        if w.ndim == 2:
-            out.setdefault(_digest(w.T), []).append((name, True, alias))
+        if isinstance(module, ADAPTED):
+            name, alias = names(path)
+            _add_digests(out, name, module.weight, alias)
     return out
+
+
+def parameter_digests(root: nn.Module, prefix: str, originals: dict[str, str],
+                      into: dict[bytes, list[tuple[str, bool, str]]]) -> list[str]:
+    """Adds every parameter of root (a ControlNet: all of its weights are swapped, not only the adapted
+    ones) to `into` as prefix + its state key, with its original-layout key; returns the names added. A
+    folded copy that only reshapes (GroupNorm's (C,) -> (C, 1, 1)) has the same bytes, so it is found too."""
+    names = []
+    for key, value in root.named_parameters():
+        _add_digests(into, prefix + key, value, originals.get(key, ""))
+        names.append(prefix + key)
+    return names
 
 
 def name_weights(path: Path, stored: list[StoredTensor],
                  digests: dict[bytes, list[tuple[str, bool, str]]]) -> tuple[dict[str, WeightSlot], tuple[str, ...]]:
     """Renames the initializers of path that are adapted weights; returns their slots by new name, and
-    the adapted weights the graph does not hold (pruned: their layer's output is never read)."""
+    the digests' weights the graph does not hold as one initializer of their own (pruned: their layer's
+    output is never read; or equal to another weight, or written twice)."""
     hits: dict[str, list[tuple[StoredTensor, bool, str]]] = {}
     for t in stored:
         found = digests.get(t.digest, [])

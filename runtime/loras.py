@@ -155,8 +155,8 @@ def lora_keys(manifest: Manifest) -> dict[str, tuple[str, str]]:
 
 
 def base_weight(engine_dir: Path, spec: ComponentSpec, name: str) -> np.ndarray:
-    """The exported weight `name` as stored in spec's ONNX data file (read-only memory map)."""
-    slot = spec.weights[name]
+    """The exported weight `name` (a LoRA's or a ControlNet's) as stored in spec's ONNX data file (read-only memory map)."""
+    slot = spec.slot(name)
     return np.memmap(Path(engine_dir) / f"{spec.onnx}.data", np.dtype(slot.dtype), "r", slot.offset, slot.shape)
 
 

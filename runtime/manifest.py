@@ -61,12 +61,26 @@ class ComponentSpec:
     # the adapted module's weights the graph does not hold: layers past the one read (SDXL's and SD 2.x's
     # text encoders read the penultimate), pruned by the exporter; a LoRA's layers there change nothing
     unused_weights: tuple[str, ...] = ()
+    # the denoise step's ControlNets' parameters, every one (swapped whole: sdrt.controlnet_weights), by
+    # initializer name `controlnets.J.<state key>`, original = cldm's key; and those the graph does not
+    # hold as an initializer of their own (equal to another weight, or folded): a ControlNet with any
+    # cannot be swapped
+    control_weights: dict[str, WeightSlot] = field(default_factory=dict)
+    control_unnamed: tuple[str, ...] = ()
+
+    def slot(self, name: str) -> WeightSlot:
+        """The weight `name`: a LoRA's or a ControlNet's."""
+        return self.weights[name] if name in self.weights else self.control_weights[name]
 
     def input(self, name: str) -> TensorSpec:
         return next(t for t in self.inputs if t.name == name)
 
     def output(self, name: str) -> TensorSpec:
         return next(t for t in self.outputs if t.name == name)
+
+
+def _slots(doc: dict[str, Any]) -> dict[str, WeightSlot]:
+    return {k: WeightSlot(**{**w, "shape": tuple(w["shape"])}) for k, w in doc.items()}
 
 
 @dataclass(frozen=True)
@@ -200,6 +214,7 @@ class OptimizedGraph:
     fused: dict[str, int]  # fused op -> nodes
     unfused_attention: tuple[str, ...] = ()  # attention blocks (Softmax nodes) the optimizer left as they were
     lora_weights: bool = True  # every weight a LoRA may change is still its own initializer
+    control_weights: bool = True  # so is every ControlNet parameter (ComponentSpec.control_weights)
 
 
 @dataclass(frozen=True)
@@ -241,8 +256,8 @@ class Manifest:
         components = {
             name: ComponentSpec(c["onnx"], tuple(map(spec, c["inputs"])), tuple(map(spec, c["outputs"])),
                                 c.get("precision", ""),
-                                {k: WeightSlot(**{**w, "shape": tuple(w["shape"])}) for k, w in c.get("weights", {}).items()},
-                                tuple(c.get("unused_weights", ())))
+                                _slots(c.get("weights", {})), tuple(c.get("unused_weights", ())),
+                                _slots(c.get("control_weights", {})), tuple(c.get("control_unnamed", ())))
             for name, c in doc["components"].items()
         }
         plans = doc.get("plans")

@@ -144,6 +144,26 @@ def test_every_lora_weight_is_found_and_marked_refittable_in_the_parsed_network(
         assert sum(network.are_weights_marked_refittable(w) for w in spec.weights) == len(spec.weights), name
 
 
+def test_every_controlnet_weight_is_found_and_marked_refittable_in_the_parsed_network(tiny_model, tmp_path):
+    """A swapped ControlNet refits the step plan: each of its parameters, by initializer name, refittable."""
+    from sdrt.export.build import mark_refittable, parse_network, refittable_weights
+    from sdrt.export.exporter import ExportConfig, export
+    from sdrt.export.testmodel import write_test_controlnet
+
+    net = write_test_controlnet(tiny_model, tmp_path / "canny", 1)
+    manifest = export(ExportConfig(tiny_model, tmp_path / "e", precision="fp16", controlnets=(net,), validate=False),
+                      progress=False)
+    spec = manifest.components[STEP]
+    import diffusers
+
+    assert len(spec.control_weights) == len(list(diffusers.ControlNetModel.from_pretrained(net).parameters()))
+    lib = import_tensorrt()
+    _, network, _parser, _ = parse_network(lib, lib.error_logger(), tmp_path / "e" / spec.onnx, spec)
+    mark_refittable(lib, network, spec, tmp_path / "e" / spec.onnx)
+    names = refittable_weights(spec)
+    assert sum(network.are_weights_marked_refittable(w) for w in names) == len(names)
+
+
 def test_sd3_plans_for_skip_layer_guidance_profile_three_step_rows_per_image(tiny_sd3_engines, tiny_engines_fp16,
                                                                             tmp_path):
     """`sdrt build` profiles an SD3 step's CFG rows up to 3B by default (the text encoders' stay 2B); plans
