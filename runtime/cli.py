@@ -135,18 +135,30 @@ def _add_hires(p: argparse.ArgumentParser) -> None:
 def _control_args(args: argparse.Namespace) -> dict[str, Any]:
     """make_config's ControlNet keywords: one hint per --control-image (in export order); a setting given once
     applies to every hint, else one per hint."""
-    if not args.control_image:
-        return {}
     hints = [_read_file(path, "--control-image") for path in args.control_image]
 
     def one_or_each(values: list[Any]) -> Any:
         return None if not values else values[0] if len(values) == 1 else values
 
-    return dict(control_image=hints if len(hints) > 1 else hints[0],
+    # without a hint, settings still go in: make_config refuses them, naming --control-image
+    return dict(control_image=hints if len(hints) > 1 else hints[0] if hints else None,
+                controlnet_model=_controlnet_models(args.controlnet_model),
                 controlnet_conditioning_scale=one_or_each(args.control_scale),
                 control_guidance_start=one_or_each(args.control_start),
                 control_guidance_end=one_or_each(args.control_end),
                 control_mode=one_or_each(args.control_mode))
+
+
+def _controlnet_models(values: list[str]) -> Any:
+    """--controlnet-model [NAME=]PATH: by the exported ControlNet's name, else in export order."""
+    if not values:
+        return None
+    named = [v.partition("=") for v in values]
+    if all(sep and not Path(v).exists() for v, (_, sep, _) in zip(values, named)):
+        return {name: path for name, _, path in named}
+    if any(sep and not Path(v).exists() for v, (_, sep, _) in zip(values, named)):
+        raise InputError("--controlnet-model: give every one as NAME=PATH, or every one as PATH in export order")
+    return values
 
 
 def _add_control(p: argparse.ArgumentParser) -> None:
@@ -159,6 +171,9 @@ def _add_control(p: argparse.ArgumentParser) -> None:
                        help="where its guidance starts, a fraction of the steps (default 0)")
     group.add_argument("--control-end", action="append", type=float, default=[],
                        help="where its guidance ends (default 1)")
+    group.add_argument("--controlnet-model", action="append", default=[], metavar="[NAME=]PATH",
+                       help="run another ControlNet of the same architecture (a file or a diffusers folder) in the "
+                            "place of the exported one NAME (default: in export order); no re-export")
     group.add_argument("--control-mode", action="append", choices=list(CONTROL_MODES), default=[],
                        help="balanced (default); prompt / control: sd-webui-controlnet's 'My prompt is more "
                             "important' / 'ControlNet is more important'; guess: diffusers' guess mode")
@@ -245,7 +260,8 @@ def _serve(args: argparse.Namespace) -> None:
                          backend=args.backend, max_queue=args.max_queue, max_batch=args.max_batch,
                          batch_window_s=args.batch_window_ms / 1e3, request_timeout_s=args.timeout,
                          max_steps=args.max_steps, max_size=args.max_size, shutdown_drain_s=args.drain,
-                         lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir)
+                         lora_dir=args.lora_dir, embeddings_dir=args.embeddings_dir,
+                         controlnet_dir=args.controlnet_dir)
     autoscaling = args.min_replicas is not None or args.max_replicas is not None
     if args.replicas is None and not autoscaling and args.ray_address is None:
         serve(config)  # the embedded single-process server: Ray is never imported
@@ -427,6 +443,9 @@ def _add_serve(sub: Any) -> None:
     p.add_argument("--lora-dir", type=Path, default=None,
                    help="folder of LoRA .safetensors files that prompts name as <lora:NAME:WEIGHT> (A1111's)")
     p.add_argument("--embeddings-dir", type=Path, default=None, help=EMBEDDINGS_HELP)
+    p.add_argument("--controlnet-dir", type=Path, default=None,
+                   help="folder of ControlNets (files, diffusers folders) that A1111 units may name besides the "
+                        "engines' own; each runs in a ControlNet slot of the same architecture, no re-export")
     p.add_argument("--drain", type=float, default=ServeConfig.shutdown_drain_s,
                    help="on SIGTERM/SIGINT, seconds queued work may still run; what is left then gets 503")
     p.add_argument("--replicas", type=int, default=None,

@@ -10,10 +10,12 @@ resized as sd-webui-controlnet's default "Crop and Resize": scaled to cover the 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from sdrt.controlnet_weights import ControlNetSlots, controlnet_label
 from sdrt.errors import InputError
 from sdrt.images import Picture, picture, read_image
 from sdrt.manifest import ModelInfo
@@ -76,19 +78,37 @@ def _modes(mode: Any, guess_mode: bool, count: int) -> tuple[str, ...]:
     return tuple(modes)
 
 
-def build_control(model: ModelInfo, control_image: Any, scale: Any, start: Any, end: Any, size: Size, batch: int,
-                  hires: bool, mode: Any = None, guess_mode: bool = False) -> Control:
-    """The request's Control group; nothing (Control()) without a control_image."""
-    if control_image is None:
-        given = [n for n, v in (("controlnet_conditioning_scale", scale), ("control_guidance_start", start),
-                                ("control_guidance_end", end), ("control_mode", mode),
-                                ("guess_mode", guess_mode or None)) if v is not None]
-        if given:
-            raise InputError(f"{', '.join(given)} set without a control_image: pass the hint image(s) as well")
-        return Control()
-    if hires:
-        raise InputError("hires fix with a ControlNet is not supported yet: leave enable_hr off, or the control image out")
-    hints = _hints(model, control_image)
+def _files(slots: ControlNetSlots, given: Any, count: int) -> tuple[str, ...]:
+    """controlnet_model: the file (or diffusers folder) each ControlNet runs with instead of its exported
+    weights: one for the first ControlNet, a list in export order (None: the exported one), or a mapping
+    from the exported names; each checked to fit now."""
+    names = slots.names
+    if isinstance(given, dict):
+        unknown = [k for k in given if k not in names]
+        if unknown:
+            raise InputError(f"controlnet_model names {unknown[0]!r}; these engines' ControlNets are "
+                             f"{', '.join(names)}")
+        given = [given.get(name) for name in names]
+    values = list(given) if isinstance(given, (list, tuple)) else [given]
+    if len(values) > len(names):
+        raise InputError(f"controlnet_model: {len(values)} models for {len(names)} ControlNet(s): give one per "
+                         "ControlNet at most, in export order")
+    files = []
+    for j, value in enumerate(values):
+        if value is None or value == "":
+            files.append("")
+            continue
+        if not isinstance(value, (str, Path)):
+            raise InputError(f"controlnet_model must be paths (a file or a diffusers folder), got {value!r}")
+        if j >= count:
+            raise InputError(f"controlnet_model {value} for ControlNet {names[j]!r}, which has no control image: "
+                             "give its hint as well")
+        files.append(slots.check(j, value))
+    return tuple(files)
+
+
+def _hint_rows(hints: list[Any], size: Size, batch: int) -> tuple[tuple[Picture, ...], ...]:
+    """Per row, each ControlNet's hint crop-resized to size (a zero hint for one left off)."""
     per_row: list[list[Picture]] = [[] for _ in range(batch)]
     off = Picture(np.zeros((size.height, size.width, 3), np.uint8))
     for j, hint in enumerate(hints):
@@ -102,6 +122,26 @@ def build_control(model: ModelInfo, control_image: Any, scale: Any, start: Any, 
         for row, value in enumerate(values):
             per_row[row].append(picture(crop_and_resize(read_image(value, f"control image {j}"), size.width,
                                                         size.height)))
+    return tuple(tuple(row) for row in per_row)
+
+
+def build_control(model: ModelInfo, control_image: Any, scale: Any, start: Any, end: Any, size: Size, batch: int,
+                  hires: Size | None = None, mode: Any = None, guess_mode: bool = False, controlnet_model: Any = None,
+                  slots: Any = None) -> Control:
+    """The request's Control group; nothing (Control()) without a control_image. hires: the second pass's
+    size with hires fix (the hints are crop-resized for it too); slots: the engines' ControlNetSlots, for
+    controlnet_model."""
+    if control_image is None:
+        given = [n for n, v in (("controlnet_conditioning_scale", scale), ("control_guidance_start", start),
+                                ("control_guidance_end", end), ("control_mode", mode),
+                                ("guess_mode", guess_mode or None), ("controlnet_model", controlnet_model))
+                 if v is not None]
+        if given:
+            raise InputError(f"{', '.join(given)} set without a control_image: pass the hint image(s) as well")
+        return Control()
+    hints = _hints(model, control_image)
+    images = _hint_rows(hints, size, batch)
+    hires_images = _hint_rows(hints, hires, batch) if hires is not None else ()
     count = len(hints)
     scales = _per_controlnet(scale, count, 1.0, "controlnet_conditioning_scale")
     scales = tuple(0.0 if h is None else v for h, v in zip(hints, scales))
@@ -111,7 +151,10 @@ def build_control(model: ModelInfo, control_image: Any, scale: Any, start: Any, 
         if not 0.0 <= s < e <= 1.0:
             raise InputError(f"a ControlNet's guidance window must have 0 <= start < end <= 1 (fractions of the "
                              f"steps), got start {s}, end {e}")
-    models = tuple("" if h is None else name for h, name in zip(hints, model.controlnets))  # "": off
-    return Control(tuple(tuple(row) for row in per_row), models, scales, starts, ends,
-                   _modes(mode, guess_mode, count))
+    files = () if controlnet_model is None else _files(slots, controlnet_model, count)
+    files += ("",) * (count - len(files))
+    models = tuple("" if h is None else controlnet_label(f) if f else name  # "": off
+                   for h, name, f in zip(hints, model.controlnets, files))
+    return Control(images, models, scales, starts, ends, _modes(mode, guess_mode, count), files if any(files) else (),
+                   hires_images)
 

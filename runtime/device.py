@@ -52,7 +52,7 @@ class Engines:
         self.manifest = manifest
         self.low_vram = low_vram
         self.loaded: dict[str, Engine] = {}
-        self.loras: tuple[tuple[str, float], ...] = ()  # the LoRAs the engines run with now
+        self.adapters: tuple = ((), ())  # (LoRAs, ControlNet files) the engines run with now (Pipeline._apply_loras)
         self.weights: dict[str, dict[str, np.ndarray]] = {}  # their changed weights, by component
 
     def __getitem__(self, name: str) -> Engine:
@@ -65,13 +65,13 @@ class Engines:
             self.loaded[name] = self.backend.load(self.engine_dir, self.manifest, name, self.weights.get(name))
         return self.loaded[name]
 
-    def set_weights(self, loras: tuple[tuple[str, float], ...], weights: dict[str, dict[str, np.ndarray]]) -> None:
-        """The engines' changed weights become `weights` (those of `loras`); engines loaded later get them too."""
+    def set_weights(self, adapters: tuple, weights: dict[str, dict[str, np.ndarray]]) -> None:
+        """The engines' changed weights become `weights` (those of `adapters`); engines loaded later get them too."""
         self.backend.synchronize()
         for name in set(weights) | set(self.weights):
             if name in self.loaded:
                 self.loaded[name].set_weights(weights.get(name, {}))
-        self.weights, self.loras = weights, loras
+        self.weights, self.adapters = weights, adapters
 
 
 class Device:

@@ -3,6 +3,8 @@ image-to-image at the hires size from the upscaled result, with the same seeds, 
 
 The second pass is exactly Pipeline.generate of an img2img request (tested bit for bit): from the upscaled
 images (the pixel upscalers), or from the upscaled latents (A1111's "Latent" family, no VAE round trip).
+ControlNets guide both passes (sd-webui-controlnet's default hr_option "Both"), each with the hints
+crop-resized from the images sent to its own size.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ def second_pass(pipe: "Pipeline", config: GenerationConfig, rows: list[int], ima
         strength=hires.strength, clip_skip=prompts.clip_skip, loras=list(prompts.loras),
         skip_guidance_layers=list(skip.layers) or None, skip_layer_guidance_scale=skip.scale,
         skip_layer_guidance_start=skip.start, skip_layer_guidance_stop=skip.stop, **image)
+    if sub.control.images:  # the hints at this pass's size, the first pass's ControlNet settings and weights
+        second = replace(second, control=replace(sub.control, images=sub.control.hires_images, hires_images=()))
     if not hires.prompt:  # the first pass's prompts as they were read (their LoRA tags already applied)
         second = replace(second, prompts=replace(second.prompts, prompt=prompts.prompt, chunks=prompts.chunks))
     if not hires.negative_prompt:  # None stays None (no negative: SDXL's zeros), not the encoded ""

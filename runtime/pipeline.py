@@ -25,6 +25,7 @@ from sdrt.backends import select_backend
 from sdrt.backends.base import Backend
 from sdrt.conditioning import condition, skip_inputs, skip_rows
 from sdrt.control import control_inputs, control_scale_rows
+from sdrt.controlnet_weights import ControlNetSlots
 from sdrt.decode import decode, finish, tiles_decode
 from sdrt.device import Device
 from sdrt.embeddings import Embeddings, use_embeddings
@@ -105,10 +106,23 @@ class Pipeline:
     def _lora_index(self) -> LoraIndex:
         return LoraIndex(self.engine_dir, self.manifest)
 
-    def _apply_loras(self, loras: tuple[tuple[str, float], ...]) -> None:
-        """Sets the engines' weights to base + the deltas of loras (weight-0 LoRAs change nothing)."""
-        if loras != self.device.engines.loras:
-            self.device.engines.set_weights(loras, self._lora_index.weights(loras))
+    @cached_property
+    def _controlnet_slots(self) -> ControlNetSlots:
+        return ControlNetSlots(self.engine_dir, self.manifest)
+
+    def _apply_loras(self, loras: tuple[tuple[str, float], ...], controlnets: tuple[str, ...] = ()) -> None:
+        """Sets the engines' weights to base + the deltas of loras (weight-0 LoRAs change nothing), and the
+        ControlNets' to those of `controlnets` (Control.files: "" keeps the exported ones)."""
+        if (loras, controlnets) != self.device.engines.adapters:
+            weights = self._lora_index.weights(loras)
+            if any(controlnets):  # the ControlNets' parameters, apart from the U-Net's that LoRAs change
+                weights[STEP] = {**weights.get(STEP, {}), **self._controlnet_slots.all_weights(controlnets)}
+            self.device.engines.set_weights((loras, controlnets), weights)
+
+    def apply_weights(self, config: GenerationConfig) -> None:
+        """Puts config's LoRAs and ControlNet weights into the engines now (generate does it when they differ
+        from the last request's): a caller can pay a switch before the first step."""
+        self._apply_loras(config.prompts.loras, config.control.files)
 
     # --- the request --------------------------------------------------------------------------
 
@@ -120,7 +134,7 @@ class Pipeline:
             name = next(c.name for c in self.model.conditioning if c.layout == CFG)
             step_rows = self.manifest.plans.components[STEP].profile[name]["max"][0]
         return Accepts(self.limits, self.model, self.schedule, tuple(self.tokenizers.values()), self._lora_index,
-                       self.lora_dir, self.loras, self.manifest.skippable_blocks, step_rows)
+                       self.lora_dir, self.loras, self.manifest.skippable_blocks, step_rows, self._controlnet_slots)
 
     def make_config(self, prompt: str | list[str], **keywords: Any) -> GenerationConfig:
         """The request, validated against the engines' limits (sdrt.validation.build_request).
@@ -139,7 +153,9 @@ class Pipeline:
         image_latents: img2img from (C, h, w) latents per row; enable_hr and A1111's hr_ fields: hires fix (sdrt.hires).
         control_image (one per ControlNet, each an image or one per row), controlnet_conditioning_scale,
         control_guidance_start, _end, guess_mode, control_mode: engines exported with ControlNets
-        (sdrt.control_request, sdrt.control).
+        (sdrt.control_request, sdrt.control); controlnet_model: other ControlNets of the same architecture
+        to run instead of the exported ones (a path, one per ControlNet, or {exported name: path};
+        sdrt.controlnet_weights).
         Prompts are read as A1111 does (sdrt.prompts): `(emphasis:1.2)`, `[less]`, `BREAK`, 75-token chunks."""
         return build_request(self.accepts, prompt, **keywords)
 
@@ -182,7 +198,7 @@ class Pipeline:
                              "them in parts (the server runs such requests as successive batches)")
         if self.limits.batch[0] > config.batch:  # plans of one batch size: copies of the last row run, then go
             config = config.padded(self.limits.batch[0] - config.batch)
-        self._apply_loras(config.prompts.loras)
+        self.apply_weights(config)
 
         t0 = time.perf_counter()
         inputs = condition(self.device, self.tokenizers, config)

@@ -145,6 +145,10 @@ class Control:
     start: tuple[float, ...] = ()
     end: tuple[float, ...] = ()
     modes: tuple[str, ...] = ()  # () for every hint: balanced
+    files: tuple[str, ...] = ()  # per ControlNet given a hint: the resolved file whose weights it runs with instead
+    # of the exported ones ("" or missing: the exported ones; sdrt.controlnet_weights)
+    # hires fix: the same hints crop-resized from what was sent to the second pass's size (sdrt.hires)
+    hires_images: tuple[tuple[Picture, ...], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.modes:  # frozen: the default filled in once, so readers need no fallback
@@ -153,7 +157,7 @@ class Control:
 
 # (group, field) of each field with one entry per row
 ROW_FIELDS = (("prompts", "prompt"), ("prompts", "negative_prompt"), ("sampler", "seeds"), ("image", "images"),
-              ("image", "masks"), ("image", "latents"), ("control", "images"))
+              ("image", "masks"), ("image", "latents"), ("control", "images"), ("control", "hires_images"))
 _NOT_SHARED = set(ROW_FIELDS) | {("sampler", "seed")}  # seed: row 0's, so a row of its own too
 
 

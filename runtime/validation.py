@@ -43,6 +43,7 @@ class Accepts:
     default_loras: tuple[tuple[str, float], ...]  # Pipeline.set_loras': for requests that name none
     skippable_blocks: int  # the MMDiT blocks skip-layer guidance can skip (0: none)
     step_rows: int | None  # the most rows the step's plan takes; None on ONNX Runtime
+    controlnet_slots: Any = None  # sdrt.controlnet_weights.ControlNetSlots: where other ControlNets' weights go
 
     @property
     def where(self) -> str:
@@ -73,7 +74,7 @@ def build_request(accepts: Accepts, prompt: str | list[str], negative_prompt: st
                   skip_layer_guidance_stop: float | None = None, image_latents: Any = None,
                   control_image: Any = None, controlnet_conditioning_scale: Any = None,
                   control_guidance_start: Any = None, control_guidance_end: Any = None, control_mode: Any = None,
-                  guess_mode: bool = False,
+                  guess_mode: bool = False, controlnet_model: Any = None,
                   **hires: Any) -> GenerationConfig:
     """The request, checked group by group (the order decides which error a request with several gets)."""
     defaults = accepts.model.defaults
@@ -100,7 +101,9 @@ def build_request(accepts: Accepts, prompt: str | list[str], negative_prompt: st
     hires_fix = build_hires(size, sampler.steps, accepts.schedule, has_image, accepts.model.size_multiple,
                             lambda s: _size(accepts, s.height, s.width, []), **hires)
     control = build_control(accepts.model, control_image, controlnet_conditioning_scale, control_guidance_start,
-                            control_guidance_end, size, len(prompts), hires_fix.enabled, control_mode, guess_mode)
+                            control_guidance_end, size, len(prompts), hires_fix.size if hires_fix.enabled else None,
+                            control_mode, guess_mode,
+                            controlnet_model, accepts.controlnet_slots)
     return GenerationConfig(prompt_group, size, sampler, guided, images, micro, skip, hires_fix, control)
 
 

@@ -222,6 +222,31 @@ def test_engines_with_controlnets_run_plain_prompts_as_the_plain_engines(tiny_en
     np.testing.assert_allclose(with_cn(PROMPT, **kwargs)[0], plain(PROMPT, **kwargs)[0], atol=1)
 
 
+def test_hires_fix_runs_the_controlnet_in_both_passes_with_the_hint_resized_for_each(one_cn_engines):
+    from PIL import Image
+
+    from sdrt.control_request import crop_and_resize
+
+    pipe = Pipeline.load(one_cn_engines, backend="ort-cpu")
+    sent = hint(4, size=160)  # larger than either pass: each crop-resizes it from what was sent
+    common = dict(negative_prompt=NEGATIVE, seed=3, height=SIZE, width=SIZE, scheduler="euler",
+                  controlnet_conditioning_scale=0.8, control_guidance_start=0.2)
+    hires = pipe.generate(pipe.make_config(PROMPT, steps=4, control_image=sent, enable_hr=True, hr_scale=1.5,
+                                           hr_upscaler="Lanczos", denoising_strength=0.6, **common))
+    first = pipe.generate(pipe.make_config(PROMPT, steps=4, control_image=sent, **common))
+    up = np.asarray(Image.fromarray(first.images[0]).resize((96, 96), Image.Resampling.LANCZOS))
+    second = {**common, "height": 96, "width": 96}
+    want = pipe.generate(pipe.make_config(PROMPT, steps=4, image=up, strength=0.6, control_image=sent, **second))
+    np.testing.assert_array_equal(hires.images, want.images)
+    resized = np.asarray(crop_and_resize(Image.fromarray(sent), 96, 96))
+    np.testing.assert_array_equal(pipe.make_config(PROMPT, control_image=sent, **second).control.images[0][0].pixels,
+                                  resized)
+    plain = {k: v for k, v in second.items() if not k.startswith("control")}
+    without = pipe.generate(pipe.make_config(PROMPT, steps=4, image=up, strength=0.6, **plain))
+    assert_changed(hires.images, without.images, by=MAX_PIXEL_ERROR)  # the second pass is guided too
+    assert "ControlNet 0: " in hires.parameters(0) and "Hires upscaler: Lanczos" in hires.parameters(0)
+
+
 def test_a_hint_of_another_size_is_cropped_and_resized_as_a1111(one_cn_engines):
     from PIL import Image
 
@@ -298,7 +323,6 @@ def test_control_modes_match_diffusers(mode, tiny_model, controlnets, one_cn_eng
     (dict(control_image=[hint(1)], controlnet_conditioning_scale=[1.0, 0.5]), "2 values for 1"),
     (dict(control_image=[hint(1)], control_guidance_start=0.6, control_guidance_end=0.5), "start < end"),
     (dict(controlnet_conditioning_scale=0.5), "without a control_image"),
-    (dict(control_image=[hint(1)], enable_hr=True), "hires fix with a ControlNet"),
     (dict(control_image=["not an image"]), "control image 0"),
     (dict(control_image=[hint(1)], control_mode="strong"), "'strong' is not one of balanced, prompt, control, guess"),
     (dict(control_image=[hint(1)], control_mode="prompt", guess_mode=True), "give one"),
@@ -410,7 +434,11 @@ def test_the_manifest_records_the_controlnets(two_cn_engines, controlnets):
 
 def test_an_sdxl_controlnet_matches_diffusers(tiny_sdxl_model, tmp_path, monkeypatch):
     net = write_test_controlnet(tiny_sdxl_model, tmp_path / "sdxl-canny", 1)
-    export(ExportConfig(tiny_sdxl_model, tmp_path / "e", precision="fp32", controlnets=(net,)), progress=False)
+    manifest = export(ExportConfig(tiny_sdxl_model, tmp_path / "e", precision="fp32", controlnets=(net,)),
+                      progress=False)
+    step = manifest.components["denoise_step"]  # every parameter its own initializer: the ControlNet swaps
+    params = dict(diffusers.ControlNetModel.from_pretrained(net).named_parameters())
+    assert set(step.control_weights) == {f"controlnets.0.{k}" for k in params} and not step.control_unnamed
     ours, noise = sdrt_controlnet(tmp_path / "e", "euler", 4, control_image=hint(1), controlnet_conditioning_scale=0.7)
     base = diffusers.StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_model)
     components = {k: v for k, v in base.components.items() if k not in ("image_encoder", "feature_extractor")}
@@ -488,9 +516,10 @@ def test_the_a1111_api_takes_sd_webui_controlnet_units(two_cn_engines):
         assert 'ControlNet 1: "Module: none, Model: depth, Weight: 0.8' in info and "ControlNet 0" not in info
         assert "Control Mode: My prompt is more important" in info
         for change, match in ((dict(module="openpose_full"), "preprocessor 'openpose_full' is not implemented"),
-                              (dict(model="openpose"), "model 'openpose' is not in these engines"),
+                              (dict(model="openpose"), "model 'openpose' is neither in these engines"),
                               (dict(weight="heavy"), "finite"), (dict(image=None), "has no image"),
-                              (dict(control_mode="Strong"), "control_mode 'Strong' is not one of")):
+                              (dict(control_mode="Strong"), "control_mode 'Strong' is not one of"),
+                              (dict(hr_option="Low res only"), "hr_option 'Low res only' is not implemented")):
             bad = dict(body, alwayson_scripts={"controlnet": {"args": [dict(unit, **change)]}})
             r = httpx.post(f"{live.url}/sdapi/v1/txt2img", json=bad, timeout=60)
             assert r.status_code == 400 and match in r.text, (change, r.text)
@@ -541,6 +570,10 @@ def test_sd15_controlnet_fp16_export_and_tensorrt_rtx_plan(sd15_model, tmp_path)
     manifest = export(ExportConfig(sd15_model, engines, precision="fp16", controlnets=(net,)), progress=False)
     export_s = time.perf_counter() - start
     assert all(v["error"] <= v["tolerance"] for v in manifest.validation.values())
+    step_spec = manifest.components["denoise_step"]  # every parameter its own initializer: the ControlNet swaps
+    named = sum(np.prod(step_spec.control_weights[f"controlnets.0.{k}"].shape) for k, _ in
+                diffusers.ControlNetModel.from_pretrained(net).named_parameters())
+    assert named == SD15_CONTROLNET_PARAMETERS and not step_spec.control_unnamed
     start = time.perf_counter()
     manifest = build(BuildConfig(engines, shapes="static:512x512,batch=1", archs=("sm89",)), progress=False)
     build_s = time.perf_counter() - start

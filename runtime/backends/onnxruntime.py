@@ -155,9 +155,11 @@ class OrtBackend(Backend):
         graph = self.graph(manifest, component)
 
         def session(w: Mapping[str, np.ndarray]) -> tuple[Any, list[Any]]:
-            # a LoRA's weights are the plain graph's initializers: where the optimized graph packed some
-            # (self-attention's q, k, v), the LoRA runs on the plain graph until the LoRAs are cleared
-            use = graph if graph is not None and (graph.lora_weights or not w) else None
+            # a LoRA's and a swapped ControlNet's weights are the plain graph's initializers: where the optimized
+            # graph packed some (self-attention's q, k, v), they run on the plain graph until they are cleared
+            holds = graph is not None and graph.lora_weights and (
+                graph.control_weights or not any(name in spec.control_weights for name in w))
+            use = graph if graph is not None and (holds or not w) else None
             path = Path(engine_dir) / (use.onnx if use is not None else spec.onnx)
             self.graphs[component] = path.name
             return self._session(path, spec, w)

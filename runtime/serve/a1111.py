@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request
 
 from sdrt.embeddings import Embedding
 from sdrt.errors import InputError
+from sdrt.controlnet_weights import available_controlnets
 from sdrt.loras import available_loras
 from sdrt.schedulers import A1111_SCHEDULE_TYPES, a1111_labels
 from sdrt.serve.a1111_requests import Img2ImgRequest, Txt2ImgRequest, a1111_config, a1111_info, a1111_title
@@ -141,7 +142,8 @@ def controlnet_router(server: Server) -> APIRouter:
     async def model_list(request: Request) -> Any:
         if (refusal := server.not_ready(request)) is not None:
             return refusal
-        return {"model_list": list(server.pipeline.model.controlnets)}
+        return {"model_list": list(dict.fromkeys([*server.pipeline.model.controlnets,
+                                                  *available_controlnets(server.config.controlnet_dir)]))}
 
     @router.get("/module_list")
     async def module_list() -> dict:

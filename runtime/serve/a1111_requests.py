@@ -23,6 +23,7 @@ from sdrt.png import a1111_sampler
 from sdrt.request import IMG2IMG_STRENGTH, INPAINTING_FILLS, GenerationConfig, ImageInput
 from sdrt.schedulers import A1111_SAMPLERS, SAMPLERS, a1111_labels, from_a1111
 from sdrt.serve.config import ServeConfig
+from sdrt.controlnet_weights import available_controlnets
 from sdrt.serve.controlnet_units import controlnet_keywords
 from sdrt.serve.request_fields import (Int, MicroConditioning, SkipLayerGuidance, check_common, decode_base64, first,
                                        random_if_unset)
@@ -193,7 +194,7 @@ def a1111_config(req: Txt2ImgRequest, pipe: Pipeline, cfg: ServeConfig, clip_ski
                             guidance=req.cfg_scale, scheduler=scheduler, height=req.height, width=req.width,
                             seed=random_if_unset(req.seed), **req.micro(), **req.images_in(),
                             **req.skip_layer_guidance(), **req.hires(scheduler),
-                            **req.clip_skip(pipe.model, clip_skip), **controlnet_keywords(req.alwayson_scripts, pipe.model),
+                            **req.clip_skip(pipe.model, clip_skip), **controlnet_keywords(req.alwayson_scripts, pipe.model, available_controlnets(cfg.controlnet_dir)),
                             max_rows=cfg.max_images_per_request)
 
 

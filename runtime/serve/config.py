@@ -35,6 +35,7 @@ class ServeConfig:
     max_header_bytes: int = 16 * 1024  # request line and headers; larger ones get a 431
     lora_dir: Path | None = None  # where prompts' <lora:NAME:WEIGHT> tags resolve (A1111's --lora-dir)
     embeddings_dir: Path | None = None  # textual-inversion embeddings, by file name (A1111's --embeddings-dir)
+    controlnet_dir: Path | None = None  # ControlNets units may name besides the engines' (A1111's models/ControlNet)
 
     @staticmethod
     def token_from_env() -> str | None:

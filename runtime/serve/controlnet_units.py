@@ -5,11 +5,14 @@ A unit names its model (A1111 writes "name [hash]"; the hash is ignored), sends 
 `weight`, `guidance_start` and `guidance_end`. Only what sdrt implements is accepted: the "none"
 preprocessor (the image is the hint) and "canny" (`threshold_a` / `_b` its low / high thresholds, run at
 the image's own size: `processor_res` is not applied), "Crop and Resize", and the three control modes
-(`control_mode` by name or index; sdrt.control gives their weights); anything else is refused by name. Units are matched to the engines' ControlNets by name, so their order is free.
+(`control_mode` by name or index; sdrt.control gives their weights); anything else is refused by name.
+Units are matched to the engines' ControlNets by name, so their order is free; a unit naming a model of
+the server's ControlNet folder runs it in a slot no unit names (sdrt.controlnet_weights).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
@@ -26,6 +29,7 @@ NO_PREPROCESSOR = ("none", "None", None, "")
 CANNY = "canny"
 CANNY_THRESHOLDS = (100.0, 200.0)  # sd-webui-controlnet's defaults for threshold_a, threshold_b
 CROP_AND_RESIZE = ("Crop and Resize", "Inner Fit (Scale to Fit)", 1)
+HR_BOTH = "Both"  # sd-webui-controlnet's hr_option default: the unit guides both passes of hires fix
 # a unit's control_mode, by name or index -> sdrt's (sdrt.control)
 CONTROL_MODES: dict[Any, str] = {**{name: mode for mode, name in A1111_CONTROL_MODES.items()},
                                  **dict(enumerate(A1111_CONTROL_MODES))}
@@ -40,14 +44,41 @@ def _unit_image(unit: Mapping[str, Any], i: int) -> bytes:
     return decode_base64(value, f"ControlNet unit {i} image")
 
 
-def _model_index(model: ModelInfo, name: Any, i: int) -> int:
-    plain = str(name or "").split(" [")[0].strip().lower()
-    for j, have in enumerate(model.controlnets):
-        if plain == have.lower():
-            return j
-    listed = ", ".join(model.controlnets) or "none (export with --controlnet)"
-    raise InputError(f"ControlNet unit {i}: model {name!r} is not in these engines; they have: {listed} "
-                     "(GET /controlnet/model_list)")
+def _plain(name: Any) -> str:
+    return str(name or "").split(" [")[0].strip().lower()  # A1111 writes "name [hash]"
+
+
+def _slots(units: dict[int, Any], model: ModelInfo,
+           available: Mapping[str, Path]) -> tuple[dict[int, tuple[int, Any]], dict[int, Path]]:
+    """The enabled units (by index) -> slot: (index, unit) of the ControlNet slot each runs in, and the file
+    swapped into a slot.
+    A unit naming an exported ControlNet takes its slot; one naming a file of the ControlNet folder takes
+    the first slot left (its weights replace the exported ones: sdrt.controlnet_weights)."""
+    exported = [have.lower() for have in model.controlnets]
+    files = {name.lower(): path for name, path in available.items()}
+    chosen: dict[int, Any] = {}
+    swapped: dict[int, Path] = {}
+    pending = []
+    for i, unit in units.items():
+        plain = _plain(unit.get("model"))
+        if plain in exported:
+            j = exported.index(plain)
+            if j in chosen:
+                raise InputError(f"ControlNet units {chosen[j][0]} and {i} both use {model.controlnets[j]}")
+            chosen[j] = (i, unit)
+        elif plain in files:
+            pending.append((i, unit, files[plain]))
+        else:
+            listed = ", ".join([*model.controlnets, *available]) or "none (export with --controlnet)"
+            raise InputError(f"ControlNet unit {i}: model {unit.get('model')!r} is neither in these engines nor "
+                             f"in the ControlNet folder; there are: {listed} (GET /controlnet/model_list)")
+    free = [j for j in range(len(model.controlnets)) if j not in chosen]
+    if len(pending) > len(free):
+        raise InputError(f"{len(units)} ControlNet units for engines with {len(model.controlnets)} ControlNet(s): "
+                         "send at most one unit per ControlNet the engines were exported with")
+    for j, (i, unit, path) in zip(free, pending):
+        chosen[j], swapped[j] = (i, unit), path
+    return chosen, swapped
 
 
 def _preprocessed(unit: Mapping[str, Any], image: bytes, i: int) -> Any:
@@ -68,15 +99,20 @@ def _check_unit(unit: Mapping[str, Any], i: int) -> None:
     if unit.get("resize_mode", CROP_AND_RESIZE[0]) not in CROP_AND_RESIZE:
         raise InputError(f"ControlNet unit {i}: resize_mode {unit['resize_mode']!r} is not implemented; use "
                          "'Crop and Resize' (the default), or send the hint at the image's size")
+    if unit.get("hr_option", HR_BOTH) not in (HR_BOTH, 0):
+        raise InputError(f"ControlNet unit {i}: hr_option {unit['hr_option']!r} is not implemented; sdrt runs a unit in "
+                         f"both passes of hires fix ({HR_BOTH!r}, the default)")
     mode = unit.get("control_mode", "Balanced")
     if isinstance(mode, bool) or not isinstance(mode, (str, int)) or mode not in CONTROL_MODES:
         raise InputError(f"ControlNet unit {i}: control_mode {mode!r} is not one of "
                          f"{', '.join(repr(k) for k in CONTROL_MODES if isinstance(k, str))} (or 0, 1, 2)")
 
 
-def controlnet_keywords(scripts: Mapping[str, Any] | None, model: ModelInfo) -> dict[str, Any]:
-    """make_config's control_image, controlnet_conditioning_scale, control_guidance_start / _end and control_mode for the
-    enabled units (none: {}); ControlNets no unit names are off."""
+def controlnet_keywords(scripts: Mapping[str, Any] | None, model: ModelInfo,
+                        available: Mapping[str, Path] | None = None) -> dict[str, Any]:
+    """make_config's control_image, controlnet_conditioning_scale, control_guidance_start / _end, control_mode and
+    controlnet_model for the enabled units (none: {}); ControlNets no unit names are off. available: the
+    ControlNet folder's models (sdrt.controlnet_weights.available_controlnets)."""
     found = {k.lower(): v for k, v in (scripts or {}).items()}
     others = sorted(set(found) - {SCRIPT})
     if others:
@@ -85,19 +121,16 @@ def controlnet_keywords(scripts: Mapping[str, Any] | None, model: ModelInfo) -> 
     units = block.get("args", []) if isinstance(block, Mapping) else None
     if not isinstance(units, list) or not all(isinstance(u, Mapping) for u in units):
         raise InputError("alwayson_scripts.controlnet must be {\"args\": [unit, ...]}, each unit an object")
-    chosen: dict[int, Mapping[str, Any]] = {}
-    for i, unit in enumerate(units):
-        if not unit.get("enabled", True):
-            continue
+    enabled = {i: unit for i, unit in enumerate(units) if unit.get("enabled", True)}
+    for i, unit in enabled.items():
         _check_unit(unit, i)
-        j = _model_index(model, unit.get("model"), i)
-        if j in chosen:
-            raise InputError(f"ControlNet units {list(units).index(chosen[j])} and {i} both use {model.controlnets[j]}")
-        chosen[j] = dict(unit, image=_preprocessed(unit, _unit_image(unit, i), i))
-    if not chosen:
+    slots, swapped = _slots(enabled, model, available or {})
+    if not slots:
         return {}
+    chosen = {j: dict(unit, image=_preprocessed(unit, _unit_image(unit, i), i)) for j, (i, unit) in slots.items()}
     count = max(chosen) + 1
     units_by_net = [chosen.get(j) for j in range(count)]
+    files = {"controlnet_model": [swapped.get(j) for j in range(count)]} if swapped else {}
     return dict(control_image=[u["image"] if u else None for u in units_by_net] if len(model.controlnets) > 1
                 else units_by_net[0]["image"],  # type: ignore[index]
                 # the values as sent: build_request refuses what is not a finite number, naming the field
@@ -105,4 +138,4 @@ def controlnet_keywords(scripts: Mapping[str, Any] | None, model: ModelInfo) -> 
                 control_guidance_start=[u.get("guidance_start", 0.0) if u else 0.0 for u in units_by_net],
                 control_guidance_end=[u.get("guidance_end", 1.0) if u else 1.0 for u in units_by_net],
                 control_mode=[CONTROL_MODES[u.get("control_mode", "Balanced")] if u else "balanced"
-                              for u in units_by_net])
+                              for u in units_by_net], **files)

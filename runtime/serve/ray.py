@@ -105,12 +105,13 @@ def app_config(args: dict[str, str]) -> ServeConfig:
         raise InputError("pass engines=DIR (an engine directory on every node)")
     token = args.get("token") or os.environ.get("SDRT_TOKEN") or None
     return ServeConfig(Path(args["engines"]), backend=args.get("backend", "auto"), token=token,
-                       **{key: Path(args[key]) for key in ("lora_dir", "embeddings_dir") if args.get(key)})
+                       **{key: Path(args[key]) for key in ("lora_dir", "embeddings_dir", "controlnet_dir")
+                          if args.get(key)})
 
 
 def app(args: dict[str, str]) -> Any:
     """Ray Serve's application builder: `serve run sdrt.serve.ray:app engines=DIR [replicas=N |
-    min_replicas=A max_replicas=B] [backend=... token=... lora_dir=... embeddings_dir=... num_gpus=0|1]`
+    min_replicas=A max_replicas=B] [backend=... token=... lora_dir=... embeddings_dir=... controlnet_dir=... num_gpus=0|1]`
     or a RayService's import_path with args. num_gpus: a GPU per replica (default: whether the connected
     cluster has GPUs)."""
     import ray
