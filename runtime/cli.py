@@ -16,7 +16,7 @@ from sdrt.errors import InputError, SdrtError
 from sdrt.manifest import read_manifest
 from sdrt.pipeline import Pipeline
 from sdrt.png import save_png
-from sdrt.request import CONTROL_MODES, INPAINTING_FILLS, ImageInput, SkipLayers
+from sdrt.request import CONTROL_MODES, INPAINTING_FILLS, RESIZE_MODES, ImageInput, SkipLayers
 from sdrt.schedulers import SAMPLERS
 from sdrt.upscale import UPSCALERS
 from sdrt.serve.config import ServeConfig
@@ -146,7 +146,8 @@ def _control_args(args: argparse.Namespace) -> dict[str, Any]:
                 controlnet_conditioning_scale=one_or_each(args.control_scale),
                 control_guidance_start=one_or_each(args.control_start),
                 control_guidance_end=one_or_each(args.control_end),
-                control_mode=one_or_each(args.control_mode))
+                control_mode=one_or_each(args.control_mode),
+                control_resize_mode=one_or_each(args.control_resize_mode))
 
 
 def _controlnet_models(values: list[str]) -> Any:
@@ -171,6 +172,8 @@ def _add_control(p: argparse.ArgumentParser) -> None:
                        help="where its guidance starts, a fraction of the steps (default 0)")
     group.add_argument("--control-end", action="append", type=float, default=[],
                        help="where its guidance ends (default 1)")
+    group.add_argument("--control-resize-mode", action="append", choices=list(RESIZE_MODES), default=[],
+                       help="how a hint of another size is fitted (sd-webui-controlnet's; default Crop and Resize)")
     group.add_argument("--controlnet-model", action="append", default=[], metavar="[NAME=]PATH",
                        help="run another ControlNet of the same architecture (a file or a diffusers folder) in the "
                             "place of the exported one NAME (default: in export order); no re-export")

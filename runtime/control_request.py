@@ -3,8 +3,10 @@
 Python API names are diffusers': control_image (one image per ControlNet, each an image or a list of one
 per row, or None for a ControlNet left off; with one ControlNet, the image or list itself), controlnet_conditioning_scale and
 control_guidance_start / _end (a number for all, or one per ControlNet), guess_mode; and control_mode
-(sdrt.control: sd-webui-controlnet's control modes). A hint of another size is
-resized as sd-webui-controlnet's default "Crop and Resize": scaled to cover the image, centre-cropped.
+(sdrt.control: sd-webui-controlnet's control modes); controlnet_model (sdrt.controlnet_weights). A hint of
+another size is fitted by control_resize_mode, sd-webui-controlnet's resize modes: "Crop and Resize" (the
+default: scaled to cover the image, centre-cropped), "Just Resize", "Resize and Fill" (scaled to fit inside,
+on its border's median colour).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from sdrt.controlnet_weights import ControlNetSlots, controlnet_label
 from sdrt.errors import InputError
 from sdrt.images import Picture, picture, read_image
 from sdrt.manifest import ModelInfo
-from sdrt.request import CONTROL_MODES, Control, Size
+from sdrt.request import CONTROL_MODES, CROP_AND_RESIZE, RESIZE_MODES, Control, Size
 
 
 def crop_and_resize(image: Any, width: int, height: int) -> Any:
@@ -33,6 +35,34 @@ def crop_and_resize(image: Any, width: int, height: int) -> Any:
     scaled = image.resize((w, h), Image.Resampling.LANCZOS)
     left, top = (w - width) // 2, (h - height) // 2
     return scaled.crop((left, top, left + width, top + height))
+
+
+def resize_and_fill(image: Any, width: int, height: int) -> Any:
+    """A PIL image scaled (Lanczos) to fit inside width x height, centred on the median colour of its
+    border (sd-webui-controlnet's "Resize and Fill")."""
+    from PIL import Image
+
+    if image.size == (width, height):
+        return image
+    pixels = np.asarray(image.convert("RGB"))
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    out = np.tile(np.median(border, axis=0).astype(np.uint8), (height, width, 1))
+    k = min(width / image.width, height / image.height)
+    w, h = min(width, round(image.width * k)), min(height, round(image.height * k))
+    scaled = np.asarray(image.convert("RGB").resize((w, h), Image.Resampling.LANCZOS))
+    top, left = (height - h) // 2, (width - w) // 2
+    out[top:top + h, left:left + w] = scaled
+    return Image.fromarray(out)
+
+
+def just_resize(image: Any, width: int, height: int) -> Any:
+    """A PIL image scaled (Lanczos) to width x height, its aspect ratio not kept ("Just Resize")."""
+    from PIL import Image
+
+    return image if image.size == (width, height) else image.resize((width, height), Image.Resampling.LANCZOS)
+
+
+FITS = dict(zip(RESIZE_MODES, (just_resize, crop_and_resize, resize_and_fill)))  # sdrt.request.RESIZE_MODES
 
 
 def _one_per_hint(value: Any, count: int, default: Any, what: str) -> list[Any]:
@@ -107,8 +137,8 @@ def _files(slots: ControlNetSlots, given: Any, count: int) -> tuple[str, ...]:
     return tuple(files)
 
 
-def _hint_rows(hints: list[Any], size: Size, batch: int) -> tuple[tuple[Picture, ...], ...]:
-    """Per row, each ControlNet's hint crop-resized to size (a zero hint for one left off)."""
+def _hint_rows(hints: list[Any], size: Size, batch: int, fits: tuple[str, ...]) -> tuple[tuple[Picture, ...], ...]:
+    """Per row, each ControlNet's hint fitted to size by its resize mode (a zero hint for one left off)."""
     per_row: list[list[Picture]] = [[] for _ in range(batch)]
     off = Picture(np.zeros((size.height, size.width, 3), np.uint8))
     for j, hint in enumerate(hints):
@@ -120,29 +150,35 @@ def _hint_rows(hints: list[Any], size: Size, batch: int) -> tuple[tuple[Picture,
         if len(values) != batch:
             raise InputError(f"control image {j} must be one image or a list of {batch} (one per row), got {len(values)}")
         for row, value in enumerate(values):
-            per_row[row].append(picture(crop_and_resize(read_image(value, f"control image {j}"), size.width,
-                                                        size.height)))
+            per_row[row].append(picture(FITS[fits[j]](read_image(value, f"control image {j}"), size.width,
+                                                      size.height)))
     return tuple(tuple(row) for row in per_row)
 
 
 def build_control(model: ModelInfo, control_image: Any, scale: Any, start: Any, end: Any, size: Size, batch: int,
                   hires: Size | None = None, mode: Any = None, guess_mode: bool = False, controlnet_model: Any = None,
-                  slots: Any = None) -> Control:
+                  slots: Any = None, resize_mode: Any = None) -> Control:
     """The request's Control group; nothing (Control()) without a control_image. hires: the second pass's
     size with hires fix (the hints are crop-resized for it too); slots: the engines' ControlNetSlots, for
     controlnet_model."""
     if control_image is None:
         given = [n for n, v in (("controlnet_conditioning_scale", scale), ("control_guidance_start", start),
                                 ("control_guidance_end", end), ("control_mode", mode),
-                                ("guess_mode", guess_mode or None), ("controlnet_model", controlnet_model))
+                                ("guess_mode", guess_mode or None), ("controlnet_model", controlnet_model),
+                                ("control_resize_mode", resize_mode))
                  if v is not None]
         if given:
             raise InputError(f"{', '.join(given)} set without a control_image: pass the hint image(s) as well")
         return Control()
     hints = _hints(model, control_image)
-    images = _hint_rows(hints, size, batch)
-    hires_images = _hint_rows(hints, hires, batch) if hires is not None else ()
     count = len(hints)
+    fits = tuple(_one_per_hint(resize_mode, count, CROP_AND_RESIZE, "control_resize_mode"))
+    bad = [m for m in fits if m not in RESIZE_MODES]
+    if bad:
+        raise InputError(f"control_resize_mode {bad[0]!r} is not one of {', '.join(RESIZE_MODES)} (sd-webui-controlnet's; "
+                         f"default {CROP_AND_RESIZE})")
+    images = _hint_rows(hints, size, batch, fits)
+    hires_images = _hint_rows(hints, hires, batch, fits) if hires is not None else ()
     scales = _per_controlnet(scale, count, 1.0, "controlnet_conditioning_scale")
     scales = tuple(0.0 if h is None else v for h, v in zip(hints, scales))
     starts = _per_controlnet(start, count, 0.0, "control_guidance_start")
@@ -156,5 +192,5 @@ def build_control(model: ModelInfo, control_image: Any, scale: Any, start: Any, 
     models = tuple("" if h is None else controlnet_label(f) if f else name  # "": off
                    for h, name, f in zip(hints, model.controlnets, files))
     return Control(images, models, scales, starts, ends, _modes(mode, guess_mode, count), files if any(files) else (),
-                   hires_images)
+                   hires_images, fits)
 

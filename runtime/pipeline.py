@@ -153,7 +153,8 @@ class Pipeline:
         image_latents: img2img from (C, h, w) latents per row; enable_hr and A1111's hr_ fields: hires fix (sdrt.hires).
         control_image (one per ControlNet, each an image or one per row), controlnet_conditioning_scale,
         control_guidance_start, _end, guess_mode, control_mode: engines exported with ControlNets
-        (sdrt.control_request, sdrt.control); controlnet_model: other ControlNets of the same architecture
+        (sdrt.control_request, sdrt.control); control_resize_mode (sd-webui-controlnet's: "Crop and Resize",
+        "Just Resize", "Resize and Fill"); controlnet_model: other ControlNets of the same architecture
         to run instead of the exported ones (a path, one per ControlNet, or {exported name: path};
         sdrt.controlnet_weights).
         Prompts are read as A1111 does (sdrt.prompts): `(emphasis:1.2)`, `[less]`, `BREAK`, 75-token chunks."""

@@ -55,10 +55,11 @@ def control_fields(config: GenerationConfig) -> str:
     """sd-webui-controlnet's unit fields (`ControlNet 0: "Module: none, Model: …"`), the ones sdrt has."""
     control = config.control
     return "".join(
-        f'ControlNet {j}: "Module: none, Model: {model}, Weight: {scale:g}, Resize Mode: Crop and Resize, '
+        f'ControlNet {j}: "Module: none, Model: {model}, Weight: {scale:g}, Resize Mode: {fit}, '
         f'Guidance Start: {start:g}, Guidance End: {end:g}, {_control_mode(mode)}", '
-        for j, (model, scale, start, end, mode) in enumerate(zip(control.models, control.scales, control.start,
-                                                                 control.end, control.modes)) if model)
+        for j, (model, scale, start, end, mode, fit) in enumerate(zip(control.models, control.scales, control.start,
+                                                                      control.end, control.modes,
+                                                                      control.resize_modes)) if model)
 
 
 def _control_mode(mode: str) -> str:

@@ -127,6 +127,9 @@ class Hires:
 
 
 CONTROL_MODES = ("balanced", "prompt", "control", "guess")  # their weights: sdrt.control
+# how a hint of another size meets the image's, sd-webui-controlnet's names in its order (its API's indices 0-2)
+RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")
+CROP_AND_RESIZE = RESIZE_MODES[1]  # the extension's default
 # sd-webui-controlnet's names of the control modes it has, in its order (its API's indices 0, 1, 2)
 A1111_CONTROL_MODES = {"balanced": "Balanced", "prompt": "My prompt is more important",
                        "control": "ControlNet is more important"}
@@ -150,9 +153,13 @@ class Control:
     # hires fix: the same hints crop-resized from what was sent to the second pass's size (sdrt.hires)
     hires_images: tuple[tuple[Picture, ...], ...] = ()
 
+    resize_modes: tuple[str, ...] = ()  # RESIZE_MODES, one per hint; () for every hint: Crop and Resize
+
     def __post_init__(self) -> None:
-        if not self.modes:  # frozen: the default filled in once, so readers need no fallback
+        if not self.modes:  # frozen: the defaults filled in once, so readers need no fallback
             object.__setattr__(self, "modes", ("balanced",) * len(self.scales))
+        if not self.resize_modes:
+            object.__setattr__(self, "resize_modes", (CROP_AND_RESIZE,) * len(self.scales))
 
 
 # (group, field) of each field with one entry per row

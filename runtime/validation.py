@@ -74,7 +74,7 @@ def build_request(accepts: Accepts, prompt: str | list[str], negative_prompt: st
                   skip_layer_guidance_stop: float | None = None, image_latents: Any = None,
                   control_image: Any = None, controlnet_conditioning_scale: Any = None,
                   control_guidance_start: Any = None, control_guidance_end: Any = None, control_mode: Any = None,
-                  guess_mode: bool = False, controlnet_model: Any = None,
+                  guess_mode: bool = False, controlnet_model: Any = None, control_resize_mode: Any = None,
                   **hires: Any) -> GenerationConfig:
     """The request, checked group by group (the order decides which error a request with several gets)."""
     defaults = accepts.model.defaults
@@ -103,7 +103,7 @@ def build_request(accepts: Accepts, prompt: str | list[str], negative_prompt: st
     control = build_control(accepts.model, control_image, controlnet_conditioning_scale, control_guidance_start,
                             control_guidance_end, size, len(prompts), hires_fix.size if hires_fix.enabled else None,
                             control_mode, guess_mode,
-                            controlnet_model, accepts.controlnet_slots)
+                            controlnet_model, accepts.controlnet_slots, control_resize_mode)
     return GenerationConfig(prompt_group, size, sampler, guided, images, micro, skip, hires_fix, control)
 
 

@@ -261,6 +261,37 @@ def test_a_hint_of_another_size_is_cropped_and_resized_as_a1111(one_cn_engines):
     np.testing.assert_array_equal(given.control.images[0][0].pixels, np.asarray(cropped))
 
 
+def test_the_resize_modes_fit_a_hint_as_sd_webui_controlnet():
+    from PIL import Image
+
+    from sdrt.control_request import just_resize, resize_and_fill
+
+    wide = np.zeros((40, 80, 3), np.uint8)
+    wide[:, :] = (10, 20, 30)  # its border's colour
+    wide[10:30, 20:60] = 255
+    filled = np.asarray(resize_and_fill(Image.fromarray(wide), 64, 64))
+    assert filled.shape == (64, 64, 3)
+    assert (filled[:16] == (10, 20, 30)).all() and (filled[48:] == (10, 20, 30)).all()  # 64x32 centred, bands above and below
+    np.testing.assert_array_equal(filled[16:48], np.asarray(Image.fromarray(wide).resize((64, 32), Image.LANCZOS)))
+    np.testing.assert_array_equal(np.asarray(just_resize(Image.fromarray(wide), 64, 64)),
+                                  np.asarray(Image.fromarray(wide).resize((64, 64), Image.LANCZOS)))
+
+
+@pytest.mark.parametrize("mode", ["Just Resize", "Resize and Fill"])
+def test_a_resize_mode_reaches_the_hint_and_the_infotext(one_cn_engines, mode):
+    from PIL import Image
+
+    from sdrt.control_request import FITS
+
+    wide = Image.fromarray(hint(2, 128)).resize((192, 128))
+    pipe = Pipeline.load(one_cn_engines, backend="ort-cpu")
+    config = pipe.make_config(PROMPT, steps=2, height=SIZE, width=SIZE, control_image=wide, control_resize_mode=mode)
+    np.testing.assert_array_equal(config.control.images[0][0].pixels, np.asarray(FITS[mode](wide, SIZE, SIZE)))
+    assert f"Resize Mode: {mode}, " in pipe.generate(config).parameters(0)
+    with pytest.raises(InputError, match="control_resize_mode 'Stretch' is not one of Just Resize"):
+        pipe.make_config(PROMPT, control_image=wide, control_resize_mode="Stretch")
+
+
 def test_the_guidance_window_is_diffusers_controlnet_keep():
     control = Control(scales=(0.8, 1.0), start=(0.0, 0.25), end=(0.5, 1.0))
     got = step_scales(control, 3, 8, 13)
@@ -499,7 +530,7 @@ def test_the_a1111_api_takes_sd_webui_controlnet_units(two_cn_engines):
     try:
         assert httpx.get(f"{live.url}/controlnet/model_list").json() == {"model_list": ["canny", "depth"]}
         unit = dict(enabled=True, module="none", model="depth [0123abcd]", weight=0.8, guidance_start=0.0,
-                    guidance_end=0.5, resize_mode="Crop and Resize", control_mode="My prompt is more important",
+                    guidance_end=0.5, resize_mode="Envelope (Outer Fit)", control_mode="My prompt is more important",
                     image=base64.b64encode(
                         png_bytes(Image.fromarray(hint(12)))).decode())
         body = dict(prompt=PROMPT, steps=3, seed=5, width=SIZE, height=SIZE,
@@ -515,11 +546,13 @@ def test_the_a1111_api_takes_sd_webui_controlnet_units(two_cn_engines):
         info = json.loads(r.json()["info"])["infotexts"][0]
         assert 'ControlNet 1: "Module: none, Model: depth, Weight: 0.8' in info and "ControlNet 0" not in info
         assert "Control Mode: My prompt is more important" in info
+        assert "Resize Mode: Resize and Fill, " in info  # the extension's older name, as it reads it
         for change, match in ((dict(module="openpose_full"), "preprocessor 'openpose_full' is not implemented"),
                               (dict(model="openpose"), "model 'openpose' is neither in these engines"),
                               (dict(weight="heavy"), "finite"), (dict(image=None), "has no image"),
                               (dict(control_mode="Strong"), "control_mode 'Strong' is not one of"),
-                              (dict(hr_option="Low res only"), "hr_option 'Low res only' is not implemented")):
+                              (dict(hr_option="Low res only"), "hr_option 'Low res only' is not implemented"),
+                              (dict(resize_mode="Stretch"), "resize_mode 'Stretch' is not one of")):
             bad = dict(body, alwayson_scripts={"controlnet": {"args": [dict(unit, **change)]}})
             r = httpx.post(f"{live.url}/sdapi/v1/txt2img", json=bad, timeout=60)
             assert r.status_code == 400 and match in r.text, (change, r.text)

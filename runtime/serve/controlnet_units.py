@@ -4,7 +4,7 @@ A unit names its model (A1111 writes "name [hash]"; the hash is ignored), sends 
 (`image`, or the older `input_image`; a {"image": …} dict as the extension's newer clients send), and its
 `weight`, `guidance_start` and `guidance_end`. Only what sdrt implements is accepted: the "none"
 preprocessor (the image is the hint) and "canny" (`threshold_a` / `_b` its low / high thresholds, run at
-the image's own size: `processor_res` is not applied), "Crop and Resize", and the three control modes
+the image's own size: `processor_res` is not applied), the three resize modes and the three control modes
 (`control_mode` by name or index; sdrt.control gives their weights); anything else is refused by name.
 Units are matched to the engines' ControlNets by name, so their order is free; a unit naming a model of
 the server's ControlNet folder runs it in a slot no unit names (sdrt.controlnet_weights).
@@ -21,14 +21,18 @@ from sdrt.errors import InputError
 from sdrt.images import read_image
 from sdrt.manifest import ModelInfo
 from sdrt.preprocessors import canny
-from sdrt.request import A1111_CONTROL_MODES
+from sdrt.request import A1111_CONTROL_MODES, CROP_AND_RESIZE
+from sdrt.request import RESIZE_MODES as REQUEST_RESIZE_MODES
 from sdrt.serve.request_fields import decode_base64
 
 SCRIPT = "controlnet"
 NO_PREPROCESSOR = ("none", "None", None, "")
 CANNY = "canny"
 CANNY_THRESHOLDS = (100.0, 200.0)  # sd-webui-controlnet's defaults for threshold_a, threshold_b
-CROP_AND_RESIZE = ("Crop and Resize", "Inner Fit (Scale to Fit)", 1)
+# a unit's resize_mode, by name (the extension's older names too) or index -> sdrt.request.RESIZE_MODES
+RESIZE_MODES: dict[Any, str] = {**{name: name for name in REQUEST_RESIZE_MODES}, **dict(enumerate(REQUEST_RESIZE_MODES)),
+                                "Inner Fit (Scale to Fit)": "Crop and Resize", "Envelope (Outer Fit)": "Resize and Fill",
+                                "Outer Fit (Shrink to Fit)": "Resize and Fill", "Scale to Fit (Inner Fit)": "Crop and Resize"}
 HR_BOTH = "Both"  # sd-webui-controlnet's hr_option default: the unit guides both passes of hires fix
 # a unit's control_mode, by name or index -> sdrt's (sdrt.control)
 CONTROL_MODES: dict[Any, str] = {**{name: mode for mode, name in A1111_CONTROL_MODES.items()},
@@ -96,9 +100,10 @@ def _check_unit(unit: Mapping[str, Any], i: int) -> None:
     if module not in NO_PREPROCESSOR + (CANNY,):
         raise InputError(f"ControlNet unit {i}: preprocessor {module!r} is not implemented in sdrt (it has none and "
                          "canny); run it yourself and send its output as the image with module 'none'")
-    if unit.get("resize_mode", CROP_AND_RESIZE[0]) not in CROP_AND_RESIZE:
-        raise InputError(f"ControlNet unit {i}: resize_mode {unit['resize_mode']!r} is not implemented; use "
-                         "'Crop and Resize' (the default), or send the hint at the image's size")
+    fit = unit.get("resize_mode", CROP_AND_RESIZE)
+    if isinstance(fit, bool) or not isinstance(fit, (str, int)) or fit not in RESIZE_MODES:
+        raise InputError(f"ControlNet unit {i}: resize_mode {fit!r} is not one of "
+                         f"{', '.join(repr(m) for m in REQUEST_RESIZE_MODES)} (or 0, 1, 2)")
     if unit.get("hr_option", HR_BOTH) not in (HR_BOTH, 0):
         raise InputError(f"ControlNet unit {i}: hr_option {unit['hr_option']!r} is not implemented; sdrt runs a unit in "
                          f"both passes of hires fix ({HR_BOTH!r}, the default)")
@@ -138,4 +143,6 @@ def controlnet_keywords(scripts: Mapping[str, Any] | None, model: ModelInfo,
                 control_guidance_start=[u.get("guidance_start", 0.0) if u else 0.0 for u in units_by_net],
                 control_guidance_end=[u.get("guidance_end", 1.0) if u else 1.0 for u in units_by_net],
                 control_mode=[CONTROL_MODES[u.get("control_mode", "Balanced")] if u else "balanced"
-                              for u in units_by_net], **files)
+                              for u in units_by_net],
+                control_resize_mode=[RESIZE_MODES[u.get("resize_mode", CROP_AND_RESIZE)] if u else CROP_AND_RESIZE
+                                     for u in units_by_net], **files)
